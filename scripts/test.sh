@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The whole check: prerequisites, formatting, lints, every test.
+# Mount and loop-device tests need root, /dev/fuse and loop devices; with
+# CI=true they fail when those are missing, otherwise they skip with a reason.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/deps.sh
+cargo fmt --check
+cargo clippy --all-targets --locked -- -D warnings
+cargo build --locked --all-targets
+cargo nextest run --locked --no-fail-fast --profile ci
+cargo test --locked --doc

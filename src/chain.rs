@@ -1,0 +1,307 @@
+//! Opening a chain: the leaf, then each parent found from the child's own
+//! hints, verified by identity, bounded in depth, free of cycles.
+//!
+//! Candidate order for each link: every stored hint that names a local path
+//! (VHD: `W2ru` relative to the child's folder, `W2ku`, `MacX`, `Wi2r`,
+//! `Wi2k`, the header's parent name), then the basename of every hint in the
+//! child's folder, then the basename in each `--parent-dir`. `--parent
+//! CHILD=PATH` replaces the search for one child. The first candidate that
+//! exists and carries the expected identity wins; a candidate with another
+//! identity is remembered for the error message (or used, with
+//! `--ignore-id-mismatch`, when nothing better exists).
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use crate::cache::{MetaCache, DEFAULT_CACHE_BYTES};
+use crate::error::{Error, ErrorKind, Result};
+use crate::format::{open_layer, Layer, LayerOptions, ParentHint};
+
+/// The deepest chain chainfs opens.
+pub const MAX_DEPTH: usize = 256;
+
+/// How to find and check parents.
+#[derive(Clone, Debug, Default)]
+pub struct ChainOptions {
+    /// Open the leaf for writing (parents are always read-only).
+    pub writable: bool,
+    /// Extra folders to look for parents in, by basename.
+    pub parent_dirs: Vec<PathBuf>,
+    /// `(child, parent)`: use this parent for this child, no search.
+    pub overrides: Vec<(PathBuf, PathBuf)>,
+    /// Accept a parent whose identity differs from the child's record.
+    pub ignore_id_mismatch: bool,
+    /// Accept wrong checksums (read-only opens only).
+    pub ignore_checksums: bool,
+    /// Metadata cache budget in bytes (0 = default).
+    pub cache_bytes: usize,
+}
+
+/// How one link was resolved, for `info`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Link {
+    pub hints: Vec<ParentHint>,
+    pub resolved: PathBuf,
+    pub tried: Vec<PathBuf>,
+    pub id_mismatch: bool,
+}
+
+/// An open chain, leaf first.
+pub struct Chain {
+    pub layers: Vec<Arc<dyn Layer>>,
+    /// `links[i]` is how `layers[i + 1]` was found from `layers[i]`.
+    pub links: Vec<Link>,
+    pub cache: Arc<MetaCache>,
+}
+
+impl Chain {
+    pub fn open(leaf: &Path, opts: &ChainOptions) -> Result<Chain> {
+        let budget = if opts.cache_bytes == 0 {
+            DEFAULT_CACHE_BYTES
+        } else {
+            opts.cache_bytes
+        };
+        Self::open_with_cache(leaf, opts, MetaCache::new(budget))
+    }
+
+    pub fn open_with_cache(
+        leaf: &Path,
+        opts: &ChainOptions,
+        cache: Arc<MetaCache>,
+    ) -> Result<Chain> {
+        let (chain, err) = Self::open_partial(leaf, opts, cache)?;
+        match err {
+            Some(e) => Err(e),
+            None => Ok(chain),
+        }
+    }
+
+    /// Open as much of the chain as can be opened: the layers up to the
+    /// first broken link, and the error that stopped the walk (for `check`).
+    /// Fails outright only when the leaf itself does not open.
+    pub fn open_partial(
+        leaf: &Path,
+        opts: &ChainOptions,
+        cache: Arc<MetaCache>,
+    ) -> Result<(Chain, Option<Error>)> {
+        let lo = LayerOptions {
+            writable: opts.writable,
+            ignore_checksums: opts.ignore_checksums,
+            cache: cache.clone(),
+        };
+        let first = open_layer(leaf, &lo)?;
+        let ro = LayerOptions {
+            writable: false,
+            ignore_checksums: opts.ignore_checksums,
+            cache: cache.clone(),
+        };
+        let mut chain = Chain {
+            layers: vec![first],
+            links: Vec::new(),
+            cache,
+        };
+        let mut seen_paths: HashSet<PathBuf> = HashSet::new();
+        let mut seen_ids = HashSet::new();
+        seen_paths.insert(canonical(leaf));
+        seen_ids.insert(chain.layers[0].info().unique_id);
+        loop {
+            let child = chain.layers.last().unwrap().clone();
+            let Some(link) = child.parent() else { break };
+            let step = (|| {
+                if chain.layers.len() >= MAX_DEPTH {
+                    return Err(Error::new(
+                        ErrorKind::BadChain,
+                        format!(
+                            "{}: the chain is deeper than {MAX_DEPTH} layers",
+                            leaf.display()
+                        ),
+                    ));
+                }
+                let (parent, found) = find_parent(child.as_ref(), &link.hints, link.id, opts, &ro)?;
+                let canon = canonical(&found.resolved);
+                let pid = parent.info().unique_id;
+                if !seen_paths.insert(canon) || (!found.id_mismatch && !seen_ids.insert(pid)) {
+                    return Err(Error::new(
+                        ErrorKind::BadChain,
+                        format!(
+                            "{}: the chain loops: its parent {} ({pid}) is already in the chain",
+                            child.path().display(),
+                            found.resolved.display()
+                        ),
+                    ));
+                }
+                let (cs, ps) = (child.virtual_size(), parent.virtual_size());
+                if cs != ps {
+                    return Err(Error::new(
+                        ErrorKind::BadChain,
+                        format!(
+                            "{}: virtual size {cs} differs from its parent {}'s {ps}",
+                            child.path().display(),
+                            found.resolved.display()
+                        ),
+                    ));
+                }
+                if child.info().format != parent.info().format {
+                    return Err(Error::new(
+                        ErrorKind::Unsupported,
+                        format!(
+                            "{}: a {} child of a {} parent ({}) is not supported",
+                            child.path().display(),
+                            child.info().format,
+                            parent.info().format,
+                            found.resolved.display()
+                        ),
+                    ));
+                }
+                Ok((parent, found))
+            })();
+            match step {
+                Ok((parent, found)) => {
+                    chain.links.push(found);
+                    chain.layers.push(parent);
+                }
+                Err(e) => return Ok((chain, Some(e))),
+            }
+        }
+        Ok((chain, None))
+    }
+
+    pub fn leaf(&self) -> &Arc<dyn Layer> {
+        &self.layers[0]
+    }
+
+    pub fn virtual_size(&self) -> u64 {
+        self.layers[0].virtual_size()
+    }
+}
+
+/// Absolute, symlinks resolved where possible.
+pub fn canonical(p: &Path) -> PathBuf {
+    std::fs::canonicalize(p).unwrap_or_else(|_| std::path::absolute(p).unwrap_or(p.to_path_buf()))
+}
+
+/// The folder a file is in (`.` for a bare file name).
+pub fn folder_of(p: &Path) -> &Path {
+    match p.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    }
+}
+
+fn basename_of(stored: &str) -> Option<String> {
+    let b = stored.rsplit(['\\', '/']).next()?;
+    (!b.is_empty()).then(|| b.to_string())
+}
+
+fn candidates(child: &Path, hints: &[ParentHint], opts: &ChainOptions) -> Vec<PathBuf> {
+    let dir = folder_of(child);
+    let mut out: Vec<PathBuf> = Vec::new();
+    let mut push = |p: PathBuf| {
+        if !out.contains(&p) {
+            out.push(p);
+        }
+    };
+    hints
+        .iter()
+        .filter_map(|h| h.path.clone())
+        .for_each(&mut push);
+    let names: Vec<String> = hints
+        .iter()
+        .filter_map(|h| basename_of(&h.stored))
+        .collect();
+    for n in &names {
+        push(dir.join(n));
+    }
+    for d in &opts.parent_dirs {
+        for n in &names {
+            push(d.join(n));
+        }
+    }
+    out
+}
+
+fn find_parent(
+    child: &dyn Layer,
+    hints: &[ParentHint],
+    want: uuid::Uuid,
+    opts: &ChainOptions,
+    ro: &LayerOptions,
+) -> Result<(Arc<dyn Layer>, Link)> {
+    let cpath = canonical(child.path());
+    let over = opts
+        .overrides
+        .iter()
+        .find(|(c, _)| canonical(c) == cpath)
+        .map(|(_, p)| p.clone());
+    let list = match &over {
+        Some(p) => vec![p.clone()],
+        None => candidates(child.path(), hints, opts),
+    };
+    let mut tried = Vec::new();
+    let mut mismatch: Option<(PathBuf, Arc<dyn Layer>, uuid::Uuid)> = None;
+    for cand in list {
+        tried.push(cand.clone());
+        if !cand.is_file() {
+            continue;
+        }
+        let layer = open_layer(&cand, ro)?;
+        let got = layer.info().unique_id;
+        if got == want {
+            return Ok((
+                layer,
+                Link {
+                    hints: hints.to_vec(),
+                    resolved: cand,
+                    tried,
+                    id_mismatch: false,
+                },
+            ));
+        }
+        if mismatch.is_none() {
+            mismatch = Some((cand, layer, got));
+        }
+    }
+    let cname = child.path().display();
+    if let Some((cand, layer, got)) = mismatch {
+        if opts.ignore_id_mismatch {
+            log::warn!(
+                "{cname}: parent {} has id {got}, expected {want}; used anyway (--ignore-id-mismatch)",
+                cand.display()
+            );
+            return Ok((
+                layer,
+                Link {
+                    hints: hints.to_vec(),
+                    resolved: cand,
+                    tried,
+                    id_mismatch: true,
+                },
+            ));
+        }
+        return Err(Error::new(
+            ErrorKind::IdMismatch,
+            format!(
+                "{cname} expects a parent with id {want}, but {} has id {got} \
+                 (pass --ignore-id-mismatch to use it anyway, or --parent CHILD=PATH)",
+                cand.display()
+            ),
+        ));
+    }
+    let stored: Vec<String> = hints
+        .iter()
+        .map(|h| format!("{}={:?}", h.source, h.stored))
+        .collect();
+    let tried_s: Vec<String> = tried.iter().map(|p| p.display().to_string()).collect();
+    Err(Error::new(
+        ErrorKind::NotFound,
+        format!(
+            "{cname}: parent {want} not found; locators [{}]; tried [{}] \
+             (add --parent-dir DIR or --parent CHILD=PATH)",
+            stored.join(", "),
+            tried_s.join(", ")
+        ),
+    ))
+}

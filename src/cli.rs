@@ -1,0 +1,294 @@
+//! Command-line interface (clap derive). Thin: every command calls one
+//! library function and prints its result.
+
+use std::io::{IsTerminal, Read};
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use chainfs::chain::{Chain, ChainOptions};
+use chainfs::error::{Error, IoContext, Result};
+use chainfs::format::{open_layer, vhd, LayerOptions};
+use chainfs::image::FlatImage;
+use chainfs::size::parse_size;
+
+#[derive(Parser)]
+#[command(
+    name = "chainfs",
+    version,
+    about = "Mount, flatten, check and merge chains of differencing virtual disks (VHD)",
+    long_about = "chainfs reads a chain of differencing disks (a leaf, its parent, ... down to a base) \
+as one flat disk image.\n\nParents are found from the locators stored in each child, verified by \
+their unique id, and opened read-only. Set RUST_LOG=debug for a trace of what is opened and why.\n\n\
+Exit status: 0 success; 1 I/O error; 2 usage error; 3 corrupt image or `check` found problems; \
+4 file or parent not found; 5 broken chain (id mismatch, loop, depth, size); 6 unsupported; \
+7 in use; 8 access denied; 9 invalid argument or state."
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+/// How parents are found; shared by every command that opens a chain.
+#[derive(Args, Clone, Default)]
+struct ChainArgs {
+    /// Also look for parents (by file name) in DIR; repeatable.
+    #[arg(long = "parent-dir", value_name = "DIR")]
+    parent_dirs: Vec<PathBuf>,
+    /// Use PATH as the parent of CHILD, whatever CHILD's locators say; repeatable.
+    #[arg(long = "parent", value_name = "CHILD=PATH", value_parser = parse_override)]
+    overrides: Vec<(PathBuf, PathBuf)>,
+    /// Accept a parent whose unique id differs from the one the child records.
+    #[arg(long)]
+    ignore_id_mismatch: bool,
+    /// Read images whose footer or header checksum is wrong (read-only).
+    #[arg(long = "ignore-checksum")]
+    ignore_checksums: bool,
+    /// Metadata cache budget (e.g. 64M).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size_arg)]
+    cache: Option<u64>,
+}
+
+impl ChainArgs {
+    fn options(&self, writable: bool) -> ChainOptions {
+        ChainOptions {
+            writable,
+            parent_dirs: self.parent_dirs.clone(),
+            overrides: self.overrides.clone(),
+            ignore_id_mismatch: self.ignore_id_mismatch,
+            ignore_checksums: self.ignore_checksums,
+            cache_bytes: self.cache.unwrap_or(0) as usize,
+        }
+    }
+}
+
+fn parse_override(s: &str) -> std::result::Result<(PathBuf, PathBuf), String> {
+    let (c, p) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected CHILD=PATH"))?;
+    Ok((PathBuf::from(c), PathBuf::from(p)))
+}
+
+fn parse_size_arg(s: &str) -> std::result::Result<u64, String> {
+    parse_size(s).map_err(|e| e.to_string())
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum CreateType {
+    Dynamic,
+    Fixed,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Create a base disk (--size) or a differencing child (--parent).
+    Create {
+        /// The new image (never overwritten).
+        image: PathBuf,
+        /// Virtual size of a base disk: 512, 4K, 2M, 10G, 1T.
+        #[arg(long, value_parser = parse_size_arg, required_unless_present = "parent")]
+        size: Option<u64>,
+        /// Base disk type.
+        #[arg(
+            long = "type",
+            value_enum,
+            default_value = "dynamic",
+            conflicts_with = "parent"
+        )]
+        kind: CreateType,
+        /// Block size of a dynamic or differencing disk.
+        #[arg(long, value_parser = parse_size_arg, default_value = "2M")]
+        block_size: u64,
+        /// Make a differencing disk on top of this parent.
+        #[arg(long, conflicts_with = "size")]
+        parent: Option<PathBuf>,
+    },
+    /// Show the whole chain, leaf first.
+    Info {
+        image: PathBuf,
+        #[command(flatten)]
+        chain: ChainArgs,
+        /// Print JSON (an array of layers, leaf first).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check checksums, tables, locators, identities and sizes of the chain.
+    ///
+    /// Exit status 0 when clean, 3 with one line per problem otherwise.
+    Check {
+        image: PathBuf,
+        #[command(flatten)]
+        chain: ChainArgs,
+        /// Print JSON: {"image":..., "problems":[...]}.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write the flattened image to a raw file (sparse where it reads zeros).
+    Export {
+        image: PathBuf,
+        output: PathBuf,
+        #[command(flatten)]
+        chain: ChainArgs,
+        /// Replace OUTPUT if it exists.
+        #[arg(long)]
+        force: bool,
+        /// Worker threads.
+        #[arg(long, default_value_t = 4)]
+        threads: usize,
+        /// Print the byte counts as JSON when done.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write bytes into the leaf of a chain (parents are never changed).
+    Write {
+        image: PathBuf,
+        /// Byte offset in the virtual disk.
+        #[arg(long, value_parser = parse_size_arg)]
+        offset: u64,
+        /// Read the bytes from FILE (default: standard input).
+        #[arg(long)]
+        input: Option<PathBuf>,
+        #[command(flatten)]
+        chain: ChainArgs,
+    },
+}
+
+pub fn run() -> Result<i32> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Create {
+            image,
+            size,
+            kind,
+            block_size,
+            parent,
+        } => {
+            let bs = u32::try_from(block_size)
+                .map_err(|_| Error::invalid(format!("block size {block_size} is too large")))?;
+            match parent {
+                Some(p) => {
+                    let pl = open_layer(
+                        &p,
+                        &LayerOptions {
+                            writable: false,
+                            ignore_checksums: false,
+                            cache: chainfs::cache::MetaCache::new(1 << 20),
+                        },
+                    )?;
+                    let i = pl.info();
+                    vhd::create::create_child(
+                        &image,
+                        &vhd::create::ParentSpec {
+                            path: &p,
+                            unique_id: i.unique_id,
+                            virtual_size: i.virtual_size,
+                        },
+                        bs,
+                    )?;
+                }
+                None => vhd::create::create_base(
+                    &image,
+                    size.expect("clap requires --size"),
+                    matches!(kind, CreateType::Fixed),
+                    bs,
+                )?,
+            }
+            Ok(0)
+        }
+        Cmd::Info { image, chain, json } => {
+            let c = Chain::open(&image, &chain.options(false))?;
+            let r = chainfs::info::report(&c)?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&r).expect("serialisable")
+                );
+            } else {
+                print!("{}", chainfs::info::render(&r));
+            }
+            Ok(0)
+        }
+        Cmd::Check { image, chain, json } => {
+            let problems = chainfs::check::check_chain(&image, &chain.options(false))?;
+            if json {
+                let v = serde_json::json!({ "image": image, "clean": problems.is_empty(), "problems": problems });
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&v).expect("serialisable")
+                );
+            } else if problems.is_empty() {
+                println!("{}: clean", image.display());
+            } else {
+                for p in &problems {
+                    println!("{p}");
+                }
+            }
+            Ok(if problems.is_empty() { 0 } else { 3 })
+        }
+        Cmd::Export {
+            image,
+            output,
+            chain,
+            force,
+            threads,
+            json,
+        } => {
+            let c = Chain::open(&image, &chain.options(false))?;
+            let flat = FlatImage::new(&c);
+            let bar = progress_bar(flat.size());
+            let stats = chainfs::export::export(&flat, &output, force, threads, &|done| {
+                if let Some(b) = &bar {
+                    b.set_position(done);
+                }
+            })?;
+            if let Some(b) = bar {
+                b.finish_and_clear();
+            }
+            if json {
+                println!("{}", serde_json::to_string(&stats).expect("serialisable"));
+            }
+            Ok(0)
+        }
+        Cmd::Write {
+            image,
+            offset,
+            input,
+            chain,
+        } => {
+            let mut data = Vec::new();
+            match &input {
+                Some(p) => {
+                    data = std::fs::read(p).ctx(p, "cannot read", None)?;
+                }
+                None => {
+                    std::io::stdin().read_to_end(&mut data).ctx(
+                        std::path::Path::new("<stdin>"),
+                        "cannot read",
+                        None,
+                    )?;
+                }
+            }
+            let c = Chain::open(&image, &chain.options(true))?;
+            let flat = FlatImage::new(&c);
+            flat.write_at(offset, &data)?;
+            flat.flush()?;
+            Ok(0)
+        }
+    }
+}
+
+/// A progress bar on a terminal, nothing otherwise.
+fn progress_bar(total: u64) -> Option<indicatif::ProgressBar> {
+    if !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let b = indicatif::ProgressBar::new(total);
+    b.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{elapsed_precise} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    Some(b)
+}

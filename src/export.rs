@@ -1,0 +1,154 @@
+//! `chainfs export`: the flat image to a raw file, reading only what the
+//! chain stores and leaving holes wherever it reads zeros.
+//!
+//! The virtual disk is cut into 64 MiB chunks that worker threads take in
+//! turn; each worker resolves its chunk into runs, reads the runs that hold
+//! data with large positional reads, and writes them at the same offset of
+//! the output unless they are all zeros. Zero runs are never read or
+//! written: the output is sized up front and stays sparse there.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use crate::error::{IoContext, Result};
+use crate::image::{FlatImage, Source};
+
+const CHUNK: u64 = 64 << 20;
+const RUN: u64 = 8 << 20;
+
+/// Byte counts of an export.
+#[derive(Debug, Default, Clone, Copy, serde::Serialize)]
+pub struct ExportStats {
+    pub virtual_size: u64,
+    /// Bytes read from layers.
+    pub data_read: u64,
+    /// Bytes written to the output (non-zero data).
+    pub data_written: u64,
+}
+
+/// Write the flattened `image` to the new file `out`. `progress` is called
+/// with the virtual bytes done so far (from any worker thread).
+pub fn export(
+    image: &FlatImage,
+    out: &Path,
+    overwrite: bool,
+    threads: usize,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<ExportStats> {
+    let mut oo = std::fs::OpenOptions::new();
+    oo.write(true);
+    if overwrite {
+        oo.create(true).truncate(true);
+    } else {
+        oo.create_new(true);
+    }
+    let f = oo.open(out).ctx(out, "cannot create", None)?;
+    let size = image.size();
+    f.set_len(size).ctx(out, "cannot size", None)?;
+    let next = AtomicU64::new(0);
+    let done = AtomicU64::new(0);
+    let read = AtomicU64::new(0);
+    let written = AtomicU64::new(0);
+    let failed = AtomicBool::new(false);
+    let chunks = size.div_ceil(CHUNK);
+    let result: Result<()> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..threads.max(1))
+            .map(|_| {
+                s.spawn(|| -> Result<()> {
+                    let mut buf = vec![0u8; RUN as usize];
+                    loop {
+                        let c = next.fetch_add(1, Ordering::Relaxed);
+                        if c >= chunks || failed.load(Ordering::Relaxed) {
+                            return Ok(());
+                        }
+                        let r = copy_chunk(
+                            image,
+                            &f,
+                            out,
+                            c * CHUNK,
+                            CHUNK.min(size - c * CHUNK),
+                            &mut buf,
+                        )
+                        .map(|(r, w)| {
+                            read.fetch_add(r, Ordering::Relaxed);
+                            written.fetch_add(w, Ordering::Relaxed);
+                        });
+                        if r.is_err() {
+                            failed.store(true, Ordering::Relaxed);
+                            return r;
+                        }
+                        progress(
+                            done.fetch_add(CHUNK.min(size - c * CHUNK), Ordering::Relaxed)
+                                + CHUNK.min(size - c * CHUNK),
+                        );
+                    }
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .try_for_each(|w| w.join().expect("export worker panicked"))
+    });
+    result?;
+    f.sync_all().ctx(out, "cannot fsync", None)?;
+    Ok(ExportStats {
+        virtual_size: size,
+        data_read: read.into_inner(),
+        data_written: written.into_inner(),
+    })
+}
+
+fn copy_chunk(
+    image: &FlatImage,
+    f: &File,
+    out: &Path,
+    start: u64,
+    len: u64,
+    buf: &mut [u8],
+) -> Result<(u64, u64)> {
+    let layers = image.layers();
+    let (mut read, mut written) = (0, 0);
+    let mut off = start;
+    let end = start + len;
+    while off < end {
+        let want = (end - off).min(buf.len() as u64);
+        let (src, n) = crate::image::resolve(&layers, 0, off, want)?;
+        if let Source::Data { depth, file_offset } = src {
+            // Extend the run while the next one continues in the same file.
+            let mut n = n;
+            while n < want {
+                match crate::image::resolve(&layers, 0, off + n, want - n)? {
+                    (
+                        Source::Data {
+                            depth: d,
+                            file_offset: fo,
+                        },
+                        m,
+                    ) if d == depth && fo == file_offset + n => n += m,
+                    _ => break,
+                }
+            }
+            let part = &mut buf[..n as usize];
+            layers[depth].read_data(file_offset, part)?;
+            read += n;
+            if !is_zero(part) {
+                f.write_all_at(part, off)
+                    .ctx(out, "cannot write", Some(off))?;
+                written += n;
+            }
+            off += n;
+        } else {
+            off += n;
+        }
+    }
+    Ok((read, written))
+}
+
+/// True when every byte is zero (word-at-a-time).
+pub fn is_zero(b: &[u8]) -> bool {
+    let mut chunks = b.chunks_exact(16);
+    chunks.all(|c| u128::from_ne_bytes(c.try_into().unwrap()) == 0)
+        && chunks.remainder().iter().all(|&x| x == 0)
+}

@@ -1,0 +1,195 @@
+//! Disk formats behind one trait.
+//!
+//! A [`Layer`] is one file of a chain. It answers "where do the bytes at this
+//! virtual offset live?" with an [`Extent`] and never decides anything about
+//! other layers: `Parent` means "not here, ask the layer below". The resolver
+//! (`crate::image`) walks the chain and does the data I/O.
+//!
+//! ```text
+//!   FlatImage ──read_at──▶ layers[0].map() ─Parent─▶ layers[1].map() ─Data─▶ pread(layers[1])
+//!                                        └─Data──▶ pread(layers[0])   └─Zero─▶ fill zeros
+//! ```
+//!
+//! Writes go to the leaf only, whole logical sectors at a time: the resolver
+//! turns a partial-sector write into a read-modify-write before calling
+//! [`Layer::write_sectors`].
+
+pub mod vhd;
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use crate::cache::MetaCache;
+use crate::error::{Error, ErrorKind, IoContext, Result};
+
+/// Where one run of virtual bytes lives in a layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Extent {
+    /// `len` bytes stored in this layer's file at `file_offset`.
+    Data { file_offset: u64, len: u64 },
+    /// `len` bytes that read as zeros, whatever lies below.
+    Zero { len: u64 },
+    /// `len` bytes this layer does not hold: read them from the parent.
+    Parent { len: u64 },
+}
+
+impl Extent {
+    pub fn len(&self) -> u64 {
+        match *self {
+            Extent::Data { len, .. } | Extent::Zero { len } | Extent::Parent { len } => len,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The formats chainfs knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    Vhd,
+}
+
+impl std::fmt::Display for Format {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Format::Vhd => "vhd",
+        })
+    }
+}
+
+/// How a layer stores its data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskType {
+    Fixed,
+    Dynamic,
+    Differencing,
+}
+
+impl std::fmt::Display for DiskType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DiskType::Fixed => "fixed",
+            DiskType::Dynamic => "dynamic",
+            DiskType::Differencing => "differencing",
+        })
+    }
+}
+
+/// One way a child names its parent, as stored in the file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ParentHint {
+    /// Where the hint came from: `W2ru`, `W2ku`, `MacX`, `name`, ...
+    pub source: String,
+    /// The text as stored.
+    pub stored: String,
+    /// The local path it stands for, if it can stand for one.
+    pub path: Option<PathBuf>,
+}
+
+/// What a differencing layer says about its parent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ParentLink {
+    /// The identity the parent must carry (VHD: footer unique id).
+    pub id: uuid::Uuid,
+    /// Candidate locations in the order they are tried.
+    pub hints: Vec<ParentHint>,
+}
+
+/// A summary of one layer, for `info`, `chain` and checks.
+#[derive(Debug, Clone, Serialize)]
+pub struct LayerInfo {
+    pub format: Format,
+    pub disk_type: DiskType,
+    pub virtual_size: u64,
+    pub block_size: Option<u64>,
+    pub sector_size: u32,
+    pub unique_id: uuid::Uuid,
+    pub parent_id: Option<uuid::Uuid>,
+    pub creator: String,
+}
+
+/// One file of a chain. Implementations are `Send + Sync` and take `&self`:
+/// many threads read at once with positional I/O.
+pub trait Layer: Send + Sync {
+    fn path(&self) -> &Path;
+    fn info(&self) -> LayerInfo;
+
+    fn virtual_size(&self) -> u64 {
+        self.info().virtual_size
+    }
+
+    /// Logical sector size: the unit of `write_sectors`.
+    fn sector_size(&self) -> u32 {
+        self.info().sector_size
+    }
+
+    /// The parent link of a differencing layer, `None` for a base.
+    fn parent(&self) -> Option<ParentLink>;
+
+    /// The first run at `offset`, at most `len` bytes long (and never empty
+    /// when `len > 0`).
+    fn map(&self, offset: u64, len: u64) -> Result<Extent>;
+
+    /// Read `buf.len()` bytes of this layer's file at `file_offset` (an
+    /// offset returned in `Extent::Data`).
+    fn read_data(&self, file_offset: u64, buf: &mut [u8]) -> Result<()>;
+
+    /// Bytes of file space holding data (allocated blocks).
+    fn allocated_bytes(&self) -> Result<u64>;
+
+    /// Is the layer open for writing?
+    fn writable(&self) -> bool;
+
+    /// Store whole sectors at `offset` (both multiples of `sector_size`).
+    fn write_sectors(&self, offset: u64, data: &[u8]) -> Result<()>;
+
+    /// Make every acknowledged write durable.
+    fn flush(&self) -> Result<()>;
+
+    /// Structural problems of this file alone, one message per problem.
+    fn check(&self) -> Result<Vec<String>>;
+}
+
+/// How to open one layer.
+#[derive(Clone)]
+pub struct LayerOptions {
+    pub writable: bool,
+    /// Accept structures whose checksum is wrong (read-only recovery).
+    pub ignore_checksums: bool,
+    pub cache: Arc<MetaCache>,
+}
+
+/// Open one file, detecting its format from its bytes.
+pub fn open_layer(path: &Path, opts: &LayerOptions) -> Result<Arc<dyn Layer>> {
+    let file = open_file(path, opts.writable)?;
+    if vhd::probe(&file, path)? {
+        return Ok(Arc::new(vhd::VhdLayer::open(file, path, opts)?));
+    }
+    Err(Error::unsupported(
+        path,
+        "not a disk image chainfs can read (no VHD footer `conectix` at offset 0 or at the end)",
+    ))
+}
+
+pub(crate) fn open_file(path: &Path, writable: bool) -> Result<File> {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(writable)
+        .open(path)
+        .ctx(path, "cannot open", None)?;
+    let md = f.metadata().ctx(path, "cannot stat", None)?;
+    if !md.is_file() {
+        return Err(Error::new(
+            ErrorKind::InvalidArgument,
+            format!("{}: not a regular file", path.display()),
+        ));
+    }
+    Ok(f)
+}

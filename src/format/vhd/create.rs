@@ -1,0 +1,232 @@
+//! Creating VHD files: fixed, dynamic, and differencing children with the
+//! `W2ru` and `W2ku` locators Hyper-V writes.
+//!
+//! Layout written (dynamic/differencing):
+//! `[footer copy][header @512][W2ku data][W2ru data][BAT @4 KiB multiple][footer]`;
+//! blocks are appended later by the writer, 4 KiB aligned.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Component, Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use uuid::Uuid;
+
+use super::*;
+
+pub const DEFAULT_BLOCK_SIZE: u32 = 2 << 20;
+
+/// A new base disk.
+pub fn create_base(path: &Path, size: u64, fixed: bool, block_size: u32) -> Result<()> {
+    validate_size(size)?;
+    if !fixed && (!block_size.is_power_of_two() || !(512..=(256 << 20)).contains(&block_size)) {
+        return Err(Error::invalid(format!(
+            "block size {block_size} is not a power of two between 512 bytes and 256 MiB"
+        )));
+    }
+    let footer = new_footer(size, if fixed { TYPE_FIXED } else { TYPE_DYNAMIC });
+    write_new(path, |f| {
+        if fixed {
+            f.set_len(size).ctx(path, "cannot size", None)?;
+            f.write_all_at(&footer.to_bytes(), size)
+                .ctx(path, "cannot write footer", Some(size))
+        } else {
+            write_dynamic(f, path, &footer, block_size, None)
+        }
+    })
+}
+
+/// What a differencing child records about its parent.
+pub struct ParentSpec<'a> {
+    pub path: &'a Path,
+    pub unique_id: Uuid,
+    pub virtual_size: u64,
+}
+
+/// A new differencing child of `parent`.
+pub fn create_child(path: &Path, parent: &ParentSpec<'_>, block_size: u32) -> Result<()> {
+    let footer = new_footer(parent.virtual_size, TYPE_DIFFERENCING);
+    write_new(path, |f| {
+        write_dynamic(f, path, &footer, block_size, Some(parent))
+    })
+}
+
+fn validate_size(size: u64) -> Result<()> {
+    if size == 0 || size % SECTOR != 0 || size > MAX_SIZE {
+        return Err(Error::invalid(format!(
+            "size {size} must be a non-zero multiple of 512 bytes, at most 2040 GiB"
+        )));
+    }
+    Ok(())
+}
+
+fn now_vhd() -> u32 {
+    let s = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    s.saturating_sub(VHD_EPOCH) as u32
+}
+
+fn new_footer(size: u64, disk_type: u32) -> Footer {
+    Footer {
+        features: 2,
+        version: 0x0001_0000,
+        data_offset: if disk_type == TYPE_FIXED {
+            u64::MAX
+        } else {
+            512
+        },
+        timestamp: now_vhd(),
+        // Not `vpc `/`qemu`, so qemu uses current_size as Hyper-V does.
+        creator_app: *b"chfs",
+        creator_version: 0x0001_0000,
+        creator_os: u32::from_be_bytes(*b"Wi2k"),
+        original_size: size,
+        current_size: size,
+        geometry: geometry(size),
+        disk_type,
+        unique_id: Uuid::new_v4(),
+        saved_state: 0,
+    }
+}
+
+/// Create `path` (never replacing a file), fill it, fsync; remove it on error.
+fn write_new(path: &Path, fill: impl FnOnce(&File) -> Result<()>) -> Result<()> {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .ctx(path, "cannot create", None)?;
+    let r = fill(&f).and_then(|_| f.sync_all().ctx(path, "cannot fsync", None));
+    if r.is_err() {
+        let _ = std::fs::remove_file(path);
+    }
+    r
+}
+
+fn write_dynamic(
+    f: &File,
+    path: &Path,
+    footer: &Footer,
+    block_size: u32,
+    parent: Option<&ParentSpec<'_>>,
+) -> Result<()> {
+    let entries = u32::try_from(footer.current_size.div_ceil(block_size as u64))
+        .map_err(|_| Error::invalid("too many blocks for a VHD BAT"))?;
+    let mut next = 512 + HEADER_SIZE as u64;
+    let mut locators = [Locator::default(); 8];
+    let mut blobs: Vec<(u64, Vec<u8>)> = Vec::new();
+    let (mut parent_id, mut parent_timestamp, mut parent_name) = (Uuid::nil(), 0, String::new());
+    if let Some(p) = parent {
+        let abs = std::fs::canonicalize(p.path).ctx(p.path, "cannot resolve", None)?;
+        let child_dir = absolute_dir(path)?;
+        let rel = windows_relative(&child_dir, &abs);
+        let abs_s = abs.to_string_lossy().into_owned();
+        for (i, (code, text)) in [(PLAT_W2KU, abs_s.clone()), (PLAT_W2RU, rel)]
+            .into_iter()
+            .enumerate()
+        {
+            let data = encode_utf16le(&text);
+            let space = (data.len() as u64).next_multiple_of(SECTOR).max(SECTOR);
+            locators[i] = Locator {
+                code,
+                data_space: space as u32,
+                data_len: data.len() as u32,
+                data_offset: next,
+            };
+            blobs.push((next, data));
+            next += space;
+        }
+        parent_id = p.unique_id;
+        parent_timestamp = std::fs::metadata(p.path)
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_secs().saturating_sub(VHD_EPOCH) as u32);
+        // Windows stores the full path; readers that use the name take its
+        // basename, so fall back to that when the path is too long.
+        parent_name = if abs_s.encode_utf16().count() <= 256 {
+            abs_s
+        } else {
+            abs.file_name()
+                .map_or(String::new(), |n| n.to_string_lossy().into_owned())
+        };
+    }
+    let table_offset = next.next_multiple_of(4096);
+    let bat_bytes = (entries as u64 * 4).next_multiple_of(SECTOR);
+    let header = DynamicHeader {
+        table_offset,
+        max_table_entries: entries,
+        block_size,
+        parent_id,
+        parent_timestamp,
+        parent_name,
+        locators,
+    };
+    let fb = footer.to_bytes();
+    f.write_all_at(&fb, 0)
+        .ctx(path, "cannot write footer copy", Some(0))?;
+    f.write_all_at(&header.to_bytes(), 512)
+        .ctx(path, "cannot write dynamic header", Some(512))?;
+    for (off, data) in &blobs {
+        f.write_all_at(data, *off)
+            .ctx(path, "cannot write parent locator", Some(*off))?;
+    }
+    // The BAT, all unallocated, written in chunks to bound memory.
+    let chunk = vec![0xFFu8; 1 << 20];
+    let mut done = 0;
+    while done < bat_bytes {
+        let n = (bat_bytes - done).min(chunk.len() as u64);
+        f.write_all_at(&chunk[..n as usize], table_offset + done)
+            .ctx(path, "cannot write BAT", Some(table_offset + done))?;
+        done += n;
+    }
+    let footer_at = table_offset + bat_bytes;
+    f.write_all_at(&fb, footer_at)
+        .ctx(path, "cannot write footer", Some(footer_at))
+}
+
+fn absolute_dir(path: &Path) -> Result<PathBuf> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::canonicalize(&dir).ctx(&dir, "cannot resolve folder", None)
+}
+
+/// `to` relative to the folder `from`, written the Windows way: `.\x.vhd`,
+/// `..\dir\x.vhd`.
+pub fn windows_relative(from: &Path, to: &Path) -> String {
+    let a: Vec<Component> = from.components().collect();
+    let b: Vec<Component> = to.components().collect();
+    let common = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
+    let mut parts: Vec<String> = Vec::new();
+    if common == a.len() {
+        parts.push(".".into());
+    }
+    parts.extend((common..a.len()).map(|_| "..".to_string()));
+    parts.extend(
+        b[common..]
+            .iter()
+            .map(|c| c.as_os_str().to_string_lossy().into_owned()),
+    );
+    parts.join("\\")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relative_paths_windows_style() {
+        assert_eq!(
+            windows_relative(Path::new("/a/b"), Path::new("/a/b/p.vhd")),
+            ".\\p.vhd"
+        );
+        assert_eq!(
+            windows_relative(Path::new("/a/b"), Path::new("/a/c/p.vhd")),
+            "..\\c\\p.vhd"
+        );
+    }
+}

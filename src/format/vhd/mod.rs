@@ -1,0 +1,708 @@
+//! VHD (Virtual PC / Hyper-V v1) layers: fixed, dynamic and differencing.
+//!
+//! Layout of a dynamic or differencing file:
+//!
+//! ```text
+//! [footer copy @0][dynamic header @data_offset][locator data][BAT]...[bitmap|block data]...[footer @EOF-512]
+//! ```
+//!
+//! Reading: `map()` looks the block up in the BAT (cached in 4 KiB pages) and,
+//! for a differencing disk, in the block's sector bitmap (MSB-first: sector
+//! `i` is bit `0x80 >> (i % 8)` of byte `i / 8`); a set bit means "stored
+//! here", a clear bit or an unallocated block means "ask the parent". A
+//! dynamic disk ignores its bitmaps on read (as qemu does; the spec requires
+//! unset sectors to hold zeros) and reads unallocated blocks as zeros.
+//!
+//! Writing (the safety argument, in write order):
+//! 1. A new block goes past the current footer, leaving the old footer in
+//!    place, its data 4 KiB aligned: bitmap (bits for the sectors written
+//!    only) and data are written first.
+//! 2. The footer is written at the new end of file, then `fdatasync`: the
+//!    file is now longer and still describes exactly the old content, since
+//!    no BAT entry points at the new block.
+//! 3. The BAT entry is written; only now do reads see the block. A crash
+//!    before this leaks space and loses nothing.
+//! 4. The old footer, now inside padding, is zeroed.
+//!
+//! Writes into an existing block write the data first and then set the
+//! bitmap bits, so a crash in between leaves the sectors reading as before.
+
+pub mod create;
+mod structs;
+
+pub use structs::*;
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use parking_lot::{Mutex, RwLock};
+
+use crate::cache::{new_layer_key, Key, MetaCache, Table};
+use crate::error::{Error, ErrorKind, IoContext, Result};
+use crate::format::{
+    DiskType, Extent, Format, Layer, LayerInfo, LayerOptions, ParentHint, ParentLink,
+};
+
+/// BAT entries per cached page (4 KiB of table).
+const BAT_PAGE_ENTRIES: u64 = 1024;
+/// Locator data larger than this is not a path.
+const MAX_LOCATOR_LEN: u32 = 64 * 1024;
+
+/// Does this file look like a VHD (footer cookie at its end or at offset 0)?
+pub fn probe(file: &File, path: &Path) -> Result<bool> {
+    let len = file.metadata().ctx(path, "cannot stat", None)?.len();
+    if len < FOOTER_SIZE as u64 {
+        return Ok(false);
+    }
+    let mut c = [0u8; 8];
+    file.read_exact_at(&mut c, len - FOOTER_SIZE as u64).ctx(
+        path,
+        "cannot read footer",
+        Some(len - FOOTER_SIZE as u64),
+    )?;
+    if &c == FOOTER_COOKIE {
+        return Ok(true);
+    }
+    file.read_exact_at(&mut c, 0)
+        .ctx(path, "cannot read footer copy", Some(0))?;
+    Ok(&c == FOOTER_COOKIE)
+}
+
+pub struct VhdLayer {
+    path: PathBuf,
+    file: File,
+    writable: bool,
+    footer: Footer,
+    /// Why the trailing footer was not used, if the offset-0 copy was.
+    footer_problem: Option<String>,
+    header: Option<DynamicHeader>,
+    parent: Option<ParentLink>,
+    cache: Arc<MetaCache>,
+    key: u64,
+    block_size: u64,
+    bitmap_size: u64,
+    /// End of the area blocks may occupy (the trailing footer's offset).
+    data_end: AtomicU64,
+    /// Read side: cache fills. Write side: on-disk table changes.
+    meta: RwLock<()>,
+    /// Serialises block allocation and bitmap updates.
+    alloc: Mutex<()>,
+}
+
+impl VhdLayer {
+    pub fn open(file: File, path: &Path, opts: &LayerOptions) -> Result<VhdLayer> {
+        let len = file.metadata().ctx(path, "cannot stat", None)?.len();
+        if len < FOOTER_SIZE as u64 {
+            return Err(Error::corrupt(path, 0, "file is shorter than a VHD footer"));
+        }
+        let tail_off = len - FOOTER_SIZE as u64;
+        let mut buf = [0u8; FOOTER_SIZE];
+        file.read_exact_at(&mut buf, tail_off)
+            .ctx(path, "cannot read footer", Some(tail_off))?;
+        let verify = !opts.ignore_checksums;
+        let (footer, footer_problem) = match Footer::parse(&buf, verify) {
+            Ok(f) => (f, None),
+            Err(tail_err) => {
+                // Virtual PC's rule: fall back to the copy at offset 0
+                // (dynamic and differencing disks only).
+                let tail_err = Error::format(path, tail_off, "trailing footer", tail_err);
+                let mut copy = [0u8; FOOTER_SIZE];
+                file.read_exact_at(&mut copy, 0)
+                    .ctx(path, "cannot read footer copy", Some(0))?;
+                match Footer::parse(&copy, verify) {
+                    Ok(f) if f.disk_type != TYPE_FIXED => {
+                        log::warn!("{tail_err}; using the footer copy at offset 0");
+                        (f, Some(tail_err.to_string()))
+                    }
+                    _ => return Err(tail_err),
+                }
+            }
+        };
+        let mut layer = VhdLayer {
+            path: path.to_path_buf(),
+            file,
+            writable: opts.writable,
+            footer_problem,
+            header: None,
+            parent: None,
+            cache: opts.cache.clone(),
+            key: new_layer_key(),
+            block_size: 0,
+            bitmap_size: 0,
+            data_end: AtomicU64::new(tail_off),
+            meta: RwLock::new(()),
+            alloc: Mutex::new(()),
+            footer,
+        };
+        if layer.footer.disk_type == TYPE_FIXED {
+            if tail_off < layer.footer.current_size {
+                return Err(Error::corrupt(
+                    path,
+                    tail_off,
+                    format!(
+                        "fixed VHD is truncated: {} bytes of data before the footer, current size is {}",
+                        tail_off, layer.footer.current_size
+                    ),
+                ));
+            }
+            return Ok(layer);
+        }
+        if opts.ignore_checksums && opts.writable {
+            return Err(Error::invalid(format!(
+                "{}: --ignore-checksum is for reading only",
+                path.display()
+            )));
+        }
+        layer.open_dynamic(tail_off, verify)?;
+        Ok(layer)
+    }
+
+    fn open_dynamic(&mut self, tail_off: u64, verify: bool) -> Result<()> {
+        let path = self.path.clone();
+        let ho = self.footer.data_offset;
+        if ho
+            .checked_add(HEADER_SIZE as u64)
+            .is_none_or(|e| e > tail_off)
+        {
+            return Err(Error::corrupt(
+                &path,
+                16,
+                format!("dynamic header offset {ho:#x} lies past the footer at {tail_off:#x}"),
+            ));
+        }
+        let mut hb = [0u8; HEADER_SIZE];
+        self.file
+            .read_exact_at(&mut hb, ho)
+            .ctx(&path, "cannot read dynamic header", Some(ho))?;
+        let h = DynamicHeader::parse(&hb, verify)
+            .map_err(|e| Error::format(&path, ho, "dynamic header", e))?;
+        let bs = h.block_size as u64;
+        let needed = self.footer.current_size.div_ceil(bs);
+        if (h.max_table_entries as u64) < needed {
+            return Err(Error::corrupt(
+                &path,
+                ho + 28,
+                format!(
+                    "BAT has {} entries but the virtual size {} needs {needed} blocks of {bs} bytes",
+                    h.max_table_entries, self.footer.current_size
+                ),
+            ));
+        }
+        let table_end = h.table_offset + h.max_table_entries as u64 * 4;
+        if table_end > tail_off {
+            return Err(Error::corrupt(
+                &path,
+                ho + 16,
+                format!(
+                    "BAT at {:#x} with {} entries runs past the footer at {tail_off:#x}",
+                    h.table_offset, h.max_table_entries
+                ),
+            ));
+        }
+        self.block_size = bs;
+        self.bitmap_size = bitmap_bytes(h.block_size);
+        if self.footer.disk_type == TYPE_DIFFERENCING {
+            self.parent = Some(self.parent_link(&h, tail_off));
+        }
+        self.header = Some(h);
+        Ok(())
+    }
+
+    /// Candidate parent locations in the documented order: W2ru, W2ku,
+    /// MacX, Wi2r, Wi2k, then the header's parent name.
+    fn parent_link(&self, h: &DynamicHeader, tail_off: u64) -> ParentLink {
+        let dir = crate::chain::folder_of(&self.path);
+        let mut hints = Vec::new();
+        for code in [PLAT_W2RU, PLAT_W2KU, PLAT_MACX, PLAT_WI2R, PLAT_WI2K] {
+            for l in h.locators.iter().filter(|l| l.code == code) {
+                let Some(stored) = self.locator_text(l, tail_off) else {
+                    continue;
+                };
+                let path = match code {
+                    PLAT_W2RU | PLAT_WI2R => Some(relative_to(dir, &stored)),
+                    PLAT_MACX => file_url_path(&stored),
+                    _ => local_absolute(&stored),
+                };
+                hints.push(ParentHint {
+                    source: code_name(code),
+                    stored,
+                    path,
+                });
+            }
+        }
+        if !h.parent_name.is_empty() {
+            hints.push(ParentHint {
+                source: "name".into(),
+                stored: h.parent_name.clone(),
+                path: local_absolute(&h.parent_name),
+            });
+        }
+        ParentLink {
+            id: h.parent_id,
+            hints,
+        }
+    }
+
+    fn locator_text(&self, l: &Locator, tail_off: u64) -> Option<String> {
+        if l.data_len == 0 || l.data_len > MAX_LOCATOR_LEN {
+            return None;
+        }
+        let end = l.data_offset.checked_add(l.data_len as u64)?;
+        if end > tail_off {
+            log::warn!(
+                "{}: {} locator data at {:#x}+{} lies past the footer; ignored",
+                self.path.display(),
+                code_name(l.code),
+                l.data_offset,
+                l.data_len
+            );
+            return None;
+        }
+        let mut data = vec![0u8; l.data_len as usize];
+        self.file.read_exact_at(&mut data, l.data_offset).ok()?;
+        decode_locator(l.code, &data)
+    }
+
+    pub fn footer(&self) -> &Footer {
+        &self.footer
+    }
+
+    pub fn header(&self) -> Option<&DynamicHeader> {
+        self.header.as_ref()
+    }
+
+    fn bat_key(&self, page: u64) -> Key {
+        Key {
+            layer: self.key,
+            table: Table::BatPage,
+            index: page,
+        }
+    }
+
+    fn bitmap_key(&self, block: u64) -> Key {
+        Key {
+            layer: self.key,
+            table: Table::Bitmap,
+            index: block,
+        }
+    }
+
+    fn load_bat_page(&self, h: &DynamicHeader, page: u64) -> Result<Vec<u8>> {
+        let first = page * BAT_PAGE_ENTRIES;
+        let n = (h.max_table_entries as u64 - first).min(BAT_PAGE_ENTRIES);
+        let off = h.table_offset + first * 4;
+        let mut buf = vec![0u8; (n * 4) as usize];
+        self.file
+            .read_exact_at(&mut buf, off)
+            .ctx(&self.path, "cannot read BAT", Some(off))?;
+        Ok(buf)
+    }
+
+    /// The BAT entry of `block` (a sector number or `UNALLOCATED`).
+    pub fn bat_entry(&self, block: u64) -> Result<u32> {
+        let h = self.header.as_ref().expect("dynamic layer");
+        if block >= h.max_table_entries as u64 {
+            return Ok(UNALLOCATED);
+        }
+        let page = block / BAT_PAGE_ENTRIES;
+        let buf = self.cache.get_or_load(self.bat_key(page), &self.meta, || {
+            self.load_bat_page(h, page)
+        })?;
+        let i = ((block % BAT_PAGE_ENTRIES) * 4) as usize;
+        Ok(u32::from_be_bytes(buf[i..i + 4].try_into().unwrap()))
+    }
+
+    /// File offset of an allocated block's bitmap, validated against the file.
+    fn block_start(&self, block: u64, entry: u32) -> Result<u64> {
+        let start = entry as u64 * SECTOR;
+        let end = start + self.bitmap_size + self.block_size;
+        let h = self.header.as_ref().expect("dynamic layer");
+        if start < FOOTER_SIZE as u64 || end > self.data_end.load(Ordering::Acquire) {
+            return Err(Error::corrupt(
+                &self.path,
+                h.table_offset + block * 4,
+                format!(
+                    "BAT entry {block} points to sector {entry:#x} (bytes {start:#x}..{end:#x}), outside the data area of the file"
+                ),
+            ));
+        }
+        Ok(start)
+    }
+
+    fn load_bitmap(&self, start: u64) -> Result<Vec<u8>> {
+        let mut buf = vec![0u8; self.bitmap_size as usize];
+        self.file.read_exact_at(&mut buf, start).ctx(
+            &self.path,
+            "cannot read sector bitmap",
+            Some(start),
+        )?;
+        Ok(buf)
+    }
+
+    fn bitmap(&self, block: u64, start: u64) -> Result<Arc<[u8]>> {
+        self.cache
+            .get_or_load(self.bitmap_key(block), &self.meta, || {
+                self.load_bitmap(start)
+            })
+    }
+
+    /// Write `data` (whole sectors) at `in_off` of `block`.
+    fn write_in_block(&self, block: u64, in_off: u64, data: &[u8]) -> Result<()> {
+        let mut entry = self.bat_entry(block)?;
+        if entry == UNALLOCATED {
+            let _a = self.alloc.lock();
+            entry = self.bat_entry(block)?;
+            if entry == UNALLOCATED {
+                return self.allocate_block(block, in_off, data);
+            }
+        }
+        let start = self.block_start(block, entry)?;
+        let off = start + self.bitmap_size + in_off;
+        self.file
+            .write_all_at(data, off)
+            .ctx(&self.path, "cannot write data", Some(off))?;
+        // Data first, then the bits that make it visible.
+        let _a = self.alloc.lock();
+        let bm = self.bitmap(block, start)?;
+        let first = in_off / SECTOR;
+        let n = data.len() as u64 / SECTOR;
+        if bit_run(&bm, first, n) == (true, n) {
+            return Ok(());
+        }
+        let mut nb = bm.to_vec();
+        set_bits(&mut nb, first, n);
+        let _w = self.meta.write();
+        self.file.write_all_at(&nb, start).ctx(
+            &self.path,
+            "cannot write sector bitmap",
+            Some(start),
+        )?;
+        self.cache.insert(self.bitmap_key(block), nb.into());
+        Ok(())
+    }
+
+    /// Allocate `block` holding `data` at `in_off`; see the module docs for
+    /// why this order is safe. Called with `alloc` held.
+    fn allocate_block(&self, block: u64, in_off: u64, data: &[u8]) -> Result<()> {
+        let h = self.header.as_ref().expect("dynamic layer");
+        let old_footer = self.data_end.load(Ordering::Acquire);
+        let data_start =
+            (old_footer + FOOTER_SIZE as u64 + self.bitmap_size).next_multiple_of(4096);
+        let start = data_start - self.bitmap_size;
+        let mut bm = vec![0u8; self.bitmap_size as usize];
+        set_bits(&mut bm, in_off / SECTOR, data.len() as u64 / SECTOR);
+        let p = &self.path;
+        self.file
+            .write_all_at(&bm, start)
+            .ctx(p, "cannot write sector bitmap", Some(start))?;
+        self.file.write_all_at(data, data_start + in_off).ctx(
+            p,
+            "cannot write data",
+            Some(data_start + in_off),
+        )?;
+        let new_footer = data_start + self.block_size;
+        self.file
+            .write_all_at(&self.footer.to_bytes(), new_footer)
+            .ctx(p, "cannot write footer", Some(new_footer))?;
+        self.file
+            .sync_data()
+            .ctx(p, "cannot flush new block", None)?;
+        {
+            let _w = self.meta.write();
+            let bat_off = h.table_offset + block * 4;
+            let sector = u32::try_from(start / SECTOR).map_err(|_| {
+                Error::new(
+                    ErrorKind::Unsupported,
+                    format!(
+                        "{}: file grew past the 2 TiB a VHD BAT can address",
+                        p.display()
+                    ),
+                )
+            })?;
+            self.file.write_all_at(&sector.to_be_bytes(), bat_off).ctx(
+                p,
+                "cannot write BAT entry",
+                Some(bat_off),
+            )?;
+            self.data_end.store(new_footer, Ordering::Release);
+            let page = block / BAT_PAGE_ENTRIES;
+            if let Some(old) = self.cache.get(&self.bat_key(page)) {
+                let mut np = old.to_vec();
+                let i = ((block % BAT_PAGE_ENTRIES) * 4) as usize;
+                np[i..i + 4].copy_from_slice(&sector.to_be_bytes());
+                self.cache.insert(self.bat_key(page), np.into());
+            }
+            self.cache.insert(self.bitmap_key(block), bm.into());
+        }
+        self.file
+            .write_all_at(&[0u8; FOOTER_SIZE], old_footer)
+            .ctx(p, "cannot clear old footer", Some(old_footer))?;
+        Ok(())
+    }
+
+    fn entries(&self) -> u64 {
+        self.header
+            .as_ref()
+            .map_or(0, |h| h.max_table_entries as u64)
+    }
+}
+
+impl Layer for VhdLayer {
+    fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn info(&self) -> LayerInfo {
+        LayerInfo {
+            format: Format::Vhd,
+            disk_type: match self.footer.disk_type {
+                TYPE_FIXED => DiskType::Fixed,
+                TYPE_DYNAMIC => DiskType::Dynamic,
+                _ => DiskType::Differencing,
+            },
+            virtual_size: self.footer.current_size,
+            block_size: self.header.as_ref().map(|h| h.block_size as u64),
+            sector_size: SECTOR as u32,
+            unique_id: self.footer.unique_id,
+            parent_id: self.parent.as_ref().map(|p| p.id),
+            creator: self.footer.creator(),
+        }
+    }
+
+    fn virtual_size(&self) -> u64 {
+        self.footer.current_size
+    }
+
+    fn sector_size(&self) -> u32 {
+        SECTOR as u32
+    }
+
+    fn parent(&self) -> Option<ParentLink> {
+        self.parent.clone()
+    }
+
+    fn map(&self, offset: u64, len: u64) -> Result<Extent> {
+        let size = self.footer.current_size;
+        if offset >= size {
+            // Past this layer's end (a smaller parent): zeros.
+            return Ok(Extent::Zero { len });
+        }
+        let len = len.min(size - offset);
+        if self.footer.disk_type == TYPE_FIXED {
+            return Ok(Extent::Data {
+                file_offset: offset,
+                len,
+            });
+        }
+        let block = offset / self.block_size;
+        let in_off = offset % self.block_size;
+        let len = len.min(self.block_size - in_off);
+        let diff = self.footer.disk_type == TYPE_DIFFERENCING;
+        let entry = self.bat_entry(block)?;
+        if entry == UNALLOCATED {
+            return Ok(if diff {
+                Extent::Parent { len }
+            } else {
+                Extent::Zero { len }
+            });
+        }
+        let start = self.block_start(block, entry)?;
+        let file_offset = start + self.bitmap_size + in_off;
+        if !diff {
+            return Ok(Extent::Data { file_offset, len });
+        }
+        let bm = self.bitmap(block, start)?;
+        let first = in_off / SECTOR;
+        let last = (in_off + len - 1) / SECTOR;
+        let (set, n) = bit_run(&bm, first, last - first + 1);
+        // The run covers sectors first..first+n; clip to the request.
+        let run_end = (first + n) * SECTOR;
+        let len = (run_end - in_off).min(len);
+        Ok(if set {
+            Extent::Data { file_offset, len }
+        } else {
+            Extent::Parent { len }
+        })
+    }
+
+    fn read_data(&self, file_offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.file.read_exact_at(buf, file_offset).ctx(
+            &self.path,
+            "cannot read data",
+            Some(file_offset),
+        )
+    }
+
+    fn allocated_bytes(&self) -> Result<u64> {
+        if self.footer.disk_type == TYPE_FIXED {
+            return Ok(self.footer.current_size);
+        }
+        let mut n = 0;
+        for b in 0..self.entries() {
+            if self.bat_entry(b)? != UNALLOCATED {
+                n += 1;
+            }
+        }
+        Ok(n * self.block_size)
+    }
+
+    fn writable(&self) -> bool {
+        self.writable
+    }
+
+    fn write_sectors(&self, offset: u64, data: &[u8]) -> Result<()> {
+        if !self.writable {
+            return Err(Error::new(
+                ErrorKind::InvalidState,
+                format!("{}: opened read-only", self.path.display()),
+            ));
+        }
+        let len = data.len() as u64;
+        if offset % SECTOR != 0 || len % SECTOR != 0 || offset + len > self.footer.current_size {
+            return Err(Error::invalid(format!(
+                "{}: write of {len} bytes at {offset:#x} is not whole sectors inside the disk",
+                self.path.display()
+            )));
+        }
+        if self.footer.disk_type == TYPE_FIXED {
+            return self.file.write_all_at(data, offset).ctx(
+                &self.path,
+                "cannot write data",
+                Some(offset),
+            );
+        }
+        let mut done = 0u64;
+        while done < len {
+            let off = offset + done;
+            let block = off / self.block_size;
+            let in_off = off % self.block_size;
+            let n = (self.block_size - in_off).min(len - done);
+            self.write_in_block(block, in_off, &data[done as usize..(done + n) as usize])?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    fn flush(&self) -> Result<()> {
+        if self.writable {
+            self.file.sync_all().ctx(&self.path, "cannot fsync", None)?;
+        }
+        Ok(())
+    }
+
+    fn check(&self) -> Result<Vec<String>> {
+        check::check(self)
+    }
+}
+
+impl Drop for VhdLayer {
+    fn drop(&mut self) {
+        self.cache.forget_layer(self.key);
+    }
+}
+
+mod check;
+
+/// `(is_set, count)` of the run of equal bits starting at sector `first`,
+/// looking at no more than `max` sectors. MSB-first bit order.
+pub fn bit_run(bm: &[u8], first: u64, max: u64) -> (bool, u64) {
+    let bit = |i: u64| bm[(i / 8) as usize] & (0x80 >> (i % 8)) != 0;
+    let set = bit(first);
+    let full = if set { 0xFF } else { 0x00 };
+    let end = first + max;
+    let mut i = first;
+    while i < end {
+        if i % 8 == 0 && i + 8 <= end && bm[(i / 8) as usize] == full {
+            i += 8;
+            continue;
+        }
+        if bit(i) != set {
+            break;
+        }
+        i += 1;
+    }
+    (set, i - first)
+}
+
+pub fn set_bits(bm: &mut [u8], first: u64, n: u64) {
+    for i in first..first + n {
+        bm[(i / 8) as usize] |= 0x80 >> (i % 8);
+    }
+}
+
+/// A relative Windows path (`.\x.vhd`, `..\dir\x.vhd`) against `dir`.
+fn relative_to(dir: &Path, stored: &str) -> PathBuf {
+    let s = stored.replace('\\', "/");
+    let s = s.trim_start_matches("./");
+    dir.join(s)
+}
+
+/// An absolute path usable on this machine (a Unix path; a `C:\` path is not).
+fn local_absolute(stored: &str) -> Option<PathBuf> {
+    stored.starts_with('/').then(|| PathBuf::from(stored))
+}
+
+/// `file://host/dir/x.vhd` to `/dir/x.vhd`, percent-decoded.
+fn file_url_path(url: &str) -> Option<PathBuf> {
+    let rest = url.strip_prefix("file://")?;
+    let path = &rest[rest.find('/')?..];
+    let bytes = path.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            if let Ok(v) = u8::from_str_radix(std::str::from_utf8(&bytes[i + 1..i + 3]).ok()?, 16) {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    Some(PathBuf::from(String::from_utf8_lossy(&out).into_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bit_runs_msb_first() {
+        let bm = [0b1100_0000u8, 0xFF, 0x00, 0x01];
+        assert_eq!(bit_run(&bm, 0, 32), (true, 2));
+        assert_eq!(bit_run(&bm, 2, 30), (false, 6));
+        assert_eq!(bit_run(&bm, 8, 24), (true, 8));
+        assert_eq!(bit_run(&bm, 16, 16), (false, 15));
+        assert_eq!(bit_run(&bm, 31, 1), (true, 1));
+        assert_eq!(bit_run(&bm, 16, 3), (false, 3));
+    }
+
+    #[test]
+    fn file_urls() {
+        assert_eq!(
+            file_url_path("file://localhost/a%20b/p.vhd"),
+            Some(PathBuf::from("/a b/p.vhd"))
+        );
+        assert_eq!(
+            file_url_path("file:///x.vhd"),
+            Some(PathBuf::from("/x.vhd"))
+        );
+        assert_eq!(file_url_path("http://x"), None);
+    }
+
+    #[test]
+    fn relative_paths() {
+        assert_eq!(
+            relative_to(Path::new("/d"), ".\\p.vhd"),
+            PathBuf::from("/d/p.vhd")
+        );
+        assert_eq!(
+            relative_to(Path::new("/d"), "..\\e\\p.vhd"),
+            PathBuf::from("/d/../e/p.vhd")
+        );
+    }
+}

@@ -1,0 +1,187 @@
+//! `FlatImage`: the flattened view of a chain, the resolver.
+//!
+//! A read walks the layers top-down for each run: the leaf's `map()` either
+//! holds the bytes, declares them zero, or passes a (possibly shorter) run
+//! to its parent. The data I/O then happens with `pread` on the one layer
+//! that holds the run, outside any lock, so reads of different blocks run in
+//! parallel. Every byte of a read is produced by a decision here: data from
+//! a layer or explicit zeros; the caller's buffer is never trusted.
+//!
+//! The layer list sits behind an `RwLock<Arc<..>>`: a read takes a snapshot
+//! (one brief read lock) and works on it, so a merge can swap in a new chain
+//! atomically while reads are in flight.
+
+use std::sync::Arc;
+
+use parking_lot::{Mutex, RwLock};
+
+use crate::chain::Chain;
+use crate::error::{Error, ErrorKind, Result};
+use crate::format::{Extent, Layer};
+
+pub type Layers = Arc<[Arc<dyn Layer>]>;
+
+/// Where a run of the flat image comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// Stored in `layers[depth]` at `file_offset`.
+    Data { depth: usize, file_offset: u64 },
+    /// No layer holds it, or a layer declares it zero.
+    Zero,
+}
+
+/// Resolve the run at `offset` (at most `len` bytes) starting the walk at
+/// `from` (0 = the leaf). Returns the source and the run length (> 0).
+pub fn resolve(
+    layers: &[Arc<dyn Layer>],
+    from: usize,
+    offset: u64,
+    len: u64,
+) -> Result<(Source, u64)> {
+    let mut len = len;
+    for (depth, layer) in layers.iter().enumerate().skip(from) {
+        match layer.map(offset, len)? {
+            Extent::Data { file_offset, len } => {
+                return Ok((Source::Data { depth, file_offset }, len))
+            }
+            Extent::Zero { len } => return Ok((Source::Zero, len)),
+            Extent::Parent { len: l } => len = l,
+        }
+    }
+    Ok((Source::Zero, len))
+}
+
+/// Fill `buf` with the flattened bytes at `offset` as seen from `layers[from..]`.
+pub fn read_layers(
+    layers: &[Arc<dyn Layer>],
+    from: usize,
+    offset: u64,
+    buf: &mut [u8],
+) -> Result<()> {
+    let mut done = 0usize;
+    while done < buf.len() {
+        let want = (buf.len() - done) as u64;
+        let (src, n) = resolve(layers, from, offset + done as u64, want)?;
+        let n = n.min(want) as usize;
+        let part = &mut buf[done..done + n];
+        match src {
+            Source::Data { depth, file_offset } => layers[depth].read_data(file_offset, part)?,
+            Source::Zero => part.fill(0),
+        }
+        done += n;
+    }
+    Ok(())
+}
+
+pub struct FlatImage {
+    layers: RwLock<Layers>,
+    size: u64,
+    /// Serialises read-modify-write of partial sectors.
+    rmw: Mutex<()>,
+}
+
+impl FlatImage {
+    pub fn new(chain: &Chain) -> FlatImage {
+        FlatImage {
+            layers: RwLock::new(chain.layers.clone().into()),
+            size: chain.virtual_size(),
+            rmw: Mutex::new(()),
+        }
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The current layer list, leaf first.
+    pub fn layers(&self) -> Layers {
+        self.layers.read().clone()
+    }
+
+    /// Replace the layer list (used by merges); readers see old or new.
+    pub fn swap_layers(&self, layers: Layers) {
+        *self.layers.write() = layers;
+    }
+
+    /// Read at `offset`; returns the bytes read, short only at the end.
+    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<usize> {
+        if offset >= self.size {
+            return Ok(0);
+        }
+        let n = (buf.len() as u64).min(self.size - offset) as usize;
+        read_layers(&self.layers(), 0, offset, &mut buf[..n])?;
+        Ok(n)
+    }
+
+    /// The run at `offset`: its source and length.
+    pub fn resolve(&self, offset: u64, len: u64) -> Result<(Source, u64)> {
+        resolve(&self.layers(), 0, offset, len)
+    }
+
+    /// Write `data` at `offset` into the leaf. Partial sectors are merged
+    /// with the flattened content first (read-modify-write).
+    pub fn write_at(&self, offset: u64, data: &[u8]) -> Result<()> {
+        let layers = self.layers();
+        let leaf = &layers[0];
+        let end = offset
+            .checked_add(data.len() as u64)
+            .filter(|&e| e <= self.size)
+            .ok_or_else(|| {
+                Error::new(
+                    ErrorKind::InvalidArgument,
+                    format!(
+                        "{}: write of {} bytes at {offset} ends past the virtual size {}",
+                        leaf.path().display(),
+                        data.len(),
+                        self.size
+                    ),
+                )
+            })?;
+        if data.is_empty() {
+            return Ok(());
+        }
+        let ss = leaf.sector_size() as u64;
+        let head = offset % ss;
+        let tail = end % ss;
+        if head == 0 && tail == 0 {
+            return leaf.write_sectors(offset, data);
+        }
+        // Whole sectors in the middle go straight through; the partial
+        // first/last sectors are merged with what the chain shows now.
+        let _g = self.rmw.lock();
+        let first_full = offset.next_multiple_of(ss);
+        let last_full = end - tail;
+        if first_full >= last_full && offset / ss == (end - 1) / ss {
+            let s = offset - head;
+            let mut sec = vec![0u8; ss as usize];
+            read_layers(&layers, 0, s, &mut sec)?;
+            sec[head as usize..(head as usize + data.len())].copy_from_slice(data);
+            return leaf.write_sectors(s, &sec);
+        }
+        if head != 0 {
+            let s = offset - head;
+            let mut sec = vec![0u8; ss as usize];
+            read_layers(&layers, 0, s, &mut sec)?;
+            let n = (ss - head) as usize;
+            sec[head as usize..].copy_from_slice(&data[..n]);
+            leaf.write_sectors(s, &sec)?;
+        }
+        if last_full > first_full {
+            let a = (first_full - offset) as usize;
+            let b = (last_full - offset) as usize;
+            leaf.write_sectors(first_full, &data[a..b])?;
+        }
+        if tail != 0 {
+            let mut sec = vec![0u8; ss as usize];
+            read_layers(&layers, 0, last_full, &mut sec)?;
+            let a = (last_full - offset) as usize;
+            sec[..tail as usize].copy_from_slice(&data[a..]);
+            leaf.write_sectors(last_full, &sec)?;
+        }
+        Ok(())
+    }
+
+    pub fn flush(&self) -> Result<()> {
+        self.layers()[0].flush()
+    }
+}

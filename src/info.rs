@@ -1,0 +1,118 @@
+//! The description of an open chain, leaf first, shared by `chainfs info`,
+//! its `--json` form and the mount's `chain` file.
+
+use std::path::PathBuf;
+
+use serde::Serialize;
+
+use crate::chain::Chain;
+use crate::error::Result;
+use crate::format::{DiskType, Format, Layer, ParentHint};
+use crate::size::human;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LayerReport {
+    pub depth: usize,
+    pub path: PathBuf,
+    pub format: Format,
+    pub disk_type: DiskType,
+    pub virtual_size: u64,
+    pub block_size: Option<u64>,
+    pub allocated_bytes: u64,
+    pub unique_id: String,
+    pub parent_id: Option<String>,
+    pub creator: String,
+    /// The parent hints as stored in the file.
+    pub parent_locators: Vec<ParentHint>,
+    /// Where the parent was found.
+    pub parent_resolved: Option<PathBuf>,
+}
+
+pub fn layer_report(depth: usize, l: &dyn Layer, resolved: Option<PathBuf>) -> Result<LayerReport> {
+    let i = l.info();
+    Ok(LayerReport {
+        depth,
+        path: l.path().to_path_buf(),
+        format: i.format,
+        disk_type: i.disk_type,
+        virtual_size: i.virtual_size,
+        block_size: i.block_size,
+        allocated_bytes: l.allocated_bytes()?,
+        unique_id: i.unique_id.to_string(),
+        parent_id: i.parent_id.map(|u| u.to_string()),
+        creator: i.creator,
+        parent_locators: l.parent().map(|p| p.hints).unwrap_or_default(),
+        parent_resolved: resolved,
+    })
+}
+
+pub fn report(chain: &Chain) -> Result<Vec<LayerReport>> {
+    chain
+        .layers
+        .iter()
+        .enumerate()
+        .map(|(d, l)| {
+            layer_report(
+                d,
+                l.as_ref(),
+                chain.links.get(d).map(|k| k.resolved.clone()),
+            )
+        })
+        .collect()
+}
+
+/// Text form for humans.
+pub fn render(reports: &[LayerReport]) -> String {
+    let mut s = String::new();
+    for r in reports {
+        s += &format!("[{}] {}\n", r.depth, r.path.display());
+        s += &format!("    format:        {} {}\n", r.format, r.disk_type);
+        s += &format!(
+            "    virtual size:  {} ({})\n",
+            r.virtual_size,
+            human(r.virtual_size)
+        );
+        if let Some(b) = r.block_size {
+            s += &format!("    block size:    {} ({})\n", b, human(b));
+        }
+        s += &format!(
+            "    allocated:     {} ({})\n",
+            r.allocated_bytes,
+            human(r.allocated_bytes)
+        );
+        s += &format!("    unique id:     {}\n", r.unique_id);
+        s += &format!("    creator:       {}\n", r.creator);
+        if let Some(p) = &r.parent_id {
+            s += &format!("    parent id:     {p}\n");
+            for h in &r.parent_locators {
+                s += &format!("    locator {:5} {}\n", h.source, h.stored);
+            }
+            match &r.parent_resolved {
+                Some(p) => s += &format!("    parent:        {}\n", p.display()),
+                None => s += "    parent:        (not resolved)\n",
+            }
+        }
+    }
+    s
+}
+
+/// One line per layer, for the mount's `chain` file:
+/// depth, path, format, type, virtual size, allocated bytes, unique id, parent id.
+pub fn chain_lines(reports: &[LayerReport]) -> String {
+    reports
+        .iter()
+        .map(|r| {
+            format!(
+                "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\n",
+                r.depth,
+                r.path.display(),
+                r.format,
+                r.disk_type,
+                r.virtual_size,
+                r.allocated_bytes,
+                r.unique_id,
+                r.parent_id.as_deref().unwrap_or("-")
+            )
+        })
+        .collect()
+}

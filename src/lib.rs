@@ -1,0 +1,26 @@
+//! chainfs: chains of differencing virtual disks (VHD today; VHDX and qcow2
+//! fit behind the same [`format::Layer`] trait) as one flat image, with
+//! offline tools to inspect, check, export and write them.
+//!
+//! Module map:
+//! - [`format`]: one driver per disk format, parsing bytes into structs and
+//!   answering "where do these bytes live".
+//! - [`chain`]: parent discovery, identity checks, depth and cycle bounds.
+//! - [`cache`]: the bounded LRU that holds every layer's metadata.
+//! - [`image`]: the resolver; full-length reads, writes to the leaf.
+//! - [`export`], [`check`], [`info`]: the offline operations behind the CLI.
+//! - [`error`]: error kinds, errno and return codes, chosen in one place.
+
+pub mod cache;
+pub mod chain;
+pub mod check;
+pub mod error;
+pub mod export;
+pub mod format;
+pub mod image;
+pub mod info;
+pub mod size;
+
+pub use chain::{Chain, ChainOptions};
+pub use error::{Error, ErrorKind, Result};
+pub use image::FlatImage;
