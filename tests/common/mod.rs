@@ -1,0 +1,241 @@
+//! Shared test support: the CLI binary, real fixtures, hashing, and the
+//! rule for tests that need root, FUSE or loop devices (must run under
+//! CI=true, may skip elsewhere with a printed reason).
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use sha2::{Digest, Sha256};
+
+/// The `chainfs` binary built for this test run.
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_chainfs"))
+}
+
+/// Run `chainfs ARGS...`, returning the output (never panics on failure).
+pub fn chainfs(args: &[&str]) -> Output {
+    Command::new(bin())
+        .args(args)
+        .output()
+        .expect("cannot run chainfs")
+}
+
+/// Run `chainfs ARGS...` and insist on success.
+pub fn chainfs_ok(args: &[&str]) -> String {
+    let o = chainfs(args);
+    assert!(
+        o.status.success(),
+        "chainfs {args:?} failed ({}): {}",
+        o.status,
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}
+
+/// Is the external `tool` on PATH?
+pub fn have(tool: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {tool} >/dev/null 2>&1")])
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Returns true when the test may go on. Under CI a missing prerequisite is
+/// a failure; elsewhere the test prints why it skips and returns false.
+pub fn require(what: &str, ok: bool) -> bool {
+    if ok {
+        return true;
+    }
+    if in_ci() {
+        panic!("CI=true but {what} is not available");
+    }
+    eprintln!("SKIP: {what} is not available");
+    false
+}
+
+pub fn is_root() -> bool {
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Root, /dev/fuse and fusermount3: what a real FUSE mount needs.
+pub fn require_fuse() -> bool {
+    require(
+        "FUSE (/dev/fuse and fusermount3)",
+        Path::new("/dev/fuse").exists() && have("fusermount3"),
+    )
+}
+
+/// Root and loop devices.
+pub fn require_loop() -> bool {
+    require(
+        "root with loop devices (losetup)",
+        is_root() && have("losetup") && Path::new("/dev/loop-control").exists(),
+    )
+}
+
+pub fn sha256_file(p: &Path) -> String {
+    let mut f = std::fs::File::open(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    let mut h = Sha256::new();
+    std::io::copy(&mut f, &mut h).unwrap();
+    hex(&h.finalize())
+}
+
+pub fn sha256(b: &[u8]) -> String {
+    hex(&Sha256::digest(b))
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// `../shared/fixtures/real` next to the repository.
+pub fn fixtures_dir() -> PathBuf {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/real");
+    assert!(p.is_dir(), "fixtures missing at {}", p.display());
+    p
+}
+
+/// Decompress `fixtures/real/REL.gz` into `dir` under its basename.
+pub fn unpack_fixture(rel: &str, dir: &Path) -> PathBuf {
+    let src = fixtures_dir().join(format!("{rel}.gz"));
+    let name = Path::new(rel).file_name().unwrap();
+    let dst = dir.join(name);
+    let out = Command::new("gzip")
+        .arg("-dc")
+        .arg(&src)
+        .output()
+        .expect("gzip");
+    assert!(out.status.success(), "gunzip {}", src.display());
+    std::fs::write(&dst, out.stdout).unwrap();
+    dst
+}
+
+/// A FUSE mount (ours or vhdimount's) that is unmounted on drop, even when
+/// the test fails.
+pub struct MountGuard {
+    pub dir: PathBuf,
+}
+
+impl MountGuard {
+    pub fn new(dir: &Path) -> MountGuard {
+        MountGuard {
+            dir: dir.to_path_buf(),
+        }
+    }
+}
+
+impl Drop for MountGuard {
+    fn drop(&mut self) {
+        for _ in 0..50 {
+            let ok = Command::new("fusermount3")
+                .arg("-u")
+                .arg(&self.dir)
+                .stderr(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if ok || !is_mounted(&self.dir) {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
+    }
+}
+
+/// Is `dir` a mount point right now?
+pub fn is_mounted(dir: &Path) -> bool {
+    let Ok(c) = std::fs::canonicalize(dir) else {
+        return false;
+    };
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    mounts
+        .lines()
+        .filter_map(|l| l.split(' ').nth(1))
+        .any(|m| Path::new(&m.replace("\\040", " ")) == c)
+}
+
+/// A loop device detached on drop.
+pub struct LoopGuard {
+    pub dev: String,
+}
+
+impl LoopGuard {
+    /// `losetup -f --show [-r] [-P] FILE`, plus `partx -a` for partitions.
+    pub fn attach(file: &Path, read_only: bool, partitions: bool) -> LoopGuard {
+        let mut c = Command::new("losetup");
+        c.arg("-f").arg("--show");
+        if read_only {
+            c.arg("-r");
+        }
+        if partitions {
+            c.arg("-P");
+        }
+        let o = c.arg(file).output().expect("losetup");
+        assert!(
+            o.status.success(),
+            "losetup {}: {}",
+            file.display(),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let dev = String::from_utf8_lossy(&o.stdout).trim().to_string();
+        let g = LoopGuard { dev };
+        if partitions {
+            // This kernel does not scan partition tables by itself.
+            let _ = Command::new("partx").args(["-a", &g.dev]).status();
+        }
+        g
+    }
+
+    pub fn partition(&self, n: u32) -> String {
+        format!("{}p{n}", self.dev)
+    }
+}
+
+impl Drop for LoopGuard {
+    fn drop(&mut self) {
+        let _ = Command::new("partx").args(["-d", &self.dev]).status();
+        let _ = Command::new("losetup").args(["-d", &self.dev]).status();
+    }
+}
+
+/// A kernel mount (`mount DEV DIR`) undone on drop.
+pub struct KernelMount {
+    pub dir: PathBuf,
+}
+
+impl KernelMount {
+    pub fn mount(dev: &str, dir: &Path, opts: &str) -> KernelMount {
+        std::fs::create_dir_all(dir).unwrap();
+        let o = Command::new("mount")
+            .args(["-o", opts, dev])
+            .arg(dir)
+            .output()
+            .expect("mount");
+        assert!(
+            o.status.success(),
+            "mount {dev} {}: {}",
+            dir.display(),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        KernelMount {
+            dir: dir.to_path_buf(),
+        }
+    }
+}
+
+impl Drop for KernelMount {
+    fn drop(&mut self) {
+        let ok = Command::new("umount")
+            .arg(&self.dir)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
+        }
+    }
+}
