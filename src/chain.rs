@@ -120,7 +120,8 @@ impl Chain {
                         ),
                     ));
                 }
-                let (parent, found) = find_parent(child.as_ref(), &link.hints, link.id, opts, &ro)?;
+                let (parent, found) =
+                    find_parent(child.as_ref(), &link.hints, link.id, opts, &ro, &seen_paths)?;
                 let canon = canonical(&found.resolved);
                 let pid = parent.info().unique_id;
                 if !seen_paths.insert(canon) || (!found.id_mismatch && !seen_ids.insert(pid)) {
@@ -229,6 +230,7 @@ fn find_parent(
     want: uuid::Uuid,
     opts: &ChainOptions,
     ro: &LayerOptions,
+    seen: &HashSet<PathBuf>,
 ) -> Result<(Arc<dyn Layer>, Link)> {
     let cpath = canonical(child.path());
     let over = opts
@@ -241,10 +243,16 @@ fn find_parent(
         None => candidates(child.path(), hints, opts),
     };
     let mut tried = Vec::new();
+    let mut looped: Option<PathBuf> = None;
     let mut mismatch: Option<(PathBuf, Arc<dyn Layer>, uuid::Uuid)> = None;
     for cand in list {
         tried.push(cand.clone());
         if !cand.is_file() {
+            continue;
+        }
+        if seen.contains(&canonical(&cand)) {
+            // Already in the chain: taking it would loop. Look further.
+            looped.get_or_insert(cand);
             continue;
         }
         let layer = open_layer(&cand, ro)?;
@@ -287,6 +295,15 @@ fn find_parent(
                 "{cname} expects a parent with id {want}, but {} has id {got} \
                  (pass --ignore-id-mismatch to use it anyway, or --parent CHILD=PATH)",
                 cand.display()
+            ),
+        ));
+    }
+    if let Some(p) = looped {
+        return Err(Error::new(
+            ErrorKind::BadChain,
+            format!(
+                "{cname}: the chain loops: its parent {} is already in the chain",
+                p.display()
             ),
         ));
     }

@@ -139,6 +139,29 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Show the chain as one flat file, MOUNTPOINT/disk.raw, over FUSE.
+    ///
+    /// Runs in the background once the mount is live (-f: stay in the
+    /// foreground). MOUNTPOINT also holds `chain` (the layers), `control`
+    /// (merge commands) and `jobs/`. Unmount with `chainfs umount`,
+    /// `fusermount3 -u` or `umount`; SIGINT/SIGTERM to the daemon do the same.
+    /// Logs go to stderr with -f (RUST_LOG=info|debug).
+    Mount {
+        image: PathBuf,
+        mountpoint: PathBuf,
+        /// Mount options, comma separated: ro (default), rw, allow_other,
+        /// allow_root, cache=SIZE (metadata cache, default 64M), threads=N
+        /// (request threads, default 4).
+        #[arg(short = 'o', value_name = "OPTIONS")]
+        options: Vec<String>,
+        /// Stay in the foreground.
+        #[arg(short = 'f', long)]
+        foreground: bool,
+        #[command(flatten)]
+        chain: ChainArgs,
+    },
+    /// Unmount a chainfs mount and wait until its chain is released.
+    Umount { mountpoint: PathBuf },
     /// Write bytes into the leaf of a chain (parents are never changed).
     Write {
         image: PathBuf,
@@ -247,6 +270,27 @@ pub fn run() -> Result<i32> {
             if json {
                 println!("{}", serde_json::to_string(&stats).expect("serialisable"));
             }
+            Ok(0)
+        }
+        Cmd::Mount {
+            image,
+            mountpoint,
+            options,
+            foreground,
+            chain,
+        } => {
+            let mo = chainfs::mount::MountOptions::parse(&options)?;
+            chainfs::mount::mount(
+                &image,
+                &mountpoint,
+                &mo,
+                &chain.options(mo.writable),
+                foreground,
+            )?;
+            Ok(0)
+        }
+        Cmd::Umount { mountpoint } => {
+            chainfs::mount::umount(&mountpoint)?;
             Ok(0)
         }
         Cmd::Write {

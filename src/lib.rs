@@ -14,11 +14,15 @@
 pub mod cache;
 pub mod chain;
 pub mod check;
+pub mod control;
 pub mod error;
 pub mod export;
 pub mod format;
+pub mod fs;
+pub mod fuse;
 pub mod image;
 pub mod info;
+pub mod mount;
 pub mod size;
 
 pub use chain::{Chain, ChainOptions};

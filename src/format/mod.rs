@@ -17,6 +17,7 @@
 pub mod vhd;
 
 use std::fs::File;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -178,12 +179,39 @@ pub fn open_layer(path: &Path, opts: &LayerOptions) -> Result<Arc<dyn Layer>> {
     ))
 }
 
+/// Open a layer file and take its advisory lock: exclusive when writable,
+/// shared otherwise, so that a writer (a writable mount, a merge, `chainfs
+/// write`) never shares a file with anyone, while readers share freely.
 pub(crate) fn open_file(path: &Path, writable: bool) -> Result<File> {
     let f = std::fs::OpenOptions::new()
         .read(true)
         .write(writable)
         .open(path)
         .ctx(path, "cannot open", None)?;
+    let op = if writable {
+        libc::LOCK_EX
+    } else {
+        libc::LOCK_SH
+    };
+    // SAFETY: flock on a file descriptor we own; no memory is involved.
+    if unsafe { libc::flock(f.as_raw_fd(), op | libc::LOCK_NB) } != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            return Err(Error::new(
+                ErrorKind::Busy,
+                format!(
+                    "{}: in use: {}",
+                    path.display(),
+                    if writable {
+                        "another process has it open (a chainfs mount, merge or write)"
+                    } else {
+                        "another process is writing to it (a writable chainfs mount, merge or write)"
+                    }
+                ),
+            ));
+        }
+        return Err(Error::io(path, "cannot lock", None, e));
+    }
     let md = f.metadata().ctx(path, "cannot stat", None)?;
     if !md.is_file() {
         return Err(Error::new(

@@ -1,0 +1,300 @@
+//! The mounted directory, without FUSE: inodes, attributes, and what a read
+//! or write of each file does. `crate::fuse` adapts this to `fuser`; all
+//! behaviour lives here so it can be tested without a mount.
+//!
+//! ```text
+//! MOUNTPOINT/          ino 1
+//!   disk.raw           ino 2  the flattened image (read-only unless -o rw)
+//!   control            ino 3  command file (see crate::control)
+//!   chain              ino 4  one layer per line, leaf first
+//!   jobs/              ino 5  one read-only file per merge job
+//! ```
+//!
+//! Caching: `disk.raw` keeps a fixed mtime (the mount time) and is opened
+//! with `keep_cache`, so the kernel page cache stays valid across opens; its
+//! bytes change only through this mount's own writes (which go through the
+//! page cache) and merges (which never change the flattened bytes). `chain`
+//! and job files change, so they are opened `direct_io` with zero TTL.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use parking_lot::Mutex;
+
+use crate::control::{Command, Reply, HELP};
+use crate::error::{Error, ErrorKind, Result};
+use crate::image::FlatImage;
+
+pub const ROOT: u64 = 1;
+pub const DISK: u64 = 2;
+pub const CONTROL: u64 = 3;
+pub const CHAIN: u64 = 4;
+pub const JOBS: u64 = 5;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Dir,
+    File,
+}
+
+/// What `stat` shows.
+#[derive(Debug, Clone, Copy)]
+pub struct Attr {
+    pub ino: u64,
+    pub kind: Kind,
+    pub size: u64,
+    pub perm: u16,
+    pub nlink: u32,
+    pub mtime: SystemTime,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// How a file is opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Opened {
+    pub fh: u64,
+    /// Keep the kernel page cache (disk.raw).
+    pub keep_cache: bool,
+    /// Bypass the page cache (generated text files).
+    pub direct_io: bool,
+}
+
+pub struct MountConfig {
+    pub writable: bool,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+struct Handle {
+    ino: u64,
+    /// Text snapshot taken at open (chain, jobs), or the last control reply.
+    text: Vec<u8>,
+}
+
+pub struct ChainFs {
+    image: Arc<FlatImage>,
+    cfg: MountConfig,
+    mounted_at: SystemTime,
+    chain_text: Mutex<String>,
+    refresh_chain: Box<dyn Fn() -> Result<String> + Send + Sync>,
+    handles: Mutex<HashMap<u64, Handle>>,
+    next_fh: AtomicU64,
+}
+
+fn errno(e: i32, msg: &str) -> Error {
+    let kind = match e {
+        libc::ENOENT => ErrorKind::NotFound,
+        libc::EACCES | libc::EPERM => ErrorKind::AccessDenied,
+        libc::EROFS => ErrorKind::InvalidState,
+        libc::EOPNOTSUPP => ErrorKind::Unsupported,
+        _ => ErrorKind::InvalidArgument,
+    };
+    Error::new(kind, msg)
+}
+
+impl ChainFs {
+    /// `refresh_chain` renders the `chain` file (called on each open of it).
+    pub fn new(
+        image: Arc<FlatImage>,
+        cfg: MountConfig,
+        refresh_chain: Box<dyn Fn() -> Result<String> + Send + Sync>,
+    ) -> Result<ChainFs> {
+        let text = refresh_chain()?;
+        Ok(ChainFs {
+            image,
+            cfg,
+            mounted_at: SystemTime::now(),
+            chain_text: Mutex::new(text),
+            refresh_chain,
+            handles: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+        })
+    }
+
+    pub fn image(&self) -> &Arc<FlatImage> {
+        &self.image
+    }
+
+    fn attr(&self, ino: u64, kind: Kind, size: u64, perm: u16) -> Attr {
+        Attr {
+            ino,
+            kind,
+            size,
+            perm,
+            nlink: if kind == Kind::Dir { 2 } else { 1 },
+            mtime: self.mounted_at,
+            uid: self.cfg.uid,
+            gid: self.cfg.gid,
+        }
+    }
+
+    pub fn getattr(&self, ino: u64) -> Result<Attr> {
+        Ok(match ino {
+            ROOT => self.attr(ROOT, Kind::Dir, 0, 0o755),
+            DISK => self.attr(
+                DISK,
+                Kind::File,
+                self.image.size(),
+                if self.cfg.writable { 0o644 } else { 0o444 },
+            ),
+            CONTROL => self.attr(CONTROL, Kind::File, 0, 0o644),
+            CHAIN => self.attr(
+                CHAIN,
+                Kind::File,
+                self.chain_text.lock().len() as u64,
+                0o444,
+            ),
+            JOBS => self.attr(JOBS, Kind::Dir, 0, 0o555),
+            _ => return Err(errno(libc::ENOENT, "no such inode")),
+        })
+    }
+
+    pub fn lookup(&self, parent: u64, name: &str) -> Result<Attr> {
+        let ino = match (parent, name) {
+            (ROOT, "disk.raw") => DISK,
+            (ROOT, "control") => CONTROL,
+            (ROOT, "chain") => CHAIN,
+            (ROOT, "jobs") => JOBS,
+            _ => return Err(errno(libc::ENOENT, "no such file")),
+        };
+        self.getattr(ino)
+    }
+
+    /// Entries of a directory: (ino, kind, name), without `.` and `..`.
+    pub fn readdir(&self, ino: u64) -> Result<Vec<(u64, Kind, String)>> {
+        match ino {
+            ROOT => Ok(vec![
+                (DISK, Kind::File, "disk.raw".into()),
+                (CONTROL, Kind::File, "control".into()),
+                (CHAIN, Kind::File, "chain".into()),
+                (JOBS, Kind::Dir, "jobs".into()),
+            ]),
+            JOBS => Ok(Vec::new()),
+            _ => Err(errno(libc::ENOTDIR, "not a directory")),
+        }
+    }
+
+    /// `write` says whether the open asks for write access.
+    pub fn open(&self, ino: u64, write: bool) -> Result<Opened> {
+        let (text, keep_cache, direct_io) = match ino {
+            DISK => {
+                if write && !self.cfg.writable {
+                    return Err(errno(
+                        libc::EROFS,
+                        "disk.raw is read-only (mount with -o rw)",
+                    ));
+                }
+                (Vec::new(), true, false)
+            }
+            CONTROL => (Vec::new(), false, true),
+            CHAIN => {
+                if write {
+                    return Err(errno(libc::EACCES, "chain is read-only"));
+                }
+                let t = (self.refresh_chain)()?;
+                *self.chain_text.lock() = t.clone();
+                (t.into_bytes(), false, true)
+            }
+            ROOT | JOBS => return Err(errno(libc::EISDIR, "is a directory")),
+            _ => return Err(errno(libc::ENOENT, "no such file")),
+        };
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.handles.lock().insert(fh, Handle { ino, text });
+        Ok(Opened {
+            fh,
+            keep_cache,
+            direct_io,
+        })
+    }
+
+    pub fn release(&self, fh: u64) {
+        self.handles.lock().remove(&fh);
+    }
+
+    /// Read: full length except at end of file.
+    pub fn read(&self, ino: u64, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
+        if ino == DISK {
+            let n = (size as u64).min(self.image.size().saturating_sub(offset)) as usize;
+            let mut buf = vec![0u8; n];
+            let got = self.image.read_at(offset, &mut buf)?;
+            buf.truncate(got);
+            return Ok(buf);
+        }
+        let h = self.handles.lock();
+        let text = match h.get(&fh) {
+            Some(h) if h.ino == ino => &h.text,
+            _ => return Err(errno(libc::EBADF, "stale file handle")),
+        };
+        let start = (offset as usize).min(text.len());
+        let end = (start + size as usize).min(text.len());
+        Ok(text[start..end].to_vec())
+    }
+
+    /// Write; returns the bytes accepted. Control writes run the commands
+    /// and fail with the command's errno when it is refused.
+    pub fn write(&self, ino: u64, fh: u64, offset: u64, data: &[u8]) -> Result<u32> {
+        match ino {
+            DISK => {
+                if !self.cfg.writable {
+                    return Err(errno(libc::EROFS, "disk.raw is read-only"));
+                }
+                self.image.write_at(offset, data)?;
+                Ok(data.len() as u32)
+            }
+            CONTROL => {
+                let text = String::from_utf8_lossy(data);
+                let mut last: Result<Reply> = Ok(Reply::ok(vec![]));
+                for line in text.lines().filter(|l| !l.trim().is_empty()) {
+                    last = self.run_command(line);
+                    if last.is_err() {
+                        break;
+                    }
+                }
+                let (reply, result) = match last {
+                    Ok(r) => (r, Ok(data.len() as u32)),
+                    Err(e) => (Reply::refused(&e), Err(e)),
+                };
+                if let Some(h) = self.handles.lock().get_mut(&fh) {
+                    h.text = reply.to_string().into_bytes();
+                }
+                result
+            }
+            _ => Err(errno(libc::EACCES, "read-only file")),
+        }
+    }
+
+    fn run_command(&self, line: &str) -> Result<Reply> {
+        let cmd: Command = line.parse()?;
+        match cmd {
+            Command::Help => Ok(Reply::ok(vec![("Help".into(), HELP.replace('\n', " | "))])),
+            Command::Merge { .. } | Command::Cancel { .. } => Err(errno(
+                libc::EOPNOTSUPP,
+                "merges are not supported by this version of chainfs yet",
+            )),
+        }
+    }
+
+    /// Truncation (O_TRUNC) is accepted on `control` and is a no-op; the
+    /// size of disk.raw is fixed.
+    pub fn set_size(&self, ino: u64, size: u64) -> Result<Attr> {
+        match ino {
+            CONTROL => self.getattr(CONTROL),
+            DISK if size == self.image.size() => self.getattr(DISK),
+            DISK => Err(errno(
+                libc::EPERM,
+                "the size of disk.raw is the chain's virtual size",
+            )),
+            _ => Err(errno(libc::EACCES, "read-only file")),
+        }
+    }
+
+    pub fn fsync(&self, ino: u64) -> Result<()> {
+        if ino == DISK && self.cfg.writable {
+            self.image.flush()?;
+        }
+        Ok(())
+    }
+}

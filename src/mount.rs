@@ -1,0 +1,423 @@
+//! `chainfs mount` and `chainfs umount`: option parsing, mount-point checks,
+//! going to the background once the mount is live, and a clean unmount on
+//! SIGINT/SIGTERM/SIGHUP or an external `fusermount3 -u`.
+//!
+//! Start-up order: check the mount point, open the chain (taking the layer
+//! locks), fork (before any thread exists), and in the child create the FUSE
+//! session (the mount is live when that returns); only then does the parent
+//! exit 0. Every failure up to that point reaches the parent through a pipe
+//! and becomes its error message and exit status.
+
+use std::io::{Read, Write};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::chain::{canonical, Chain, ChainOptions};
+use crate::error::{Error, ErrorKind, IoContext, Result};
+use crate::fs::{ChainFs, MountConfig};
+use crate::image::FlatImage;
+use crate::size::parse_size;
+
+/// What `-o a,b=c,...` asked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountOptions {
+    pub writable: bool,
+    pub allow_other: bool,
+    pub allow_root: bool,
+    pub cache_bytes: Option<u64>,
+    pub threads: usize,
+}
+
+impl Default for MountOptions {
+    fn default() -> Self {
+        MountOptions {
+            writable: false,
+            allow_other: false,
+            allow_root: false,
+            cache_bytes: None,
+            threads: 4,
+        }
+    }
+}
+
+impl MountOptions {
+    /// Parse a `mount(8)`-style comma list; later options win.
+    pub fn parse(list: &[String]) -> Result<MountOptions> {
+        let mut o = MountOptions::default();
+        for item in list
+            .iter()
+            .flat_map(|s| s.split(','))
+            .filter(|s| !s.is_empty())
+        {
+            let (k, v) = match item.split_once('=') {
+                Some((k, v)) => (k, Some(v)),
+                None => (item, None),
+            };
+            match (k, v) {
+                ("ro", None) => o.writable = false,
+                ("rw", None) => o.writable = true,
+                ("allow_other", None) => o.allow_other = true,
+                ("allow_root", None) => o.allow_root = true,
+                ("cache", Some(v)) => o.cache_bytes = Some(parse_size(v)?),
+                ("threads", Some(v)) => {
+                    o.threads = v
+                        .parse()
+                        .ok()
+                        .filter(|n| (1..=64).contains(n))
+                        .ok_or_else(|| Error::invalid(format!("threads={v}: expected 1 to 64")))?
+                }
+                _ => {
+                    return Err(Error::invalid(format!(
+                        "unknown mount option `{item}` (known: ro, rw, allow_other, allow_root, cache=SIZE, threads=N)"
+                    )))
+                }
+            }
+        }
+        if o.allow_other && o.allow_root {
+            return Err(Error::invalid(
+                "allow_other and allow_root exclude each other",
+            ));
+        }
+        Ok(o)
+    }
+}
+
+/// Refuse a mount point that is missing, not a folder, not empty or already
+/// a mount.
+pub fn check_mountpoint(mnt: &Path) -> Result<()> {
+    let md = std::fs::metadata(mnt).ctx(mnt, "mount point", None)?;
+    if !md.is_dir() {
+        return Err(Error::invalid(format!(
+            "{}: mount point is not a directory",
+            mnt.display()
+        )));
+    }
+    if is_mountpoint(mnt) {
+        return Err(Error::new(
+            ErrorKind::Busy,
+            format!("{}: is already a mount point", mnt.display()),
+        ));
+    }
+    let mut entries = std::fs::read_dir(mnt).ctx(mnt, "cannot list mount point", None)?;
+    if entries.next().is_some() {
+        return Err(Error::invalid(format!(
+            "{}: mount point is not empty",
+            mnt.display()
+        )));
+    }
+    Ok(())
+}
+
+/// `(major:minor, mount point)` of every mount, from /proc/self/mountinfo.
+fn mounts() -> Vec<(String, PathBuf)> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            let unescaped = f.get(4)?.replace("\\040", " ").replace("\\011", "\t");
+            Some((f.get(2)?.to_string(), PathBuf::from(unescaped)))
+        })
+        .collect()
+}
+
+pub fn is_mountpoint(p: &Path) -> bool {
+    let c = canonical(p);
+    mounts().iter().any(|(_, m)| *m == c)
+}
+
+/// Mount `leaf`'s chain at `mnt`. Returns when the mount is gone (with
+/// `foreground`) or, in the parent, once it is live.
+pub fn mount(
+    leaf: &Path,
+    mnt: &Path,
+    mo: &MountOptions,
+    co: &ChainOptions,
+    foreground: bool,
+) -> Result<()> {
+    check_mountpoint(mnt)?;
+    let mnt = canonical(mnt);
+    let leaf = canonical(leaf);
+    let co = ChainOptions {
+        writable: mo.writable,
+        cache_bytes: mo.cache_bytes.map_or(co.cache_bytes, |c| c as usize),
+        ..co.clone()
+    };
+    let chain = Chain::open(&leaf, &co)?;
+    if foreground {
+        return serve(chain, &mnt, mo, None);
+    }
+    let mut fds = [0; 2];
+    // SAFETY: pipe() fills two fds we then own.
+    if unsafe { libc::pipe(fds.as_mut_ptr()) } != 0 {
+        return Err(Error::io(
+            mnt.as_path(),
+            "pipe",
+            None,
+            std::io::Error::last_os_error(),
+        ));
+    }
+    let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // SAFETY: no other thread exists yet in this process.
+    match unsafe { libc::fork() } {
+        -1 => Err(Error::io(
+            mnt.as_path(),
+            "fork",
+            None,
+            std::io::Error::last_os_error(),
+        )),
+        0 => {
+            drop(rd);
+            unsafe { libc::setsid() };
+            let code = match serve(chain, &mnt, mo, Some(wr)) {
+                Ok(()) => 0,
+                Err(e) => {
+                    log::error!("{e}");
+                    1
+                }
+            };
+            std::process::exit(code);
+        }
+        _child => {
+            drop(wr);
+            drop(chain);
+            let mut status = String::new();
+            let _ = std::fs::File::from(rd).read_to_string(&mut status);
+            match status.strip_prefix("ok") {
+                Some(_) => Ok(()),
+                None if status.is_empty() => Err(Error::new(
+                    ErrorKind::Io,
+                    format!(
+                        "{}: the mount daemon died before the mount was live",
+                        mnt.display()
+                    ),
+                )),
+                None => {
+                    let (code, msg) = status.split_once(' ').unwrap_or(("1", &status));
+                    Err(Error::new(
+                        kind_of_exit(code.parse().unwrap_or(1)),
+                        msg.to_string(),
+                    ))
+                }
+            }
+        }
+    }
+}
+
+fn kind_of_exit(code: i32) -> ErrorKind {
+    [
+        ErrorKind::Io,
+        ErrorKind::Corrupt,
+        ErrorKind::NotFound,
+        ErrorKind::IdMismatch,
+        ErrorKind::Unsupported,
+        ErrorKind::Busy,
+        ErrorKind::AccessDenied,
+        ErrorKind::InvalidArgument,
+    ]
+    .into_iter()
+    .find(|k| Error::new(*k, "").exit_code() == code)
+    .unwrap_or(ErrorKind::Io)
+}
+
+/// Report to the waiting parent, if any.
+fn tell(parent: &mut Option<OwnedFd>, msg: &str) {
+    if let Some(fd) = parent.take() {
+        let _ = std::fs::File::from(fd).write_all(msg.as_bytes());
+    }
+}
+
+fn serve(chain: Chain, mnt: &Path, mo: &MountOptions, mut parent: Option<OwnedFd>) -> Result<()> {
+    let r = serve_inner(chain, mnt, mo, &mut parent);
+    if let Err(e) = &r {
+        tell(&mut parent, &format!("{} {e}", e.exit_code()));
+    }
+    r
+}
+
+fn serve_inner(
+    chain: Chain,
+    mnt: &Path,
+    mo: &MountOptions,
+    parent: &mut Option<OwnedFd>,
+) -> Result<()> {
+    let image = Arc::new(FlatImage::new(&chain));
+    let report_image = image.clone();
+    let links = chain.links.clone();
+    let refresh = Box::new(move || {
+        let layers = report_image.layers();
+        let reports = layers
+            .iter()
+            .enumerate()
+            .map(|(d, l)| {
+                crate::info::layer_report(d, l.as_ref(), links.get(d).map(|k| k.resolved.clone()))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(crate::info::chain_lines(&reports))
+    });
+    let cfg = MountConfig {
+        writable: mo.writable,
+        uid: unsafe { libc::getuid() },
+        gid: unsafe { libc::getgid() },
+    };
+    let fs = Arc::new(ChainFs::new(image, cfg, refresh)?);
+    let leaf = chain.leaf().path().display().to_string();
+    drop(chain);
+
+    let mut options = vec![
+        fuser::MountOption::FSName(format!("chainfs:{leaf}")),
+        fuser::MountOption::Subtype("chainfs".into()),
+        fuser::MountOption::DefaultPermissions,
+        fuser::MountOption::NoDev,
+        fuser::MountOption::NoSuid,
+        // Not `ro` even for read-only mounts: `control` takes writes either
+        // way; disk.raw refuses them itself (mode 0444, EROFS).
+    ];
+    let mut acl = fuser::SessionACL::Owner;
+    if mo.allow_other {
+        acl = fuser::SessionACL::All;
+    } else if mo.allow_root {
+        acl = fuser::SessionACL::RootAndOwner;
+    }
+    options.push(fuser::MountOption::CUSTOM("max_read=1048576".into()));
+    let mut config = fuser::Config::default();
+    config.mount_options = options;
+    config.acl = acl;
+    config.n_threads = Some(mo.threads);
+    config.clone_fd = true;
+
+    // Block the stop signals in every thread; the main thread waits for them.
+    let sigs = stop_signals();
+    unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &sigs, std::ptr::null_mut()) };
+
+    let mut session =
+        fuser::Session::new(crate::fuse::Fuse(fs), mnt, &config).ctx(mnt, "cannot mount", None)?;
+    let mut unmounter = session.unmount_callable();
+    raise_readahead(mnt);
+    tell(parent, "ok");
+    if parent_was_waiting() {
+        detach_stdio();
+    }
+    let worker = std::thread::spawn(move || session.run());
+    loop {
+        let ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 200_000_000,
+        };
+        let sig = unsafe { libc::sigtimedwait(&sigs, std::ptr::null_mut(), &ts) };
+        if sig > 0 {
+            log::info!("signal {sig}: unmounting {}", mnt.display());
+            if let Err(e) = unmounter.unmount() {
+                log::warn!("unmount {}: {e}", mnt.display());
+            }
+        }
+        if worker.is_finished() {
+            break;
+        }
+    }
+    match worker.join() {
+        Ok(r) => r.ctx(mnt, "FUSE session", None),
+        Err(_) => Err(Error::new(
+            ErrorKind::Io,
+            "the FUSE session thread panicked",
+        )),
+    }
+}
+
+fn parent_was_waiting() -> bool {
+    // A daemon child runs in its own session (setsid), the foreground not.
+    unsafe { libc::getsid(0) == libc::getpid() }
+}
+
+fn stop_signals() -> libc::sigset_t {
+    unsafe {
+        let mut s: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut s);
+        for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            libc::sigaddset(&mut s, sig);
+        }
+        s
+    }
+}
+
+fn detach_stdio() {
+    if let Ok(null) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+    {
+        use std::os::fd::AsRawFd;
+        for fd in 0..3 {
+            unsafe { libc::dup2(null.as_raw_fd(), fd) };
+        }
+    }
+    let _ = std::env::set_current_dir("/");
+}
+
+/// The kernel offers FUSE only 128 KiB of readahead in INIT; the mount's
+/// backing device info takes more (4 MiB here), which keeps several 1 MiB
+/// requests in flight for a sequential reader. Best effort (needs root).
+fn raise_readahead(mnt: &Path) {
+    let c = canonical(mnt);
+    if let Some((dev, _)) = mounts().into_iter().rev().find(|(_, m)| *m == c) {
+        let p = format!("/sys/class/bdi/{dev}/read_ahead_kb");
+        if let Err(e) = std::fs::write(&p, "4096") {
+            log::debug!("{p}: {e}");
+        }
+    }
+}
+
+/// `chainfs umount`: unmount, then wait (briefly) until the daemon has let
+/// go of the leaf, so the chain can be reopened at once.
+pub fn umount(mnt: &Path) -> Result<()> {
+    if !is_mountpoint(mnt) {
+        return Err(Error::invalid(format!("{}: not mounted", mnt.display())));
+    }
+    let leaf = std::fs::read_to_string(mnt.join("chain"))
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .next()
+                .and_then(|l| l.split('\t').nth(1))
+                .map(PathBuf::from)
+        });
+    let out = std::process::Command::new("fusermount3")
+        .arg("-u")
+        .arg(mnt)
+        .output();
+    let ok = out.as_ref().is_ok_and(|o| o.status.success());
+    if !ok {
+        let st = std::process::Command::new("umount").arg(mnt).status();
+        if !st.is_ok_and(|s| s.success()) {
+            let why = out
+                .map(|o| String::from_utf8_lossy(&o.stderr).trim().to_string())
+                .unwrap_or_default();
+            return Err(Error::new(
+                ErrorKind::Busy,
+                format!("{}: cannot unmount: {why}", mnt.display()),
+            ));
+        }
+    }
+    if let Some(leaf) = leaf {
+        wait_unlocked(&leaf, Duration::from_secs(5));
+    }
+    Ok(())
+}
+
+fn wait_unlocked(path: &Path, limit: Duration) {
+    use std::os::fd::AsRawFd;
+    let Ok(f) = std::fs::File::open(path) else {
+        return;
+    };
+    let start = std::time::Instant::now();
+    while start.elapsed() < limit {
+        // SAFETY: flock on our own descriptor.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_UN) };
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
