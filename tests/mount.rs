@@ -1,0 +1,512 @@
+//! Real FUSE mounts of real chains: what the mount shows, reads of every
+//! alignment, errors, locking, signals, and loop-mounting a partitioned
+//! ext4 disk whose blocks live in several layers.
+
+mod common;
+
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// A tiny deterministic generator for test data.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+    fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| self.next() as u8).collect()
+    }
+}
+
+fn p(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+/// base (dynamic) <- mid <- leaf, 32 MiB, data in every layer, some of it
+/// shadowed; returns (leaf, model of the flat disk).
+fn three_layers(dir: &Path) -> (PathBuf, Vec<u8>) {
+    let size = 32usize << 20;
+    let mut model = vec![0u8; size];
+    let mut rng = Rng(0x1234_5678);
+    let names = ["base.vhd", "mid.vhd", "leaf.vhd"];
+    for (i, name) in names.iter().enumerate() {
+        let path = dir.join(name);
+        if i == 0 {
+            chainfs_ok(&["create", p(&path), "--size", "32M", "--block-size", "512K"]);
+        } else {
+            chainfs_ok(&["create", p(&path), "--parent", p(&dir.join(names[i - 1]))]);
+        }
+        for _ in 0..6 {
+            let off = rng.below(size as u64 - 300_000) as usize;
+            let len = 1 + rng.below(300_000) as usize;
+            let data = rng.bytes(len);
+            let f = dir.join("chunk");
+            std::fs::write(&f, &data).unwrap();
+            chainfs_ok(&[
+                "write",
+                p(&path),
+                "--offset",
+                &off.to_string(),
+                "--input",
+                p(&f),
+            ]);
+            model[off..off + len].copy_from_slice(&data);
+        }
+    }
+    (dir.join("leaf.vhd"), model)
+}
+
+/// `chainfs mount` in the background; the guard unmounts on drop.
+fn mount(leaf: &Path, mnt: &Path, opts: &[&str]) -> MountGuard {
+    std::fs::create_dir_all(mnt).unwrap();
+    let mut args = vec!["mount", p(leaf), p(mnt)];
+    args.extend_from_slice(opts);
+    let g = MountGuard::new(mnt);
+    chainfs_ok(&args);
+    assert!(
+        is_mounted(mnt),
+        "{} is not mounted after chainfs mount returned",
+        mnt.display()
+    );
+    g
+}
+
+fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn mount_shows_disk_chain_control_and_jobs() {
+    if !require_fuse() {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let (leaf, model) = three_layers(t.path());
+    let mnt = t.path().join("mnt");
+    let g = mount(&leaf, &mnt, &[]);
+
+    let mut names: Vec<String> = std::fs::read_dir(&mnt)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["chain", "control", "disk.raw", "jobs"]);
+    let md = std::fs::metadata(mnt.join("disk.raw")).unwrap();
+    assert_eq!(md.len(), model.len() as u64);
+    assert!(md.permissions().readonly(), "read-only by default");
+    assert!(std::fs::metadata(mnt.join("jobs")).unwrap().is_dir());
+    assert_eq!(std::fs::read_dir(mnt.join("jobs")).unwrap().count(), 0);
+
+    let flat = std::fs::read(mnt.join("disk.raw")).unwrap();
+    assert!(flat == model, "disk.raw differs from the model");
+    let exported = t.path().join("out.raw");
+    chainfs_ok(&["export", p(&leaf), p(&exported)]);
+    assert_eq!(sha256_file(&exported), sha256(&flat));
+
+    let chain = std::fs::read_to_string(mnt.join("chain")).unwrap();
+    let lines: Vec<Vec<&str>> = chain.lines().map(|l| l.split('\t').collect()).collect();
+    assert_eq!(lines.len(), 3, "{chain}");
+    for (depth, (l, name)) in lines
+        .iter()
+        .zip(["leaf.vhd", "mid.vhd", "base.vhd"])
+        .enumerate()
+    {
+        assert_eq!(l.len(), 8, "{chain}");
+        assert_eq!(l[0], depth.to_string());
+        assert!(l[1].ends_with(name), "{chain}");
+        assert_eq!(l[2], "vhd");
+        assert_eq!(l[4], model.len().to_string());
+    }
+    assert_eq!(lines[0][3], "differencing");
+    assert_eq!(lines[2][3], "dynamic");
+    assert_eq!(lines[0][7], lines[1][6], "leaf's parent id is mid's id");
+    assert_eq!(lines[2][7], "-");
+
+    // A refused control command fails the write and leaves its reply on the handle.
+    let mut c = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(mnt.join("control"))
+        .unwrap();
+    let e = c.write(b"merge leaf.vhd base.vhd\n").unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EOPNOTSUPP), "{e}");
+    let mut reply = String::new();
+    c.seek(SeekFrom::Start(0)).unwrap();
+    c.read_to_string(&mut reply).unwrap();
+    assert!(reply.contains("ReturnValue=32770"), "{reply}");
+    assert!(reply.contains("ErrorDescription="), "{reply}");
+    let e = c.write(b"frobnicate\n").unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EINVAL));
+    drop(c);
+    // Writes to disk.raw of a read-only mount are refused.
+    let e = std::fs::OpenOptions::new()
+        .write(true)
+        .open(mnt.join("disk.raw"))
+        .unwrap_err();
+    assert!(
+        matches!(e.raw_os_error(), Some(libc::EROFS) | Some(libc::EACCES)),
+        "{e}"
+    );
+
+    chainfs_ok(&["umount", p(&mnt)]);
+    assert!(!is_mounted(&mnt));
+    drop(g);
+}
+
+#[test]
+fn reads_of_any_size_and_alignment_match_the_model() {
+    if !require_fuse() {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let (leaf, model) = three_layers(t.path());
+    let mnt = t.path().join("mnt");
+    let _g = mount(&leaf, &mnt, &[]);
+    // O_DIRECT-free reads through the page cache and pread at odd places.
+    let f = std::fs::File::open(mnt.join("disk.raw")).unwrap();
+    let size = model.len() as u64;
+    let mut rng = Rng(99);
+    let mut cases: Vec<(u64, usize)> = vec![
+        (0, 1),
+        (511, 2),
+        (512 * 1024 - 1, 2),          // block boundary
+        ((512 << 10) - 100, 300_000), // straddles blocks
+        (size - 1, 1),
+        (size - 4096, 4096),
+        (size - 10, 100), // over the end: short
+        (size, 10),       // at the end: nothing
+        (12345, 3 << 20),
+    ];
+    for _ in 0..300 {
+        let off = rng.below(size);
+        let max = if rng.below(4) == 0 { 2 << 20 } else { 9000 };
+        let len = 1 + rng.below(max) as usize;
+        cases.push((off, len));
+    }
+    for (off, len) in cases {
+        let mut buf = vec![0xAAu8; len];
+        let mut got = 0;
+        while got < len {
+            let n = f.read_at(&mut buf[got..], off + got as u64).unwrap();
+            if n == 0 {
+                break;
+            }
+            got += n;
+        }
+        let want_len = (size.saturating_sub(off) as usize).min(len);
+        assert_eq!(got, want_len, "read of {len} at {off}");
+        assert!(
+            buf[..got] == model[off as usize..off as usize + got],
+            "bytes differ for read of {len} at {off}"
+        );
+    }
+}
+
+#[test]
+fn mount_errors_are_clear() {
+    if !require_fuse() {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let (leaf, _) = three_layers(t.path());
+
+    let missing = t.path().join("nope");
+    let o = chainfs(&["mount", p(&leaf), p(&missing)]);
+    assert_eq!(o.status.code(), Some(4), "{o:?}");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("nope"));
+
+    let full = t.path().join("full");
+    std::fs::create_dir(&full).unwrap();
+    std::fs::write(full.join("x"), b"x").unwrap();
+    let o = chainfs(&["mount", p(&leaf), p(&full)]);
+    assert_eq!(o.status.code(), Some(9), "{o:?}");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("not empty"));
+
+    let mnt = t.path().join("mnt");
+    let _g = mount(&leaf, &mnt, &[]);
+    let o = chainfs(&["mount", p(&leaf), p(&mnt)]);
+    assert_eq!(o.status.code(), Some(7), "{o:?}");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("already a mount point"));
+
+    // A chain that does not open gives the same error as `info`.
+    let orphan = t.path().join("orphan");
+    std::fs::create_dir(&orphan).unwrap();
+    let gone = orphan.join("gone.vhd");
+    chainfs_ok(&["create", p(&gone), "--size", "1M"]);
+    chainfs_ok(&["create", p(&orphan.join("leaf.vhd")), "--parent", p(&gone)]);
+    std::fs::remove_file(&gone).unwrap();
+    let m2 = t.path().join("m2");
+    std::fs::create_dir(&m2).unwrap();
+    let _g2 = MountGuard::new(&m2);
+    let info = chainfs(&["info", p(&orphan.join("leaf.vhd"))]);
+    let o = chainfs(&["mount", p(&orphan.join("leaf.vhd")), p(&m2)]);
+    assert_eq!(o.status.code(), Some(4), "{o:?}");
+    assert_eq!(o.status.code(), info.status.code());
+    assert_eq!(o.stderr, info.stderr);
+    assert!(!is_mounted(&m2));
+
+    let o = chainfs(&["mount", p(&leaf), p(&m2), "-o", "bogus"]);
+    assert_eq!(o.status.code(), Some(9));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("bogus"));
+}
+
+#[test]
+fn locks_keep_writers_exclusive_and_readers_shared() {
+    if !require_fuse() {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let (leaf, _) = three_layers(t.path());
+    let a = t.path().join("a");
+    let b = t.path().join("b");
+    let ga = mount(&leaf, &a, &["-o", "ro"]);
+    let gb = mount(&leaf, &b, &["-o", "ro"]); // read-only mounts share
+    std::fs::write(t.path().join("x"), [1u8; 512]).unwrap();
+    let o = chainfs(&[
+        "write",
+        p(&leaf),
+        "--offset",
+        "0",
+        "--input",
+        p(&t.path().join("x")),
+    ]);
+    assert_eq!(o.status.code(), Some(7), "a writer must be refused: {o:?}");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("in use"));
+    chainfs_ok(&["umount", p(&b)]);
+    drop(gb);
+    let c = t.path().join("c");
+    std::fs::create_dir(&c).unwrap();
+    let o = chainfs(&["mount", p(&leaf), p(&c), "-o", "rw"]);
+    assert_eq!(o.status.code(), Some(7), "rw mount while mounted ro: {o:?}");
+    chainfs_ok(&["umount", p(&a)]);
+    drop(ga);
+    // Released: a writable mount now works, and excludes everyone else.
+    let gc = mount(&leaf, &c, &["-o", "rw"]);
+    let o = chainfs(&["mount", p(&leaf), p(&b)]);
+    assert_eq!(o.status.code(), Some(7), "ro mount while mounted rw: {o:?}");
+    // Plain fusermount3 -u also ends the daemon and releases the chain.
+    let st = Command::new("fusermount3")
+        .arg("-u")
+        .arg(&c)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    drop(gc);
+    wait_for("the daemon to release the leaf", || {
+        chainfs(&[
+            "write",
+            p(&leaf),
+            "--offset",
+            "0",
+            "--input",
+            p(&t.path().join("x")),
+        ])
+        .status
+        .success()
+    });
+}
+
+#[test]
+fn sigterm_unmounts_cleanly() {
+    if !require_fuse() {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let (leaf, model) = three_layers(t.path());
+    let mnt = t.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let _g = MountGuard::new(&mnt);
+    for sig in [libc::SIGTERM, libc::SIGINT] {
+        let mut child = Command::new(bin())
+            .args(["mount", "-f", p(&leaf), p(&mnt)])
+            .spawn()
+            .unwrap();
+        wait_for("the foreground mount", || is_mounted(&mnt));
+        assert_eq!(
+            std::fs::read(mnt.join("disk.raw")).unwrap().len(),
+            model.len()
+        );
+        unsafe { libc::kill(child.id() as i32, sig) };
+        let start = Instant::now();
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            if start.elapsed() > Duration::from_secs(10) {
+                let _ = child.kill();
+                panic!("daemon did not exit on signal {sig}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(status.success(), "daemon exit status {status}");
+        assert!(!is_mounted(&mnt), "still mounted after signal {sig}");
+    }
+}
+
+/// Run a command, insisting on success.
+fn run(cmd: &mut Command) -> String {
+    let o = cmd.output().unwrap();
+    assert!(
+        o.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Put the 4 KiB blocks that differ between `old` and `new` into `layer`.
+fn write_changes(layer: &Path, old: &[u8], new: &[u8], scratch: &Path) -> usize {
+    let mut changed = 0;
+    let mut i = 0;
+    while i < new.len() {
+        if old[i..i + 4096] == new[i..i + 4096] {
+            i += 4096;
+            continue;
+        }
+        let start = i;
+        while i < new.len() && old[i..i + 4096] != new[i..i + 4096] {
+            i += 4096;
+        }
+        std::fs::write(scratch, &new[start..i]).unwrap();
+        chainfs_ok(&[
+            "write",
+            p(layer),
+            "--offset",
+            &start.to_string(),
+            "--input",
+            p(scratch),
+        ]);
+        changed += i - start;
+    }
+    changed
+}
+
+/// Files written into the guest filesystem at each stage: (name, bytes).
+fn stage_files(stage: u64) -> Vec<(String, Vec<u8>)> {
+    let mut rng = Rng(1000 + stage);
+    (0..5)
+        .map(|i| {
+            let len = 1 + rng.below(600_000) as usize;
+            (format!("stage{stage}-file{i}.bin"), rng.bytes(len))
+        })
+        .collect()
+}
+
+fn loop_mounted_partition_holds_files_written_in_every_layer(label: &str) {
+    if !require_fuse() || !require_loop() {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let raw = t.path().join("work.raw");
+    let size: usize = 64 << 20;
+    std::fs::File::create(&raw)
+        .unwrap()
+        .set_len(size as u64)
+        .unwrap();
+    let mut sf = Command::new("sfdisk");
+    sf.arg("--quiet")
+        .arg(&raw)
+        .stdin(std::process::Stdio::piped());
+    let mut child = sf.spawn().unwrap();
+    let table = format!("label: {label}\nstart=2048, type=linux\n");
+    let table = if label == "gpt" {
+        table.replace("type=linux", "type=0FC63DAF-8483-4772-8E79-3D69D8477DE4")
+    } else {
+        table.replace("type=linux", "type=83")
+    };
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(table.as_bytes())
+        .unwrap();
+    assert!(child.wait().unwrap().success(), "sfdisk");
+
+    // Build the guest disk in three stages; each stage's changed blocks go
+    // into the next layer of the chain.
+    let layers = ["base.vhd", "mid.vhd", "leaf.vhd"];
+    let mut prev = vec![0u8; size];
+    let mut expected: Vec<(String, Vec<u8>)> = Vec::new();
+    let guest = t.path().join("guest");
+    for (stage, name) in layers.iter().enumerate() {
+        {
+            let lo = LoopGuard::attach(&raw, false, true);
+            if stage == 0 {
+                run(Command::new("mkfs.ext4").args(["-q", "-F", "-b", "4096", &lo.partition(1)]));
+            }
+            let _m = KernelMount::mount(&lo.partition(1), &guest, "rw");
+            for (n, data) in stage_files(stage as u64) {
+                std::fs::write(guest.join(&n), &data).unwrap();
+                expected.push((n, data));
+            }
+            if stage == 2 {
+                // Overwrite a file from the base stage: the leaf shadows it.
+                let (n, _) = expected[0].clone();
+                let data = Rng(77).bytes(200_000);
+                std::fs::write(guest.join(&n), &data).unwrap();
+                expected[0].1 = data;
+            }
+            run(&mut Command::new("sync"));
+        }
+        let now = std::fs::read(&raw).unwrap();
+        let layer = t.path().join(name);
+        if stage == 0 {
+            chainfs_ok(&["create", p(&layer), "--size", "64M"]);
+        } else {
+            chainfs_ok(&[
+                "create",
+                p(&layer),
+                "--parent",
+                p(&t.path().join(layers[stage - 1])),
+            ]);
+        }
+        let n = write_changes(&layer, &prev, &now, &t.path().join("scratch"));
+        assert!(n > 0, "stage {stage} changed nothing");
+        prev = now;
+    }
+
+    let mnt = t.path().join("mnt");
+    let _g = mount(&t.path().join("leaf.vhd"), &mnt, &[]);
+    assert!(std::fs::read(mnt.join("disk.raw")).unwrap() == prev);
+    let lo = LoopGuard::attach(&mnt.join("disk.raw"), true, true);
+    wait_for("the partition device", || {
+        Path::new(&lo.partition(1)).exists()
+    });
+    let inside = t.path().join("inside");
+    let km = KernelMount::mount(&lo.partition(1), &inside, "ro");
+    for (n, data) in &expected {
+        let got = std::fs::read(inside.join(n)).unwrap();
+        assert!(got == *data, "{n} differs inside the loop-mounted chain");
+    }
+    drop(km);
+    drop(lo);
+}
+
+#[test]
+fn loop_mount_mbr_partitioned_ext4() {
+    loop_mounted_partition_holds_files_written_in_every_layer("dos");
+}
+
+#[test]
+fn loop_mount_gpt_partitioned_ext4() {
+    loop_mounted_partition_holds_files_written_in_every_layer("gpt");
+}
