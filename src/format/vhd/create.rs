@@ -123,7 +123,7 @@ fn write_dynamic(
         let child_dir = absolute_dir(path)?;
         let rel = windows_relative(&child_dir, &abs);
         let abs_s = abs.to_string_lossy().into_owned();
-        for (i, (code, text)) in [(PLAT_W2KU, abs_s.clone()), (PLAT_W2RU, rel)]
+        for (i, (code, text)) in [(PLAT_W2KU, abs_s), (PLAT_W2RU, rel)]
             .into_iter()
             .enumerate()
         {
@@ -144,14 +144,13 @@ fn write_dynamic(
             .ok()
             .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
             .map_or(0, |d| d.as_secs().saturating_sub(VHD_EPOCH) as u32);
-        // Windows stores the full path; readers that use the name take its
-        // basename, so fall back to that when the path is too long.
-        parent_name = if abs_s.encode_utf16().count() <= 256 {
-            abs_s
-        } else {
-            abs.file_name()
-                .map_or(String::new(), |n| n.to_string_lossy().into_owned())
-        };
+        // Windows stores its full `C:\...` path here; libvhdi strips only
+        // `\` folders from it and looks in the child's folder, so a Unix
+        // path would send it astray: store the file name, as VirtualBox
+        // does. The locators above carry the full paths.
+        parent_name = abs
+            .file_name()
+            .map_or(String::new(), |n| n.to_string_lossy().into_owned());
     }
     let table_offset = next.next_multiple_of(4096);
     let bat_bytes = (entries as u64 * 4).next_multiple_of(SECTOR);
