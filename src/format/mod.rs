@@ -156,6 +156,52 @@ pub trait Layer: Send + Sync {
 
     /// Structural problems of this file alone, one message per problem.
     fn check(&self) -> Result<Vec<String>>;
+
+    /// Change this process's advisory lock on the file.
+    fn set_lock(&self, mode: LockMode) -> Result<()>;
+
+    /// Make this differencing layer's parent `parent` (merges), crash-safely.
+    fn set_parent(&self, parent: &dyn Layer) -> Result<()>;
+}
+
+/// The advisory (`flock`) lock a process holds on a layer file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LockMode {
+    Unlocked,
+    /// Readers: any number of processes.
+    Shared,
+    /// A writer: nobody else, not even readers.
+    Exclusive,
+}
+
+/// Take or change the lock on `file`, never waiting: a conflict is a
+/// `Busy` error naming the file.
+pub fn lock_file(file: &File, path: &Path, mode: LockMode) -> Result<()> {
+    let op = match mode {
+        LockMode::Unlocked => libc::LOCK_UN,
+        LockMode::Shared => libc::LOCK_SH | libc::LOCK_NB,
+        LockMode::Exclusive => libc::LOCK_EX | libc::LOCK_NB,
+    };
+    // SAFETY: flock on a file descriptor we own; no memory is involved.
+    if unsafe { libc::flock(file.as_raw_fd(), op) } == 0 {
+        return Ok(());
+    }
+    let e = std::io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        return Err(Error::new(
+            ErrorKind::Busy,
+            format!(
+                "{}: in use: {}",
+                path.display(),
+                if mode == LockMode::Exclusive {
+                    "another process has it open (a chainfs mount, merge or write)"
+                } else {
+                    "another process is writing to it (a writable chainfs mount, merge or write)"
+                }
+            ),
+        ));
+    }
+    Err(Error::io(path, "cannot lock", None, e))
 }
 
 /// How to open one layer.
@@ -188,30 +234,15 @@ pub(crate) fn open_file(path: &Path, writable: bool) -> Result<File> {
         .write(writable)
         .open(path)
         .ctx(path, "cannot open", None)?;
-    let op = if writable {
-        libc::LOCK_EX
-    } else {
-        libc::LOCK_SH
-    };
-    // SAFETY: flock on a file descriptor we own; no memory is involved.
-    if unsafe { libc::flock(f.as_raw_fd(), op | libc::LOCK_NB) } != 0 {
-        let e = std::io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-            return Err(Error::new(
-                ErrorKind::Busy,
-                format!(
-                    "{}: in use: {}",
-                    path.display(),
-                    if writable {
-                        "another process has it open (a chainfs mount, merge or write)"
-                    } else {
-                        "another process is writing to it (a writable chainfs mount, merge or write)"
-                    }
-                ),
-            ));
-        }
-        return Err(Error::io(path, "cannot lock", None, e));
-    }
+    lock_file(
+        &f,
+        path,
+        if writable {
+            LockMode::Exclusive
+        } else {
+            LockMode::Shared
+        },
+    )?;
     let md = f.metadata().ctx(path, "cannot stat", None)?;
     if !md.is_file() {
         return Err(Error::new(

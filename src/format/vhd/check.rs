@@ -21,9 +21,9 @@ pub(super) fn check(l: &VhdLayer) -> Result<Vec<String>> {
         }
         _ => {}
     }
-    let Some(h) = l.header.as_ref() else {
+    if l.header.is_none() {
         return Ok(problems);
-    };
+    }
     let mut copy = [0u8; FOOTER_SIZE];
     l.file
         .read_exact_at(&mut copy, 0)
@@ -33,26 +33,27 @@ pub(super) fn check(l: &VhdLayer) -> Result<Vec<String>> {
             "{path}: at offset 0x0: footer copy differs from the footer at {tail:#x}"
         ));
     }
+    let data_offset = l.footer.lock().data_offset;
     let hb = {
         let mut b = [0u8; HEADER_SIZE];
-        l.file.read_exact_at(&mut b, l.footer.data_offset).ctx(
+        l.file.read_exact_at(&mut b, data_offset).ctx(
             &l.path,
             "cannot read dynamic header",
-            Some(l.footer.data_offset),
+            Some(data_offset),
         )?;
         b
     };
     if let Err(e) = DynamicHeader::parse(&hb, true) {
-        problems
-            .push(Error::format(&l.path, l.footer.data_offset, "dynamic header", e).to_string());
+        problems.push(Error::format(&l.path, data_offset, "dynamic header", e).to_string());
     }
+    let h = &l.current_header()?;
 
     // Metadata regions no block may overlap: [start, end, name].
     let mut meta: Vec<(u64, u64, String)> = vec![
         (0, FOOTER_SIZE as u64, "footer copy".into()),
         (
-            l.footer.data_offset,
-            l.footer.data_offset + HEADER_SIZE as u64,
+            data_offset,
+            data_offset + HEADER_SIZE as u64,
             "dynamic header".into(),
         ),
         (
@@ -69,7 +70,7 @@ pub(super) fn check(l: &VhdLayer) -> Result<Vec<String>> {
         if end > tail || loc.data_len > MAX_LOCATOR_LEN {
             problems.push(format!(
                 "{path}: at offset {:#x}: parent locator {i} ({}) data {:#x}+{} lies outside the file",
-                l.footer.data_offset + 576 + i as u64 * 24,
+                data_offset + 576 + i as u64 * 24,
                 code_name(loc.code),
                 loc.data_offset,
                 loc.data_len

@@ -119,38 +119,18 @@ fn write_dynamic(
     let mut blobs: Vec<(u64, Vec<u8>)> = Vec::new();
     let (mut parent_id, mut parent_timestamp, mut parent_name) = (Uuid::nil(), 0, String::new());
     if let Some(p) = parent {
-        let abs = std::fs::canonicalize(p.path).ctx(p.path, "cannot resolve", None)?;
-        let child_dir = absolute_dir(path)?;
-        let rel = windows_relative(&child_dir, &abs);
-        let abs_s = abs.to_string_lossy().into_owned();
-        for (i, (code, text)) in [(PLAT_W2KU, abs_s), (PLAT_W2RU, rel)]
-            .into_iter()
-            .enumerate()
-        {
-            let data = encode_utf16le(&text);
-            let space = (data.len() as u64).next_multiple_of(SECTOR).max(SECTOR);
+        let (locs, data, name, ts) = parent_fields(path, p.path)?;
+        for (i, d) in data.into_iter().enumerate() {
             locators[i] = Locator {
-                code,
-                data_space: space as u32,
-                data_len: data.len() as u32,
                 data_offset: next,
+                ..locs[i]
             };
-            blobs.push((next, data));
-            next += space;
+            next += locs[i].data_space as u64;
+            blobs.push((locators[i].data_offset, d));
         }
         parent_id = p.unique_id;
-        parent_timestamp = std::fs::metadata(p.path)
-            .and_then(|m| m.modified())
-            .ok()
-            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-            .map_or(0, |d| d.as_secs().saturating_sub(VHD_EPOCH) as u32);
-        // Windows stores its full `C:\...` path here; libvhdi strips only
-        // `\` folders from it and looks in the child's folder, so a Unix
-        // path would send it astray: store the file name, as VirtualBox
-        // does. The locators above carry the full paths.
-        parent_name = abs
-            .file_name()
-            .map_or(String::new(), |n| n.to_string_lossy().into_owned());
+        parent_timestamp = ts;
+        parent_name = name;
     }
     let table_offset = next.next_multiple_of(4096);
     let bat_bytes = (entries as u64 * 4).next_multiple_of(SECTOR);
@@ -184,6 +164,48 @@ fn write_dynamic(
     let footer_at = table_offset + bat_bytes;
     f.write_all_at(&fb, footer_at)
         .ctx(path, "cannot write footer", Some(footer_at))
+}
+
+/// The parent-naming fields of a child at `child` whose parent is `parent`:
+/// the locators (W2ku absolute, W2ru relative; offsets left 0), their data,
+/// the header's parent name, and the parent's modification time stamp.
+pub fn parent_fields(
+    child: &Path,
+    parent: &Path,
+) -> Result<([Locator; 8], Vec<Vec<u8>>, String, u32)> {
+    let abs = std::fs::canonicalize(parent).ctx(parent, "cannot resolve", None)?;
+    let child_dir = absolute_dir(child)?;
+    let rel = windows_relative(&child_dir, &abs);
+    let abs_s = abs.to_string_lossy().into_owned();
+    let mut locators = [Locator::default(); 8];
+    let mut blobs = Vec::new();
+    for (i, (code, text)) in [(PLAT_W2KU, abs_s), (PLAT_W2RU, rel)]
+        .into_iter()
+        .enumerate()
+    {
+        let data = encode_utf16le(&text);
+        let space = (data.len() as u64).next_multiple_of(SECTOR).max(SECTOR);
+        locators[i] = Locator {
+            code,
+            data_space: space as u32,
+            data_len: data.len() as u32,
+            data_offset: 0,
+        };
+        blobs.push(data);
+    }
+    let timestamp = std::fs::metadata(parent)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_secs().saturating_sub(VHD_EPOCH) as u32);
+    // Windows stores its full `C:\...` path here; libvhdi strips only `\`
+    // folders from it and looks in the child's folder, so a Unix path would
+    // send it astray: store the file name, as VirtualBox does. The locators
+    // carry the full paths.
+    let name = abs
+        .file_name()
+        .map_or(String::new(), |n| n.to_string_lossy().into_owned());
+    Ok((locators, blobs, name, timestamp))
 }
 
 fn absolute_dir(path: &Path) -> Result<PathBuf> {

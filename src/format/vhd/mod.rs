@@ -15,27 +15,35 @@
 //!
 //! Writing (the safety argument, in write order):
 //! 1. A new block goes past the current footer, leaving the old footer in
-//!    place, its data 4 KiB aligned: bitmap (bits for the sectors written
-//!    only) and data are written first.
-//! 2. The footer is written at the new end of file, then `fdatasync`: the
-//!    file is now longer and still describes exactly the old content, since
-//!    no BAT entry points at the new block.
-//! 3. The BAT entry is written; only now do reads see the block. A crash
-//!    before this leaks space and loses nothing.
-//! 4. The old footer, now inside padding, is zeroed.
+//!    place (it becomes padding), its data 4 KiB aligned: bitmap (bits for
+//!    the sectors written only) and data are written, then the footer at the
+//!    new end of file. The block's BAT entry is kept in memory (`pending`),
+//!    where reads of this layer find it.
+//! 2. `flush()` makes it durable: `fdatasync` (data, bitmaps, footer), then
+//!    the pending BAT entries are written, then `fsync`. A BAT entry thus
+//!    never reaches the disk before the block it points to; a crash before
+//!    the flush loses only unflushed writes and leaks space.
+//! 3. If a crash leaves the end of the file without a footer (the file grew
+//!    but the footer did not land), the footer copy at offset 0 describes the
+//!    same file; the next writable open appends a fresh footer.
 //!
 //! Writes into an existing block write the data first and then set the
 //! bitmap bits, so a crash in between leaves the sectors reading as before.
+//!
+//! Relinking a child to a new parent (merges) writes a new dynamic header
+//! and locator data past the end of the file, syncs, and only then moves
+//! the footer (one sector) to point at it: the switch is one sector write.
 
 pub mod create;
 mod structs;
 
 pub use structs::*;
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock};
@@ -43,11 +51,14 @@ use parking_lot::{Mutex, RwLock};
 use crate::cache::{new_layer_key, Key, MetaCache, Table};
 use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::format::{
-    DiskType, Extent, Format, Layer, LayerInfo, LayerOptions, ParentHint, ParentLink,
+    lock_file, DiskType, Extent, Format, Layer, LayerInfo, LayerOptions, LockMode, ParentHint,
+    ParentLink,
 };
 
 /// BAT entries per cached page (4 KiB of table).
 const BAT_PAGE_ENTRIES: u64 = 1024;
+/// Allocations kept pending before a flush is forced.
+const MAX_PENDING: usize = 4096;
 /// Locator data larger than this is not a path.
 const MAX_LOCATOR_LEN: u32 = 64 * 1024;
 
@@ -75,11 +86,21 @@ pub struct VhdLayer {
     path: PathBuf,
     file: File,
     writable: bool,
-    footer: Footer,
+    /// The current footer (its data offset moves when relinking).
+    footer: Mutex<Footer>,
+    size: u64,
+    disk_type: u32,
+    unique_id: uuid::Uuid,
+    creator: String,
     /// Why the trailing footer was not used, if the offset-0 copy was.
     footer_problem: Option<String>,
+    /// The dynamic header as opened; its parent fields may be stale after a
+    /// relink (see `parent`), its table geometry never is.
     header: Option<DynamicHeader>,
-    parent: Option<ParentLink>,
+    parent: RwLock<Option<ParentLink>>,
+    /// Blocks allocated since the last flush: block -> BAT entry.
+    pending: RwLock<HashMap<u64, u32>>,
+    n_pending: AtomicUsize,
     cache: Arc<MetaCache>,
     key: u64,
     block_size: u64,
@@ -125,9 +146,15 @@ impl VhdLayer {
             path: path.to_path_buf(),
             file,
             writable: opts.writable,
+            size: footer.current_size,
+            disk_type: footer.disk_type,
+            unique_id: footer.unique_id,
+            creator: footer.creator(),
             footer_problem,
             header: None,
-            parent: None,
+            parent: RwLock::new(None),
+            pending: RwLock::new(HashMap::new()),
+            n_pending: AtomicUsize::new(0),
             cache: opts.cache.clone(),
             key: new_layer_key(),
             block_size: 0,
@@ -135,16 +162,16 @@ impl VhdLayer {
             data_end: AtomicU64::new(tail_off),
             meta: RwLock::new(()),
             alloc: Mutex::new(()),
-            footer,
+            footer: Mutex::new(footer.clone()),
         };
-        if layer.footer.disk_type == TYPE_FIXED {
-            if tail_off < layer.footer.current_size {
+        if footer.disk_type == TYPE_FIXED {
+            if tail_off < footer.current_size {
                 return Err(Error::corrupt(
                     path,
                     tail_off,
                     format!(
                         "fixed VHD is truncated: {} bytes of data before the footer, current size is {}",
-                        tail_off, layer.footer.current_size
+                        tail_off, footer.current_size
                     ),
                 ));
             }
@@ -157,12 +184,34 @@ impl VhdLayer {
             )));
         }
         layer.open_dynamic(tail_off, verify)?;
+        if opts.writable && layer.footer_problem.is_some() {
+            layer.repair_footer(len)?;
+        }
         Ok(layer)
+    }
+
+    /// A writable open of a file whose end lacks a valid footer (a crash
+    /// while it grew): append the footer copy at the end. Nothing is
+    /// overwritten: whatever lies past the last referenced block is unused.
+    fn repair_footer(&mut self, len: u64) -> Result<()> {
+        let at = len.next_multiple_of(SECTOR);
+        let f = self.footer.lock().to_bytes();
+        self.file
+            .write_all_at(&f, at)
+            .ctx(&self.path, "cannot write footer", Some(at))?;
+        self.file.sync_all().ctx(&self.path, "cannot fsync", None)?;
+        log::warn!(
+            "{}: appended a footer at {at:#x} (the end of the file had none)",
+            self.path.display()
+        );
+        self.data_end.store(at, Ordering::Release);
+        self.footer_problem = None;
+        Ok(())
     }
 
     fn open_dynamic(&mut self, tail_off: u64, verify: bool) -> Result<()> {
         let path = self.path.clone();
-        let ho = self.footer.data_offset;
+        let ho = self.footer.lock().data_offset;
         if ho
             .checked_add(HEADER_SIZE as u64)
             .is_none_or(|e| e > tail_off)
@@ -180,14 +229,14 @@ impl VhdLayer {
         let h = DynamicHeader::parse(&hb, verify)
             .map_err(|e| Error::format(&path, ho, "dynamic header", e))?;
         let bs = h.block_size as u64;
-        let needed = self.footer.current_size.div_ceil(bs);
+        let needed = self.size.div_ceil(bs);
         if (h.max_table_entries as u64) < needed {
             return Err(Error::corrupt(
                 &path,
                 ho + 28,
                 format!(
                     "BAT has {} entries but the virtual size {} needs {needed} blocks of {bs} bytes",
-                    h.max_table_entries, self.footer.current_size
+                    h.max_table_entries, self.size
                 ),
             ));
         }
@@ -204,8 +253,8 @@ impl VhdLayer {
         }
         self.block_size = bs;
         self.bitmap_size = bitmap_bytes(h.block_size);
-        if self.footer.disk_type == TYPE_DIFFERENCING {
-            self.parent = Some(self.parent_link(&h, tail_off));
+        if self.disk_type == TYPE_DIFFERENCING {
+            *self.parent.get_mut() = Some(self.parent_link(&h, tail_off));
         }
         self.header = Some(h);
         Ok(())
@@ -266,12 +315,8 @@ impl VhdLayer {
         decode_locator(l.code, &data)
     }
 
-    pub fn footer(&self) -> &Footer {
-        &self.footer
-    }
-
-    pub fn header(&self) -> Option<&DynamicHeader> {
-        self.header.as_ref()
+    pub fn footer(&self) -> Footer {
+        self.footer.lock().clone()
     }
 
     fn bat_key(&self, page: u64) -> Key {
@@ -306,6 +351,11 @@ impl VhdLayer {
         let h = self.header.as_ref().expect("dynamic layer");
         if block >= h.max_table_entries as u64 {
             return Ok(UNALLOCATED);
+        }
+        if self.n_pending.load(Ordering::Acquire) > 0 {
+            if let Some(e) = self.pending.read().get(&block) {
+                return Ok(*e);
+            }
         }
         let page = block / BAT_PAGE_ENTRIES;
         let buf = self.cache.get_or_load(self.bat_key(page), &self.meta, || {
@@ -387,59 +437,137 @@ impl VhdLayer {
     /// Allocate `block` holding `data` at `in_off`; see the module docs for
     /// why this order is safe. Called with `alloc` held.
     fn allocate_block(&self, block: u64, in_off: u64, data: &[u8]) -> Result<()> {
-        let h = self.header.as_ref().expect("dynamic layer");
         let old_footer = self.data_end.load(Ordering::Acquire);
         let data_start =
             (old_footer + FOOTER_SIZE as u64 + self.bitmap_size).next_multiple_of(4096);
         let start = data_start - self.bitmap_size;
+        let sector = u32::try_from(start / SECTOR).map_err(|_| {
+            Error::new(
+                ErrorKind::Unsupported,
+                format!(
+                    "{}: file would grow past the 2 TiB a VHD BAT can address",
+                    self.path.display()
+                ),
+            )
+        })?;
         let mut bm = vec![0u8; self.bitmap_size as usize];
         set_bits(&mut bm, in_off / SECTOR, data.len() as u64 / SECTOR);
         let p = &self.path;
+        crate::fault::point()?;
         self.file
             .write_all_at(&bm, start)
             .ctx(p, "cannot write sector bitmap", Some(start))?;
+        crate::fault::point()?;
         self.file.write_all_at(data, data_start + in_off).ctx(
             p,
             "cannot write data",
             Some(data_start + in_off),
         )?;
         let new_footer = data_start + self.block_size;
+        crate::fault::point()?;
         self.file
-            .write_all_at(&self.footer.to_bytes(), new_footer)
+            .write_all_at(&self.footer.lock().to_bytes(), new_footer)
             .ctx(p, "cannot write footer", Some(new_footer))?;
-        self.file
-            .sync_data()
-            .ctx(p, "cannot flush new block", None)?;
-        {
-            let _w = self.meta.write();
-            let bat_off = h.table_offset + block * 4;
-            let sector = u32::try_from(start / SECTOR).map_err(|_| {
-                Error::new(
-                    ErrorKind::Unsupported,
-                    format!(
-                        "{}: file grew past the 2 TiB a VHD BAT can address",
-                        p.display()
-                    ),
-                )
-            })?;
-            self.file.write_all_at(&sector.to_be_bytes(), bat_off).ctx(
-                p,
-                "cannot write BAT entry",
-                Some(bat_off),
-            )?;
-            self.data_end.store(new_footer, Ordering::Release);
-            let page = block / BAT_PAGE_ENTRIES;
-            if let Some(old) = self.cache.get(&self.bat_key(page)) {
-                let mut np = old.to_vec();
-                let i = ((block % BAT_PAGE_ENTRIES) * 4) as usize;
-                np[i..i + 4].copy_from_slice(&sector.to_be_bytes());
-                self.cache.insert(self.bat_key(page), np.into());
-            }
-            self.cache.insert(self.bitmap_key(block), bm.into());
+        self.data_end.store(new_footer, Ordering::Release);
+        self.cache.insert(self.bitmap_key(block), bm.into());
+        self.pending.write().insert(block, sector);
+        let n = self.n_pending.fetch_add(1, Ordering::AcqRel) + 1;
+        if n >= MAX_PENDING {
+            self.flush_locked()?;
         }
+        Ok(())
+    }
+
+    /// Make every write durable: data first, then the BAT entries that
+    /// point at new blocks, then everything. Called with `alloc` held.
+    fn flush_locked(&self) -> Result<()> {
+        let p = &self.path;
+        if self.n_pending.load(Ordering::Acquire) > 0 {
+            let h = self.header.as_ref().expect("dynamic layer");
+            crate::fault::point()?;
+            self.file.sync_data().ctx(p, "cannot fsync data", None)?;
+            let mut entries: Vec<(u64, u32)> =
+                self.pending.read().iter().map(|(b, e)| (*b, *e)).collect();
+            entries.sort_unstable();
+            let _w = self.meta.write();
+            for (block, sector) in &entries {
+                let off = h.table_offset + block * 4;
+                crate::fault::point()?;
+                self.file.write_all_at(&sector.to_be_bytes(), off).ctx(
+                    p,
+                    "cannot write BAT entry",
+                    Some(off),
+                )?;
+                let page = block / BAT_PAGE_ENTRIES;
+                if let Some(old) = self.cache.get(&self.bat_key(page)) {
+                    let mut np = old.to_vec();
+                    let i = ((block % BAT_PAGE_ENTRIES) * 4) as usize;
+                    np[i..i + 4].copy_from_slice(&sector.to_be_bytes());
+                    self.cache.insert(self.bat_key(page), np.into());
+                }
+            }
+            self.pending.write().clear();
+            self.n_pending.store(0, Ordering::Release);
+        }
+        crate::fault::point()?;
+        self.file.sync_all().ctx(p, "cannot fsync", None)
+    }
+
+    /// Point this differencing layer at a new parent (merges): write a new
+    /// header and locators past the end, sync, then move the footer to them.
+    fn relink(&self, parent: &Path, parent_id: uuid::Uuid) -> Result<()> {
+        let p = &self.path;
+        let _a = self.alloc.lock();
+        self.flush_locked()?;
+        let old_h = self.header.as_ref().expect("differencing layer");
+        let (locators, blobs, name, timestamp) = create::parent_fields(p, parent)?;
+        let base =
+            (self.data_end.load(Ordering::Acquire) + FOOTER_SIZE as u64).next_multiple_of(4096);
+        let mut header = old_h.clone();
+        header.parent_id = parent_id;
+        header.parent_timestamp = timestamp;
+        header.parent_name = name;
+        header.locators = locators;
+        let mut next = base + HEADER_SIZE as u64;
+        for (i, data) in blobs.iter().enumerate() {
+            header.locators[i].data_offset = next;
+            crate::fault::point()?;
+            self.file
+                .write_all_at(data, next)
+                .ctx(p, "cannot write parent locator", Some(next))?;
+            next += header.locators[i].data_space as u64;
+        }
+        crate::fault::point()?;
+        self.file.write_all_at(&header.to_bytes(), base).ctx(
+            p,
+            "cannot write dynamic header",
+            Some(base),
+        )?;
+        crate::fault::point()?;
+        self.file.sync_data().ctx(p, "cannot fsync", None)?;
+        // The switch: a footer at the new end naming the new header. Until
+        // it lands, the old footer (or its copy at 0) names the old header.
+        let mut footer = self.footer.lock();
+        let mut nf = footer.clone();
+        nf.data_offset = base;
+        let end = next.next_multiple_of(SECTOR);
+        crate::fault::point()?;
         self.file
-            .write_all_at(&[0u8; FOOTER_SIZE], old_footer)
-            .ctx(p, "cannot clear old footer", Some(old_footer))?;
+            .write_all_at(&nf.to_bytes(), end)
+            .ctx(p, "cannot write footer", Some(end))?;
+        crate::fault::point()?;
+        self.file.sync_all().ctx(p, "cannot fsync", None)?;
+        crate::fault::point()?;
+        self.file
+            .write_all_at(&nf.to_bytes(), 0)
+            .ctx(p, "cannot write footer copy", Some(0))?;
+        crate::fault::point()?;
+        self.file.sync_all().ctx(p, "cannot fsync", None)?;
+        *footer = nf;
+        self.data_end.store(end, Ordering::Release);
+        let mut link = self.parent_link(&header, end);
+        link.id = parent_id;
+        *self.parent.write() = Some(link);
         Ok(())
     }
 
@@ -447,6 +575,19 @@ impl VhdLayer {
         self.header
             .as_ref()
             .map_or(0, |h| h.max_table_entries as u64)
+    }
+
+    /// The dynamic header as it is on disk now.
+    fn current_header(&self) -> Result<DynamicHeader> {
+        let ho = self.footer.lock().data_offset;
+        let mut hb = [0u8; HEADER_SIZE];
+        self.file.read_exact_at(&mut hb, ho).ctx(
+            &self.path,
+            "cannot read dynamic header",
+            Some(ho),
+        )?;
+        DynamicHeader::parse(&hb, false)
+            .map_err(|e| Error::format(&self.path, ho, "dynamic header", e))
     }
 }
 
@@ -458,22 +599,22 @@ impl Layer for VhdLayer {
     fn info(&self) -> LayerInfo {
         LayerInfo {
             format: Format::Vhd,
-            disk_type: match self.footer.disk_type {
+            disk_type: match self.disk_type {
                 TYPE_FIXED => DiskType::Fixed,
                 TYPE_DYNAMIC => DiskType::Dynamic,
                 _ => DiskType::Differencing,
             },
-            virtual_size: self.footer.current_size,
+            virtual_size: self.size,
             block_size: self.header.as_ref().map(|h| h.block_size as u64),
             sector_size: SECTOR as u32,
-            unique_id: self.footer.unique_id,
-            parent_id: self.parent.as_ref().map(|p| p.id),
-            creator: self.footer.creator(),
+            unique_id: self.unique_id,
+            parent_id: self.parent.read().as_ref().map(|p| p.id),
+            creator: self.creator.clone(),
         }
     }
 
     fn virtual_size(&self) -> u64 {
-        self.footer.current_size
+        self.size
     }
 
     fn sector_size(&self) -> u32 {
@@ -481,17 +622,17 @@ impl Layer for VhdLayer {
     }
 
     fn parent(&self) -> Option<ParentLink> {
-        self.parent.clone()
+        self.parent.read().clone()
     }
 
     fn map(&self, offset: u64, len: u64) -> Result<Extent> {
-        let size = self.footer.current_size;
+        let size = self.size;
         if offset >= size {
             // Past this layer's end (a smaller parent): zeros.
             return Ok(Extent::Zero { len });
         }
         let len = len.min(size - offset);
-        if self.footer.disk_type == TYPE_FIXED {
+        if self.disk_type == TYPE_FIXED {
             return Ok(Extent::Data {
                 file_offset: offset,
                 len,
@@ -500,7 +641,7 @@ impl Layer for VhdLayer {
         let block = offset / self.block_size;
         let in_off = offset % self.block_size;
         let len = len.min(self.block_size - in_off);
-        let diff = self.footer.disk_type == TYPE_DIFFERENCING;
+        let diff = self.disk_type == TYPE_DIFFERENCING;
         let entry = self.bat_entry(block)?;
         if entry == UNALLOCATED {
             return Ok(if diff {
@@ -537,8 +678,8 @@ impl Layer for VhdLayer {
     }
 
     fn allocated_bytes(&self) -> Result<u64> {
-        if self.footer.disk_type == TYPE_FIXED {
-            return Ok(self.footer.current_size);
+        if self.disk_type == TYPE_FIXED {
+            return Ok(self.size);
         }
         let mut n = 0;
         for b in 0..self.entries() {
@@ -561,13 +702,13 @@ impl Layer for VhdLayer {
             ));
         }
         let len = data.len() as u64;
-        if offset % SECTOR != 0 || len % SECTOR != 0 || offset + len > self.footer.current_size {
+        if offset % SECTOR != 0 || len % SECTOR != 0 || offset + len > self.size {
             return Err(Error::invalid(format!(
                 "{}: write of {len} bytes at {offset:#x} is not whole sectors inside the disk",
                 self.path.display()
             )));
         }
-        if self.footer.disk_type == TYPE_FIXED {
+        if self.disk_type == TYPE_FIXED {
             return self.file.write_all_at(data, offset).ctx(
                 &self.path,
                 "cannot write data",
@@ -587,10 +728,34 @@ impl Layer for VhdLayer {
     }
 
     fn flush(&self) -> Result<()> {
-        if self.writable {
-            self.file.sync_all().ctx(&self.path, "cannot fsync", None)?;
+        if !self.writable {
+            return Ok(());
         }
-        Ok(())
+        let _a = self.alloc.lock();
+        self.flush_locked()
+    }
+
+    fn set_lock(&self, mode: LockMode) -> Result<()> {
+        lock_file(&self.file, &self.path, mode)
+    }
+
+    fn set_parent(&self, parent: &dyn Layer) -> Result<()> {
+        if self.disk_type != TYPE_DIFFERENCING || !self.writable {
+            return Err(Error::new(
+                ErrorKind::InvalidState,
+                format!(
+                    "{}: only a differencing disk open for writing can be relinked",
+                    self.path.display()
+                ),
+            ));
+        }
+        if parent.info().format != Format::Vhd {
+            return Err(Error::unsupported(
+                &self.path,
+                "a VHD can only have a VHD parent",
+            ));
+        }
+        self.relink(parent.path(), parent.info().unique_id)
     }
 
     fn check(&self) -> Result<Vec<String>> {

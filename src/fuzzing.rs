@@ -1,0 +1,232 @@
+//! Bodies of the fuzz targets, one plain function per target, so that the
+//! cargo-fuzz crate in `fuzz/` stays a set of one-line wrappers and the
+//! ordinary test suite (`tests/fuzz_replay.rs`) can replay the corpus and
+//! every saved crash through exactly the same code on stable Rust.
+//!
+//! The rule for every function here: **errors are fine, panics are bugs.**
+//! Any input may be rejected with an `Err`; none may panic, hang, or make a
+//! layer answer with an extent that breaks the [`Layer`] contract. The
+//! contract checks below are `assert!`s on purpose: a broken contract (an
+//! empty extent, data outside the file) turns into a hang or a wrong read
+//! further up, so the fuzzer must see it as a crash.
+//!
+//! Work per input is bounded (steps, bytes read) so that an image claiming
+//! a 2 TiB disk of 512-byte blocks is walked in milliseconds, not hours.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::cache::MetaCache;
+use crate::format::vhd::{self, DynamicHeader, Footer};
+use crate::format::{open_layer, Extent, Layer, LayerOptions};
+
+/// At most this many `map()` calls in the sequential walk of one layer.
+const MAX_STEPS: u32 = 2048;
+/// At most this many bytes per `read_data()` call.
+const MAX_READ: u64 = 64 << 10;
+/// At most this many bytes read in total per opened layer.
+const READ_BUDGET: u64 = 2 << 20;
+
+/// `Footer::parse`, with and without checksum verification. A footer that
+/// parses must survive `to_bytes()` and parse back to the same value.
+pub fn vhd_footer(data: &[u8]) {
+    for verify in [true, false] {
+        let Ok(f) = Footer::parse(data, verify) else {
+            continue;
+        };
+        let again = Footer::parse(&f.to_bytes(), true).expect("to_bytes() of a parsed footer");
+        assert_eq!(again, f, "footer does not round-trip");
+        let _ = f.creator();
+        let _ = vhd::geometry(f.current_size);
+    }
+}
+
+/// `DynamicHeader::parse`, with and without checksum verification, plus
+/// the locator decoders on the same bytes. A header that parses must
+/// survive `to_bytes()` and parse back to the same value.
+pub fn vhd_header(data: &[u8]) {
+    for verify in [true, false] {
+        let Ok(h) = DynamicHeader::parse(data, verify) else {
+            continue;
+        };
+        let again =
+            DynamicHeader::parse(&h.to_bytes(), true).expect("to_bytes() of a parsed header");
+        assert_eq!(again, h, "dynamic header does not round-trip");
+        let _ = vhd::bitmap_bytes(h.block_size);
+        for l in &h.locators {
+            let _ = vhd::code_name(l.code);
+            // Decode some of the input as this locator's data.
+            let n = (l.data_len as usize).min(data.len());
+            let _ = vhd::decode_locator(l.code, &data[..n]);
+        }
+    }
+}
+
+/// A whole file: open it as one read-only layer (with and without checksum
+/// verification) and use everything a reader uses: `info()`, `parent()`,
+/// `map()` and `read_data()` over the virtual disk, the resolver,
+/// `check()` and `allocated_bytes()`.
+pub fn vhd_image(data: &[u8]) {
+    let Some(file) = ScratchFile::new(data) else {
+        return;
+    };
+    for ignore_checksums in [false, true] {
+        let opts = LayerOptions {
+            writable: false,
+            ignore_checksums,
+            cache: MetaCache::new(1 << 20),
+        };
+        if let Ok(layer) = open_layer(file.path(), &opts) {
+            exercise_layer(&layer, data.len() as u64);
+        }
+    }
+}
+
+/// Everything a read-only user of a layer may call, with the contract of
+/// [`Layer::map`] checked on every answer.
+fn exercise_layer(layer: &Arc<dyn Layer>, file_len: u64) {
+    let info = layer.info();
+    let size = layer.virtual_size();
+    assert_eq!(size, info.virtual_size);
+    assert!(layer.sector_size() > 0);
+    assert!(!layer.writable());
+    let _ = layer.parent();
+    let unit = info.block_size.unwrap_or(vhd::SECTOR).max(1);
+    let mut budget = READ_BUDGET;
+    let mut buf = vec![0u8; MAX_READ as usize];
+
+    // The sequential walk over the whole disk, as export does it.
+    let mut off = 0u64;
+    let mut steps = 0;
+    while off < size && steps < MAX_STEPS {
+        steps += 1;
+        match checked_map(layer.as_ref(), off, size - off, file_len) {
+            Some(e) => {
+                read_extent(layer.as_ref(), &e, &mut buf, &mut budget);
+                off += e.len();
+            }
+            // A bad block: carry on at the next one, as a careful reader would.
+            None => off = (off / unit + 1).saturating_mul(unit),
+        }
+    }
+
+    // Small, unaligned probes where edge cases live: the first and last
+    // bytes, block boundaries, and past the end.
+    let mut probes = vec![0, 1, 511, 513, unit - 1, unit, unit + 7, size / 2 + 3];
+    probes.extend([size.saturating_sub(1), size, size.saturating_add(512)]);
+    for &o in &probes {
+        for len in [1, 512, 4097, unit + 1] {
+            if let Some(e) = checked_map(layer.as_ref(), o, len, file_len) {
+                read_extent(layer.as_ref(), &e, &mut buf, &mut budget);
+            }
+        }
+        // The resolver over a one-layer chain (the path FUSE reads take).
+        if o < size {
+            let n = (size - o).min(4096) as usize;
+            let _ = crate::image::read_layers(std::slice::from_ref(layer), 0, o, &mut buf[..n]);
+        }
+    }
+
+    let _ = layer.check();
+    let _ = layer.allocated_bytes();
+    let _ = crate::info::layer_report(0, layer.as_ref(), None);
+    let _ = layer.flush();
+}
+
+/// `map(offset, len)` with the trait's contract asserted; `None` on `Err`.
+fn checked_map(layer: &dyn Layer, offset: u64, len: u64, file_len: u64) -> Option<Extent> {
+    let e = layer.map(offset, len).ok()?;
+    assert!(
+        e.len() <= len,
+        "map({offset:#x}, {len}) returned {e:?}, longer than asked"
+    );
+    if len > 0 {
+        assert!(
+            !e.is_empty(),
+            "map({offset:#x}, {len}) returned an empty extent"
+        );
+    }
+    if let Extent::Data { file_offset, len } = e {
+        assert!(
+            file_offset.checked_add(len).is_some_and(|end| end <= file_len),
+            "map({offset:#x}) returned data at {file_offset:#x}+{len}, outside the {file_len}-byte file"
+        );
+    }
+    Some(e)
+}
+
+fn read_extent(layer: &dyn Layer, e: &Extent, buf: &mut [u8], budget: &mut u64) {
+    if let Extent::Data { file_offset, len } = *e {
+        let n = len.min(MAX_READ).min(*budget);
+        if n > 0 {
+            *budget -= n;
+            let _ = layer.read_data(file_offset, &mut buf[..n as usize]);
+        }
+    }
+}
+
+/// The fuzz input as a file with a path `open_layer` can open: an anonymous
+/// memory file (`memfd`, reached through `/proc/self/fd`), or a temporary
+/// file when memfd is not available. Removed on drop.
+struct ScratchFile {
+    file: File,
+    path: PathBuf,
+    remove: bool,
+}
+
+impl ScratchFile {
+    fn new(data: &[u8]) -> Option<ScratchFile> {
+        if let Some(f) = Self::memfd() {
+            let path = PathBuf::from(format!("/proc/self/fd/{}", raw_fd(&f)));
+            return Self::fill(f, path, false, data);
+        }
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path =
+            std::env::temp_dir().join(format!("chainfs-fuzz-{}-{n}.vhd", std::process::id()));
+        let f = File::create(&path).ok()?;
+        Self::fill(f, path, true, data)
+    }
+
+    fn fill(f: File, path: PathBuf, remove: bool, data: &[u8]) -> Option<ScratchFile> {
+        // Built first so that a failed write still removes the file.
+        let s = ScratchFile {
+            file: f,
+            path,
+            remove,
+        };
+        (&s.file).write_all(data).ok()?;
+        Some(s)
+    }
+
+    fn memfd() -> Option<File> {
+        use std::os::fd::FromRawFd;
+        // SAFETY: the name is a NUL-terminated string; on success the
+        // returned descriptor is new and owned by nobody else.
+        let fd = unsafe { libc::memfd_create(c"chainfs-fuzz".as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return None;
+        }
+        // SAFETY: `fd` was just created and is not owned elsewhere.
+        Some(unsafe { File::from_raw_fd(fd) })
+    }
+
+    fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+fn raw_fd(f: &File) -> i32 {
+    use std::os::fd::AsRawFd;
+    f.as_raw_fd()
+}
+
+impl Drop for ScratchFile {
+    fn drop(&mut self) {
+        if self.remove {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
