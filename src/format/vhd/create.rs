@@ -119,18 +119,18 @@ fn write_dynamic(
     let mut blobs: Vec<(u64, Vec<u8>)> = Vec::new();
     let (mut parent_id, mut parent_timestamp, mut parent_name) = (Uuid::nil(), 0, String::new());
     if let Some(p) = parent {
-        let (locs, data, name, ts) = parent_fields(path, p.path)?;
-        for (i, d) in data.into_iter().enumerate() {
+        let f = parent_fields(path, p.path)?;
+        for (i, d) in f.blobs.into_iter().enumerate() {
             locators[i] = Locator {
                 data_offset: next,
-                ..locs[i]
+                ..f.locators[i]
             };
-            next += locs[i].data_space as u64;
+            next += f.locators[i].data_space as u64;
             blobs.push((locators[i].data_offset, d));
         }
         parent_id = p.unique_id;
-        parent_timestamp = ts;
-        parent_name = name;
+        parent_timestamp = f.timestamp;
+        parent_name = f.name;
     }
     let table_offset = next.next_multiple_of(4096);
     let bat_bytes = (entries as u64 * 4).next_multiple_of(SECTOR);
@@ -166,13 +166,20 @@ fn write_dynamic(
         .ctx(path, "cannot write footer", Some(footer_at))
 }
 
-/// The parent-naming fields of a child at `child` whose parent is `parent`:
-/// the locators (W2ku absolute, W2ru relative; offsets left 0), their data,
-/// the header's parent name, and the parent's modification time stamp.
-pub fn parent_fields(
-    child: &Path,
-    parent: &Path,
-) -> Result<([Locator; 8], Vec<Vec<u8>>, String, u32)> {
+/// How a child names its parent in its dynamic header.
+pub struct ParentFields {
+    /// W2ku (absolute) and W2ru (relative) entries; data offsets left 0.
+    pub locators: [Locator; 8],
+    /// The locators' data, in the same order.
+    pub blobs: Vec<Vec<u8>>,
+    /// The header's parent unicode name.
+    pub name: String,
+    /// The parent's modification time, VHD epoch.
+    pub timestamp: u32,
+}
+
+/// The parent-naming fields of a child at `child` whose parent is `parent`.
+pub fn parent_fields(child: &Path, parent: &Path) -> Result<ParentFields> {
     let abs = std::fs::canonicalize(parent).ctx(parent, "cannot resolve", None)?;
     let child_dir = absolute_dir(child)?;
     let rel = windows_relative(&child_dir, &abs);
@@ -205,7 +212,12 @@ pub fn parent_fields(
     let name = abs
         .file_name()
         .map_or(String::new(), |n| n.to_string_lossy().into_owned());
-    Ok((locators, blobs, name, timestamp))
+    Ok(ParentFields {
+        locators,
+        blobs,
+        name,
+        timestamp,
+    })
 }
 
 fn absolute_dir(path: &Path) -> Result<PathBuf> {

@@ -520,16 +520,16 @@ impl VhdLayer {
         let _a = self.alloc.lock();
         self.flush_locked()?;
         let old_h = self.header.as_ref().expect("differencing layer");
-        let (locators, blobs, name, timestamp) = create::parent_fields(p, parent)?;
+        let f = create::parent_fields(p, parent)?;
         let base =
             (self.data_end.load(Ordering::Acquire) + FOOTER_SIZE as u64).next_multiple_of(4096);
         let mut header = old_h.clone();
         header.parent_id = parent_id;
-        header.parent_timestamp = timestamp;
-        header.parent_name = name;
-        header.locators = locators;
+        header.parent_timestamp = f.timestamp;
+        header.parent_name = f.name;
+        header.locators = f.locators;
         let mut next = base + HEADER_SIZE as u64;
-        for (i, data) in blobs.iter().enumerate() {
+        for (i, data) in f.blobs.iter().enumerate() {
             header.locators[i].data_offset = next;
             crate::fault::point()?;
             self.file
