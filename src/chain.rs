@@ -92,6 +92,7 @@ impl Chain {
             ignore_checksums: opts.ignore_checksums,
             cache: cache.clone(),
         };
+        refuse_retired(leaf)?;
         let first = open_layer(leaf, &lo)?;
         let ro = LayerOptions {
             writable: false,
@@ -110,6 +111,16 @@ impl Chain {
         loop {
             let child = chain.layers.last().unwrap().clone();
             let Some(link) = child.parent() else { break };
+            if link.id.is_nil() {
+                let e = Error::new(
+                    ErrorKind::BadChain,
+                    format!(
+                        "{}: detached by a merge (its parent chain was merged into another disk; open that disk instead)",
+                        child.path().display()
+                    ),
+                );
+                return Ok((chain, Some(e)));
+            }
             let step = (|| {
                 if chain.layers.len() >= MAX_DEPTH {
                     return Err(Error::new(
@@ -159,6 +170,10 @@ impl Chain {
                 }
                 Ok((parent, found))
             })();
+            let step = step.and_then(|(p, f)| {
+                refuse_retired(p.path())?;
+                Ok((p, f))
+            });
             match step {
                 Ok((parent, found)) => {
                     chain.links.push(found);
@@ -182,6 +197,22 @@ impl Chain {
 /// Absolute, symlinks resolved where possible.
 pub fn canonical(p: &Path) -> PathBuf {
     std::fs::canonicalize(p).unwrap_or_else(|_| std::path::absolute(p).unwrap_or(p.to_path_buf()))
+}
+
+/// A layer that a merge has already retired (its record says `relinked`)
+/// must not be used: its content is now in the merge's destination.
+fn refuse_retired(path: &Path) -> Result<()> {
+    match crate::merge::intent::read(path)? {
+        Some(r) if r.phase == crate::merge::intent::Phase::Relinked => Err(Error::new(
+            ErrorKind::InvalidState,
+            format!("{}: {r}", path.display()),
+        )),
+        Some(r) => {
+            log::warn!("{r}");
+            Ok(())
+        }
+        None => Ok(()),
+    }
 }
 
 /// The folder a file is in (`.` for a bare file name).

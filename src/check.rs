@@ -19,10 +19,20 @@ pub fn check_chain(leaf: &Path, opts: &ChainOptions) -> Result<Vec<String>> {
     } else {
         opts.cache_bytes
     });
-    let (chain, err) = Chain::open_partial(leaf, &opts, cache)?;
+    let (chain, err) = match Chain::open_partial(leaf, &opts, cache) {
+        Ok(r) => r,
+        // A leaf a merge retired: that is a finding, not a failure to check.
+        Err(e) if e.kind == crate::error::ErrorKind::InvalidState => {
+            return Ok(vec![e.to_string()])
+        }
+        Err(e) => return Err(e),
+    };
     let mut problems = Vec::new();
     for l in &chain.layers {
         problems.extend(l.check()?);
+        if let Some(r) = crate::merge::intent::read(l.path())? {
+            problems.push(format!("{}: {r}", l.path().display()));
+        }
     }
     for link in &chain.links {
         if link.id_mismatch {

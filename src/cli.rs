@@ -22,7 +22,8 @@ as one flat disk image.\n\nParents are found from the locators stored in each ch
 their unique id, and opened read-only. Set RUST_LOG=debug for a trace of what is opened and why.\n\n\
 Exit status: 0 success; 1 I/O error; 2 usage error; 3 corrupt image or `check` found problems; \
 4 file or parent not found; 5 broken chain (id mismatch, loop, depth, size); 6 unsupported; \
-7 in use; 8 access denied; 9 invalid argument or state."
+7 in use; 8 access denied; 9 invalid argument; 10 invalid state (read-only, \
+dependent disks, a merge to finish)."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -160,6 +161,33 @@ enum Cmd {
         #[command(flatten)]
         chain: ChainArgs,
     },
+    /// Merge SOURCE (and the layers below it) into DESTINATION, an ancestor.
+    ///
+    /// Like Hyper-V's MergeVirtualHardDisk: afterwards DESTINATION holds what
+    /// SOURCE showed, the children of SOURCE point at DESTINATION, and SOURCE
+    /// and the layers between are deleted (--keep: kept, detached). Refused
+    /// when other disks depend on a layer it changes (--force overrides).
+    /// An interrupted merge is finished by running the same command again.
+    Merge {
+        source: PathBuf,
+        /// The parent or ancestor to merge into (not needed with --status).
+        #[arg(required_unless_present = "status")]
+        destination: Option<PathBuf>,
+        /// Keep SOURCE and the layers between, detached, instead of deleting them.
+        #[arg(long)]
+        keep: bool,
+        /// Merge even though other differencing disks depend on a changed layer.
+        #[arg(long)]
+        force: bool,
+        /// Show whether a merge out of SOURCE was interrupted, and change nothing.
+        #[arg(long)]
+        status: bool,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        chain: ChainArgs,
+    },
     /// Unmount a chainfs mount and wait until its chain is released.
     Umount { mountpoint: PathBuf },
     /// Write bytes into the leaf of a chain (parents are never changed).
@@ -289,6 +317,15 @@ pub fn run() -> Result<i32> {
             )?;
             Ok(0)
         }
+        Cmd::Merge {
+            source,
+            destination,
+            keep,
+            force,
+            status,
+            json,
+            chain,
+        } => merge(source, destination, keep, force, status, json, &chain),
         Cmd::Umount { mountpoint } => {
             chainfs::mount::umount(&mountpoint)?;
             Ok(0)
@@ -319,6 +356,107 @@ pub fn run() -> Result<i32> {
             Ok(0)
         }
     }
+}
+
+fn merge(
+    source: PathBuf,
+    destination: Option<PathBuf>,
+    keep: bool,
+    force: bool,
+    status: bool,
+    json: bool,
+    chain: &ChainArgs,
+) -> Result<i32> {
+    use chainfs::merge::{intent, MergeRequest, Progress};
+    let record = intent::read(&source)?;
+    if status {
+        let text = record.as_ref().map(|r| r.to_string());
+        if json {
+            let v = serde_json::json!({ "source": source, "interrupted": record });
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&v).expect("serialisable")
+            );
+        } else {
+            println!(
+                "{}",
+                text.unwrap_or_else(|| format!("{}: no interrupted merge", source.display()))
+            );
+        }
+        return Ok(if record.is_some() { 3 } else { 0 });
+    }
+    let destination = destination.expect("clap requires DESTINATION");
+    let report = |bytes: u64, finished_only: bool| {
+        if json {
+            let v = serde_json::json!({
+                "ReturnValue": chainfs::error::RC_COMPLETED,
+                "source": source,
+                "destination": destination,
+                "bytes_copied": bytes,
+                "finished_interrupted_merge": finished_only,
+            });
+            println!("{}", serde_json::to_string(&v).expect("serialisable"));
+        }
+    };
+    if let Some(r) = record.filter(|r| r.phase == intent::Phase::Relinked) {
+        if chainfs::chain::canonical(&r.destination) != chainfs::chain::canonical(&destination) {
+            return Err(Error::invalid(format!(
+                "{r}; it merged into another destination"
+            )));
+        }
+        chainfs::merge::finish(
+            &r,
+            &LayerOptions {
+                writable: true,
+                ignore_checksums: false,
+                cache: chainfs::cache::MetaCache::new(1 << 20),
+            },
+        )?;
+        report(0, true);
+        return Ok(0);
+    }
+    let c = Chain::open(&source, &chain.options(false))?;
+    let flat = FlatImage::new(&c);
+    drop(c);
+    let req = MergeRequest {
+        source: chainfs::chain::canonical(&source).display().to_string(),
+        destination: destination.display().to_string(),
+        keep,
+        force,
+    };
+    let plan = chainfs::merge::plan(flat.layers(), &req, None)?;
+    let progress = Progress::default();
+    let bar = progress_bar(0);
+    let result = std::thread::scope(|s| {
+        let h = s.spawn(|| chainfs::merge::execute(&flat, plan, &progress));
+        while !h.is_finished() {
+            if let Some(b) = &bar {
+                b.set_length(
+                    progress
+                        .bytes_total
+                        .load(std::sync::atomic::Ordering::Relaxed),
+                );
+                b.set_position(
+                    progress
+                        .bytes_done
+                        .load(std::sync::atomic::Ordering::Relaxed),
+                );
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        h.join().expect("merge thread panicked")
+    });
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    result?;
+    report(
+        progress
+            .bytes_done
+            .load(std::sync::atomic::Ordering::Relaxed),
+        false,
+    );
+    Ok(0)
 }
 
 /// A progress bar on a terminal, nothing otherwise.

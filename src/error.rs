@@ -167,7 +167,8 @@ impl Error {
             ErrorKind::Unsupported => 6,
             ErrorKind::Busy => 7,
             ErrorKind::AccessDenied => 8,
-            ErrorKind::InvalidArgument | ErrorKind::InvalidState => 9,
+            ErrorKind::InvalidArgument => 9,
+            ErrorKind::InvalidState => 10,
         }
     }
 }

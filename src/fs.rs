@@ -8,6 +8,7 @@
 //!   control            ino 3  command file (see crate::control)
 //!   chain              ino 4  one layer per line, leaf first
 //!   jobs/              ino 5  one read-only file per merge job
+//!     N                ino 1000+N
 //! ```
 //!
 //! Caching: `disk.raw` keeps a fixed mtime (the mount time) and is opened
@@ -24,14 +25,18 @@ use std::time::SystemTime;
 use parking_lot::Mutex;
 
 use crate::control::{Command, Reply, HELP};
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{Error, ErrorKind, Result, RC_JOB_STARTED};
 use crate::image::FlatImage;
+use crate::jobs::Jobs;
+use crate::merge::{Caller, MergeRequest, Progress};
 
 pub const ROOT: u64 = 1;
 pub const DISK: u64 = 2;
 pub const CONTROL: u64 = 3;
 pub const CHAIN: u64 = 4;
 pub const JOBS: u64 = 5;
+/// `jobs/N` has inode `JOB_BASE + N`.
+pub const JOB_BASE: u64 = 1000;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -82,6 +87,7 @@ pub struct ChainFs {
     refresh_chain: Box<dyn Fn() -> Result<String> + Send + Sync>,
     handles: Mutex<HashMap<u64, Handle>>,
     next_fh: AtomicU64,
+    jobs: Arc<Jobs>,
 }
 
 fn errno(e: i32, msg: &str) -> Error {
@@ -111,6 +117,7 @@ impl ChainFs {
             refresh_chain,
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
+            jobs: Arc::new(Jobs::default()),
         })
     }
 
@@ -148,6 +155,10 @@ impl ChainFs {
                 0o444,
             ),
             JOBS => self.attr(JOBS, Kind::Dir, 0, 0o555),
+            n if n > JOB_BASE => match self.jobs.get(n - JOB_BASE) {
+                Some(j) => self.attr(n, Kind::File, j.render().len() as u64, 0o444),
+                None => return Err(errno(libc::ENOENT, "no such job")),
+            },
             _ => return Err(errno(libc::ENOENT, "no such inode")),
         })
     }
@@ -158,6 +169,10 @@ impl ChainFs {
             (ROOT, "control") => CONTROL,
             (ROOT, "chain") => CHAIN,
             (ROOT, "jobs") => JOBS,
+            (JOBS, n) => match n.parse::<u64>() {
+                Ok(id) if self.jobs.get(id).is_some() => JOB_BASE + id,
+                _ => return Err(errno(libc::ENOENT, "no such job")),
+            },
             _ => return Err(errno(libc::ENOENT, "no such file")),
         };
         self.getattr(ino)
@@ -172,7 +187,12 @@ impl ChainFs {
                 (CHAIN, Kind::File, "chain".into()),
                 (JOBS, Kind::Dir, "jobs".into()),
             ]),
-            JOBS => Ok(Vec::new()),
+            JOBS => Ok(self
+                .jobs
+                .ids()
+                .into_iter()
+                .map(|id| (JOB_BASE + id, Kind::File, id.to_string()))
+                .collect()),
             _ => Err(errno(libc::ENOTDIR, "not a directory")),
         }
     }
@@ -199,6 +219,15 @@ impl ChainFs {
                 (t.into_bytes(), false, true)
             }
             ROOT | JOBS => return Err(errno(libc::EISDIR, "is a directory")),
+            n if n > JOB_BASE => {
+                if write {
+                    return Err(errno(libc::EACCES, "job files are read-only"));
+                }
+                match self.jobs.get(n - JOB_BASE) {
+                    Some(j) => (j.render().into_bytes(), false, true),
+                    None => return Err(errno(libc::ENOENT, "no such job")),
+                }
+            }
             _ => return Err(errno(libc::ENOENT, "no such file")),
         };
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
@@ -235,7 +264,14 @@ impl ChainFs {
 
     /// Write; returns the bytes accepted. Control writes run the commands
     /// and fail with the command's errno when it is refused.
-    pub fn write(&self, ino: u64, fh: u64, offset: u64, data: &[u8]) -> Result<u32> {
+    pub fn write(
+        &self,
+        ino: u64,
+        fh: u64,
+        offset: u64,
+        data: &[u8],
+        caller: Caller,
+    ) -> Result<u32> {
         match ino {
             DISK => {
                 if !self.cfg.writable {
@@ -248,7 +284,7 @@ impl ChainFs {
                 let text = String::from_utf8_lossy(data);
                 let mut last: Result<Reply> = Ok(Reply::ok(vec![]));
                 for line in text.lines().filter(|l| !l.trim().is_empty()) {
-                    last = self.run_command(line);
+                    last = self.run_command(line, caller);
                     if last.is_err() {
                         break;
                     }
@@ -266,15 +302,84 @@ impl ChainFs {
         }
     }
 
-    fn run_command(&self, line: &str) -> Result<Reply> {
+    fn run_command(&self, line: &str, caller: Caller) -> Result<Reply> {
         let cmd: Command = line.parse()?;
         match cmd {
             Command::Help => Ok(Reply::ok(vec![("Help".into(), HELP.replace('\n', " | "))])),
-            Command::Merge { .. } | Command::Cancel { .. } => Err(errno(
-                libc::EOPNOTSUPP,
-                "merges are not supported by this version of chainfs yet",
-            )),
+            Command::Cancel { job } => {
+                let j = self
+                    .jobs
+                    .get(job)
+                    .ok_or_else(|| Error::new(ErrorKind::NotFound, format!("no job {job}")))?;
+                if j.is_finished() {
+                    return Err(Error::new(
+                        ErrorKind::InvalidState,
+                        format!("job {job} has already ended"),
+                    ));
+                }
+                j.progress.cancel.store(true, Ordering::Relaxed);
+                Ok(Reply::ok(vec![("Job".into(), format!("jobs/{job}"))]))
+            }
+            Command::Merge {
+                source,
+                destination,
+                keep,
+                force,
+            } => {
+                if !self.cfg.writable {
+                    return Err(Error::new(
+                        ErrorKind::InvalidState,
+                        "the mount is read-only: merges need -o rw",
+                    ));
+                }
+                if let Some(j) = self.jobs.running() {
+                    return Err(Error::new(
+                        ErrorKind::Busy,
+                        format!("job {} is still merging this chain", j.id),
+                    ));
+                }
+                let req = MergeRequest {
+                    source,
+                    destination,
+                    keep,
+                    force,
+                };
+                let plan = crate::merge::plan(self.image.layers(), &req, Some(caller))?;
+                let command = format!(
+                    "{}",
+                    Command::Merge {
+                        source: plan.source().display().to_string(),
+                        destination: plan.destination().display().to_string(),
+                        keep,
+                        force,
+                    }
+                );
+                let progress = Arc::new(Progress::default());
+                let job = self.jobs.start(command, progress.clone());
+                let image = self.image.clone();
+                let j = job.clone();
+                std::thread::Builder::new()
+                    .name(format!("merge-{}", job.id))
+                    .spawn(move || {
+                        j.set_running();
+                        let r = crate::merge::execute(&image, plan, &progress);
+                        if let Err(e) = &r {
+                            log::error!("job {}: {e}", j.id);
+                        }
+                        j.finish(&r);
+                    })
+                    .map_err(|e| Error::new(ErrorKind::Io, format!("cannot start job: {e}")))?;
+                Ok(Reply {
+                    return_value: RC_JOB_STARTED,
+                    fields: vec![("Job".into(), format!("jobs/{}", job.id))],
+                })
+            }
         }
+    }
+
+    /// Wait for running jobs (at unmount).
+    pub fn jobs(&self) -> &Arc<Jobs> {
+        &self.jobs
     }
 
     /// Truncation (O_TRUNC) is accepted on `control` and is a no-op; the

@@ -144,7 +144,7 @@ impl Filesystem for Fuse {
 
     fn write(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         fh: FileHandle,
         offset: u64,
@@ -154,7 +154,11 @@ impl Filesystem for Fuse {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        match self.0.write(ino.0, fh.0, offset, data) {
+        let caller = crate::merge::Caller {
+            uid: req.uid(),
+            gid: req.gid(),
+        };
+        match self.0.write(ino.0, fh.0, offset, data, caller) {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(err(&e)),
         }

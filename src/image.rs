@@ -15,6 +15,7 @@ use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock};
 
+use crate::cache::MetaCache;
 use crate::chain::Chain;
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::{Extent, Layer};
@@ -30,6 +31,40 @@ pub enum Source {
     Zero,
 }
 
+/// Where a run comes from when only `layers[from..to]` are asked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Span {
+    Data {
+        depth: usize,
+        file_offset: u64,
+    },
+    Zero,
+    /// None of the asked layers holds it: it comes from `layers[to..]`.
+    Below,
+}
+
+/// Resolve the run at `offset` (at most `len` bytes) walking `layers[from..to]`.
+/// Returns the span and the run length (> 0 when `len > 0`).
+pub fn resolve_span(
+    layers: &[Arc<dyn Layer>],
+    from: usize,
+    to: usize,
+    offset: u64,
+    len: u64,
+) -> Result<(Span, u64)> {
+    let mut len = len;
+    for (depth, layer) in layers.iter().enumerate().take(to).skip(from) {
+        match layer.map(offset, len)? {
+            Extent::Data { file_offset, len } => {
+                return Ok((Span::Data { depth, file_offset }, len))
+            }
+            Extent::Zero { len } => return Ok((Span::Zero, len)),
+            Extent::Parent { len: l } => len = l,
+        }
+    }
+    Ok((Span::Below, len))
+}
+
 /// Resolve the run at `offset` (at most `len` bytes) starting the walk at
 /// `from` (0 = the leaf). Returns the source and the run length (> 0).
 pub fn resolve(
@@ -38,17 +73,12 @@ pub fn resolve(
     offset: u64,
     len: u64,
 ) -> Result<(Source, u64)> {
-    let mut len = len;
-    for (depth, layer) in layers.iter().enumerate().skip(from) {
-        match layer.map(offset, len)? {
-            Extent::Data { file_offset, len } => {
-                return Ok((Source::Data { depth, file_offset }, len))
-            }
-            Extent::Zero { len } => return Ok((Source::Zero, len)),
-            Extent::Parent { len: l } => len = l,
-        }
-    }
-    Ok((Source::Zero, len))
+    Ok(
+        match resolve_span(layers, from, layers.len(), offset, len)? {
+            (Span::Data { depth, file_offset }, n) => (Source::Data { depth, file_offset }, n),
+            (_, n) => (Source::Zero, n),
+        },
+    )
 }
 
 /// Fill `buf` with the flattened bytes at `offset` as seen from `layers[from..]`.
@@ -78,6 +108,12 @@ pub struct FlatImage {
     size: u64,
     /// Serialises read-modify-write of partial sectors.
     rmw: Mutex<()>,
+    /// Every write holds the read side for its whole length; a merge that
+    /// retires the leaf holds the write side while it switches.
+    write_gate: RwLock<()>,
+    /// While a merge copies out of the leaf: the ranges written since.
+    dirty: Mutex<Option<Vec<(u64, u64)>>>,
+    cache: Arc<MetaCache>,
 }
 
 impl FlatImage {
@@ -86,11 +122,38 @@ impl FlatImage {
             layers: RwLock::new(chain.layers.clone().into()),
             size: chain.virtual_size(),
             rmw: Mutex::new(()),
+            write_gate: RwLock::new(()),
+            dirty: Mutex::new(None),
+            cache: chain.cache.clone(),
         }
+    }
+
+    /// Start (or stop) recording written ranges (a merge out of the leaf).
+    pub fn track_writes(&self, on: bool) {
+        *self.dirty.lock() = on.then(Vec::new);
+    }
+
+    /// The ranges written since the last call (while tracking).
+    pub fn take_dirty(&self) -> Vec<(u64, u64)> {
+        self.dirty
+            .lock()
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
+    }
+
+    /// Hold off every write until the guard is dropped.
+    pub fn pause_writes(&self) -> parking_lot::RwLockWriteGuard<'_, ()> {
+        self.write_gate.write()
     }
 
     pub fn size(&self) -> u64 {
         self.size
+    }
+
+    /// The metadata cache the layers share.
+    pub fn cache(&self) -> Arc<MetaCache> {
+        self.cache.clone()
     }
 
     /// The current layer list, leaf first.
@@ -121,6 +184,15 @@ impl FlatImage {
     /// Write `data` at `offset` into the leaf. Partial sectors are merged
     /// with the flattened content first (read-modify-write).
     pub fn write_at(&self, offset: u64, data: &[u8]) -> Result<()> {
+        let _gate = self.write_gate.read();
+        self.write_inner(offset, data)?;
+        if let Some(d) = self.dirty.lock().as_mut() {
+            d.push((offset, data.len() as u64));
+        }
+        Ok(())
+    }
+
+    fn write_inner(&self, offset: u64, data: &[u8]) -> Result<()> {
         let layers = self.layers();
         let leaf = &layers[0];
         let end = offset
@@ -182,6 +254,7 @@ impl FlatImage {
     }
 
     pub fn flush(&self) -> Result<()> {
+        let _gate = self.write_gate.read();
         self.layers()[0].flush()
     }
 }

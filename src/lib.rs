@@ -24,6 +24,8 @@ pub mod fuse;
 pub mod fuzzing;
 pub mod image;
 pub mod info;
+pub mod jobs;
+pub mod merge;
 pub mod mount;
 pub mod size;
 

@@ -216,6 +216,7 @@ fn kind_of_exit(code: i32) -> ErrorKind {
         ErrorKind::Busy,
         ErrorKind::AccessDenied,
         ErrorKind::InvalidArgument,
+        ErrorKind::InvalidState,
     ]
     .into_iter()
     .find(|k| Error::new(*k, "").exit_code() == code)
@@ -245,14 +246,14 @@ fn serve_inner(
 ) -> Result<()> {
     let image = Arc::new(FlatImage::new(&chain));
     let report_image = image.clone();
-    let links = chain.links.clone();
     let refresh = Box::new(move || {
         let layers = report_image.layers();
         let reports = layers
             .iter()
             .enumerate()
             .map(|(d, l)| {
-                crate::info::layer_report(d, l.as_ref(), links.get(d).map(|k| k.resolved.clone()))
+                let parent = layers.get(d + 1).map(|p| p.path().to_path_buf());
+                crate::info::layer_report(d, l.as_ref(), parent)
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(crate::info::chain_lines(&reports))
@@ -263,6 +264,7 @@ fn serve_inner(
         gid: unsafe { libc::getgid() },
     };
     let fs = Arc::new(ChainFs::new(image, cfg, refresh)?);
+    let jobs = fs.jobs().clone();
     let leaf = chain.leaf().path().display().to_string();
     drop(chain);
 
@@ -316,6 +318,14 @@ fn serve_inner(
         if worker.is_finished() {
             break;
         }
+    }
+    // A merge still running when the mount goes away is cancelled (its
+    // chain stays consistent); wait for it to stop.
+    while let Some(j) = jobs.running() {
+        j.progress
+            .cancel
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        std::thread::sleep(Duration::from_millis(20));
     }
     match worker.join() {
         Ok(r) => r.ctx(mnt, "FUSE session", None),

@@ -162,6 +162,16 @@ pub trait Layer: Send + Sync {
 
     /// Make this differencing layer's parent `parent` (merges), crash-safely.
     fn set_parent(&self, parent: &dyn Layer) -> Result<()>;
+
+    /// Mark this differencing layer as detached from any parent (a merge
+    /// consumed its parent chain): it will no longer open as a chain.
+    fn detach(&self) -> Result<()>;
+}
+
+/// `(unique id, parent id)` of an image file without locking or fully
+/// opening it; `None` when it is not an image chainfs reads.
+pub fn peek_ids(path: &Path) -> Option<(uuid::Uuid, Option<uuid::Uuid>)> {
+    vhd::peek_ids(path)
 }
 
 /// The advisory (`flock`) lock a process holds on a layer file.

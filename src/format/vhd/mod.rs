@@ -62,6 +62,29 @@ const MAX_PENDING: usize = 4096;
 /// Locator data larger than this is not a path.
 const MAX_LOCATOR_LEN: u32 = 64 * 1024;
 
+/// The unique id and (for a differencing disk) the parent id of a VHD file,
+/// read without taking any lock (for finding the children of a layer).
+pub fn peek_ids(path: &Path) -> Option<(uuid::Uuid, Option<uuid::Uuid>)> {
+    let file = File::open(path).ok()?;
+    let len = file.metadata().ok()?.len();
+    if len < FOOTER_SIZE as u64 {
+        return None;
+    }
+    let mut b = [0u8; FOOTER_SIZE];
+    file.read_exact_at(&mut b, len - FOOTER_SIZE as u64).ok()?;
+    let footer = Footer::parse(&b, true).ok().or_else(|| {
+        file.read_exact_at(&mut b, 0).ok()?;
+        Footer::parse(&b, true).ok()
+    })?;
+    if footer.disk_type != TYPE_DIFFERENCING {
+        return Some((footer.unique_id, None));
+    }
+    let mut hb = [0u8; HEADER_SIZE];
+    file.read_exact_at(&mut hb, footer.data_offset).ok()?;
+    let h = DynamicHeader::parse(&hb, true).ok()?;
+    Some((footer.unique_id, Some(h.parent_id)))
+}
+
 /// Does this file look like a VHD (footer cookie at its end or at offset 0)?
 pub fn probe(file: &File, path: &Path) -> Result<bool> {
     let len = file.metadata().ctx(path, "cannot stat", None)?.len();
@@ -513,23 +536,32 @@ impl VhdLayer {
         self.file.sync_all().ctx(p, "cannot fsync", None)
     }
 
-    /// Point this differencing layer at a new parent (merges): write a new
-    /// header and locators past the end, sync, then move the footer to them.
-    fn relink(&self, parent: &Path, parent_id: uuid::Uuid) -> Result<()> {
+    /// Point this differencing layer at a new parent (merges), or detach it
+    /// (`None`: parent id nil, locators kept): write a new header and
+    /// locators past the end, sync, then move the footer to them.
+    fn relink(&self, target: Option<(&Path, uuid::Uuid)>) -> Result<()> {
         let p = &self.path;
         let _a = self.alloc.lock();
         self.flush_locked()?;
-        let old_h = self.header.as_ref().expect("differencing layer");
-        let f = create::parent_fields(p, parent)?;
+        let mut header = self.current_header()?;
+        let blobs = match target {
+            Some((parent, parent_id)) => {
+                let f = create::parent_fields(p, parent)?;
+                header.parent_id = parent_id;
+                header.parent_timestamp = f.timestamp;
+                header.parent_name = f.name;
+                header.locators = f.locators;
+                f.blobs
+            }
+            None => {
+                header.parent_id = uuid::Uuid::nil();
+                Vec::new()
+            }
+        };
         let base =
             (self.data_end.load(Ordering::Acquire) + FOOTER_SIZE as u64).next_multiple_of(4096);
-        let mut header = old_h.clone();
-        header.parent_id = parent_id;
-        header.parent_timestamp = f.timestamp;
-        header.parent_name = f.name;
-        header.locators = f.locators;
         let mut next = base + HEADER_SIZE as u64;
-        for (i, data) in f.blobs.iter().enumerate() {
+        for (i, data) in blobs.iter().enumerate() {
             header.locators[i].data_offset = next;
             crate::fault::point()?;
             self.file
@@ -565,9 +597,7 @@ impl VhdLayer {
         self.file.sync_all().ctx(p, "cannot fsync", None)?;
         *footer = nf;
         self.data_end.store(end, Ordering::Release);
-        let mut link = self.parent_link(&header, end);
-        link.id = parent_id;
-        *self.parent.write() = Some(link);
+        *self.parent.write() = Some(self.parent_link(&header, end));
         Ok(())
     }
 
@@ -755,7 +785,20 @@ impl Layer for VhdLayer {
                 "a VHD can only have a VHD parent",
             ));
         }
-        self.relink(parent.path(), parent.info().unique_id)
+        self.relink(Some((parent.path(), parent.info().unique_id)))
+    }
+
+    fn detach(&self) -> Result<()> {
+        if self.disk_type != TYPE_DIFFERENCING || !self.writable {
+            return Err(Error::new(
+                ErrorKind::InvalidState,
+                format!(
+                    "{}: only a differencing disk open for writing can be detached",
+                    self.path.display()
+                ),
+            ));
+        }
+        self.relink(None)
     }
 
     fn check(&self) -> Result<Vec<String>> {

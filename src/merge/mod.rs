@@ -1,0 +1,554 @@
+//! Merges: fold SOURCE (and every layer between it and DESTINATION) into
+//! DESTINATION, an ancestor of SOURCE, as Hyper-V's `MergeVirtualHardDisk`
+//! does, while the flattened view stays byte-identical throughout.
+//!
+//! Chain, leaf first: `L0 .. Ls(SOURCE) .. Ld(DESTINATION) .. base`.
+//!
+//! Step order (the safety argument):
+//! 1. Take write access: DESTINATION reopened writable, SOURCE..Ld-1 locked
+//!    exclusively, the children to relink opened writable. Nothing changed.
+//! 2. Intent record, phase `copy` (see `intent`).
+//! 3. Copy: every run that `Ls..Ld-1` hold, resolved newest-first, is
+//!    written into DESTINATION. Those runs are shadowed by `Ls..Ld-1` in
+//!    the chain, so no reader of the chain sees a change. Then
+//!    DESTINATION is flushed (data, then tables, then fsync).
+//! 4. Either (a) SOURCE is not the leaf: each child of SOURCE is relinked
+//!    to DESTINATION (one atomic footer write each, see the VHD driver).
+//!    Before: child -> SOURCE -> ... -> Ld, after: child -> Ld, and Ld now
+//!    holds what SOURCE..Ld-1 held: the same bytes either way. Or (b)
+//!    SOURCE is the leaf of a writable mount: writes were tracked since the
+//!    copy began; the written ranges are copied again until few are left,
+//!    then writes are paused, the rest is copied and flushed.
+//! 5. Record phase `relinked`; retire SOURCE..Ld-1 (delete, or with
+//!    `keep`, detach: parent id set to nil so they no longer open as a
+//!    chain over the changed DESTINATION); switch the mount's layer list;
+//!    for 4b, DESTINATION becomes the leaf and writes resume there.
+//! 6. Remove the record.
+//!
+//! A crash before 5 leaves the chain as it was (DESTINATION has extra data
+//! only under layers that shadow it); rerunning the merge redoes the copy.
+//! A crash in 5 leaves the merged chain complete; rerunning finishes the
+//! cleanup from the record, and opening a retired SOURCE is refused.
+
+pub mod intent;
+
+use std::collections::HashSet;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use crate::chain::{canonical, folder_of};
+use crate::error::{Error, ErrorKind, Result};
+use crate::format::{open_layer, peek_ids, Layer, LayerOptions, LockMode};
+use crate::image::{resolve_span, FlatImage, Layers, Span};
+use intent::{Phase, Record};
+
+/// What was asked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MergeRequest {
+    pub source: String,
+    pub destination: String,
+    pub keep: bool,
+    pub force: bool,
+}
+
+/// Progress and cancellation, shared with whoever watches the merge.
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub bytes_done: AtomicU64,
+    pub bytes_total: AtomicU64,
+    pub cancel: AtomicBool,
+    percent: AtomicU64,
+}
+
+impl Progress {
+    /// 0..=100, never decreasing; 100 only once `finish()` was called.
+    pub fn percent(&self) -> u64 {
+        let total = self.bytes_total.load(Ordering::Relaxed);
+        let done = self.bytes_done.load(Ordering::Relaxed);
+        let now = (done * 100).checked_div(total).unwrap_or(0).min(99);
+        self.percent.fetch_max(now, Ordering::Relaxed).max(now)
+    }
+
+    pub fn finish(&self) {
+        self.percent.store(100, Ordering::Relaxed);
+    }
+}
+
+/// The user a merge is done for (from the FUSE request), for access checks.
+#[derive(Debug, Clone, Copy)]
+pub struct Caller {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// A checked merge, ready to run.
+pub struct Plan {
+    pub layers: Layers,
+    /// Index of SOURCE and DESTINATION in `layers`.
+    pub s: usize,
+    pub d: usize,
+    /// Children of SOURCE outside `layers`, to relink as well.
+    pub extra_children: Vec<PathBuf>,
+    pub keep: bool,
+}
+
+impl Plan {
+    pub fn source(&self) -> &Path {
+        self.layers[self.s].path()
+    }
+
+    pub fn destination(&self) -> &Path {
+        self.layers[self.d].path()
+    }
+}
+
+/// Find the layer a command names: a path (same file) or a file name.
+pub fn find_layer(layers: &[Arc<dyn Layer>], name: &str) -> Result<usize> {
+    if name.contains('/') {
+        let want = canonical(Path::new(name));
+        if let Some(i) = layers.iter().position(|l| canonical(l.path()) == want) {
+            return Ok(i);
+        }
+        if !Path::new(name).exists() {
+            return Err(Error::new(
+                ErrorKind::NotFound,
+                format!("{name}: no such file"),
+            ));
+        }
+        return Err(Error::invalid(format!("{name}: not a layer of this chain")));
+    }
+    let hits: Vec<usize> = layers
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| l.path().file_name().is_some_and(|n| n == name))
+        .map(|(i, _)| i)
+        .collect();
+    match hits[..] {
+        [i] => Ok(i),
+        [] => Err(Error::new(
+            ErrorKind::NotFound,
+            format!("{name}: no layer of this chain has that name (see `chain`)"),
+        )),
+        _ => Err(Error::invalid(format!(
+            "{name}: several layers have that name; give the full path"
+        ))),
+    }
+}
+
+/// Check a merge request against a chain (leaf first): names, order,
+/// formats, siblings, access. Changes nothing.
+pub fn plan(layers: Layers, req: &MergeRequest, caller: Option<Caller>) -> Result<Plan> {
+    let s = find_layer(&layers, &req.source)?;
+    let d = find_layer(&layers, &req.destination)?;
+    if d <= s {
+        return Err(Error::invalid(format!(
+            "{} is not an ancestor of {} (DESTINATION must be a parent or grandparent ... of SOURCE)",
+            layers[d].path().display(),
+            layers[s].path().display()
+        )));
+    }
+    let fmt = layers[s].info().format;
+    if let Some(l) = layers[s..=d].iter().find(|l| l.info().format != fmt) {
+        return Err(Error::new(
+            ErrorKind::Unsupported,
+            format!(
+                "{}: merging across formats ({} into {}) is not supported",
+                l.path().display(),
+                fmt,
+                l.info().format
+            ),
+        ));
+    }
+    // Who depends on the layers this merge changes or removes?
+    let members: HashSet<PathBuf> = layers.iter().map(|l| canonical(l.path())).collect();
+    let mut dirs: Vec<PathBuf> = Vec::new();
+    for l in layers.iter() {
+        let d = canonical(folder_of(l.path()));
+        if !dirs.contains(&d) {
+            dirs.push(d);
+        }
+    }
+    let src_id = layers[s].info().unique_id;
+    let changed: Vec<uuid::Uuid> = layers[s + 1..=d]
+        .iter()
+        .map(|l| l.info().unique_id)
+        .collect();
+    let mut extra_children = Vec::new();
+    let mut siblings = Vec::new();
+    for dir in &dirs {
+        let Ok(rd) = std::fs::read_dir(dir) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let p = e.path();
+            let ext = p
+                .extension()
+                .map(|x| x.to_string_lossy().to_ascii_lowercase())
+                .unwrap_or_default();
+            if !matches!(ext.as_str(), "vhd" | "avhd" | "vhdx" | "avhdx")
+                || members.contains(&canonical(&p))
+            {
+                continue;
+            }
+            match peek_ids(&p) {
+                Some((_, Some(pid))) if pid == src_id => extra_children.push(p),
+                Some((_, Some(pid))) if changed.contains(&pid) => siblings.push(p),
+                _ => {}
+            }
+        }
+    }
+    if !siblings.is_empty() && !req.force {
+        let list: Vec<String> = siblings.iter().map(|p| p.display().to_string()).collect();
+        return Err(Error::new(
+            ErrorKind::InvalidState,
+            format!(
+                "other differencing disks depend on layers this merge changes, and would be corrupted: {} (add `force` to merge anyway)",
+                list.join(", ")
+            ),
+        ));
+    }
+    if let Some(c) = caller {
+        let mut need: Vec<&Path> = layers[s..=d].iter().map(|l| l.path()).collect();
+        if s > 0 {
+            need.push(layers[s - 1].path());
+        }
+        need.extend(extra_children.iter().map(|p| p.as_path()));
+        for p in need {
+            if !may_write(p, c) {
+                return Err(Error::new(
+                    ErrorKind::AccessDenied,
+                    format!("{}: uid {} may not write it", p.display(), c.uid),
+                ));
+            }
+        }
+        if !req.keep {
+            for l in &layers[s..d] {
+                let dir = folder_of(l.path());
+                if !may_write(dir, c) {
+                    return Err(Error::new(
+                        ErrorKind::AccessDenied,
+                        format!(
+                            "{}: uid {} may not delete files in it (use `keep`)",
+                            dir.display(),
+                            c.uid
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+    Ok(Plan {
+        layers,
+        s,
+        d,
+        extra_children,
+        keep: req.keep,
+    })
+}
+
+/// Permission to write `p` for `c` (owner, group or other bits; root may).
+fn may_write(p: &Path, c: Caller) -> bool {
+    let Ok(md) = std::fs::metadata(p) else {
+        return false;
+    };
+    if c.uid == 0 {
+        return true;
+    }
+    let mode = md.mode();
+    let dir_x = if md.is_dir() { 0o1 } else { 0 };
+    let bits = if md.uid() == c.uid {
+        mode >> 6
+    } else if md.gid() == c.gid {
+        mode >> 3
+    } else {
+        mode
+    };
+    bits & 0o2 != 0 && bits & dir_x == dir_x
+}
+
+/// Reopen `l` for writing in this process: drop our shared lock, open
+/// writable (exclusive lock), or take the shared lock back on failure.
+fn reopen_writable(l: &Arc<dyn Layer>, cache: &LayerOptions) -> Result<Arc<dyn Layer>> {
+    if l.writable() {
+        return Ok(l.clone());
+    }
+    l.set_lock(LockMode::Unlocked)?;
+    match open_layer(
+        l.path(),
+        &LayerOptions {
+            writable: true,
+            ..cache.clone()
+        },
+    ) {
+        Ok(w) => Ok(w),
+        Err(e) => {
+            if let Err(e2) = l.set_lock(LockMode::Shared) {
+                log::error!(
+                    "{}: cannot take the shared lock back: {e2}",
+                    l.path().display()
+                );
+            }
+            Err(e)
+        }
+    }
+}
+
+/// Bytes `layers[s..d]` hold (what the copy will move).
+pub fn bytes_to_copy(layers: &[Arc<dyn Layer>], s: usize, d: usize, size: u64) -> Result<u64> {
+    let mut total = 0;
+    let mut off = 0;
+    while off < size {
+        let (span, n) = resolve_span(layers, s, d, off, size - off)?;
+        if span != Span::Below {
+            total += n;
+        }
+        off += n;
+    }
+    Ok(total)
+}
+
+/// Copy what `layers[s..d]` show over `ranges` into `dest`.
+fn copy_ranges(
+    layers: &[Arc<dyn Layer>],
+    s: usize,
+    d: usize,
+    dest: &Arc<dyn Layer>,
+    ranges: &[(u64, u64)],
+    size: u64,
+    progress: &Progress,
+) -> Result<()> {
+    const BUF: u64 = 4 << 20;
+    let ss = dest.sector_size() as u64;
+    let mut buf = vec![0u8; BUF as usize];
+    for &(start, len) in ranges {
+        let mut off = start - start % ss;
+        let end = (start + len).next_multiple_of(ss).min(size);
+        while off < end {
+            if progress.cancel.load(Ordering::Relaxed) {
+                return Err(Error::new(ErrorKind::InvalidState, "merge cancelled"));
+            }
+            let want = (end - off).min(BUF);
+            let (span, mut n) = resolve_span(layers, s, d, off, want)?;
+            match span {
+                Span::Below => {}
+                Span::Zero => {
+                    buf[..n as usize].fill(0);
+                    dest.write_sectors(off, &buf[..n as usize])?;
+                }
+                Span::Data { depth, file_offset } => {
+                    while n < want {
+                        match resolve_span(layers, s, d, off + n, want - n)? {
+                            (
+                                Span::Data {
+                                    depth: dd,
+                                    file_offset: fo,
+                                },
+                                m,
+                            ) if dd == depth && fo == file_offset + n => n += m,
+                            _ => break,
+                        }
+                    }
+                    let part = &mut buf[..n as usize];
+                    layers[depth].read_data(file_offset, part)?;
+                    dest.write_sectors(off, part)?;
+                }
+            }
+            if span != Span::Below {
+                progress.bytes_done.fetch_add(n, Ordering::Relaxed);
+            }
+            off += n;
+        }
+    }
+    Ok(())
+}
+
+/// Delete (or with `keep`, detach) the merged layers.
+fn retire(layers: &[Arc<dyn Layer>], keep: bool, opts: &LayerOptions) -> Result<()> {
+    for l in layers {
+        if keep {
+            reopen_writable(l, opts)?.detach()?;
+        } else {
+            crate::fault::point()?;
+            std::fs::remove_file(l.path())
+                .map_err(|e| Error::io(l.path(), "cannot delete merged file", None, e))?;
+            intent::sync_dir(l.path())?;
+        }
+    }
+    Ok(())
+}
+
+/// Run a planned merge on `image` (whose layers the plan was made from).
+pub fn execute(image: &FlatImage, plan: Plan, progress: &Progress) -> Result<()> {
+    let Plan {
+        layers,
+        s,
+        d,
+        extra_children,
+        keep,
+    } = plan;
+    let opts = LayerOptions {
+        writable: true,
+        ignore_checksums: false,
+        cache: image.cache(),
+    };
+    // 1. Write access. Every step here is undone if a later one fails.
+    let mut relock: Vec<Arc<dyn Layer>> = Vec::new();
+    let mut phase = None;
+    let result = (|| -> Result<()> {
+        let dest = reopen_writable(&layers[d], &opts)?;
+        if !layers[d].writable() {
+            relock.push(layers[d].clone());
+        }
+        for l in &layers[s..d] {
+            if !l.writable() {
+                l.set_lock(LockMode::Exclusive)?;
+                relock.push(l.clone());
+            }
+        }
+        let child = if s > 0 {
+            let c = reopen_writable(&layers[s - 1], &opts)?;
+            if !layers[s - 1].writable() {
+                relock.push(layers[s - 1].clone());
+            }
+            Some(c)
+        } else {
+            None
+        };
+        let mut extra = Vec::new();
+        for p in &extra_children {
+            extra.push(open_layer(p, &opts)?);
+        }
+
+        // 2. Intent.
+        let mut record = Record {
+            version: 1,
+            phase: Phase::Copy,
+            source: layers[s].path().to_path_buf(),
+            destination: layers[d].path().to_path_buf(),
+            removed: layers[s..d]
+                .iter()
+                .map(|l| l.path().to_path_buf())
+                .collect(),
+            children: child
+                .iter()
+                .chain(extra.iter())
+                .map(|c| c.path().to_path_buf())
+                .collect(),
+            keep,
+            destination_id: layers[d].info().unique_id.to_string(),
+            crc32c: 0,
+        };
+        record.write()?;
+        phase = Some(Phase::Copy);
+
+        // 3. Copy.
+        let size = image.size();
+        let live_leaf = s == 0 && layers[0].writable();
+        if live_leaf {
+            image.track_writes(true);
+        }
+        progress
+            .bytes_total
+            .store(bytes_to_copy(&layers, s, d, size)?, Ordering::Relaxed);
+        copy_ranges(&layers, s, d, &dest, &[(0, size)], size, progress)?;
+        dest.flush()?;
+
+        let mut new_layers: Vec<Arc<dyn Layer>> = Vec::new();
+        if live_leaf {
+            // 4b. Catch up with writes to the leaf, then switch with writes held.
+            loop {
+                let dirty = image.take_dirty();
+                let bytes: u64 = dirty.iter().map(|r| r.1).sum();
+                progress.bytes_total.fetch_add(bytes, Ordering::Relaxed);
+                copy_ranges(&layers, s, d, &dest, &dirty, size, progress)?;
+                if bytes < (64 << 20) {
+                    break;
+                }
+            }
+            let _gate = image.pause_writes();
+            let dirty = image.take_dirty();
+            copy_ranges(&layers, s, d, &dest, &dirty, size, progress)?;
+            dest.flush()?;
+            image.track_writes(false);
+            for c in &extra {
+                c.set_parent(dest.as_ref())?;
+            }
+            record.phase = Phase::Relinked;
+            record.write()?;
+            phase = Some(Phase::Relinked);
+            retire(&layers[s..d], keep, &opts)?;
+            new_layers.push(dest.clone());
+            new_layers.extend(layers[d + 1..].iter().cloned());
+            image.swap_layers(new_layers.into());
+        } else {
+            // 4a. Relink the children of SOURCE.
+            for c in child.iter().chain(extra.iter()) {
+                c.set_parent(dest.as_ref())?;
+            }
+            record.phase = Phase::Relinked;
+            record.write()?;
+            phase = Some(Phase::Relinked);
+            if let Some(c) = &child {
+                new_layers.extend(layers[..s - 1].iter().cloned());
+                new_layers.push(c.clone());
+            }
+            new_layers.push(dest.clone());
+            new_layers.extend(layers[d + 1..].iter().cloned());
+            image.swap_layers(new_layers.into());
+            retire(&layers[s..d], keep, &opts)?;
+        }
+        // 6. Done.
+        intent::remove(layers[s].path())?;
+        relock.clear();
+        Ok(())
+    })();
+    if result.is_err() {
+        image.track_writes(false);
+        if progress.cancel.load(Ordering::Relaxed) && phase == Some(Phase::Copy) {
+            // Cancelled while copying: the chain never changed; nothing to
+            // finish, so no record to keep.
+            if let Err(e) = intent::remove(layers[s].path()) {
+                log::error!("{e}");
+            }
+        }
+        for l in relock {
+            if let Err(e) = l.set_lock(LockMode::Shared) {
+                log::error!(
+                    "{}: cannot take the shared lock back: {e}",
+                    l.path().display()
+                );
+            }
+        }
+    } else {
+        progress.finish();
+    }
+    result
+}
+
+/// Finish a merge whose record says `relinked`: retire what is left.
+pub fn finish(record: &Record, cache: &LayerOptions) -> Result<()> {
+    if record.phase != Phase::Relinked {
+        return Err(Error::new(
+            ErrorKind::InvalidState,
+            format!("{record}: it must be rerun from its chain, not finished"),
+        ));
+    }
+    for p in &record.removed {
+        if !p.exists() {
+            continue;
+        }
+        if record.keep {
+            if peek_ids(p).is_some_and(|(_, pid)| pid.is_some_and(|id| !id.is_nil())) {
+                open_layer(p, cache)?.detach()?;
+            }
+        } else {
+            crate::fault::point()?;
+            std::fs::remove_file(p)
+                .map_err(|e| Error::io(p, "cannot delete merged file", None, e))?;
+            intent::sync_dir(p)?;
+        }
+    }
+    intent::remove(&record.source)
+}
