@@ -77,6 +77,10 @@ struct Handle {
     ino: u64,
     /// Text snapshot taken at open (chain, jobs), or the last control reply.
     text: Vec<u8>,
+    /// Control replies are read from this cursor, not from the file offset:
+    /// after `echo cmd >&3` the offset sits past the command, yet `cat <&3`
+    /// must show the whole reply (then end of file).
+    cursor: usize,
 }
 
 pub struct ChainFs {
@@ -231,7 +235,14 @@ impl ChainFs {
             _ => return Err(errno(libc::ENOENT, "no such file")),
         };
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        self.handles.lock().insert(fh, Handle { ino, text });
+        self.handles.lock().insert(
+            fh,
+            Handle {
+                ino,
+                text,
+                cursor: 0,
+            },
+        );
         Ok(Opened {
             fh,
             keep_cache,
@@ -252,11 +263,18 @@ impl ChainFs {
             buf.truncate(got);
             return Ok(buf);
         }
-        let h = self.handles.lock();
-        let text = match h.get(&fh) {
-            Some(h) if h.ino == ino => &h.text,
+        let mut handles = self.handles.lock();
+        let h = match handles.get_mut(&fh) {
+            Some(h) if h.ino == ino => h,
             _ => return Err(errno(libc::EBADF, "stale file handle")),
         };
+        let text = &h.text;
+        if ino == CONTROL {
+            let start = h.cursor.min(text.len());
+            let end = (start + size as usize).min(text.len());
+            h.cursor = end;
+            return Ok(text[start..end].to_vec());
+        }
         let start = (offset as usize).min(text.len());
         let end = (start + size as usize).min(text.len());
         Ok(text[start..end].to_vec())
@@ -295,6 +313,7 @@ impl ChainFs {
                 };
                 if let Some(h) = self.handles.lock().get_mut(&fh) {
                     h.text = reply.to_string().into_bytes();
+                    h.cursor = 0;
                 }
                 result
             }
