@@ -150,7 +150,9 @@ enum Cmd {
     Mount {
         image: PathBuf,
         mountpoint: PathBuf,
-        /// Mount options, comma separated: ro (default), rw, allow_other,
+        /// Mount options, comma separated: ro (default), rw (writes land in
+        /// the leaf; fsync and close make them durable), copy_on_read (with
+        /// rw: data read from parents is stored in the leaf), allow_other,
         /// allow_root, cache=SIZE (metadata cache, default 64M), threads=N
         /// (request threads, default 4).
         #[arg(short = 'o', value_name = "OPTIONS")]

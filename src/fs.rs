@@ -69,6 +69,8 @@ pub struct Opened {
 
 pub struct MountConfig {
     pub writable: bool,
+    /// Store data read from parents in the leaf (`-o copy_on_read`).
+    pub copy_on_read: bool,
     pub uid: u32,
     pub gid: u32,
 }
@@ -261,6 +263,11 @@ impl ChainFs {
             let mut buf = vec![0u8; n];
             let got = self.image.read_at(offset, &mut buf)?;
             buf.truncate(got);
+            if self.cfg.copy_on_read && got > 0 {
+                if let Err(e) = self.image.copy_up(offset, got as u64) {
+                    log::warn!("copy-on-read at {offset}: {e}");
+                }
+            }
             return Ok(buf);
         }
         let mut handles = self.handles.lock();
@@ -413,6 +420,31 @@ impl ChainFs {
             )),
             _ => Err(errno(libc::EACCES, "read-only file")),
         }
+    }
+
+    /// `fallocate(2)` on disk.raw: punching a hole or zeroing a range makes
+    /// it read as zeros; plain preallocation inside the disk is a no-op; the
+    /// size never changes.
+    pub fn fallocate(&self, ino: u64, offset: u64, len: u64, mode: i32) -> Result<()> {
+        if ino != DISK {
+            return Err(errno(libc::EOPNOTSUPP, "only disk.raw takes fallocate"));
+        }
+        if !self.cfg.writable {
+            return Err(errno(libc::EROFS, "disk.raw is read-only"));
+        }
+        let known =
+            libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE;
+        if mode & !known != 0 {
+            return Err(errno(libc::EOPNOTSUPP, "unsupported fallocate mode"));
+        }
+        let end = offset.saturating_add(len);
+        if end > self.image.size() && mode & libc::FALLOC_FL_KEEP_SIZE == 0 {
+            return Err(errno(libc::EOPNOTSUPP, "the size of disk.raw is fixed"));
+        }
+        if mode & (libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE) != 0 {
+            self.image.discard(offset, len)?;
+        }
+        Ok(())
     }
 
     pub fn fsync(&self, ino: u64) -> Result<()> {

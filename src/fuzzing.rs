@@ -81,6 +81,11 @@ pub fn vhd_image(data: &[u8]) {
         if let Ok(layer) = open_layer(file.path(), &opts) {
             exercise_layer(&layer, data.len() as u64);
         }
+        // Read-only means read-only: not one byte changed, on any path.
+        assert!(
+            file.contents().is_some_and(|now| now == data),
+            "a read-only open changed the file"
+        );
     }
 }
 
@@ -215,6 +220,14 @@ impl ScratchFile {
 
     fn path(&self) -> &Path {
         &self.path
+    }
+
+    fn contents(&self) -> Option<Vec<u8>> {
+        use std::os::unix::fs::FileExt;
+        let len = self.file.metadata().ok()?.len();
+        let mut b = vec![0u8; usize::try_from(len).ok()?];
+        self.file.read_exact_at(&mut b, 0).ok()?;
+        Some(b)
     }
 }
 

@@ -253,6 +253,63 @@ impl FlatImage {
         Ok(())
     }
 
+    /// Make `[offset, offset+len)` read as zeros (discard, write zeroes):
+    /// whole sectors go to the leaf's discard, partial ones are zero-written.
+    pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        let _gate = self.write_gate.read();
+        let end = offset.saturating_add(len).min(self.size);
+        if offset >= end {
+            return Ok(());
+        }
+        let leaf = self.layers()[0].clone();
+        let ss = leaf.sector_size() as u64;
+        let first_full = offset.next_multiple_of(ss).min(end);
+        let last_full = (end - end % ss).max(first_full);
+        if first_full > offset {
+            self.write_inner(offset, &vec![0u8; (first_full - offset) as usize])?;
+        }
+        if last_full > first_full {
+            leaf.discard(first_full, last_full - first_full)?;
+        }
+        if end > last_full {
+            self.write_inner(last_full, &vec![0u8; (end - last_full) as usize])?;
+        }
+        if let Some(d) = self.dirty.lock().as_mut() {
+            d.push((offset, end - offset));
+        }
+        Ok(())
+    }
+
+    /// Copy-on-read: store in the leaf the whole sectors of
+    /// `[offset, offset+len)` that come from a parent, so later reads stop
+    /// there. Holds writes off meanwhile, so a newer write is never covered
+    /// by older parent data; the flattened content does not change.
+    pub fn copy_up(&self, offset: u64, len: u64) -> Result<()> {
+        let layers = self.layers();
+        let ss = layers[0].sector_size() as u64;
+        let mut off = offset.next_multiple_of(ss);
+        let end = (offset + len).min(self.size);
+        let end = end - end % ss;
+        if layers.len() < 2 || off >= end {
+            return Ok(());
+        }
+        let _gate = self.write_gate.write();
+        let layers = self.layers();
+        let mut buf = Vec::new();
+        while off < end {
+            let (src, n) = resolve(&layers, 0, off, end - off)?;
+            if let Source::Data { depth, file_offset } = src {
+                if depth > 0 {
+                    buf.resize(n as usize, 0);
+                    layers[depth].read_data(file_offset, &mut buf)?;
+                    layers[0].write_sectors(off, &buf)?;
+                }
+            }
+            off += n;
+        }
+        Ok(())
+    }
+
     pub fn flush(&self) -> Result<()> {
         let _gate = self.write_gate.read();
         self.layers()[0].flush()

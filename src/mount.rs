@@ -28,6 +28,7 @@ pub struct MountOptions {
     pub allow_root: bool,
     pub cache_bytes: Option<u64>,
     pub threads: usize,
+    pub copy_on_read: bool,
 }
 
 impl Default for MountOptions {
@@ -38,6 +39,7 @@ impl Default for MountOptions {
             allow_root: false,
             cache_bytes: None,
             threads: 4,
+            copy_on_read: false,
         }
     }
 }
@@ -59,7 +61,8 @@ impl MountOptions {
                 ("ro", None) => o.writable = false,
                 ("rw", None) => o.writable = true,
                 ("allow_other", None) => o.allow_other = true,
-                ("allow_root", None) => o.allow_root = true,
+                                ("allow_root", None) => o.allow_root = true,
+                ("copy_on_read", None) => o.copy_on_read = true,
                 ("cache", Some(v)) => o.cache_bytes = Some(parse_size(v)?),
                 ("threads", Some(v)) => {
                     o.threads = v
@@ -70,10 +73,15 @@ impl MountOptions {
                 }
                 _ => {
                     return Err(Error::invalid(format!(
-                        "unknown mount option `{item}` (known: ro, rw, allow_other, allow_root, cache=SIZE, threads=N)"
+                        "unknown mount option `{item}` (known: ro, rw, allow_other, allow_root, copy_on_read, cache=SIZE, threads=N)"
                     )))
                 }
             }
+        }
+        if o.copy_on_read && !o.writable {
+            return Err(Error::invalid(
+                "copy_on_read needs a writable mount (-o rw,copy_on_read)",
+            ));
         }
         if o.allow_other && o.allow_root {
             return Err(Error::invalid(
@@ -260,6 +268,7 @@ fn serve_inner(
     });
     let cfg = MountConfig {
         writable: mo.writable,
+        copy_on_read: mo.copy_on_read,
         uid: unsafe { libc::getuid() },
         gid: unsafe { libc::getgid() },
     };

@@ -151,6 +151,10 @@ pub trait Layer: Send + Sync {
     /// Store whole sectors at `offset` (both multiples of `sector_size`).
     fn write_sectors(&self, offset: u64, data: &[u8]) -> Result<()>;
 
+    /// Make whole sectors at `offset` read as zeros (discard / write
+    /// zeroes), even where a parent holds data; free space where possible.
+    fn discard(&self, offset: u64, len: u64) -> Result<()>;
+
     /// Make every acknowledged write durable.
     fn flush(&self) -> Result<()>;
 

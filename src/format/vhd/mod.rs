@@ -41,9 +41,10 @@ pub use structs::*;
 
 use std::collections::HashMap;
 use std::fs::File;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock};
@@ -124,6 +125,8 @@ pub struct VhdLayer {
     /// Blocks allocated since the last flush: block -> BAT entry.
     pending: RwLock<HashMap<u64, u32>>,
     n_pending: AtomicUsize,
+    /// Written since the last flush.
+    dirty: AtomicBool,
     cache: Arc<MetaCache>,
     key: u64,
     block_size: u64,
@@ -178,6 +181,7 @@ impl VhdLayer {
             parent: RwLock::new(None),
             pending: RwLock::new(HashMap::new()),
             n_pending: AtomicUsize::new(0),
+            dirty: AtomicBool::new(false),
             cache: opts.cache.clone(),
             key: new_layer_key(),
             block_size: 0,
@@ -429,25 +433,31 @@ impl VhdLayer {
             let _a = self.alloc.lock();
             entry = self.bat_entry(block)?;
             if entry == UNALLOCATED {
-                return self.allocate_block(block, in_off, data);
+                let n = data.len() as u64 / SECTOR;
+                return self.allocate_block(block, in_off, data, (in_off / SECTOR, n));
             }
         }
         let start = self.block_start(block, entry)?;
         let off = start + self.bitmap_size + in_off;
+        crate::fault::point()?;
         self.file
             .write_all_at(data, off)
             .ctx(&self.path, "cannot write data", Some(off))?;
-        // Data first, then the bits that make it visible.
+        self.set_block_bits(block, start, in_off / SECTOR, data.len() as u64 / SECTOR)
+    }
+
+    /// Set bitmap bits `first..first+n` of an allocated block (data first,
+    /// then the bits that make it visible).
+    fn set_block_bits(&self, block: u64, start: u64, first: u64, n: u64) -> Result<()> {
         let _a = self.alloc.lock();
         let bm = self.bitmap(block, start)?;
-        let first = in_off / SECTOR;
-        let n = data.len() as u64 / SECTOR;
         if bit_run(&bm, first, n) == (true, n) {
             return Ok(());
         }
         let mut nb = bm.to_vec();
         set_bits(&mut nb, first, n);
         let _w = self.meta.write();
+        crate::fault::point()?;
         self.file.write_all_at(&nb, start).ctx(
             &self.path,
             "cannot write sector bitmap",
@@ -459,7 +469,7 @@ impl VhdLayer {
 
     /// Allocate `block` holding `data` at `in_off`; see the module docs for
     /// why this order is safe. Called with `alloc` held.
-    fn allocate_block(&self, block: u64, in_off: u64, data: &[u8]) -> Result<()> {
+    fn allocate_block(&self, block: u64, in_off: u64, data: &[u8], bits: (u64, u64)) -> Result<()> {
         let old_footer = self.data_end.load(Ordering::Acquire);
         let data_start =
             (old_footer + FOOTER_SIZE as u64 + self.bitmap_size).next_multiple_of(4096);
@@ -474,18 +484,20 @@ impl VhdLayer {
             )
         })?;
         let mut bm = vec![0u8; self.bitmap_size as usize];
-        set_bits(&mut bm, in_off / SECTOR, data.len() as u64 / SECTOR);
+        set_bits(&mut bm, bits.0, bits.1);
         let p = &self.path;
         crate::fault::point()?;
         self.file
             .write_all_at(&bm, start)
             .ctx(p, "cannot write sector bitmap", Some(start))?;
-        crate::fault::point()?;
-        self.file.write_all_at(data, data_start + in_off).ctx(
-            p,
-            "cannot write data",
-            Some(data_start + in_off),
-        )?;
+        if !data.is_empty() {
+            crate::fault::point()?;
+            self.file.write_all_at(data, data_start + in_off).ctx(
+                p,
+                "cannot write data",
+                Some(data_start + in_off),
+            )?;
+        }
         let new_footer = data_start + self.block_size;
         crate::fault::point()?;
         self.file
@@ -505,6 +517,10 @@ impl VhdLayer {
     /// point at new blocks, then everything. Called with `alloc` held.
     fn flush_locked(&self) -> Result<()> {
         let p = &self.path;
+        if !self.dirty.swap(false, Ordering::AcqRel) && self.n_pending.load(Ordering::Acquire) == 0
+        {
+            return Ok(());
+        }
         if self.n_pending.load(Ordering::Acquire) > 0 {
             let h = self.header.as_ref().expect("dynamic layer");
             crate::fault::point()?;
@@ -598,6 +614,54 @@ impl VhdLayer {
         *footer = nf;
         self.data_end.store(end, Ordering::Release);
         *self.parent.write() = Some(self.parent_link(&header, end));
+        Ok(())
+    }
+
+    fn check_write(&self, offset: u64, len: u64) -> Result<()> {
+        if !self.writable {
+            return Err(Error::new(
+                ErrorKind::InvalidState,
+                format!("{}: opened read-only", self.path.display()),
+            ));
+        }
+        if offset % SECTOR != 0 || len % SECTOR != 0 || offset + len > self.size {
+            return Err(Error::invalid(format!(
+                "{}: write of {len} bytes at {offset:#x} is not whole sectors inside the disk",
+                self.path.display()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Make `len` bytes of the file at `off` read as zeros, freeing the
+    /// space where the file system can (a hole), else writing zeros.
+    fn punch(&self, off: u64, len: u64) -> Result<()> {
+        crate::fault::point()?;
+        // SAFETY: fallocate on our own descriptor; no memory is involved.
+        let r = unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                off as libc::off_t,
+                len as libc::off_t,
+            )
+        };
+        if r == 0 {
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EOPNOTSUPP) {
+            return Err(Error::io(&self.path, "cannot punch a hole", Some(off), e));
+        }
+        let zeros = vec![0u8; (len.min(1 << 20)) as usize];
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(zeros.len() as u64);
+            self.file
+                .write_all_at(&zeros[..n as usize], off + done)
+                .ctx(&self.path, "cannot write zeros", Some(off + done))?;
+            done += n;
+        }
         Ok(())
     }
 
@@ -725,20 +789,11 @@ impl Layer for VhdLayer {
     }
 
     fn write_sectors(&self, offset: u64, data: &[u8]) -> Result<()> {
-        if !self.writable {
-            return Err(Error::new(
-                ErrorKind::InvalidState,
-                format!("{}: opened read-only", self.path.display()),
-            ));
-        }
         let len = data.len() as u64;
-        if offset % SECTOR != 0 || len % SECTOR != 0 || offset + len > self.size {
-            return Err(Error::invalid(format!(
-                "{}: write of {len} bytes at {offset:#x} is not whole sectors inside the disk",
-                self.path.display()
-            )));
-        }
+        self.check_write(offset, len)?;
+        self.dirty.store(true, Ordering::Release);
         if self.disk_type == TYPE_FIXED {
+            crate::fault::point()?;
             return self.file.write_all_at(data, offset).ctx(
                 &self.path,
                 "cannot write data",
@@ -753,6 +808,49 @@ impl Layer for VhdLayer {
             let n = (self.block_size - in_off).min(len - done);
             self.write_in_block(block, in_off, &data[done as usize..(done + n) as usize])?;
             done += n;
+        }
+        Ok(())
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_write(offset, len)?;
+        self.dirty.store(true, Ordering::Release);
+        if self.disk_type == TYPE_FIXED {
+            return self.punch(offset, len);
+        }
+        let diff = self.disk_type == TYPE_DIFFERENCING;
+        let mut done = 0u64;
+        while done < len {
+            let off = offset + done;
+            let block = off / self.block_size;
+            let in_off = off % self.block_size;
+            let n = (self.block_size - in_off).min(len - done);
+            done += n;
+            let entry = self.bat_entry(block)?;
+            if entry == UNALLOCATED && !diff {
+                continue; // reads as zeros already
+            }
+            if n == self.block_size {
+                let spb = self.block_size / SECTOR;
+                if entry == UNALLOCATED {
+                    // A block of zeros that hides the parent: every bit set,
+                    // its data a hole never written.
+                    let _a = self.alloc.lock();
+                    if self.bat_entry(block)? == UNALLOCATED {
+                        self.allocate_block(block, 0, &[], (0, spb))?;
+                        continue;
+                    }
+                }
+                let entry = self.bat_entry(block)?;
+                let start = self.block_start(block, entry)?;
+                self.punch(start + self.bitmap_size, self.block_size)?;
+                if diff {
+                    self.set_block_bits(block, start, 0, spb)?;
+                }
+                continue;
+            }
+            let zeros = vec![0u8; n as usize];
+            self.write_in_block(block, in_off, &zeros)?;
         }
         Ok(())
     }
