@@ -906,6 +906,12 @@ impl Layer for VhdLayer {
 
 impl Drop for VhdLayer {
     fn drop(&mut self) {
+        // A clean close is not a crash: pending BAT entries reach the disk.
+        if self.writable {
+            if let Err(e) = self.flush_locked() {
+                log::error!("{}: flush at close failed: {e}", self.path.display());
+            }
+        }
         self.cache.forget_layer(self.key);
     }
 }
