@@ -50,7 +50,10 @@ pub enum ErrorKind {
     Busy,
     /// The caller may not do this.
     AccessDenied,
-    /// The image is open read-only, or the state does not allow the operation.
+    /// The image or mount is read-only.
+    ReadOnly,
+    /// The state does not allow the operation (dependent disks, a merge to
+    /// finish, a job that already ended).
     InvalidState,
 }
 
@@ -138,7 +141,8 @@ impl Error {
             ErrorKind::InvalidArgument => libc::EINVAL,
             ErrorKind::Busy => libc::EBUSY,
             ErrorKind::AccessDenied => libc::EACCES,
-            ErrorKind::InvalidState => libc::EROFS,
+            ErrorKind::ReadOnly => libc::EROFS,
+            ErrorKind::InvalidState => libc::EPERM,
         }
     }
 
@@ -153,7 +157,7 @@ impl Error {
             ErrorKind::InvalidArgument => RC_INVALID_PARAMETER,
             ErrorKind::Busy => RC_IN_USE,
             ErrorKind::AccessDenied => RC_ACCESS_DENIED,
-            ErrorKind::InvalidState => RC_INVALID_STATE,
+            ErrorKind::ReadOnly | ErrorKind::InvalidState => RC_INVALID_STATE,
         }
     }
 
@@ -168,7 +172,7 @@ impl Error {
             ErrorKind::Busy => 7,
             ErrorKind::AccessDenied => 8,
             ErrorKind::InvalidArgument => 9,
-            ErrorKind::InvalidState => 10,
+            ErrorKind::ReadOnly | ErrorKind::InvalidState => 10,
         }
     }
 }

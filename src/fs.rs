@@ -100,7 +100,7 @@ fn errno(e: i32, msg: &str) -> Error {
     let kind = match e {
         libc::ENOENT => ErrorKind::NotFound,
         libc::EACCES | libc::EPERM => ErrorKind::AccessDenied,
-        libc::EROFS => ErrorKind::InvalidState,
+        libc::EROFS => ErrorKind::ReadOnly,
         libc::EOPNOTSUPP => ErrorKind::Unsupported,
         _ => ErrorKind::InvalidArgument,
     };
@@ -354,7 +354,7 @@ impl ChainFs {
             } => {
                 if !self.cfg.writable {
                     return Err(Error::new(
-                        ErrorKind::InvalidState,
+                        ErrorKind::ReadOnly,
                         "the mount is read-only: merges need -o rw",
                     ));
                 }

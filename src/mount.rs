@@ -225,6 +225,7 @@ fn kind_of_exit(code: i32) -> ErrorKind {
         ErrorKind::AccessDenied,
         ErrorKind::InvalidArgument,
         ErrorKind::InvalidState,
+        ErrorKind::ReadOnly,
     ]
     .into_iter()
     .find(|k| Error::new(*k, "").exit_code() == code)

@@ -620,7 +620,7 @@ impl VhdLayer {
     fn check_write(&self, offset: u64, len: u64) -> Result<()> {
         if !self.writable {
             return Err(Error::new(
-                ErrorKind::InvalidState,
+                ErrorKind::ReadOnly,
                 format!("{}: opened read-only", self.path.display()),
             ));
         }
