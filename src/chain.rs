@@ -18,7 +18,7 @@ use serde::Serialize;
 
 use crate::cache::{MetaCache, DEFAULT_CACHE_BYTES};
 use crate::error::{Error, ErrorKind, Result};
-use crate::format::{open_layer, Layer, LayerOptions, ParentHint};
+use crate::format::{open_layer, Layer, LayerOptions, ParentHint, ParentLink};
 
 /// The deepest chain chainfs opens.
 pub const MAX_DEPTH: usize = 256;
@@ -131,8 +131,7 @@ impl Chain {
                         ),
                     ));
                 }
-                let (parent, found) =
-                    find_parent(child.as_ref(), &link.hints, link.id, opts, &ro, &seen_paths)?;
+                let (parent, found) = find_parent(child.as_ref(), &link, opts, &ro, &seen_paths)?;
                 let canon = canonical(&found.resolved);
                 let pid = parent.info().unique_id;
                 if !seen_paths.insert(canon) || (!found.id_mismatch && !seen_ids.insert(pid)) {
@@ -257,12 +256,12 @@ fn candidates(child: &Path, hints: &[ParentHint], opts: &ChainOptions) -> Vec<Pa
 
 fn find_parent(
     child: &dyn Layer,
-    hints: &[ParentHint],
-    want: uuid::Uuid,
+    link: &ParentLink,
     opts: &ChainOptions,
     ro: &LayerOptions,
     seen: &HashSet<PathBuf>,
 ) -> Result<(Arc<dyn Layer>, Link)> {
+    let (hints, want, alt) = (&link.hints[..], link.id, link.alt_id);
     let cpath = canonical(child.path());
     let over = opts
         .overrides
@@ -288,7 +287,7 @@ fn find_parent(
         }
         let layer = open_layer(&cand, ro)?;
         let got = layer.info().unique_id;
-        if got == want {
+        if got == want || alt == Some(got) {
             return Ok((
                 layer,
                 Link {

@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use chainfs::chain::{Chain, ChainOptions};
 use chainfs::error::{Error, IoContext, Result};
-use chainfs::format::{open_layer, vhd, LayerOptions};
+use chainfs::format::LayerOptions;
 use chainfs::image::FlatImage;
 use chainfs::size::parse_size;
 
@@ -83,6 +83,9 @@ enum CreateType {
 #[derive(Subcommand)]
 enum Cmd {
     /// Create a base disk (--size) or a differencing child (--parent).
+    ///
+    /// The format follows the extension: .vhd/.avhd make a VHD, .vhdx/.avhdx
+    /// a VHDX. A child must have the format of its parent.
     Create {
         /// The new image (never overwritten).
         image: PathBuf,
@@ -97,9 +100,14 @@ enum Cmd {
             conflicts_with = "parent"
         )]
         kind: CreateType,
-        /// Block size of a dynamic or differencing disk.
-        #[arg(long, value_parser = parse_size_arg, default_value = "2M")]
-        block_size: u64,
+        /// Block size (default: VHD 2M; VHDX 32M dynamic, 2M fixed or
+        /// differencing, as Hyper-V makes them).
+        #[arg(long, value_parser = parse_size_arg)]
+        block_size: Option<u64>,
+        /// Logical sector size of a VHDX base: 512 or 4096 (a child takes
+        /// its parent's).
+        #[arg(long, default_value_t = 512, conflicts_with = "parent")]
+        logical_sector: u32,
         /// Make a differencing disk on top of this parent.
         #[arg(long, conflicts_with = "size")]
         parent: Option<PathBuf>,
@@ -214,38 +222,19 @@ pub fn run() -> Result<i32> {
             size,
             kind,
             block_size,
+            logical_sector,
             parent,
         } => {
-            let bs = u32::try_from(block_size)
-                .map_err(|_| Error::invalid(format!("block size {block_size} is too large")))?;
-            match parent {
-                Some(p) => {
-                    let pl = open_layer(
-                        &p,
-                        &LayerOptions {
-                            writable: false,
-                            ignore_checksums: false,
-                            cache: chainfs::cache::MetaCache::new(1 << 20),
-                        },
-                    )?;
-                    let i = pl.info();
-                    vhd::create::create_child(
-                        &image,
-                        &vhd::create::ParentSpec {
-                            path: &p,
-                            unique_id: i.unique_id,
-                            virtual_size: i.virtual_size,
-                        },
-                        bs,
-                    )?;
-                }
-                None => vhd::create::create_base(
-                    &image,
-                    size.expect("clap requires --size"),
-                    matches!(kind, CreateType::Fixed),
-                    bs,
-                )?,
-            }
+            chainfs::format::create(
+                &image,
+                &chainfs::format::CreateOptions {
+                    size,
+                    fixed: matches!(kind, CreateType::Fixed),
+                    block_size,
+                    logical_sector,
+                    parent,
+                },
+            )?;
             Ok(0)
         }
         Cmd::Info { image, chain, json } => {

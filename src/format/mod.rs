@@ -15,6 +15,7 @@
 //! [`Layer::write_sectors`].
 
 pub mod vhd;
+pub mod vhdx;
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -54,12 +55,14 @@ impl Extent {
 #[serde(rename_all = "lowercase")]
 pub enum Format {
     Vhd,
+    Vhdx,
 }
 
 impl std::fmt::Display for Format {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Format::Vhd => "vhd",
+            Format::Vhdx => "vhdx",
         })
     }
 }
@@ -97,8 +100,12 @@ pub struct ParentHint {
 /// What a differencing layer says about its parent.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ParentLink {
-    /// The identity the parent must carry (VHD: footer unique id).
+    /// The identity the parent must carry (VHD: footer unique id; VHDX:
+    /// the parent's DataWriteGuid, `parent_linkage`).
     pub id: uuid::Uuid,
+    /// A second accepted identity (VHDX `parent_linkage2`, used while a
+    /// merge changes the parent).
+    pub alt_id: Option<uuid::Uuid>,
     /// Candidate locations in the order they are tried.
     pub hints: Vec<ParentHint>,
 }
@@ -170,12 +177,25 @@ pub trait Layer: Send + Sync {
     /// Mark this differencing layer as detached from any parent (a merge
     /// consumed its parent chain): it will no longer open as a chain.
     fn detach(&self) -> Result<()>;
+
+    /// The identity this layer will take at its next user-visible change,
+    /// when that changes it (VHDX DataWriteGuid); `None` when writes keep
+    /// the identity (VHD). A merge tells the children before writing.
+    fn next_identity(&self) -> Option<uuid::Uuid> {
+        None
+    }
+
+    /// Accept a parent carrying `id` as well as the recorded one (VHDX
+    /// `parent_linkage2`); nothing to do for formats without it.
+    fn accept_parent_id(&self, _id: uuid::Uuid) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// `(unique id, parent id)` of an image file without locking or fully
 /// opening it; `None` when it is not an image chainfs reads.
 pub fn peek_ids(path: &Path) -> Option<(uuid::Uuid, Option<uuid::Uuid>)> {
-    vhd::peek_ids(path)
+    vhdx::peek_ids(path).or_else(|| vhd::peek_ids(path))
 }
 
 /// The advisory (`flock`) lock a process holds on a layer file.
@@ -227,9 +247,111 @@ pub struct LayerOptions {
     pub cache: Arc<MetaCache>,
 }
 
+/// What `chainfs create` makes.
+#[derive(Debug, Clone)]
+pub struct CreateOptions {
+    /// Virtual size of a base disk.
+    pub size: Option<u64>,
+    pub fixed: bool,
+    pub block_size: Option<u64>,
+    /// VHDX base: 512 or 4096.
+    pub logical_sector: u32,
+    /// Make a differencing child of this parent.
+    pub parent: Option<PathBuf>,
+}
+
+/// The format a new file's name asks for.
+pub fn format_for(path: &Path) -> Result<Format> {
+    let ext = path
+        .extension()
+        .map(|e| e.to_string_lossy().to_ascii_lowercase())
+        .unwrap_or_default();
+    match ext.as_str() {
+        "vhd" | "avhd" => Ok(Format::Vhd),
+        "vhdx" | "avhdx" => Ok(Format::Vhdx),
+        _ => Err(Error::invalid(format!(
+            "{}: name it .vhd/.avhd (VHD) or .vhdx/.avhdx (VHDX)",
+            path.display()
+        ))),
+    }
+}
+
+/// Create a new image (never replacing a file).
+pub fn create(path: &Path, o: &CreateOptions) -> Result<()> {
+    let format = format_for(path)?;
+    let parent = match &o.parent {
+        Some(p) => Some(open_layer(
+            p,
+            &LayerOptions {
+                writable: false,
+                ignore_checksums: false,
+                cache: MetaCache::new(1 << 20),
+            },
+        )?),
+        None => None,
+    };
+    if let Some(pl) = &parent {
+        if pl.info().format != format {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                format!(
+                    "{}: a {format} child of a {} parent is not supported",
+                    path.display(),
+                    pl.info().format
+                ),
+            ));
+        }
+    }
+    let size = || {
+        o.size
+            .ok_or_else(|| Error::invalid("--size is required for a base disk"))
+    };
+    match format {
+        Format::Vhd => {
+            let bs = u32::try_from(o.block_size.unwrap_or(2 << 20))
+                .map_err(|_| Error::invalid("block size too large for VHD"))?;
+            match (&o.parent, &parent) {
+                (Some(pp), Some(pl)) => {
+                    let i = pl.info();
+                    vhd::create::create_child(
+                        path,
+                        &vhd::create::ParentSpec {
+                            path: pp,
+                            unique_id: i.unique_id,
+                            virtual_size: i.virtual_size,
+                        },
+                        bs,
+                    )
+                }
+                _ => vhd::create::create_base(path, size()?, o.fixed, bs),
+            }
+        }
+        Format::Vhdx => {
+            let default_bs = if o.fixed || parent.is_some() {
+                2 << 20
+            } else {
+                32 << 20
+            };
+            vhdx::create::create(
+                path,
+                &vhdx::create::VhdxSpec {
+                    size: if parent.is_some() { 0 } else { size()? },
+                    fixed: o.fixed,
+                    block_size: o.block_size.unwrap_or(default_bs),
+                    logical_sector: o.logical_sector,
+                    parent: o.parent.as_deref().zip(parent.as_deref()),
+                },
+            )
+        }
+    }
+}
+
 /// Open one file, detecting its format from its bytes.
 pub fn open_layer(path: &Path, opts: &LayerOptions) -> Result<Arc<dyn Layer>> {
     let file = open_file(path, opts.writable)?;
+    if vhdx::probe(&file, path)? {
+        return Ok(Arc::new(vhdx::VhdxLayer::open(file, path, opts)?));
+    }
     if vhd::probe(&file, path)? {
         return Ok(Arc::new(vhd::VhdLayer::open(file, path, opts)?));
     }

@@ -420,6 +420,16 @@ pub fn execute(image: &FlatImage, plan: Plan, progress: &Progress) -> Result<()>
         for p in &extra_children {
             extra.push(open_layer(p, &opts)?);
         }
+        // A format whose identity changes with the data (VHDX DataWriteGuid)
+        // tells the layer above DESTINATION the new identity first, so the
+        // chain keeps opening while DESTINATION changes ([MS-VHDX] note 12).
+        if let Some(id) = dest.next_identity() {
+            let above = reopen_writable(&layers[d - 1], &opts)?;
+            if !layers[d - 1].writable() {
+                relock.push(layers[d - 1].clone());
+            }
+            above.accept_parent_id(id)?;
+        }
 
         // 2. Intent.
         let mut record = Record {

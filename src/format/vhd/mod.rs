@@ -318,6 +318,7 @@ impl VhdLayer {
         }
         ParentLink {
             id: h.parent_id,
+            alt_id: None,
             hints,
         }
     }

@@ -1,0 +1,861 @@
+//! VHDX layers (Hyper-V `.vhdx`, checkpoints `.avhdx`): fixed, dynamic and
+//! differencing, per [MS-VHDX].
+//!
+//! ```text
+//! [identifier 64K][header 1 @64K][header 2 @128K][region table 1 @192K][2 @256K] .. 1 MiB
+//! [log][BAT][metadata][payload and sector-bitmap blocks, 1 MiB aligned]
+//! ```
+//!
+//! Opening: the current header is the valid one with the larger sequence
+//! number. A non-zero LogGuid means the log must be replayed before any
+//! metadata is trusted: a read-only open replays it into an in-memory
+//! overlay (`log::Overlay`) that every metadata read passes through, so a
+//! dirty image is read right and never changed; a writable open replays it
+//! into the file first (see `write`).
+//!
+//! Reading: payload block `n` has BAT entry `n + n / chunk_ratio`; its
+//! state decides: FULLY_PRESENT is data, NOT_PRESENT is the parent (zeros
+//! in a base), ZERO/UNMAPPED/UNDEFINED read as zeros even in a differencing
+//! disk, PARTIALLY_PRESENT consults the chunk's sector bitmap (LSB-first: a
+//! set bit is "in this file", a clear bit "from the parent").
+//!
+//! Identity: a child names its parent by the parent's DataWriteGuid
+//! (`parent_linkage`, or `parent_linkage2` during a merge), which is what
+//! `LayerInfo::unique_id` reports for a VHDX.
+
+mod check;
+pub mod create;
+mod log;
+pub mod structs;
+mod write;
+
+pub use structs::*;
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use parking_lot::{Mutex, RwLock};
+use uuid::Uuid;
+
+use crate::cache::{new_layer_key, Key, MetaCache, Table};
+use crate::error::{Error, ErrorKind, IoContext, Result};
+use crate::format::{
+    lock_file, DiskType, Extent, Format, Layer, LayerInfo, LayerOptions, LockMode, ParentHint,
+    ParentLink,
+};
+
+const BAT_PAGE_ENTRIES: u64 = 512;
+
+/// Does this file start with the `vhdxfile` identifier?
+pub fn probe(file: &File, path: &Path) -> Result<bool> {
+    let len = file.metadata().ctx(path, "cannot stat", None)?.len();
+    if len < 8 {
+        return Ok(false);
+    }
+    let mut c = [0u8; 8];
+    file.read_exact_at(&mut c, 0)
+        .ctx(path, "cannot read file identifier", Some(0))?;
+    Ok(&c == b"vhdxfile")
+}
+
+/// The parsed, validated layout of a VHDX file.
+#[derive(Debug, Clone)]
+pub struct Layout {
+    pub header: Header,
+    /// Which header slot (0 = 64 KiB, 1 = 128 KiB) is current.
+    pub slot: usize,
+    pub regions: Vec<RegionEntry>,
+    pub bat_offset: u64,
+    pub bat_length: u64,
+    pub metadata_offset: u64,
+    pub metadata_length: u64,
+    pub metadata: Vec<MetadataEntry>,
+    pub block_size: u64,
+    pub leave_allocated: bool,
+    pub has_parent: bool,
+    pub virtual_size: u64,
+    pub disk_id: Uuid,
+    pub logical_sector: u32,
+    pub physical_sector: u32,
+    pub locator: Vec<(String, String)>,
+    pub chunk_ratio: u64,
+    pub bat_entries: u64,
+    pub creator: String,
+}
+
+pub struct VhdxLayer {
+    path: PathBuf,
+    file: File,
+    writable: bool,
+    layout: RwLock<Layout>,
+    overlay: log::Overlay,
+    /// Whether the file was opened with a log still to replay (read-only).
+    dirty_log: bool,
+    parent: RwLock<Option<ParentLink>>,
+    cache: Arc<MetaCache>,
+    key: u64,
+    meta: RwLock<()>,
+    alloc: Mutex<()>,
+    /// Where the next 1 MiB aligned block goes.
+    data_end: AtomicU64,
+    /// Payload/bitmap BAT entries written since the last flush: index -> entry.
+    pending: RwLock<HashMap<u64, u64>>,
+    n_pending: AtomicUsize,
+    dirty: AtomicBool,
+    /// The headers were updated for this writing session (new FileWriteGuid).
+    session: AtomicBool,
+    /// ... and the DataWriteGuid was changed in it.
+    data_session: AtomicBool,
+    session_lock: Mutex<()>,
+    /// The DataWriteGuid the next data change will use (announced to
+    /// children by a merge before it happens).
+    next_id: Mutex<Option<Uuid>>,
+}
+
+impl VhdxLayer {
+    pub fn open(file: File, path: &Path, opts: &LayerOptions) -> Result<VhdxLayer> {
+        let len = file.metadata().ctx(path, "cannot stat", None)?.len();
+        let raw = RawFile { file: &file, path };
+        let (header, slot) = read_headers(&raw, len, opts.ignore_checksums)?;
+        let mut overlay = log::Overlay::default();
+        let mut dirty_log = false;
+        if !header.log_guid.is_nil() {
+            let end = header.log_offset + header.log_length as u64;
+            if header.log_length as u64 > 256 * MIB || end > len {
+                return Err(Error::corrupt(
+                    path,
+                    if slot == 0 { HEADER1 } else { HEADER2 } + 68,
+                    format!(
+                        "log at {:#x}+{:#x} lies outside the file ({len} bytes)",
+                        header.log_offset, header.log_length
+                    ),
+                ));
+            }
+            let mut logb = vec![0u8; header.log_length as usize];
+            raw.read(header.log_offset, &mut logb)?;
+            let seq = log::active_sequence(&logb, header.log_guid)
+                .map_err(|e| Error::format(path, header.log_offset, "log", e))?;
+            if let Some(head) = seq.last() {
+                if len < head.flushed_file_offset {
+                    return Err(Error::corrupt(
+                        path,
+                        header.log_offset + head.pos as u64,
+                        format!(
+                            "file is truncated: {len} bytes, the log says at least {}",
+                            head.flushed_file_offset
+                        ),
+                    ));
+                }
+                overlay = log::Overlay::from_sequence(&seq);
+                dirty_log = true;
+                ::log::info!(
+                    "{}: replaying {} log entries ({} sectors){}",
+                    path.display(),
+                    seq.len(),
+                    overlay.sectors.len(),
+                    if opts.writable { "" } else { " in memory" }
+                );
+            }
+        }
+        let layer_len = len.max(overlay.min_len);
+        let layout = {
+            let src = MetaSource {
+                raw: &raw,
+                overlay: &overlay,
+                len: layer_len,
+            };
+            read_layout(&src, header, slot)?
+        };
+        let mut layer = VhdxLayer {
+            path: path.to_path_buf(),
+            file,
+            writable: opts.writable,
+            parent: RwLock::new(None),
+            overlay,
+            dirty_log,
+            cache: opts.cache.clone(),
+            key: new_layer_key(),
+            meta: RwLock::new(()),
+            alloc: Mutex::new(()),
+            data_end: AtomicU64::new(layer_len.next_multiple_of(MIB)),
+            pending: RwLock::new(HashMap::new()),
+            n_pending: AtomicUsize::new(0),
+            dirty: AtomicBool::new(false),
+            session: AtomicBool::new(false),
+            data_session: AtomicBool::new(false),
+            session_lock: Mutex::new(()),
+            next_id: Mutex::new(None),
+            layout: RwLock::new(layout),
+        };
+        let link = layer.parent_link();
+        *layer.parent.get_mut() = link;
+        if opts.writable && layer.dirty_log {
+            layer.replay_into_file()?;
+        }
+        Ok(layer)
+    }
+
+    /// Metadata bytes at `off`: the file as the log says it is.
+    fn read_meta(&self, off: u64, buf: &mut [u8]) -> Result<()> {
+        let raw = RawFile {
+            file: &self.file,
+            path: &self.path,
+        };
+        MetaSource {
+            raw: &raw,
+            overlay: &self.overlay,
+            len: self.data_end.load(Ordering::Acquire),
+        }
+        .read(off, buf)
+    }
+
+    fn parent_link(&self) -> Option<ParentLink> {
+        let l = self.layout.read();
+        if !l.has_parent {
+            return None;
+        }
+        let get = |k: &str| {
+            l.locator
+                .iter()
+                .find(|(key, _)| key == k)
+                .map(|(_, v)| v.clone())
+        };
+        let id = get("parent_linkage")
+            .and_then(|v| parse_guid_text(&v))
+            .unwrap_or_default();
+        let alt_id = get("parent_linkage2")
+            .and_then(|v| parse_guid_text(&v))
+            .filter(|u| !u.is_nil());
+        let dir = crate::chain::folder_of(&self.path);
+        let mut hints = Vec::new();
+        for key in ["relative_path", "absolute_win32_path", "volume_path"] {
+            if let Some(v) = get(key) {
+                let path = match key {
+                    "relative_path" => {
+                        Some(dir.join(v.replace('\\', "/").trim_start_matches("./")))
+                    }
+                    _ if v.starts_with('/') => Some(PathBuf::from(&v)),
+                    _ => None,
+                };
+                hints.push(ParentHint {
+                    source: key.to_string(),
+                    stored: v,
+                    path,
+                });
+            }
+        }
+        Some(ParentLink { id, alt_id, hints })
+    }
+
+    fn bat_key(&self, page: u64) -> Key {
+        Key {
+            layer: self.key,
+            table: Table::BatPage,
+            index: page,
+        }
+    }
+
+    fn bitmap_key(&self, block: u64) -> Key {
+        Key {
+            layer: self.key,
+            table: Table::Bitmap,
+            index: block,
+        }
+    }
+
+    /// BAT entry number `idx` (payload and bitmap entries interleaved).
+    fn bat(&self, idx: u64) -> Result<u64> {
+        if self.n_pending.load(Ordering::Acquire) > 0 {
+            if let Some(e) = self.pending.read().get(&idx) {
+                return Ok(*e);
+            }
+        }
+        let (bat_offset, entries) = {
+            let l = self.layout.read();
+            (l.bat_offset, l.bat_entries)
+        };
+        if idx >= entries {
+            return Ok(0);
+        }
+        let page = idx / BAT_PAGE_ENTRIES;
+        let buf = self.cache.get_or_load(self.bat_key(page), &self.meta, || {
+            let first = page * BAT_PAGE_ENTRIES;
+            let n = (entries - first).min(BAT_PAGE_ENTRIES);
+            let mut b = vec![0u8; (n * 8) as usize];
+            self.read_meta(bat_offset + first * 8, &mut b)?;
+            Ok(b)
+        })?;
+        let i = ((idx % BAT_PAGE_ENTRIES) * 8) as usize;
+        Ok(le64(&buf, i))
+    }
+
+    fn entry_offset(&self, idx: u64, e: u64) -> Result<u64> {
+        let off = (e >> 20) * MIB;
+        if e & 0xF_FFF8 != 0 {
+            let bat = self.layout.read().bat_offset;
+            return Err(Error::corrupt(
+                &self.path,
+                bat + idx * 8,
+                format!("BAT entry {idx} ({e:#x}) has reserved bits set"),
+            ));
+        }
+        Ok(off)
+    }
+
+    /// The sector bitmap bytes of payload block `n` (LSB-first).
+    fn block_bitmap(&self, n: u64) -> Result<Arc<[u8]>> {
+        let (cr, spb, bat_offset) = {
+            let l = self.layout.read();
+            (
+                l.chunk_ratio,
+                l.block_size / l.logical_sector as u64,
+                l.bat_offset,
+            )
+        };
+        let idx = (n / cr) * (cr + 1) + cr;
+        let e = self.bat(idx)?;
+        if e & 7 != SB_PRESENT {
+            return Err(Error::corrupt(
+                &self.path,
+                bat_offset + idx * 8,
+                format!(
+                    "block {n} is partially present but its sector bitmap (BAT entry {idx}) is not present"
+                ),
+            ));
+        }
+        let sb = self.entry_offset(idx, e)?;
+        let bytes = spb / 8;
+        let at = sb + (n % cr) * bytes;
+        self.cache.get_or_load(self.bitmap_key(n), &self.meta, || {
+            let mut b = vec![0u8; bytes as usize];
+            self.read_meta(at, &mut b)?;
+            Ok(b)
+        })
+    }
+
+    /// The dirty-log state as opened (for `check`).
+    pub fn had_dirty_log(&self) -> bool {
+        self.dirty_log
+    }
+
+    pub fn layout(&self) -> Layout {
+        self.layout.read().clone()
+    }
+}
+
+/// LSB-first run of equal bits from `first`, at most `max` long.
+pub fn bit_run_lsb(bm: &[u8], first: u64, max: u64) -> (bool, u64) {
+    let bit = |i: u64| bm[(i / 8) as usize] >> (i % 8) & 1 != 0;
+    let set = bit(first);
+    let full = if set { 0xFF } else { 0x00 };
+    let end = first + max;
+    let mut i = first;
+    while i < end {
+        if i % 8 == 0 && i + 8 <= end && bm[(i / 8) as usize] == full {
+            i += 8;
+            continue;
+        }
+        if bit(i) != set {
+            break;
+        }
+        i += 1;
+    }
+    (set, i - first)
+}
+
+/// Positional reads of the file with errors that name it.
+struct RawFile<'a> {
+    file: &'a File,
+    path: &'a Path,
+}
+
+impl RawFile<'_> {
+    fn read(&self, off: u64, buf: &mut [u8]) -> Result<()> {
+        self.file
+            .read_exact_at(buf, off)
+            .ctx(self.path, "cannot read", Some(off))
+    }
+}
+
+/// The file as the log says it is: the overlay over the bytes, zeros
+/// between the end of the file and the length the log asks for.
+struct MetaSource<'a> {
+    raw: &'a RawFile<'a>,
+    overlay: &'a log::Overlay,
+    len: u64,
+}
+
+impl MetaSource<'_> {
+    fn read(&self, off: u64, buf: &mut [u8]) -> Result<()> {
+        let end = off + buf.len() as u64;
+        if end > self.len {
+            return Err(Error::corrupt(
+                self.raw.path,
+                off,
+                format!(
+                    "{} bytes of metadata lie past the end of the file",
+                    buf.len()
+                ),
+            ));
+        }
+        let flen = self
+            .raw
+            .file
+            .metadata()
+            .ctx(self.raw.path, "cannot stat", None)?
+            .len();
+        let n = flen.saturating_sub(off).min(buf.len() as u64) as usize;
+        self.raw.read(off, &mut buf[..n])?;
+        buf[n..].fill(0);
+        self.overlay.apply(off, buf);
+        Ok(())
+    }
+}
+
+fn read_headers(raw: &RawFile, len: u64, _ignore: bool) -> Result<(Header, usize)> {
+    if len < MIB {
+        return Err(Error::corrupt(
+            raw.path,
+            0,
+            format!("file is {len} bytes, shorter than the 1 MiB VHDX header section"),
+        ));
+    }
+    let mut hs = Vec::new();
+    let mut errs = Vec::new();
+    for (slot, at) in [HEADER1, HEADER2].into_iter().enumerate() {
+        let mut b = vec![0u8; HEADER_SIZE];
+        raw.read(at, &mut b)?;
+        match Header::parse(&b) {
+            Ok(h) => hs.push((h, slot, b)),
+            Err(e) => errs.push(Error::format(raw.path, at, "header", e).to_string()),
+        }
+    }
+    match hs.len() {
+        0 => Err(Error::new(
+            ErrorKind::Corrupt,
+            format!("no valid VHDX header: {}", errs.join("; ")),
+        )),
+        1 => {
+            let (h, slot, _) = hs.pop().unwrap();
+            Ok((h, slot))
+        }
+        _ => {
+            let (b, a) = (hs.pop().unwrap(), hs.pop().unwrap());
+            if a.0.sequence == b.0.sequence && a.2 != b.2 {
+                return Err(Error::corrupt(
+                    raw.path,
+                    HEADER2 + 8,
+                    "both headers have the same sequence number but differ",
+                ));
+            }
+            Ok(if b.0.sequence > a.0.sequence {
+                (b.0, b.1)
+            } else {
+                (a.0, a.1)
+            })
+        }
+    }
+}
+
+fn read_layout(src: &MetaSource, header: Header, slot: usize) -> Result<Layout> {
+    let path = src.raw.path;
+    let mut rt = vec![0u8; REGION_SIZE];
+    src.read(REGION1, &mut rt)?;
+    let regions = match parse_region_table(&rt) {
+        Ok(r) => r,
+        Err(e1) => {
+            src.read(REGION2, &mut rt)?;
+            parse_region_table(&rt).map_err(|_| Error::format(path, REGION1, "region table", e1))?
+        }
+    };
+    let mut bat = None;
+    let mut meta = None;
+    for r in &regions {
+        match r.guid {
+            BAT_GUID => bat = Some((r.offset, r.length as u64)),
+            METADATA_GUID => meta = Some((r.offset, r.length as u64)),
+            g if r.required => {
+                return Err(Error::unsupported(
+                    path,
+                    format!("required region {g} is unknown to chainfs"),
+                ))
+            }
+            _ => {}
+        }
+    }
+    let (Some((bat_offset, bat_length)), Some((mo, ml))) = (bat, meta) else {
+        return Err(Error::corrupt(
+            path,
+            REGION1,
+            "the BAT or metadata region is missing",
+        ));
+    };
+    // Regions must not overlap each other or the log.
+    let mut spans = vec![
+        (
+            header.log_offset,
+            header.log_offset + header.log_length as u64,
+            "log",
+        ),
+        (bat_offset, bat_offset + bat_length, "BAT"),
+        (mo, mo + ml, "metadata"),
+    ];
+    spans.retain(|s| s.1 > s.0);
+    spans.sort();
+    for w in spans.windows(2) {
+        if w[1].0 < w[0].1 {
+            return Err(Error::corrupt(
+                path,
+                REGION1,
+                format!("the {} and {} regions overlap", w[0].2, w[1].2),
+            ));
+        }
+    }
+    let mut mt = vec![0u8; REGION_SIZE];
+    src.read(mo, &mut mt)?;
+    let metadata =
+        parse_metadata_table(&mt).map_err(|e| Error::format(path, mo, "metadata table", e))?;
+    let item = |id: Uuid, min: usize| -> Result<Option<Vec<u8>>> {
+        let Some(e) = metadata.iter().find(|e| e.item == id && !e.is_user) else {
+            return Ok(None);
+        };
+        if e.length as usize > MIB as usize
+            || (e.length as usize) < min
+            || e.offset as u64 + e.length as u64 > ml
+            || (e.length > 0 && (e.offset as u64) < 64 * KIB)
+        {
+            return Err(Error::corrupt(
+                path,
+                mo,
+                format!(
+                    "metadata item {id} at +{:#x} ({} bytes) is out of range",
+                    e.offset, e.length
+                ),
+            ));
+        }
+        let mut b = vec![0u8; e.length as usize];
+        src.read(mo + e.offset as u64, &mut b)?;
+        Ok(Some(b))
+    };
+    for e in &metadata {
+        let known = [
+            FILE_PARAMETERS,
+            VIRTUAL_DISK_SIZE,
+            VIRTUAL_DISK_ID,
+            LOGICAL_SECTOR_SIZE,
+            PHYSICAL_SECTOR_SIZE,
+            PARENT_LOCATOR,
+        ];
+        if e.required && (e.is_user || !known.contains(&e.item)) {
+            return Err(Error::unsupported(
+                path,
+                format!("required metadata item {} is unknown to chainfs", e.item),
+            ));
+        }
+    }
+    let missing = |what: &str| Error::corrupt(path, mo, format!("metadata item {what} is missing"));
+    let fp = item(FILE_PARAMETERS, 8)?.ok_or_else(|| missing("File Parameters"))?;
+    let block_size = le32(&fp, 0) as u64;
+    let flags = le32(&fp, 4);
+    if !block_size.is_power_of_two() || !(MIB..=256 * MIB).contains(&block_size) {
+        return Err(Error::corrupt(
+            path,
+            mo,
+            format!("block size {block_size} is not a power of two from 1 MiB to 256 MiB"),
+        ));
+    }
+    let vs = item(VIRTUAL_DISK_SIZE, 8)?.ok_or_else(|| missing("Virtual Disk Size"))?;
+    let virtual_size = le64(&vs, 0);
+    let lss = le32(
+        &item(LOGICAL_SECTOR_SIZE, 4)?.ok_or_else(|| missing("Logical Sector Size"))?,
+        0,
+    );
+    let pss = le32(
+        &item(PHYSICAL_SECTOR_SIZE, 4)?.ok_or_else(|| missing("Physical Sector Size"))?,
+        0,
+    );
+    let disk_id = item(VIRTUAL_DISK_ID, 16)?
+        .map(|b| guid(&b, 0))
+        .ok_or_else(|| missing("Virtual Disk ID"))?;
+    if !matches!(lss, 512 | 4096) || !matches!(pss, 512 | 4096) {
+        return Err(Error::corrupt(
+            path,
+            mo,
+            format!("sector sizes {lss}/{pss} are not 512 or 4096"),
+        ));
+    }
+    if virtual_size == 0 || virtual_size % lss as u64 != 0 || virtual_size > 64 << 40 {
+        return Err(Error::corrupt(
+            path,
+            mo,
+            format!("virtual size {virtual_size} is not a multiple of {lss} up to 64 TiB"),
+        ));
+    }
+    let has_parent = flags & 2 != 0;
+    let locator = if has_parent {
+        let b = item(PARENT_LOCATOR, 20)?.ok_or_else(|| missing("Parent Locator"))?;
+        parse_parent_locator(&b).map_err(|e| Error::format(path, mo, "parent locator", e))?
+    } else {
+        Vec::new()
+    };
+    let chunk_ratio = ((1u64 << 23) * lss as u64) / block_size;
+    let data_blocks = virtual_size.div_ceil(block_size);
+    let sb_blocks = data_blocks.div_ceil(chunk_ratio);
+    let bat_entries = if has_parent {
+        sb_blocks * (chunk_ratio + 1)
+    } else {
+        data_blocks + (data_blocks - 1) / chunk_ratio
+    };
+    if bat_entries * 8 > bat_length {
+        return Err(Error::corrupt(
+            path,
+            bat_offset,
+            format!(
+                "BAT region of {bat_length} bytes cannot hold the {bat_entries} entries the disk needs"
+            ),
+        ));
+    }
+    let mut ident = vec![0u8; 520];
+    src.read(0, &mut ident)?;
+    let units: Vec<u16> = ident[8..520]
+        .chunks_exact(2)
+        .map(|c| u16::from_le_bytes([c[0], c[1]]))
+        .take_while(|&u| u != 0)
+        .collect();
+    Ok(Layout {
+        header,
+        slot,
+        regions,
+        bat_offset,
+        bat_length,
+        metadata_offset: mo,
+        metadata_length: ml,
+        metadata,
+        block_size,
+        leave_allocated: flags & 1 != 0,
+        has_parent,
+        virtual_size,
+        disk_id,
+        logical_sector: lss,
+        physical_sector: pss,
+        locator,
+        chunk_ratio,
+        bat_entries,
+        creator: String::from_utf16_lossy(&units),
+    })
+}
+
+/// `(DataWriteGuid, parent_linkage)` of a VHDX file, without locking it.
+pub fn peek_ids(path: &Path) -> Option<(Uuid, Option<Uuid>)> {
+    let file = File::open(path).ok()?;
+    if !probe(&file, path).ok()? {
+        return None;
+    }
+    let opts = LayerOptions {
+        writable: false,
+        ignore_checksums: false,
+        cache: MetaCache::new(1 << 20),
+    };
+    // Opening without `open_file` takes no lock.
+    let l = VhdxLayer::open(file, path, &opts).ok()?;
+    let i = l.info();
+    Some((i.unique_id, l.parent().map(|p| p.id)))
+}
+
+impl Layer for VhdxLayer {
+    fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn info(&self) -> LayerInfo {
+        let l = self.layout.read();
+        LayerInfo {
+            format: Format::Vhdx,
+            disk_type: if l.has_parent {
+                DiskType::Differencing
+            } else if l.leave_allocated {
+                DiskType::Fixed
+            } else {
+                DiskType::Dynamic
+            },
+            virtual_size: l.virtual_size,
+            block_size: Some(l.block_size),
+            sector_size: l.logical_sector,
+            unique_id: l.header.data_write_guid,
+            parent_id: self.parent.read().as_ref().map(|p| p.id),
+            creator: l.creator.clone(),
+        }
+    }
+
+    fn parent(&self) -> Option<ParentLink> {
+        self.parent.read().clone()
+    }
+
+    fn map(&self, offset: u64, len: u64) -> Result<Extent> {
+        let (size, bs, cr, has_parent, lss) = {
+            let l = self.layout.read();
+            (
+                l.virtual_size,
+                l.block_size,
+                l.chunk_ratio,
+                l.has_parent,
+                l.logical_sector as u64,
+            )
+        };
+        if offset >= size {
+            return Ok(Extent::Zero { len });
+        }
+        let n = offset / bs;
+        let in_off = offset % bs;
+        let len = len.min(size - offset).min(bs - in_off);
+        let idx = n + n / cr;
+        let e = self.bat(idx)?;
+        match e & 7 {
+            PAYLOAD_FULLY_PRESENT => Ok(Extent::Data {
+                file_offset: self.entry_offset(idx, e)? + in_off,
+                len,
+            }),
+            PAYLOAD_PARTIALLY_PRESENT if has_parent => {
+                let base = self.entry_offset(idx, e)?;
+                let bm = self.block_bitmap(n)?;
+                let first = in_off / lss;
+                let last = (in_off + len - 1) / lss;
+                let (set, run) = bit_run_lsb(&bm, first, last - first + 1);
+                let len = ((first + run) * lss - in_off).min(len);
+                Ok(if set {
+                    Extent::Data {
+                        file_offset: base + in_off,
+                        len,
+                    }
+                } else {
+                    Extent::Parent { len }
+                })
+            }
+            PAYLOAD_NOT_PRESENT if has_parent => Ok(Extent::Parent { len }),
+            PAYLOAD_NOT_PRESENT
+            | PAYLOAD_UNDEFINED
+            | PAYLOAD_ZERO
+            | PAYLOAD_UNMAPPED
+            | PAYLOAD_UNMAPPED_V095 => Ok(Extent::Zero { len }),
+            s => {
+                let bat = self.layout.read().bat_offset;
+                Err(Error::corrupt(
+                    &self.path,
+                    bat + idx * 8,
+                    format!(
+                        "BAT entry {idx} has payload state {s}, invalid in a {} disk",
+                        if has_parent {
+                            "differencing"
+                        } else {
+                            "non-differencing"
+                        }
+                    ),
+                ))
+            }
+        }
+    }
+
+    fn read_data(&self, file_offset: u64, buf: &mut [u8]) -> Result<()> {
+        let mut done = 0;
+        while done < buf.len() {
+            let at = file_offset + done as u64;
+            let n = self.file.read_at(&mut buf[done..], at).ctx(
+                &self.path,
+                "cannot read data",
+                Some(at),
+            )?;
+            if n == 0 {
+                // Past the end: zeros only where the log extended the file.
+                if file_offset + buf.len() as u64 <= self.overlay.min_len {
+                    buf[done..].fill(0);
+                    break;
+                }
+                return Err(Error::corrupt(
+                    &self.path,
+                    at,
+                    "block data lies past the end of the file",
+                ));
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    fn allocated_bytes(&self) -> Result<u64> {
+        let l = self.layout();
+        let mut n = 0;
+        for b in 0..l.virtual_size.div_ceil(l.block_size) {
+            let s = self.bat(b + b / l.chunk_ratio)? & 7;
+            if s == PAYLOAD_FULLY_PRESENT || s == PAYLOAD_PARTIALLY_PRESENT {
+                n += 1;
+            }
+        }
+        Ok(n * l.block_size)
+    }
+
+    fn writable(&self) -> bool {
+        self.writable
+    }
+
+    fn write_sectors(&self, offset: u64, data: &[u8]) -> Result<()> {
+        self.write_impl(offset, data)
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.discard_impl(offset, len)
+    }
+
+    fn flush(&self) -> Result<()> {
+        if !self.writable {
+            return Ok(());
+        }
+        let _a = self.alloc.lock();
+        self.flush_locked()
+    }
+
+    fn check(&self) -> Result<Vec<String>> {
+        check::check(self)
+    }
+
+    fn set_lock(&self, mode: LockMode) -> Result<()> {
+        lock_file(&self.file, &self.path, mode)
+    }
+
+    fn set_parent(&self, parent: &dyn Layer) -> Result<()> {
+        if parent.info().format != Format::Vhdx {
+            return Err(Error::unsupported(
+                &self.path,
+                "a VHDX can only have a VHDX parent",
+            ));
+        }
+        self.relink(Some((parent.path(), parent.info().unique_id)))
+    }
+
+    fn detach(&self) -> Result<()> {
+        self.relink(None)
+    }
+
+    fn next_identity(&self) -> Option<Uuid> {
+        self.next_identity_impl()
+    }
+
+    fn accept_parent_id(&self, id: Uuid) -> Result<()> {
+        self.accept_parent_impl(id)
+    }
+}
+
+impl Drop for VhdxLayer {
+    fn drop(&mut self) {
+        if self.writable {
+            let _a = self.alloc.lock();
+            if let Err(e) = self.flush_locked() {
+                ::log::error!("{}: flush at close failed: {e}", self.path.display());
+            }
+        }
+        self.cache.forget_layer(self.key);
+    }
+}
