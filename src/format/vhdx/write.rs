@@ -144,8 +144,10 @@ impl VhdxLayer {
         self.file
             .write_all_at(data, at)
             .ctx(&self.path, "cannot write data", Some(at))?;
-        if e & 7 == PAYLOAD_PARTIALLY_PRESENT {
+                if e & 7 == PAYLOAD_PARTIALLY_PRESENT {
             let lss = self.layout.read().logical_sector as u64;
+            // Bitmap read-modify-writes are serialised with allocation.
+            let _a = self.alloc.lock();
             self.set_bits(n, in_off / lss, data.len() as u64 / lss, false)?;
         }
         Ok(())
@@ -199,8 +201,9 @@ impl VhdxLayer {
         Ok(())
     }
 
-    /// Set bits `first..first+cnt` of block `n`'s bitmap; `fresh` clears the
+        /// Set bits `first..first+cnt` of block `n`'s bitmap; `fresh` clears the
     /// others (a new block). Allocates the chunk's bitmap block if needed.
+    /// Called with `alloc` held.
     fn set_bits(&self, n: u64, first: u64, cnt: u64, fresh: bool) -> Result<()> {
         let (cr, spb) = {
             let l = self.layout.read();
