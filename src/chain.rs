@@ -274,6 +274,8 @@ fn find_parent(
     };
     let mut tried = Vec::new();
     let mut looped: Option<PathBuf> = None;
+    let mut unusable: Option<Error> = None;
+    let cname = child.path().display();
     let mut mismatch: Option<(PathBuf, Arc<dyn Layer>, uuid::Uuid)> = None;
     for cand in list {
         tried.push(cand.clone());
@@ -285,7 +287,21 @@ fn find_parent(
             looped.get_or_insert(cand);
             continue;
         }
-        let layer = open_layer(&cand, ro)?;
+        let layer = match open_layer(&cand, ro) {
+            Ok(l) => l,
+            Err(e) => {
+                // Not this one (corrupt, locked, not an image): look further,
+                // and say why if nothing else fits.
+                log::debug!("{cname}: candidate parent {}: {e}", cand.display());
+                unusable.get_or_insert(e);
+                continue;
+            }
+        };
+        log::debug!(
+            "{cname}: candidate parent {} has id {}",
+            cand.display(),
+            layer.info().unique_id
+        );
         let got = layer.info().unique_id;
         if got == want || alt == Some(got) {
             return Ok((
@@ -302,7 +318,6 @@ fn find_parent(
             mismatch = Some((cand, layer, got));
         }
     }
-    let cname = child.path().display();
     if let Some((cand, layer, got)) = mismatch {
         if opts.ignore_id_mismatch {
             log::warn!(
@@ -336,6 +351,9 @@ fn find_parent(
                 p.display()
             ),
         ));
+    }
+    if let Some(e) = unusable {
+        return Err(e);
     }
     let stored: Vec<String> = hints
         .iter()

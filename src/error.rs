@@ -52,6 +52,8 @@ pub enum ErrorKind {
     AccessDenied,
     /// The image or mount is read-only.
     ReadOnly,
+    /// A write past the end of a fixed-size disk.
+    NoSpace,
     /// The state does not allow the operation (dependent disks, a merge to
     /// finish, a job that already ended).
     InvalidState,
@@ -142,6 +144,7 @@ impl Error {
             ErrorKind::Busy => libc::EBUSY,
             ErrorKind::AccessDenied => libc::EACCES,
             ErrorKind::ReadOnly => libc::EROFS,
+            ErrorKind::NoSpace => libc::ENOSPC,
             ErrorKind::InvalidState => libc::EPERM,
         }
     }
@@ -158,6 +161,7 @@ impl Error {
             ErrorKind::Busy => RC_IN_USE,
             ErrorKind::AccessDenied => RC_ACCESS_DENIED,
             ErrorKind::ReadOnly | ErrorKind::InvalidState => RC_INVALID_STATE,
+            ErrorKind::NoSpace => RC_INVALID_PARAMETER,
         }
     }
 
@@ -171,7 +175,7 @@ impl Error {
             ErrorKind::Unsupported => 6,
             ErrorKind::Busy => 7,
             ErrorKind::AccessDenied => 8,
-            ErrorKind::InvalidArgument => 9,
+            ErrorKind::InvalidArgument | ErrorKind::NoSpace => 9,
             ErrorKind::ReadOnly | ErrorKind::InvalidState => 10,
         }
     }

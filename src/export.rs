@@ -45,6 +45,21 @@ pub fn export(
         oo.create_new(true);
     }
     let f = oo.open(out).ctx(out, "cannot create", None)?;
+    let r = export_into(image, &f, out, threads, progress);
+    if r.is_err() {
+        // Never leave a partial image that looks like a result.
+        let _ = std::fs::remove_file(out);
+    }
+    r
+}
+
+fn export_into(
+    image: &FlatImage,
+    f: &File,
+    out: &Path,
+    threads: usize,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<ExportStats> {
     let size = image.size();
     f.set_len(size).ctx(out, "cannot size", None)?;
     let next = AtomicU64::new(0);
@@ -65,7 +80,7 @@ pub fn export(
                         }
                         let r = copy_chunk(
                             image,
-                            &f,
+                            f,
                             out,
                             c * CHUNK,
                             CHUNK.min(size - c * CHUNK),

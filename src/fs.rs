@@ -99,7 +99,8 @@ pub struct ChainFs {
 fn errno(e: i32, msg: &str) -> Error {
     let kind = match e {
         libc::ENOENT => ErrorKind::NotFound,
-        libc::EACCES | libc::EPERM => ErrorKind::AccessDenied,
+        libc::EACCES => ErrorKind::AccessDenied,
+        libc::EPERM => ErrorKind::InvalidState,
         libc::EROFS => ErrorKind::ReadOnly,
         libc::EOPNOTSUPP => ErrorKind::Unsupported,
         _ => ErrorKind::InvalidArgument,
@@ -302,8 +303,18 @@ impl ChainFs {
                 if !self.cfg.writable {
                     return Err(errno(libc::EROFS, "disk.raw is read-only"));
                 }
-                self.image.write_at(offset, data)?;
-                Ok(data.len() as u32)
+                // Like a block device: the part inside the disk is written,
+                // a write starting at or past the end gets ENOSPC.
+                let room = self.image.size().saturating_sub(offset);
+                if room == 0 && !data.is_empty() {
+                    return Err(Error::new(
+                        ErrorKind::NoSpace,
+                        format!("write at {offset} is past the end of disk.raw"),
+                    ));
+                }
+                let n = (data.len() as u64).min(room) as usize;
+                self.image.write_at(offset, &data[..n])?;
+                Ok(n as u32)
             }
             CONTROL => {
                 let text = String::from_utf8_lossy(data);

@@ -29,6 +29,8 @@ pub struct MountOptions {
     pub cache_bytes: Option<u64>,
     pub threads: usize,
     pub copy_on_read: bool,
+    /// Where a background daemon writes its log (RUST_LOG).
+    pub log: Option<PathBuf>,
 }
 
 impl Default for MountOptions {
@@ -40,6 +42,7 @@ impl Default for MountOptions {
             cache_bytes: None,
             threads: 4,
             copy_on_read: false,
+            log: None,
         }
     }
 }
@@ -63,7 +66,8 @@ impl MountOptions {
                 ("allow_other", None) => o.allow_other = true,
                                 ("allow_root", None) => o.allow_root = true,
                 ("copy_on_read", None) => o.copy_on_read = true,
-                ("cache", Some(v)) => o.cache_bytes = Some(parse_size(v)?),
+                                ("cache", Some(v)) => o.cache_bytes = Some(parse_size(v)?),
+                ("log", Some(v)) => o.log = Some(PathBuf::from(v)),
                 ("threads", Some(v)) => {
                     o.threads = v
                         .parse()
@@ -73,7 +77,7 @@ impl MountOptions {
                 }
                 _ => {
                     return Err(Error::invalid(format!(
-                        "unknown mount option `{item}` (known: ro, rw, allow_other, allow_root, copy_on_read, cache=SIZE, threads=N)"
+                        "unknown mount option `{item}` (known: ro, rw, allow_other, allow_root, copy_on_read, cache=SIZE, threads=N, log=FILE)"
                     )))
                 }
             }
@@ -119,21 +123,24 @@ pub fn check_mountpoint(mnt: &Path) -> Result<()> {
 }
 
 /// `(major:minor, mount point)` of every mount, from /proc/self/mountinfo.
-fn mounts() -> Vec<(String, PathBuf)> {
+fn mounts() -> Vec<(String, PathBuf, String)> {
     std::fs::read_to_string("/proc/self/mountinfo")
         .unwrap_or_default()
         .lines()
         .filter_map(|l| {
             let f: Vec<&str> = l.split(' ').collect();
             let unescaped = f.get(4)?.replace("\\040", " ").replace("\\011", "\t");
-            Some((f.get(2)?.to_string(), PathBuf::from(unescaped)))
+            // After the " - " separator: fstype, source.
+            let dash = f.iter().position(|x| *x == "-")?;
+            let source = f.get(dash + 2).unwrap_or(&"").to_string();
+            Some((f.get(2)?.to_string(), PathBuf::from(unescaped), source))
         })
         .collect()
 }
 
 pub fn is_mountpoint(p: &Path) -> bool {
     let c = canonical(p);
-    mounts().iter().any(|(_, m)| *m == c)
+    mounts().iter().any(|(_, m, _)| *m == c)
 }
 
 /// Mount `leaf`'s chain at `mnt`. Returns when the mount is gone (with
@@ -254,6 +261,7 @@ fn serve_inner(
     parent: &mut Option<OwnedFd>,
 ) -> Result<()> {
     let image = Arc::new(FlatImage::new(&chain));
+    let flush_image = image.clone();
     let report_image = image.clone();
     let refresh = Box::new(move || {
         let layers = report_image.layers();
@@ -310,9 +318,26 @@ fn serve_inner(
     raise_readahead(mnt);
     tell(parent, "ok");
     if parent_was_waiting() {
-        detach_stdio();
+        detach_stdio(mo.log.as_deref());
     }
     let worker = std::thread::spawn(move || session.run());
+    // Writes reach the leaf at once, but new blocks' tables wait for a
+    // flush; like a file system's writeback, flush dirty state every few
+    // seconds so a crash loses at most that much (fsync/close flush now).
+    if mo.writable {
+        let img = flush_image.clone();
+        let ws = std::sync::Arc::downgrade(&img);
+        drop(img);
+        std::thread::spawn(move || {
+            while let Some(img) = ws.upgrade() {
+                if let Err(e) = img.flush() {
+                    log::error!("periodic flush: {e}");
+                }
+                drop(img);
+                std::thread::sleep(Duration::from_secs(5));
+            }
+        });
+    }
     loop {
         let ts = libc::timespec {
             tv_sec: 0,
@@ -362,15 +387,26 @@ fn stop_signals() -> libc::sigset_t {
     }
 }
 
-fn detach_stdio() {
+/// A daemon keeps no terminal: stdin/stdout to /dev/null, stderr (the log)
+/// to `-o log=FILE` or /dev/null.
+fn detach_stdio(log: Option<&Path>) {
+    use std::os::fd::AsRawFd;
     if let Ok(null) = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open("/dev/null")
     {
-        use std::os::fd::AsRawFd;
         for fd in 0..3 {
             unsafe { libc::dup2(null.as_raw_fd(), fd) };
+        }
+    }
+    if let Some(p) = log {
+        if let Ok(f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(p)
+        {
+            unsafe { libc::dup2(f.as_raw_fd(), 2) };
         }
     }
     let _ = std::env::set_current_dir("/");
@@ -381,7 +417,7 @@ fn detach_stdio() {
 /// requests in flight for a sequential reader. Best effort (needs root).
 fn raise_readahead(mnt: &Path) {
     let c = canonical(mnt);
-    if let Some((dev, _)) = mounts().into_iter().rev().find(|(_, m)| *m == c) {
+    if let Some((dev, _, _)) = mounts().into_iter().rev().find(|(_, m, _)| *m == c) {
         let p = format!("/sys/class/bdi/{dev}/read_ahead_kb");
         if let Err(e) = std::fs::write(&p, "4096") {
             log::debug!("{p}: {e}");
@@ -392,8 +428,15 @@ fn raise_readahead(mnt: &Path) {
 /// `chainfs umount`: unmount, then wait (briefly) until the daemon has let
 /// go of the leaf, so the chain can be reopened at once.
 pub fn umount(mnt: &Path) -> Result<()> {
-    if !is_mountpoint(mnt) {
+    let c = canonical(mnt);
+    let Some((_, _, source)) = mounts().into_iter().rev().find(|(_, m, _)| *m == c) else {
         return Err(Error::invalid(format!("{}: not mounted", mnt.display())));
+    };
+    if !source.starts_with("chainfs:") {
+        return Err(Error::invalid(format!(
+            "{}: not a chainfs mount (it is {source}); use umount",
+            mnt.display()
+        )));
     }
     let leaf = std::fs::read_to_string(mnt.join("chain"))
         .ok()

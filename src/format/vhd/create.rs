@@ -19,10 +19,8 @@ pub const DEFAULT_BLOCK_SIZE: u32 = 2 << 20;
 /// A new base disk.
 pub fn create_base(path: &Path, size: u64, fixed: bool, block_size: u32) -> Result<()> {
     validate_size(size)?;
-    if !fixed && (!block_size.is_power_of_two() || !(512..=(256 << 20)).contains(&block_size)) {
-        return Err(Error::invalid(format!(
-            "block size {block_size} is not a power of two between 512 bytes and 256 MiB"
-        )));
+    if !fixed {
+        check_block_size(block_size)?;
     }
     let footer = new_footer(size, if fixed { TYPE_FIXED } else { TYPE_DYNAMIC });
     write_new(path, |f| {
@@ -45,10 +43,20 @@ pub struct ParentSpec<'a> {
 
 /// A new differencing child of `parent`.
 pub fn create_child(path: &Path, parent: &ParentSpec<'_>, block_size: u32) -> Result<()> {
+    check_block_size(block_size)?;
     let footer = new_footer(parent.virtual_size, TYPE_DIFFERENCING);
     write_new(path, |f| {
         write_dynamic(f, path, &footer, block_size, Some(parent))
     })
+}
+
+fn check_block_size(block_size: u32) -> Result<()> {
+    if !block_size.is_power_of_two() || !(512..=(256 << 20)).contains(&block_size) {
+        return Err(Error::invalid(format!(
+            "block size {block_size} is not a power of two between 512 bytes and 256 MiB"
+        )));
+    }
+    Ok(())
 }
 
 fn validate_size(size: u64) -> Result<()> {

@@ -27,8 +27,10 @@
 //!    but the footer did not land), the footer copy at offset 0 describes the
 //!    same file; the next writable open appends a fresh footer.
 //!
-//! Writes into an existing block write the data first and then set the
-//! bitmap bits, so a crash in between leaves the sectors reading as before.
+//! Writes into an existing block write the data in place; the bitmap bits
+//! that make newly written sectors visible are kept in memory (`pending_bm`,
+//! where reads find them) and written by `flush()` after the data is synced,
+//! so a crash never shows a sector whose data did not land.
 //!
 //! Relinking a child to a new parent (merges) writes a new dynamic header
 //! and locator data past the end of the file, syncs, and only then moves
@@ -124,9 +126,13 @@ pub struct VhdLayer {
     parent: RwLock<Option<ParentLink>>,
     /// Blocks allocated since the last flush: block -> BAT entry.
     pending: RwLock<HashMap<u64, u32>>,
+    /// Bitmaps changed since the last flush: block -> (file offset, bytes).
+    pending_bm: crate::format::PendingBitmaps,
     n_pending: AtomicUsize,
     /// Written since the last flush.
     dirty: AtomicBool,
+    /// Allocated blocks, counted once on demand and kept up to date.
+    allocated: Mutex<Option<u64>>,
     cache: Arc<MetaCache>,
     key: u64,
     block_size: u64,
@@ -149,6 +155,12 @@ impl VhdLayer {
         let mut buf = [0u8; FOOTER_SIZE];
         file.read_exact_at(&mut buf, tail_off)
             .ctx(path, "cannot read footer", Some(tail_off))?;
+        if opts.ignore_checksums && opts.writable {
+            return Err(Error::invalid(format!(
+                "{}: --ignore-checksum is for reading only",
+                path.display()
+            )));
+        }
         let verify = !opts.ignore_checksums;
         let (footer, footer_problem) = match Footer::parse(&buf, verify) {
             Ok(f) => (f, None),
@@ -180,8 +192,10 @@ impl VhdLayer {
             header: None,
             parent: RwLock::new(None),
             pending: RwLock::new(HashMap::new()),
+            pending_bm: RwLock::new(HashMap::new()),
             n_pending: AtomicUsize::new(0),
             dirty: AtomicBool::new(false),
+            allocated: Mutex::new(None),
             cache: opts.cache.clone(),
             key: new_layer_key(),
             block_size: 0,
@@ -203,12 +217,6 @@ impl VhdLayer {
                 ));
             }
             return Ok(layer);
-        }
-        if opts.ignore_checksums && opts.writable {
-            return Err(Error::invalid(format!(
-                "{}: --ignore-checksum is for reading only",
-                path.display()
-            )));
         }
         layer.open_dynamic(tail_off, verify)?;
         if opts.writable && layer.footer_problem.is_some() {
@@ -421,6 +429,11 @@ impl VhdLayer {
     }
 
     fn bitmap(&self, block: u64, start: u64) -> Result<Arc<[u8]>> {
+        if self.n_pending.load(Ordering::Acquire) > 0 {
+            if let Some((_, b)) = self.pending_bm.read().get(&block) {
+                return Ok(b.clone());
+            }
+        }
         self.cache
             .get_or_load(self.bitmap_key(block), &self.meta, || {
                 self.load_bitmap(start)
@@ -457,14 +470,20 @@ impl VhdLayer {
         }
         let mut nb = bm.to_vec();
         set_bits(&mut nb, first, n);
-        let _w = self.meta.write();
-        crate::fault::point()?;
-        self.file.write_all_at(&nb, start).ctx(
-            &self.path,
-            "cannot write sector bitmap",
-            Some(start),
-        )?;
-        self.cache.insert(self.bitmap_key(block), nb.into());
+        let nb: Arc<[u8]> = nb.into();
+        // Written by flush(), after the data it makes visible is synced.
+        if self
+            .pending_bm
+            .write()
+            .insert(block, (start, nb.clone()))
+            .is_none()
+        {
+            self.n_pending.fetch_add(1, Ordering::AcqRel);
+        }
+        self.cache.insert(self.bitmap_key(block), nb);
+        if self.n_pending.load(Ordering::Acquire) >= MAX_PENDING {
+            self.flush_locked()?;
+        }
         Ok(())
     }
 
@@ -506,9 +525,13 @@ impl VhdLayer {
             .ctx(p, "cannot write footer", Some(new_footer))?;
         self.data_end.store(new_footer, Ordering::Release);
         self.cache.insert(self.bitmap_key(block), bm.into());
-        self.pending.write().insert(block, sector);
-        let n = self.n_pending.fetch_add(1, Ordering::AcqRel) + 1;
-        if n >= MAX_PENDING {
+        if self.pending.write().insert(block, sector).is_none() {
+            self.n_pending.fetch_add(1, Ordering::AcqRel);
+        }
+        if let Some(n) = self.allocated.lock().as_mut() {
+            *n += 1;
+        }
+        if self.n_pending.load(Ordering::Acquire) >= MAX_PENDING {
             self.flush_locked()?;
         }
         Ok(())
@@ -529,6 +552,15 @@ impl VhdLayer {
             let mut entries: Vec<(u64, u32)> =
                 self.pending.read().iter().map(|(b, e)| (*b, *e)).collect();
             entries.sort_unstable();
+            let mut bitmaps: Vec<(u64, Arc<[u8]>)> =
+                self.pending_bm.read().values().cloned().collect();
+            bitmaps.sort_unstable_by_key(|b| b.0);
+            for (at, bm) in &bitmaps {
+                crate::fault::point()?;
+                self.file
+                    .write_all_at(bm, *at)
+                    .ctx(p, "cannot write sector bitmap", Some(*at))?;
+            }
             let _w = self.meta.write();
             for (block, sector) in &entries {
                 let off = h.table_offset + block * 4;
@@ -547,6 +579,7 @@ impl VhdLayer {
                 }
             }
             self.pending.write().clear();
+            self.pending_bm.write().clear();
             self.n_pending.store(0, Ordering::Release);
         }
         crate::fault::point()?;
@@ -776,12 +809,17 @@ impl Layer for VhdLayer {
         if self.disk_type == TYPE_FIXED {
             return Ok(self.size);
         }
+        let mut cached = self.allocated.lock();
+        if let Some(n) = *cached {
+            return Ok(n * self.block_size);
+        }
         let mut n = 0;
         for b in 0..self.entries() {
             if self.bat_entry(b)? != UNALLOCATED {
                 n += 1;
             }
         }
+        *cached = Some(n);
         Ok(n * self.block_size)
     }
 

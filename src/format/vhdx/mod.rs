@@ -49,6 +49,8 @@ use crate::format::{
 };
 
 const BAT_PAGE_ENTRIES: u64 = 512;
+/// Pending BAT entries and bitmaps before a flush is forced.
+const MAX_PENDING: usize = 4096;
 
 /// Does this file start with the `vhdxfile` identifier?
 pub fn probe(file: &File, path: &Path) -> Result<bool> {
@@ -104,8 +106,12 @@ pub struct VhdxLayer {
     data_end: AtomicU64,
     /// Payload/bitmap BAT entries written since the last flush: index -> entry.
     pending: RwLock<HashMap<u64, u64>>,
+    /// Sector bitmaps changed since the last flush: block -> (offset, bytes).
+    pending_bm: crate::format::PendingBitmaps,
     n_pending: AtomicUsize,
     dirty: AtomicBool,
+    /// Allocated payload blocks, counted once on demand (None: recount).
+    allocated: Mutex<Option<u64>>,
     /// The headers were updated for this writing session (new FileWriteGuid).
     session: AtomicBool,
     /// ... and the DataWriteGuid was changed in it.
@@ -183,8 +189,10 @@ impl VhdxLayer {
             alloc: Mutex::new(()),
             data_end: AtomicU64::new(layer_len.next_multiple_of(MIB)),
             pending: RwLock::new(HashMap::new()),
+            pending_bm: RwLock::new(HashMap::new()),
             n_pending: AtomicUsize::new(0),
             dirty: AtomicBool::new(false),
+            allocated: Mutex::new(None),
             session: AtomicBool::new(false),
             data_session: AtomicBool::new(false),
             session_lock: Mutex::new(()),
@@ -326,6 +334,11 @@ impl VhdxLayer {
                     "block {n} is partially present but its sector bitmap (BAT entry {idx}) is not present"
                 ),
             ));
+        }
+        if self.n_pending.load(Ordering::Acquire) > 0 {
+            if let Some((_, b)) = self.pending_bm.read().get(&n) {
+                return Ok(b.clone());
+            }
         }
         let sb = self.entry_offset(idx, e)?;
         let bytes = spb / 8;
@@ -787,6 +800,10 @@ impl Layer for VhdxLayer {
 
     fn allocated_bytes(&self) -> Result<u64> {
         let l = self.layout();
+        let mut cached = self.allocated.lock();
+        if let Some(n) = *cached {
+            return Ok(n * l.block_size);
+        }
         let mut n = 0;
         for b in 0..l.virtual_size.div_ceil(l.block_size) {
             let s = self.bat(b + b / l.chunk_ratio)? & 7;
@@ -794,6 +811,7 @@ impl Layer for VhdxLayer {
                 n += 1;
             }
         }
+        *cached = Some(n);
         Ok(n * l.block_size)
     }
 

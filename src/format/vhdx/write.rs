@@ -109,6 +109,14 @@ impl VhdxLayer {
         Ok((l.block_size, lss))
     }
 
+    /// Bound the memory held by pending entries. `alloc` held.
+    fn maybe_flush(&self) -> Result<()> {
+        if self.n_pending.load(Ordering::Acquire) >= MAX_PENDING {
+            self.flush_locked()?;
+        }
+        Ok(())
+    }
+
     pub(super) fn write_impl(&self, offset: u64, data: &[u8]) -> Result<()> {
         let (bs, _) = self.check_write(offset, data.len() as u64)?;
         self.begin_session(true)?;
@@ -144,11 +152,12 @@ impl VhdxLayer {
         self.file
             .write_all_at(data, at)
             .ctx(&self.path, "cannot write data", Some(at))?;
-                if e & 7 == PAYLOAD_PARTIALLY_PRESENT {
+        if e & 7 == PAYLOAD_PARTIALLY_PRESENT {
             let lss = self.layout.read().logical_sector as u64;
             // Bitmap read-modify-writes are serialised with allocation.
             let _a = self.alloc.lock();
             self.set_bits(n, in_off / lss, data.len() as u64 / lss, false)?;
+            self.maybe_flush()?;
         }
         Ok(())
     }
@@ -171,9 +180,9 @@ impl VhdxLayer {
     }
 
     fn queue(&self, idx: u64, entry: u64) {
-        self.pending.write().insert(idx, entry);
-        self.n_pending
-            .store(self.pending.read().len(), Ordering::Release);
+        if self.pending.write().insert(idx, entry).is_none() {
+            self.n_pending.fetch_add(1, Ordering::AcqRel);
+        }
     }
 
     /// Allocate payload block `n` holding `data` at `in_off`. `alloc` held.
@@ -198,10 +207,13 @@ impl VhdxLayer {
             PAYLOAD_FULLY_PRESENT
         };
         self.queue(self.idx(n), state | (at / MIB) << 20);
-        Ok(())
+        if let Some(c) = self.allocated.lock().as_mut() {
+            *c += 1;
+        }
+        self.maybe_flush()
     }
 
-        /// Set bits `first..first+cnt` of block `n`'s bitmap; `fresh` clears the
+    /// Set bits `first..first+cnt` of block `n`'s bitmap; `fresh` clears the
     /// others (a new block). Allocates the chunk's bitmap block if needed.
     /// Called with `alloc` held.
     fn set_bits(&self, n: u64, first: u64, cnt: u64, fresh: bool) -> Result<()> {
@@ -226,12 +238,25 @@ impl VhdxLayer {
         for i in first..first + cnt {
             bm[(i / 8) as usize] |= 1 << (i % 8);
         }
-        let _w = self.meta.write();
-        crate::fault::point()?;
-        self.file
-            .write_all_at(&bm, at)
-            .ctx(&self.path, "cannot write sector bitmap", Some(at))?;
-        self.cache.insert(self.bitmap_key(n), bm.into());
+        let bm: Arc<[u8]> = bm.into();
+        if fresh {
+            // A new block: nothing points at it until its BAT entry lands.
+            crate::fault::point()?;
+            self.file.write_all_at(&bm, at).ctx(
+                &self.path,
+                "cannot write sector bitmap",
+                Some(at),
+            )?;
+        } else if self
+            .pending_bm
+            .write()
+            .insert(n, (at, bm.clone()))
+            .is_none()
+        {
+            // Written by flush(), after the data it makes visible is synced.
+            self.n_pending.fetch_add(1, Ordering::AcqRel);
+        }
+        self.cache.insert(self.bitmap_key(n), bm);
         Ok(())
     }
 
@@ -256,6 +281,7 @@ impl VhdxLayer {
             let idx = self.idx(n);
             let e = self.bat(idx)?;
             self.queue(idx, PAYLOAD_ZERO);
+            *self.allocated.lock() = None;
             if matches!(e & 7, PAYLOAD_FULLY_PRESENT | PAYLOAD_PARTIALLY_PRESENT) {
                 self.punch(self.entry_offset(idx, e)?, bs)?;
             }
@@ -299,6 +325,15 @@ impl VhdxLayer {
             let mut entries: Vec<(u64, u64)> =
                 self.pending.read().iter().map(|(i, e)| (*i, *e)).collect();
             entries.sort_unstable();
+            let mut bitmaps: Vec<(u64, Arc<[u8]>)> =
+                self.pending_bm.read().values().cloned().collect();
+            bitmaps.sort_unstable_by_key(|b| b.0);
+            for (at, bm) in &bitmaps {
+                crate::fault::point()?;
+                self.file
+                    .write_all_at(bm, *at)
+                    .ctx(p, "cannot write sector bitmap", Some(*at))?;
+            }
             let _w = self.meta.write();
             for (idx, e) in &entries {
                 let at = bat_offset + idx * 8;
@@ -317,6 +352,7 @@ impl VhdxLayer {
                 }
             }
             self.pending.write().clear();
+            self.pending_bm.write().clear();
             self.n_pending.store(0, Ordering::Release);
         }
         crate::fault::point()?;
