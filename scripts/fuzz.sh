@@ -1,0 +1,129 @@
+#!/usr/bin/env bash
+# Fuzz chainfs's parsers of untrusted bytes with cargo-fuzz (libFuzzer).
+#
+#   scripts/fuzz.sh [SECONDS] [TARGET...]   run each target SECONDS (default 60)
+#   scripts/fuzz.sh build                   only build the targets
+#   scripts/fuzz.sh seed                    regenerate fuzz/corpus/* from our own writer
+#
+# Targets: vhd_footer, vhd_header, vhd_image (fuzz/fuzz_targets/). Their
+# bodies live in src/fuzzing.rs so that tests/fuzz_replay.rs replays the
+# corpus and every regression on plain `cargo test`.
+#
+# Stable toolchain only: cargo-fuzz passes `-Zsanitizer=address` and a few
+# other -Z flags, which stable rustc accepts with RUSTC_BOOTSTRAP=1 (the
+# AddressSanitizer runtime ships with the stable x86_64-linux toolchain).
+# Debug assertions are on, so integer overflow in offset arithmetic is a
+# crash here as it is in `cargo test`, not a silent wrap-around.
+#
+# New inputs go to fuzz/target/corpus-work/TARGET, not into the committed
+# seed corpus. A crash is saved by libFuzzer under fuzz/artifacts/TARGET/;
+# the script then exits 1. To keep it: copy it to
+# fuzz/regressions/TARGET/<what-it-shows> (smaller first: `cd fuzz &&
+# RUSTC_BOOTSTRAP=1 cargo fuzz tmin -a TARGET artifacts/TARGET/crash-...`)
+# and commit it, so that
+# tests/fuzz_replay.rs runs it from then on.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+export RUSTC_BOOTSTRAP=1
+ALL_TARGETS=(vhd_footer vhd_header vhd_image)
+
+need_cargo_fuzz() {
+  command -v cargo-fuzz >/dev/null 2>&1 || cargo install --locked cargo-fuzz
+}
+
+seed() {
+  cargo build --quiet --bin chainfs
+  local bin="$PWD/target/debug/chainfs"
+  local tmp
+  tmp=$(mktemp -d /tmp/chainfs-seed.XXXXXX)
+  trap 'rm -rf "$tmp"' RETURN
+  local c=fuzz/corpus
+  mkdir -p "$c/vhd_footer" "$c/vhd_header" "$c/vhd_image"
+  rm -f "$c"/vhd_footer/* "$c"/vhd_header/* "$c"/vhd_image/*
+  # Data with a recognisable, non-zero pattern.
+  python3 -c 'import sys; sys.stdout.buffer.write(bytes((i * 7 + 1) % 251 for i in range(6000)))' >"$tmp/data"
+  (
+    cd "$tmp"
+    "$bin" create dyn.vhd --size 64K --block-size 4K
+    "$bin" write dyn.vhd --offset 0 --input data
+    "$bin" write dyn.vhd --offset 40000 --input data
+    "$bin" create empty.vhd --size 32K --block-size 4K
+    "$bin" create small-blocks.vhd --size 8K --block-size 512
+    "$bin" write small-blocks.vhd --offset 1000 --input data
+    # 2048 BAT entries: a BAT longer than a page of the cache.
+    "$bin" create many-entries.vhd --size 1M --block-size 512
+    "$bin" write many-entries.vhd --offset 700000 --input data
+    "$bin" create fixed.vhd --size 16K --type fixed
+    "$bin" write fixed.vhd --offset 100 --input data
+    "$bin" create diff.vhd --parent dyn.vhd --block-size 4K
+    # Partial sectors: a bitmap with some bits set.
+    head -c 700 data >part
+    "$bin" write diff.vhd --offset 4300 --input part
+    "$bin" write diff.vhd --offset 30000 --input part
+  )
+  for f in dyn empty small-blocks many-entries fixed diff; do
+    cp "$tmp/$f.vhd" "$c/vhd_image/$f.vhd"
+    # The trailing footer of every image.
+    tail -c 512 "$tmp/$f.vhd" >"$c/vhd_footer/$f.footer"
+  done
+  for f in dyn diff small-blocks; do
+    dd if="$tmp/$f.vhd" of="$c/vhd_header/$f.header" bs=512 skip=1 count=2 status=none
+  done
+  local real=../shared/fixtures/real/libvhdi-structs
+  install -m 644 "$real/file_footer.1" "$c/vhd_footer/libvhdi-file_footer.1"
+  install -m 644 "$real/dynamic_disk_header.1" "$c/vhd_header/libvhdi-dynamic_disk_header.1"
+  du -sh "$c"
+}
+
+build() {
+  need_cargo_fuzz
+  (cd fuzz && cargo fuzz build --debug-assertions)
+}
+
+run() {
+  local secs=$1
+  shift
+  local targets=("$@")
+  [ ${#targets[@]} -gt 0 ] || targets=("${ALL_TARGETS[@]}")
+  need_cargo_fuzz
+  local found=()
+  for t in "${targets[@]}"; do
+    local work="fuzz/target/corpus-work/$t"
+    local arts="fuzz/artifacts/$t"
+    mkdir -p "$work" "$arts"
+    local before
+    before=$(ls "$arts" | wc -l)
+    echo "== $t for ${secs}s"
+    # fuzz/regressions is not an input here: a saved crash that is not
+    # fixed yet would stop the run at once; tests/fuzz_replay.rs replays
+    # it instead. FUZZ_ARGS adds libFuzzer options, e.g.
+    # FUZZ_ARGS="-fork=1 -ignore_crashes=1" to go on past the first crash
+    # (much slower per input). Paths are relative to fuzz/, where cargo
+    # fuzz runs the binary.
+    local rc=0
+    # shellcheck disable=SC2086
+    (cd fuzz && cargo fuzz run --debug-assertions "$t" "target/corpus-work/$t" "corpus/$t" -- \
+      -max_total_time="$secs" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 ${FUZZ_ARGS:-}) || rc=$?
+    local after
+    after=$(ls "$arts" | wc -l)
+    if [ "$after" -gt "$before" ]; then
+      found+=("$t: $((after - before)) new in $arts")
+    elif [ "$rc" -ne 0 ]; then
+      echo "cargo fuzz run $t failed (exit $rc) without saving a crash" >&2
+      exit "$rc"
+    fi
+  done
+  if [ ${#found[@]} -gt 0 ]; then
+    printf 'crashes found:\n' >&2
+    printf '  %s\n' "${found[@]}" >&2
+    exit 1
+  fi
+}
+
+case "${1:-}" in
+  seed) seed ;;
+  build) build ;;
+  ''|[0-9]*) secs=${1:-60}; shift || true; run "$secs" "$@" ;;
+  *) echo "usage: $0 [SECONDS] [TARGET...] | build | seed" >&2; exit 2 ;;
+esac
