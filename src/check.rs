@@ -5,7 +5,9 @@
 use std::path::Path;
 
 use crate::cache::MetaCache;
-use crate::chain::{Chain, ChainOptions};
+use std::path::PathBuf;
+
+use crate::chain::{canonical, folder_of, Chain, ChainOptions};
 use crate::error::Result;
 
 /// Problems found, one message each; empty when the chain is clean.
@@ -32,6 +34,41 @@ pub fn check_chain(leaf: &Path, opts: &ChainOptions) -> Result<Vec<String>> {
         problems.extend(l.check()?);
         if let Some(r) = crate::merge::intent::read(l.path())? {
             problems.push(format!("{}: {r}", l.path().display()));
+        }
+    }
+    // Records of merges that involve this chain although their SOURCE is
+    // no longer in it (it was relinked away): look in the chain's folders.
+    let members: Vec<PathBuf> = chain.layers.iter().map(|l| canonical(l.path())).collect();
+    let mut dirs: Vec<PathBuf> = members.iter().map(|m| folder_of(m).to_path_buf()).collect();
+    dirs.dedup();
+    for dir in dirs {
+        let Ok(rd) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(src) = name
+                .strip_prefix('.')
+                .and_then(|n| n.strip_suffix(".chainfs-merge"))
+            else {
+                continue;
+            };
+            let source = dir.join(src);
+            if members.contains(&canonical(&source)) {
+                continue; // reported with its layer above
+            }
+            match crate::merge::intent::read(&source) {
+                Ok(Some(r)) => {
+                    let involved = std::iter::once(&r.destination)
+                        .chain(r.children.iter())
+                        .any(|p| members.contains(&canonical(p)));
+                    if involved {
+                        problems.push(format!("{}: {r}", source.display()));
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => problems.push(e.to_string()),
+            }
         }
     }
     for link in &chain.links {

@@ -5,6 +5,9 @@
 //! - `copy`: the destination may hold some of the merged data (only where
 //!   the layers being merged shadow it, so the chain still reads the same).
 //!   Rerunning the merge redoes the copy and goes on.
+//! - `relinking`: the destination holds everything; some children may point
+//!   at it already, others still at the source (both read the same).
+//!   Rerunning relinks them all.
 //! - `relinked`: the destination holds everything and the children point at
 //!   it; what is left is retiring the merged files. Rerunning finishes that.
 //!
@@ -21,6 +24,7 @@ use crate::error::{Error, ErrorKind, IoContext, Result};
 #[serde(rename_all = "lowercase")]
 pub enum Phase {
     Copy,
+    Relinking,
     Relinked,
 }
 
@@ -133,6 +137,8 @@ impl std::fmt::Display for Record {
             self.destination.display(),
             match self.phase {
                 Phase::Copy => "copying: the chain is unchanged",
+                Phase::Relinking =>
+                    "relinking: the destination holds everything; the chain reads the same either way",
                 Phase::Relinked => "relinked: only retiring the merged files is left",
             },
             self.source.display(),

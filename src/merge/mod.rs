@@ -171,6 +171,14 @@ pub fn plan(layers: Layers, req: &MergeRequest, caller: Option<Caller>) -> Resul
         }
     }
     let src_id = layers[s].info().unique_id;
+    // A rerun of an interrupted merge: children it already relinked point
+    // at DESTINATION; they are this merge's children, not bystanders.
+    let relinked: HashSet<PathBuf> = match intent::read(layers[s].path())? {
+        Some(r) if canonical(&r.destination) == canonical(layers[d].path()) => {
+            r.children.iter().map(|c| canonical(c)).collect()
+        }
+        _ => HashSet::new(),
+    };
     let changed: Vec<uuid::Uuid> = layers[s + 1..=d]
         .iter()
         .map(|l| l.info().unique_id)
@@ -194,6 +202,7 @@ pub fn plan(layers: Layers, req: &MergeRequest, caller: Option<Caller>) -> Resul
             }
             match peek_ids(&p) {
                 Some((_, Some(pid))) if pid == src_id => extra_children.push(p),
+                Some(_) if relinked.contains(&canonical(&p)) => extra_children.push(p),
                 Some((_, Some(pid))) if changed.contains(&pid) => siblings.push(p),
                 _ => {}
             }
@@ -494,6 +503,9 @@ pub fn execute(image: &FlatImage, plan: Plan, progress: &Progress) -> Result<()>
             image.swap_layers(new_layers.into());
         } else {
             // 4a. Relink the children of SOURCE.
+            record.phase = Phase::Relinking;
+            record.write()?;
+            phase = Some(Phase::Relinking);
             for c in child.iter().chain(extra.iter()) {
                 c.set_parent(dest.as_ref())?;
             }

@@ -15,10 +15,11 @@
 //!
 //! Writing (the safety argument, in write order):
 //! 1. A new block goes past the current footer, leaving the old footer in
-//!    place (it becomes padding), its data 4 KiB aligned: bitmap (bits for
-//!    the sectors written only) and data are written, then the footer at the
-//!    new end of file. The block's BAT entry is kept in memory (`pending`),
-//!    where reads of this layer find it.
+//!    place (it becomes padding), its data 4 KiB aligned. The footer is
+//!    written first, at the new end of file (the file grows in one write and
+//!    always ends in a valid footer), then the bitmap (bits for the sectors
+//!    written only) and the data. The block's BAT entry is kept in memory
+//!    (`pending`), where reads of this layer find it.
 //! 2. `flush()` makes it durable: `fdatasync` (data, bitmaps, footer), then
 //!    the pending BAT entries are written, then `fsync`. A BAT entry thus
 //!    never reaches the disk before the block it points to; a crash before
@@ -174,7 +175,12 @@ impl VhdLayer {
                 match Footer::parse(&copy, verify) {
                     Ok(f) if f.disk_type != TYPE_FIXED => {
                         log::warn!("{tail_err}; using the footer copy at offset 0");
-                        (f, Some(tail_err.to_string()))
+                        let note = format!(
+                            "{tail_err} (the file grew in a write that did not finish; the \
+                             footer copy at offset 0 is used, and the next writable open \
+                             appends a fresh footer)"
+                        );
+                        (f, Some(note))
                     }
                     _ => return Err(tail_err),
                 }
@@ -222,7 +228,30 @@ impl VhdLayer {
         if opts.writable && layer.footer_problem.is_some() {
             layer.repair_footer(len)?;
         }
+        if opts.writable {
+            layer.repair_footer_copy()?;
+        }
         Ok(layer)
+    }
+
+    /// The copy at offset 0 must equal the footer (a crash in a relink can
+    /// leave the old one there); the trailing footer is the authority.
+    fn repair_footer_copy(&self) -> Result<()> {
+        let f = self.footer.lock().to_bytes();
+        let mut copy = [0u8; FOOTER_SIZE];
+        self.file.read_exact_at(&mut copy, 0).ctx(
+            &self.path,
+            "cannot read footer copy",
+            Some(0),
+        )?;
+        if copy != f {
+            self.file
+                .write_all_at(&f, 0)
+                .ctx(&self.path, "cannot write footer copy", Some(0))?;
+            self.file.sync_all().ctx(&self.path, "cannot fsync", None)?;
+            log::warn!("{}: footer copy at offset 0 rewritten", self.path.display());
+        }
+        Ok(())
     }
 
     /// A writable open of a file whose end lacks a valid footer (a crash
@@ -506,6 +535,13 @@ impl VhdLayer {
         let mut bm = vec![0u8; self.bitmap_size as usize];
         set_bits(&mut bm, bits.0, bits.1);
         let p = &self.path;
+        // The footer first, at the new end: the file grows in one write
+        // and ends in a valid footer at every moment after it.
+        let new_footer = data_start + self.block_size;
+        crate::fault::point()?;
+        self.file
+            .write_all_at(&self.footer.lock().to_bytes(), new_footer)
+            .ctx(p, "cannot write footer", Some(new_footer))?;
         crate::fault::point()?;
         self.file
             .write_all_at(&bm, start)
@@ -518,11 +554,6 @@ impl VhdLayer {
                 Some(data_start + in_off),
             )?;
         }
-        let new_footer = data_start + self.block_size;
-        crate::fault::point()?;
-        self.file
-            .write_all_at(&self.footer.lock().to_bytes(), new_footer)
-            .ctx(p, "cannot write footer", Some(new_footer))?;
         self.data_end.store(new_footer, Ordering::Release);
         self.cache.insert(self.bitmap_key(block), bm.into());
         if self.pending.write().insert(block, sector).is_none() {
@@ -611,13 +642,25 @@ impl VhdLayer {
         let base =
             (self.data_end.load(Ordering::Acquire) + FOOTER_SIZE as u64).next_multiple_of(4096);
         let mut next = base + HEADER_SIZE as u64;
-        for (i, data) in blobs.iter().enumerate() {
+        for (i, _) in blobs.iter().enumerate() {
             header.locators[i].data_offset = next;
+            next += header.locators[i].data_space as u64;
+        }
+        let end = next.next_multiple_of(SECTOR);
+        let mut footer = self.footer.lock();
+        // 1. Grow the file by writing the current footer at the new end: the
+        //    file keeps ending in a valid footer that names the old header.
+        crate::fault::point()?;
+        self.file
+            .write_all_at(&footer.to_bytes(), end)
+            .ctx(p, "cannot write footer", Some(end))?;
+        // 2. The new locators and header in the space before it.
+        for (i, data) in blobs.iter().enumerate() {
+            let at = header.locators[i].data_offset;
             crate::fault::point()?;
             self.file
-                .write_all_at(data, next)
-                .ctx(p, "cannot write parent locator", Some(next))?;
-            next += header.locators[i].data_space as u64;
+                .write_all_at(data, at)
+                .ctx(p, "cannot write parent locator", Some(at))?;
         }
         crate::fault::point()?;
         self.file.write_all_at(&header.to_bytes(), base).ctx(
@@ -627,18 +670,17 @@ impl VhdLayer {
         )?;
         crate::fault::point()?;
         self.file.sync_data().ctx(p, "cannot fsync", None)?;
-        // The switch: a footer at the new end naming the new header. Until
-        // it lands, the old footer (or its copy at 0) names the old header.
-        let mut footer = self.footer.lock();
+        // 3. The switch: one sector, the footer now naming the new header.
         let mut nf = footer.clone();
         nf.data_offset = base;
-        let end = next.next_multiple_of(SECTOR);
         crate::fault::point()?;
         self.file
             .write_all_at(&nf.to_bytes(), end)
             .ctx(p, "cannot write footer", Some(end))?;
         crate::fault::point()?;
         self.file.sync_all().ctx(p, "cannot fsync", None)?;
+        // 4. The copy at offset 0 follows (a crash before leaves a stale
+        //    copy, which `check` reports and a writable open rewrites).
         crate::fault::point()?;
         self.file
             .write_all_at(&nf.to_bytes(), 0)
