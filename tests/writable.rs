@@ -1,0 +1,1458 @@
+//! Writable mounts (issue 5), for real: `chainfs mount -o rw` over FUSE,
+//! written through `disk.raw` directly, through loop devices and through a
+//! guest ext4; checked against in-memory models, `chainfs export`, libvhdi's
+//! `vhdimount`, `fsck.ext4` and the library's own view of the leaf alone.
+//!
+//! Every test states its claim in its name. Parents are hashed before and
+//! after: they must never change. Mounts, loop devices and daemons are held
+//! by guards, so a failing assertion leaves nothing behind.
+
+mod common;
+
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use chainfs::cache::MetaCache;
+use chainfs::format::{open_layer, Extent, LayerOptions};
+use common::*;
+
+const K: u64 = 1024;
+const M: u64 = 1 << 20;
+const SECTOR: u64 = 512;
+
+/// splitmix64: small, seeded, so failures reproduce.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+
+    /// Random bytes with no zero byte, so "reads as zeros" is never luck.
+    fn bytes(&mut self, n: usize) -> Vec<u8> {
+        let mut v = vec![0u8; n];
+        for c in v.chunks_mut(8) {
+            let r = self.next().to_le_bytes();
+            c.copy_from_slice(&r[..c.len()]);
+        }
+        for b in &mut v {
+            if *b == 0 {
+                *b = 0x5A;
+            }
+        }
+        v
+    }
+}
+
+fn p(path: &Path) -> &str {
+    path.to_str().expect("temp paths are UTF-8")
+}
+
+/// Equal bytes, or a panic naming the first difference and how many sectors differ.
+fn assert_same(got: &[u8], want: &[u8], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths differ");
+    if let Some(first) = got.iter().zip(want).position(|(a, b)| a != b) {
+        let sectors = got
+            .chunks(SECTOR as usize)
+            .zip(want.chunks(SECTOR as usize))
+            .filter(|(a, b)| a != b)
+            .count();
+        panic!(
+            "{what}: first difference at byte {first} ({first:#x}): got {:#04x}, want {:#04x}; {sectors} sectors differ",
+            got[first], want[first]
+        );
+    }
+}
+
+fn assert_zero(got: &[u8], what: &str) {
+    if let Some(i) = got.iter().position(|b| *b != 0) {
+        panic!("{what}: byte {i} is {:#04x}, not zero", got[i]);
+    }
+}
+
+/// Run a command, insisting on success; returns stdout.
+fn run(cmd: &mut Command) -> String {
+    let o = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        o.status.success(),
+        "{cmd:?} failed ({}): {}{}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Chains and models.
+
+/// A chain in a folder: layer files base first, the leaf last, and the model
+/// of the flat disk as built.
+struct TestChain {
+    layers: Vec<PathBuf>,
+    model: Vec<u8>,
+}
+
+impl TestChain {
+    fn leaf(&self) -> &Path {
+        self.layers.last().unwrap()
+    }
+
+    fn parents(&self) -> &[PathBuf] {
+        &self.layers[..self.layers.len() - 1]
+    }
+
+    fn parent_hashes(&self) -> Vec<String> {
+        self.parents().iter().map(|l| sha256_file(l)).collect()
+    }
+}
+
+/// `chainfs write LAYER --offset OFF` with `data`, mirrored into `model`.
+fn write_layer(layer: &Path, off: u64, data: &[u8], model: &mut [u8]) {
+    let scratch = layer.with_extension("chunk");
+    std::fs::write(&scratch, data).unwrap();
+    chainfs_ok(&[
+        "write",
+        p(layer),
+        "--offset",
+        &off.to_string(),
+        "--input",
+        p(&scratch),
+    ]);
+    std::fs::remove_file(&scratch).unwrap();
+    model[off as usize..off as usize + data.len()].copy_from_slice(data);
+}
+
+/// base (dynamic) <- mid <- leaf (empty), `size` bytes, blocks of `bs`.
+/// With `full_base` the base holds random data everywhere; otherwise six
+/// extents. `mid` always gets six extents. With `aligned` every extent is
+/// 4 KiB aligned and sized (libvhdi's bitmap bug cannot show).
+fn make_chain(
+    dir: &Path,
+    size: u64,
+    bs: &str,
+    full_base: bool,
+    aligned: bool,
+    seed: u64,
+) -> TestChain {
+    let mut model = vec![0u8; size as usize];
+    let mut rng = Rng(seed);
+    let base = dir.join("base.vhd");
+    let mid = dir.join("mid.vhd");
+    let leaf = dir.join("leaf.vhd");
+    chainfs_ok(&[
+        "create",
+        p(&base),
+        "--size",
+        &size.to_string(),
+        "--block-size",
+        bs,
+    ]);
+    if full_base {
+        let data = rng.bytes(size as usize);
+        write_layer(&base, 0, &data, &mut model);
+    }
+    for (i, layer) in [&base, &mid].into_iter().enumerate() {
+        if i == 1 {
+            chainfs_ok(&["create", p(layer), "--parent", p(&base), "--block-size", bs]);
+        }
+        if i == 0 && full_base {
+            continue;
+        }
+        for _ in 0..6 {
+            let (off, len) = if aligned {
+                let off = rng.below(size / 4096 - 200) * 4096;
+                (off, (1 + rng.below(200)) * 4096)
+            } else {
+                let off = rng.below(size - 700_000);
+                (off, 1 + rng.below(700_000))
+            };
+            let data = rng.bytes(len as usize);
+            write_layer(layer, off, &data, &mut model);
+        }
+    }
+    chainfs_ok(&["create", p(&leaf), "--parent", p(&mid), "--block-size", bs]);
+    TestChain {
+        layers: vec![base, mid, leaf],
+        model,
+    }
+}
+
+fn export(leaf: &Path, out: &Path) -> Vec<u8> {
+    chainfs_ok(&["export", p(leaf), p(out), "--force"]);
+    std::fs::read(out).unwrap()
+}
+
+fn assert_check_clean(leaf: &Path) {
+    let o = chainfs(&["check", p(leaf)]);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "chainfs check {}: {}{}",
+        leaf.display(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// The leaf's `allocated_bytes` from `chainfs info --json`.
+fn leaf_allocated(leaf: &Path) -> u64 {
+    let out = chainfs_ok(&["info", "--json", p(leaf)]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v[0]["allocated_bytes"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no allocated_bytes in {out}"))
+}
+
+/// Open the leaf file alone (no parents) with the library.
+fn open_alone(leaf: &Path) -> std::sync::Arc<dyn chainfs::format::Layer> {
+    open_layer(
+        leaf,
+        &LayerOptions {
+            writable: false,
+            ignore_checksums: false,
+            cache: MetaCache::new(1 << 20),
+        },
+    )
+    .unwrap()
+}
+
+/// Every sector touching `[off, off+len)` is held by the leaf itself
+/// (`Extent::Data`, or `Extent::Zero` when `zero_ok`): no read of it reaches
+/// a parent.
+fn assert_leaf_holds(leaf: &Path, ranges: &[(u64, u64)], zero_ok: bool) {
+    let l = open_alone(leaf);
+    for &(off, len) in ranges {
+        let end = (off + len).next_multiple_of(SECTOR);
+        let mut o = off - off % SECTOR;
+        while o < end {
+            match l.map(o, end - o).unwrap() {
+                Extent::Data { len, .. } => o += len,
+                Extent::Zero { len } if zero_ok => o += len,
+                e => panic!(
+                    "{}: byte {o} of range {off}+{len} maps to {e:?} in the leaf alone",
+                    leaf.display()
+                ),
+            }
+        }
+    }
+}
+
+/// A temporary folder on tmpfs when there is one: the crash tests fsync the
+/// leaf hundreds of times, and what they check is a dying process (the page
+/// cache survives), not a power cut, so tmpfs proves the same, faster.
+fn fast_tempdir() -> tempfile::TempDir {
+    let shm = Path::new("/dev/shm");
+    if shm.is_dir() {
+        if let Ok(t) = tempfile::tempdir_in(shm) {
+            return t;
+        }
+    }
+    tempfile::tempdir().unwrap()
+}
+
+// ---------------------------------------------------------------------------
+// Mounts, daemons, loop devices.
+
+/// `chainfs mount LEAF MNT OPTS` in the background; the guard unmounts.
+fn mount(leaf: &Path, mnt: &Path, opts: &[&str]) -> MountGuard {
+    std::fs::create_dir_all(mnt).unwrap();
+    let g = MountGuard::new(mnt);
+    let mut args = vec!["mount", p(leaf), p(mnt)];
+    args.extend_from_slice(opts);
+    chainfs_ok(&args);
+    assert!(is_mounted(mnt), "{} is not mounted", mnt.display());
+    g
+}
+
+/// `chainfs umount`, then the guard is spent. "Busy" (exit 7) is retried:
+/// a process another test thread forks holds a copy of our descriptors
+/// until it execs, so a just-closed disk.raw can still pin the mount.
+fn umount(g: MountGuard) {
+    let start = Instant::now();
+    loop {
+        let o = chainfs(&["umount", p(&g.dir)]);
+        if o.status.success() {
+            break;
+        }
+        assert!(
+            o.status.code() == Some(7) && start.elapsed() < Duration::from_secs(10),
+            "chainfs umount {}: {o:?}",
+            g.dir.display()
+        );
+        eprintln!("{} busy, unmounting again", g.dir.display());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!is_mounted(&g.dir));
+    drop(g);
+}
+
+/// A foreground daemon this test started: SIGKILLed and reaped on drop if
+/// it still runs (declare its `MountGuard` first, so the dead mount is
+/// cleaned up after).
+struct Daemon {
+    child: Child,
+}
+
+impl Daemon {
+    /// `chainfs mount -f -o rw LEAF MNT`, stderr to `log`; waits for the
+    /// mount. With `fault_after = Some(k)` the daemon dies (`_exit`) at its
+    /// k-th write or sync point (`CHAINFS_FAULT_AFTER`, see src/fault.rs).
+    fn start(leaf: &Path, mnt: &Path, log: &Path, fault_after: Option<u64>) -> Daemon {
+        let mut cmd = Command::new(bin());
+        if let Some(k) = fault_after {
+            cmd.env("CHAINFS_FAULT_AFTER", k.to_string());
+        }
+        let child = cmd
+            .args(["mount", "-f", "-o", "rw", p(leaf), p(mnt)])
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(File::create(log).unwrap())
+            .spawn()
+            .unwrap();
+        let mut d = Daemon { child };
+        wait_for("the foreground mount", || {
+            if let Some(st) = d.child.try_wait().unwrap() {
+                panic!(
+                    "daemon exited ({st}) before mounting: {}",
+                    std::fs::read_to_string(log).unwrap_or_default()
+                );
+            }
+            is_mounted(mnt)
+        });
+        d
+    }
+
+    fn kill9(&mut self) {
+        let pid = self.child.id() as libc::pid_t;
+        assert_eq!(
+            unsafe { libc::kill(pid, libc::SIGKILL) },
+            0,
+            "kill -9 {pid}"
+        );
+        let st = self.child.wait().unwrap();
+        assert!(!st.success(), "the daemon was killed, not ended: {st}");
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A loop device (no partitions) detached on drop.
+struct Loop {
+    dev: String,
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        for _ in 0..50 {
+            let ok = Command::new("losetup")
+                .args(["-d", &self.dev])
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if ok {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+static LOSETUP: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// `losetup -f --show [-r] [--sector-size 4096] FILE`, detached on drop.
+fn attach_loop(file: &Path, read_only: bool, sector_4k: bool) -> Loop {
+    let _serial = LOSETUP.lock().unwrap_or_else(|e| e.into_inner());
+    let mut last = String::new();
+    for _ in 0..5 {
+        let mut c = Command::new("losetup");
+        c.arg("-f").arg("--show");
+        if read_only {
+            c.arg("-r");
+        }
+        if sector_4k {
+            c.args(["--sector-size", "4096"]);
+        }
+        let o = c.arg(file).output().expect("losetup");
+        if o.status.success() {
+            let dev = String::from_utf8_lossy(&o.stdout).trim().to_string();
+            return Loop { dev };
+        }
+        last = String::from_utf8_lossy(&o.stderr).into_owned();
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("losetup {}: {last}", file.display());
+}
+
+fn mkfs_ext4(dev: &str) {
+    run(Command::new("mkfs.ext4").args([
+        "-q",
+        "-F",
+        "-b",
+        "4096",
+        // Parent data stays visible in free space, and nothing is left for
+        // a background ext4lazyinit to write after mkfs.
+        "-E",
+        "nodiscard,lazy_itable_init=0,lazy_journal_init=0",
+        dev,
+    ]));
+}
+
+fn sync() {
+    run(&mut Command::new("sync"));
+}
+
+/// Mount `leaf` with libvhdi's vhdimount (from the leaf's folder, with the
+/// bare file name, so libvhdi finds the parents) and wait for `vhdi{n}`.
+fn vhdimount(leaf: &Path, mnt: &Path, n: usize) -> MountGuard {
+    std::fs::create_dir_all(mnt).unwrap();
+    let mnt = std::path::absolute(mnt).unwrap();
+    let g = MountGuard::new(&mnt);
+    run(Command::new("vhdimount")
+        .current_dir(leaf.parent().unwrap())
+        .arg(leaf.file_name().unwrap())
+        .arg(&mnt));
+    let want = mnt.join(format!("vhdi{n}"));
+    wait_for("vhdimount's vhdiN", || want.exists());
+    g
+}
+
+/// pread exactly `len` bytes (or to the end of the file).
+fn pread(f: &File, off: u64, len: usize) -> Vec<u8> {
+    let mut buf = vec![0u8; len];
+    let mut got = 0;
+    while got < len {
+        let n = f.read_at(&mut buf[got..], off + got as u64).unwrap();
+        if n == 0 {
+            break;
+        }
+        got += n;
+    }
+    buf.truncate(got);
+    buf
+}
+
+/// The whole file read with O_DIRECT: every byte from the daemon, none from
+/// the kernel's page cache (which a write or fallocate updates by itself).
+fn read_direct(path: &Path) -> Vec<u8> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .unwrap_or_else(|e| panic!("{} (O_DIRECT): {e}", path.display()));
+    let mut v = Vec::new();
+    f.read_to_end(&mut v).unwrap();
+    v
+}
+
+fn open_rw(path: &Path) -> File {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+// ---------------------------------------------------------------------------
+// 1. A guest file system written through a loop device.
+
+/// The files of the guest tree: (relative path, bytes).
+fn guest_tree() -> Vec<(String, Vec<u8>)> {
+    let mut rng = Rng(0xE47);
+    let sizes: [(&str, usize); 9] = [
+        ("empty", 0),
+        ("one", 1),
+        ("a/small", 4095),
+        ("a/page", 4096),
+        ("a/b/odd", 100_003),
+        ("a/b/c/large1", 3 * M as usize + 12_345),
+        ("a/b/c/large2", 2 * M as usize),
+        ("d/medium", 700_001),
+        ("d/e/f/g/deep", 65_537),
+    ];
+    sizes
+        .iter()
+        .map(|(n, len)| (n.to_string(), rng.bytes(*len)))
+        .collect()
+}
+
+#[test]
+fn ext4_written_through_a_loop_device_survives_remount_fsck_and_matches_libvhdi() {
+    if !require_fuse() || !require_loop() || !require("vhdimount (libvhdi)", have("vhdimount")) {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let c = make_chain(t.path(), 64 * M, "2M", false, true, 1);
+    let parents_before = c.parent_hashes();
+    let mnt = t.path().join("mnt");
+    let guest = t.path().join("guest");
+    let tree = guest_tree();
+    {
+        let g = mount(c.leaf(), &mnt, &["-o", "rw"]);
+        {
+            let lo = attach_loop(&mnt.join("disk.raw"), false, true);
+            mkfs_ext4(&lo.dev);
+            let km = KernelMount::mount(&lo.dev, &guest, "rw");
+            for (n, data) in &tree {
+                let path = guest.join(n);
+                std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+                std::fs::write(&path, data).unwrap();
+            }
+            sync();
+            drop(km);
+            drop(lo);
+        }
+        umount(g);
+    }
+    assert_eq!(c.parent_hashes(), parents_before, "a parent changed");
+    assert_check_clean(c.leaf());
+
+    // Remount the chain (read-only): fsck is clean and every file matches.
+    {
+        let g = mount(c.leaf(), &mnt, &[]);
+        {
+            let lo = attach_loop(&mnt.join("disk.raw"), true, true);
+            let o = Command::new("fsck.ext4")
+                .args(["-f", "-n", &lo.dev])
+                .output()
+                .unwrap();
+            assert_eq!(
+                o.status.code(),
+                Some(0),
+                "fsck.ext4 -fn: {}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            );
+            let km = KernelMount::mount(&lo.dev, &guest, "ro,noload");
+            for (n, data) in &tree {
+                let got = std::fs::read(guest.join(n)).unwrap();
+                assert_eq!(sha256(&got), sha256(data), "{n} differs after remount");
+            }
+            drop(km);
+            drop(lo);
+        }
+        umount(g);
+    }
+
+    // libvhdi reads the same bytes as chainfs.
+    let flat = export(c.leaf(), &t.path().join("flat.raw"));
+    assert_ne!(flat, c.model, "the guest file system changed nothing?");
+    {
+        let vm = t.path().join("vhdi");
+        let _g = vhdimount(c.leaf(), &vm, c.layers.len());
+        let theirs = std::fs::read(vm.join(format!("vhdi{}", c.layers.len()))).unwrap();
+        assert_same(&theirs, &flat, "libvhdi's leaf vs chainfs export");
+        // And libvhdi's view of the parents is what was written into them.
+        let mid = std::fs::read(vm.join(format!("vhdi{}", c.layers.len() - 1))).unwrap();
+        assert_same(&mid, &c.model, "libvhdi's mid vs the model");
+    }
+    assert_eq!(c.parent_hashes(), parents_before, "a parent changed");
+}
+
+// ---------------------------------------------------------------------------
+// 2. Writes of any size and alignment.
+
+#[test]
+fn writes_of_any_size_and_alignment_land_in_the_leaf_and_read_back_after_remount() {
+    if !require_fuse() {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let size = 16 * M;
+    let c = make_chain(t.path(), size, "2M", false, false, 2);
+    let parents_before = c.parent_hashes();
+    let mut model = c.model.clone();
+    let mnt = t.path().join("mnt");
+    let g = mount(c.leaf(), &mnt, &["-o", "rw"]);
+    let disk = mnt.join("disk.raw");
+    assert!(!std::fs::metadata(&disk).unwrap().permissions().readonly());
+    let f = open_rw(&disk);
+    // Fill some of the page cache first, so writes meet cached pages too.
+    assert_same(
+        &pread(&f, 0, 4 * M as usize),
+        &model[..4 * M as usize],
+        "before writes",
+    );
+
+    let b = 2 * M;
+    let mut cases: Vec<(u64, u64)> = vec![
+        (0, 1),
+        (1, 511),
+        (1000, 513),
+        (4096, 512),
+        (12_345, 1),
+        (b - 1, 2),                 // straddles a 2 MiB block boundary
+        (b - 300, 600),             // sub-page, straddling
+        (2 * b - 100_000, 300_000), // straddling, multi-page
+        (3 * b + 7, b + 11),        // over two block boundaries
+        (size - 1, 1),              // the last byte of the disk
+        (size - 513, 513),
+        (size - 4096, 4096),
+        (5 * M + 3, 1),
+        (5 * M + 3, 1), // the same byte again
+    ];
+    let mut rng = Rng(22);
+    for _ in 0..150 {
+        let len = match rng.below(4) {
+            0 => 1 + rng.below(16),
+            1 => 1 + rng.below(1024),
+            2 => 1 + rng.below(70_000),
+            _ => 1 + rng.below(3 * M),
+        };
+        let off = rng.below(size - len + 1);
+        cases.push((off, len));
+    }
+    for (i, &(off, len)) in cases.iter().enumerate() {
+        let data = rng.bytes(len as usize);
+        f.write_all_at(&data, off)
+            .unwrap_or_else(|e| panic!("write {i}: {len} bytes at {off}: {e}"));
+        model[off as usize..(off + len) as usize].copy_from_slice(&data);
+        // The written range and a margin around it read back right.
+        let a = off.saturating_sub(700);
+        let z = (off + len + 700).min(size);
+        assert_same(
+            &pread(&f, a, (z - a) as usize),
+            &model[a as usize..z as usize],
+            &format!("after write {i} ({len} bytes at {off})"),
+        );
+    }
+
+    // Past the end. Wholly past it: refused, nothing changes. Straddling
+    // it: the kernel sends the part before an uncached partial page as a
+    // request of its own, so either the write fails and changes nothing,
+    // or it is short and stores only bytes inside the disk (as a block
+    // device does). Never a byte past the end; the size stays.
+    let page = |o: u64| (o - o % 4096) as usize;
+    for (off, len) in [
+        (size, 1u64),
+        (size + 4096, 4096),
+        (size - 10, 20),
+        (size - 1, 2),
+        (size - 4096 - 100, 4200),
+        (size - 3 * M, 3 * M + 1),
+    ] {
+        let data = rng.bytes(len as usize);
+        let what = format!("a write of {len} bytes at {off}, past the end");
+        match f.write_at(&data, off) {
+            Err(e) => assert!(
+                matches!(
+                    e.raw_os_error(),
+                    Some(libc::EINVAL) | Some(libc::ENOSPC) | Some(libc::EFBIG)
+                ),
+                "{what}: {e}"
+            ),
+            Ok(n) => {
+                assert!(
+                    off < size && n > 0 && n as u64 <= size - off,
+                    "{what} reported {n} bytes written"
+                );
+                eprintln!("{what}: short write of {n} bytes");
+                model[off as usize..off as usize + n].copy_from_slice(&data[..n]);
+                let rest = f.write_at(&data[n..], off + n as u64);
+                assert!(rest.is_err(), "{what}: the rest was accepted: {rest:?}");
+            }
+        }
+        assert_eq!(std::fs::metadata(&disk).unwrap().len(), size, "{what}");
+        let a = page(off.min(size - 1)).saturating_sub(4096);
+        assert_same(
+            &pread(&f, a as u64, size as usize - a + 4096),
+            &model[a..],
+            &what,
+        );
+    }
+    f.sync_all().unwrap();
+    assert_same(
+        &std::fs::read(&disk).unwrap(),
+        &model,
+        "disk.raw after all writes",
+    );
+    assert_same(
+        &read_direct(&disk),
+        &model,
+        "disk.raw (O_DIRECT) after all writes",
+    );
+    drop(f);
+    umount(g);
+
+    assert_eq!(c.parent_hashes(), parents_before, "a parent changed");
+    assert_check_clean(c.leaf());
+    assert_leaf_holds(c.leaf(), &cases, false);
+    assert_same(
+        &export(c.leaf(), &t.path().join("out.raw")),
+        &model,
+        "export after remount",
+    );
+    let g = mount(c.leaf(), &mnt, &[]);
+    assert_same(
+        &std::fs::read(mnt.join("disk.raw")).unwrap(),
+        &model,
+        "remounted disk.raw",
+    );
+    umount(g);
+}
+
+// ---------------------------------------------------------------------------
+// 3. Crashes.
+
+/// Per sector: `got` holds either the `old` or the `new` bytes.
+fn assert_old_or_new(got: &[u8], old: &[u8], new: &[u8], what: &str) {
+    for (i, ((g, o), n)) in got
+        .chunks(SECTOR as usize)
+        .zip(old.chunks(SECTOR as usize))
+        .zip(new.chunks(SECTOR as usize))
+        .enumerate()
+    {
+        assert!(
+            g == o || g == n,
+            "{what}: sector {i} is neither what was fsynced nor what was written after"
+        );
+    }
+}
+
+#[test]
+fn kill_9_after_fsync_or_close_loses_nothing_acknowledged_and_check_passes() {
+    if !require_fuse() {
+        return;
+    }
+    let t = fast_tempdir();
+    let size = 32 * M;
+    let c = make_chain(t.path(), size, "512K", false, false, 3);
+    let parents_before = c.parent_hashes();
+    let mut model = c.model.clone();
+    let mnt = t.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let log = t.path().join("daemon.log");
+    let mut rng = Rng(33);
+    // (how the acknowledged writes are made durable, more writes after it)
+    let rounds = [
+        ("fsync", false),
+        ("fdatasync", true),
+        ("fsync", true),
+        ("close", false),
+        ("close", true),
+    ];
+    for (round, &(how, extra)) in rounds.iter().enumerate() {
+        let g = MountGuard::new(&mnt);
+        let mut d = Daemon::start(c.leaf(), &mnt, &log, None);
+        let f = open_rw(&mnt.join("disk.raw"));
+        // Fresh blocks (each round its own 4 MiB region: BAT entries that
+        // only a flush writes), blocks written before, odd sizes.
+        let region = (round as u64 % 6) * 4 * M + 8 * M;
+        let mut writes: Vec<(u64, u64)> = vec![
+            (region + rng.below(4 * K), 1 + rng.below(2 * M)),
+            (region + 2 * M + 511, 1000),
+        ];
+        for _ in 0..12 {
+            let len = 1 + rng.below(200 * K);
+            writes.push((rng.below(size - len), len));
+        }
+        for &(off, len) in &writes {
+            let data = rng.bytes(len as usize);
+            f.write_all_at(&data, off).unwrap();
+            model[off as usize..(off + len) as usize].copy_from_slice(&data);
+        }
+        let f = match how {
+            "fsync" => {
+                f.sync_all().unwrap();
+                Some(f)
+            }
+            "fdatasync" => {
+                f.sync_data().unwrap();
+                Some(f)
+            }
+            _ => {
+                drop(f); // close: FUSE flush
+                None
+            }
+        };
+        let mut maybe = model.clone();
+        let mut unflushed = None;
+        if extra {
+            // Acknowledged but never flushed (the descriptor stays open
+            // until the daemon is dead): each sector may or may not survive.
+            let f = open_rw(&mnt.join("disk.raw"));
+            for _ in 0..6 {
+                let len = 1 + rng.below(600 * K);
+                let off = rng.below(size - len);
+                let data = rng.bytes(len as usize);
+                f.write_all_at(&data, off).unwrap();
+                maybe[off as usize..(off + len) as usize].copy_from_slice(&data);
+            }
+            unflushed = Some(f);
+        }
+        d.kill9();
+        drop(f);
+        drop(unflushed);
+        drop(g); // the dead mount
+        assert!(!is_mounted(&mnt), "round {round}: still mounted");
+
+        assert_check_clean(c.leaf());
+        let got = export(c.leaf(), &t.path().join("out.raw"));
+        if extra {
+            assert_old_or_new(&got, &model, &maybe, &format!("round {round} ({how})"));
+            model = got;
+        } else {
+            assert_same(
+                &got,
+                &model,
+                &format!("round {round} ({how}) after kill -9"),
+            );
+        }
+        assert_eq!(
+            c.parent_hashes(),
+            parents_before,
+            "round {round}: a parent changed"
+        );
+    }
+    // The chain still mounts and shows the same.
+    let g = mount(c.leaf(), &mnt, &[]);
+    assert_same(
+        &std::fs::read(mnt.join("disk.raw")).unwrap(),
+        &model,
+        "final mount",
+    );
+    umount(g);
+}
+
+/// One step of a script run against disk.raw.
+enum Op {
+    Write(u64, Vec<u8>),
+    /// fallocate(mode) of (offset, length).
+    Fallocate(i32, u64, u64),
+    Fsync,
+    /// Close the descriptor (FUSE flush) and open a new one.
+    Close,
+}
+
+/// Epochs separated by Fsync/Close; inside an epoch no two ranges overlap,
+/// so after a crash each sector holds the value of the last durable epoch
+/// or of the one in progress.
+fn crash_script() -> Vec<Op> {
+    let mut rng = Rng(0xFA);
+    let mut w = |off: u64, len: u64| Op::Write(off, rng.bytes(len as usize));
+    let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+    let zero = libc::FALLOC_FL_ZERO_RANGE;
+    vec![
+        w(M + 3, 100 * K), // a new block, unaligned
+        w(6 * M, 4096),    // another new block
+        Op::Fsync,
+        w(M + 500_003, 1000), // an allocated block, over sectors still the parent's
+        w(M + 50_000, 1000),  // an allocated block, over its own sectors
+        Op::Fallocate(punch, 8 * M, 2 * M), // a zero block over the parent
+        Op::Fallocate(zero, 6 * M + 100, 300), // partial, allocated
+        w(12 * M - 7, 14),    // straddles two new blocks
+        Op::Fsync,
+        w(3 * M, 2 * M + 5),            // over a block boundary, new blocks
+        Op::Fallocate(punch, M, 2 * M), // a whole allocated block, and more
+        Op::Close,
+        w(14 * M + 1, 1),
+        Op::Fsync,
+    ]
+}
+
+#[test]
+fn daemon_dying_at_any_write_point_keeps_every_fsynced_write_and_a_clean_chain() {
+    if !require_fuse() {
+        return;
+    }
+    let t = fast_tempdir();
+    let size = 16 * M;
+    let c = make_chain(t.path(), size, "2M", true, false, 10);
+    let parents_before = c.parent_hashes();
+    let pristine = t.path().join("leaf.orig");
+    std::fs::copy(c.leaf(), &pristine).unwrap();
+    let mnt = t.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let log = t.path().join("daemon.log");
+    let script = crash_script();
+    let mut k = 1;
+    loop {
+        assert!(k < 500, "the script never ran to its end");
+        std::fs::copy(&pristine, c.leaf()).unwrap();
+        let g = MountGuard::new(&mnt);
+        let mut d = Daemon::start(c.leaf(), &mnt, &log, Some(k));
+        let disk = mnt.join("disk.raw");
+        let mut durable = c.model.clone();
+        let mut latest = c.model.clone();
+        let mut f = Some(open_rw(&disk));
+        let mut failed = None;
+        for (i, op) in script.iter().enumerate() {
+            let fd = f.as_ref().unwrap();
+            let r = match op {
+                Op::Write(off, data) => {
+                    latest[*off as usize..*off as usize + data.len()].copy_from_slice(data);
+                    fd.write_all_at(data, *off)
+                }
+                Op::Fallocate(mode, off, len) => {
+                    latest[*off as usize..(*off + *len) as usize].fill(0);
+                    let r =
+                        unsafe { libc::fallocate(fd.as_raw_fd(), *mode, *off as i64, *len as i64) };
+                    if r == 0 {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::last_os_error())
+                    }
+                }
+                Op::Fsync => fd.sync_all(),
+                Op::Close => {
+                    // close(2) reports the flush's failure.
+                    let fd = f.take().unwrap();
+                    let r = unsafe { libc::close(std::os::fd::IntoRawFd::into_raw_fd(fd)) };
+                    if r == 0 {
+                        OpenOptions::new()
+                            .read(true)
+                            .write(true)
+                            .open(&disk)
+                            .map(|nf| f = Some(nf))
+                    } else {
+                        Err(std::io::Error::last_os_error())
+                    }
+                }
+            };
+            match r {
+                Ok(()) if matches!(op, Op::Fsync | Op::Close) => durable = latest.clone(),
+                Ok(()) => {}
+                Err(e) => {
+                    failed = Some((i, e));
+                    break;
+                }
+            }
+        }
+        let Some((i, e)) = failed else {
+            // The daemon outlived the script: all of it is durable.
+            drop(f);
+            umount(g);
+            let st = d.child.wait().unwrap();
+            assert!(st.success(), "daemon exit {st}");
+            assert_same(
+                &export(c.leaf(), &t.path().join("out.raw")),
+                &latest,
+                "the whole script",
+            );
+            break;
+        };
+        let st = d.child.wait().unwrap();
+        assert_eq!(
+            st.code(),
+            Some(86),
+            "k={k}: op {i} failed ({e}) but the daemon did not die at its fault point: {st}"
+        );
+        drop(f);
+        drop(g);
+        assert!(!is_mounted(&mnt));
+        let what = format!("daemon died at write point {k} (op {i} failed: {e})");
+        // Remounted (a writable open finishes what the crash left, e.g. a
+        // missing trailing footer): every fsynced write is there, each
+        // sector of the epoch in progress is old or new, the chain takes
+        // writes and passes check.
+        let g = mount(c.leaf(), &mnt, &["-o", "rw"]);
+        let mut got = read_direct(&mnt.join("disk.raw"));
+        assert_old_or_new(&got, &durable, &latest, &what);
+        let fd = open_rw(&mnt.join("disk.raw"));
+        fd.write_all_at(b"again", 5 * M + 1).unwrap();
+        got[(5 * M + 1) as usize..(5 * M + 6) as usize].copy_from_slice(b"again");
+        fd.sync_all().unwrap();
+        drop(fd);
+        umount(g);
+        assert_check_clean(c.leaf());
+        if k % 8 == 0 {
+            let out = t.path().join("out.raw");
+            assert_same(&export(c.leaf(), &out), &got, &format!("{what}: export"));
+        }
+        k += 1;
+    }
+    eprintln!("{k} fault points");
+    assert!(k > 10, "only {k} write points in the whole script?");
+    assert_eq!(c.parent_hashes(), parents_before, "a parent changed");
+}
+
+// ---------------------------------------------------------------------------
+// 4. Discard.
+
+fn util_fallocate(args: &[&str], off: u64, len: u64, file: &Path) {
+    run(Command::new("fallocate")
+        .args(args)
+        .args(["--offset", &off.to_string(), "--length", &len.to_string()])
+        .arg(file));
+}
+
+#[test]
+fn punch_hole_and_zero_range_over_parent_data_read_zero_and_hide_the_parents() {
+    if !require_fuse() {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let size = 24 * M;
+    let b = 2 * M;
+    let c = make_chain(t.path(), size, "2M", true, false, 4);
+    let parents_before = c.parent_hashes();
+    let mut model = c.model.clone();
+    assert!(!model.contains(&0), "the base holds data everywhere");
+    let mnt = t.path().join("mnt");
+    let g = mount(c.leaf(), &mnt, &["-o", "rw"]);
+    let disk = mnt.join("disk.raw");
+    let f = open_rw(&disk);
+    // Leaf data under some of the later discards: allocated blocks 1 and 5.
+    let mut rng = Rng(44);
+    for (off, len) in [(3 * M + 100, 300 * K), (10 * M, 2 * M)] {
+        let data = rng.bytes(len as usize);
+        f.write_all_at(&data, off).unwrap();
+        model[off as usize..(off + len) as usize].copy_from_slice(&data);
+    }
+    let _ = pread(&f, 0, size as usize); // everything in the page cache
+    let ops: Vec<(&[&str], u64, u64)> = vec![
+        (&["--punch-hole"], 1000, 3000),              // unaligned, sub-page
+        (&["--punch-hole"], b - 700, 1400),           // straddles a block boundary
+        (&["--punch-hole"], 3 * M + 50_000, 100_003), // inside leaf data
+        (&["--punch-hole"], b, b),                    // a whole block the leaf holds in part
+        (&["--punch-hole"], 2 * b, b),                // a whole block the leaf lacks
+        (&["--punch-hole"], 3 * b + 512, b + 1024),   // sector aligned, two blocks
+        (&["--zero-range"], 300_001, 77_777),         // unaligned
+        (&["--zero-range", "--keep-size"], 10 * M - 1, b + 2), // a whole block with leaf data, and edges
+        (&["--zero-range"], 13 * M + 4096, 8192),              // page aligned
+        (&["--punch-hole"], 7 * b, b),                         // a whole block the leaf lacks
+        (&["--zero-range"], 8 * b, 2 * b),                     // two whole blocks the leaf lacks
+        (&["--punch-hole"], 10 * b + 7, b),                    // unaligned, over a boundary
+        (&["--zero-range"], size - 1000, 1000),                // the end of the disk
+    ];
+    for (i, (args, off, len)) in ops.iter().enumerate() {
+        util_fallocate(args, *off, *len, &disk);
+        model[*off as usize..(*off + *len) as usize].fill(0);
+        assert_zero(
+            &pread(&f, *off, *len as usize),
+            &format!("op {i} {args:?} {off}+{len}"),
+        );
+        assert_same(
+            &pread(&f, 0, size as usize),
+            &model,
+            &format!("after op {i} {args:?}"),
+        );
+        assert_same(
+            &read_direct(&disk),
+            &model,
+            &format!("O_DIRECT after op {i} {args:?}"),
+        );
+    }
+    assert_eq!(
+        std::fs::metadata(&disk).unwrap().len(),
+        size,
+        "the size never changes"
+    );
+    drop(f);
+    umount(g);
+    assert_eq!(c.parent_hashes(), parents_before, "a parent changed");
+    assert_check_clean(c.leaf());
+    let ranges: Vec<(u64, u64)> = ops.iter().map(|(_, o, l)| (*o, *l)).collect();
+    assert_leaf_holds(c.leaf(), &ranges, true);
+    assert_same(
+        &export(c.leaf(), &t.path().join("out.raw")),
+        &model,
+        "export after remount",
+    );
+    let g = mount(c.leaf(), &mnt, &[]);
+    assert_same(&std::fs::read(&disk).unwrap(), &model, "remounted disk.raw");
+    umount(g);
+}
+
+#[test]
+fn blkdiscard_on_a_loop_device_zeroes_the_whole_disk() {
+    if !require_fuse() || !require_loop() {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let size = 16 * M;
+    let c = make_chain(t.path(), size, "2M", true, false, 5);
+    let parents_before = c.parent_hashes();
+    let mnt = t.path().join("mnt");
+    let g = mount(c.leaf(), &mnt, &["-o", "rw"]);
+    let disk = mnt.join("disk.raw");
+    // Some leaf data too.
+    std::fs::write(t.path().join("x"), Rng(55).bytes(3 * M as usize)).unwrap();
+    open_rw(&disk)
+        .write_all_at(&std::fs::read(t.path().join("x")).unwrap(), 3 * M + 17)
+        .unwrap();
+    {
+        let lo = attach_loop(&disk, false, false);
+        run(Command::new("blkdiscard").arg(&lo.dev));
+        drop(lo);
+    }
+    assert_zero(&std::fs::read(&disk).unwrap(), "disk.raw after blkdiscard");
+    assert_zero(&read_direct(&disk), "disk.raw (O_DIRECT) after blkdiscard");
+    umount(g);
+    assert_eq!(c.parent_hashes(), parents_before, "a parent changed");
+    assert_check_clean(c.leaf());
+    assert_zero(
+        &export(c.leaf(), &t.path().join("out.raw")),
+        "export after blkdiscard",
+    );
+}
+
+/// Physical 4 KiB blocks of `file` (a file on a mounted ext4), from
+/// `filefrag -v`: (first block, count) per extent.
+fn physical_extents(file: &Path) -> Vec<(u64, u64)> {
+    let out = run(Command::new("filefrag").arg("-v").arg(file));
+    let mut v = Vec::new();
+    for line in out.lines() {
+        let Some((idx, rest)) = line.split_once(':') else {
+            continue;
+        };
+        if idx.trim().parse::<u64>().is_err() {
+            continue;
+        }
+        // " 0..  732:  2065..  2797:  733: ..." -> numbers
+        let nums: Vec<u64> = rest
+            .replace("..", " ")
+            .replace(':', " ")
+            .split_whitespace()
+            .map_while(|w| w.parse().ok())
+            .collect();
+        assert!(nums.len() >= 5, "filefrag line {line:?}");
+        v.push((nums[2], nums[3] - nums[2] + 1));
+    }
+    assert!(!v.is_empty(), "no extents for {}: {out}", file.display());
+    v
+}
+
+#[test]
+fn fstrim_after_deleting_files_makes_their_blocks_read_zero() {
+    if !require_fuse() || !require_loop() {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let c = make_chain(t.path(), 64 * M, "2M", false, true, 6);
+    let parents_before = c.parent_hashes();
+    let mnt = t.path().join("mnt");
+    let guest = t.path().join("guest");
+    let g = mount(c.leaf(), &mnt, &["-o", "rw"]);
+    let disk = mnt.join("disk.raw");
+    let keep = Rng(66).bytes(1_500_000);
+    let mut freed: Vec<(u64, u64)> = Vec::new();
+    {
+        let lo = attach_loop(&disk, false, true);
+        mkfs_ext4(&lo.dev);
+        // nodiscard: deleting a file must not discard by itself here.
+        let km = KernelMount::mount(&lo.dev, &guest, "rw,nodiscard");
+        let mut rng = Rng(67);
+        for (i, len) in [3 * M as usize, 1_000_001, 2 * M as usize + 4096]
+            .iter()
+            .enumerate()
+        {
+            std::fs::write(guest.join(format!("gone{i}")), rng.bytes(*len)).unwrap();
+        }
+        std::fs::write(guest.join("keep"), &keep).unwrap();
+        sync();
+        for i in 0..3 {
+            freed.extend(physical_extents(&guest.join(format!("gone{i}"))));
+        }
+        let raw = File::open(&disk).unwrap();
+        let nonzero = |raw: &File| {
+            freed.iter().all(|&(blk, n)| {
+                pread(raw, blk * 4096, (n * 4096) as usize)
+                    .iter()
+                    .any(|b| *b != 0)
+            })
+        };
+        assert!(nonzero(&raw), "the files' blocks hold their data");
+        for i in 0..3 {
+            std::fs::remove_file(guest.join(format!("gone{i}"))).unwrap();
+        }
+        sync();
+        assert!(
+            nonzero(&raw),
+            "deleting alone discards nothing (no -o discard)"
+        );
+        run(Command::new("fstrim").arg("-v").arg(&guest));
+        for &(blk, n) in &freed {
+            assert_zero(
+                &pread(&raw, blk * 4096, (n * 4096) as usize),
+                &format!("freed blocks {blk}+{n} after fstrim"),
+            );
+        }
+        drop(km);
+        drop(lo);
+    }
+    umount(g);
+    assert_eq!(c.parent_hashes(), parents_before, "a parent changed");
+    assert_check_clean(c.leaf());
+    let flat = export(c.leaf(), &t.path().join("out.raw"));
+    for &(blk, n) in &freed {
+        assert_zero(
+            &flat[(blk * 4096) as usize..((blk + n) * 4096) as usize],
+            &format!("freed blocks {blk}+{n} after remount"),
+        );
+    }
+    // libvhdi reads the discarded blocks (zero blocks: every bitmap bit set,
+    // the data a hole) as chainfs does.
+    if require("vhdimount (libvhdi)", have("vhdimount")) {
+        let vm = t.path().join("vhdi");
+        let _g = vhdimount(c.leaf(), &vm, c.layers.len());
+        let theirs = std::fs::read(vm.join(format!("vhdi{}", c.layers.len()))).unwrap();
+        assert_same(
+            &theirs,
+            &flat,
+            "libvhdi's leaf vs chainfs export after fstrim",
+        );
+    }
+    // The file system is still whole and the kept file intact.
+    let g = mount(c.leaf(), &mnt, &[]);
+    {
+        let lo = attach_loop(&disk, true, true);
+        run(Command::new("fsck.ext4").args(["-f", "-n", &lo.dev]));
+        let km = KernelMount::mount(&lo.dev, &guest, "ro,noload");
+        assert_eq!(sha256_file(&guest.join("keep")), sha256(&keep));
+        drop(km);
+        drop(lo);
+    }
+    umount(g);
+}
+
+#[test]
+fn discarding_whole_blocks_of_a_dynamic_leaf_frees_file_space() {
+    if !require_fuse() {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let size = 16 * M;
+    let leaf = t.path().join("dyn.vhd");
+    chainfs_ok(&["create", p(&leaf), "--size", "16M", "--block-size", "2M"]);
+    let mut model = vec![0u8; size as usize];
+    let mnt = t.path().join("mnt");
+    let g = mount(&leaf, &mnt, &["-o", "rw"]);
+    let disk = mnt.join("disk.raw");
+    let f = open_rw(&disk);
+    let data = Rng(77).bytes(6 * M as usize);
+    f.write_all_at(&data, 2 * M).unwrap();
+    model[2 * M as usize..8 * M as usize].copy_from_slice(&data);
+    f.sync_all().unwrap();
+    let blocks = || std::fs::metadata(&leaf).unwrap().blocks();
+    let before = blocks();
+    assert!(
+        before >= 6 * M / 512,
+        "6 MiB written, {before} sectors allocated"
+    );
+
+    // Two whole blocks: their space goes back to the file system.
+    util_fallocate(&["--punch-hole"], 4 * M, 4 * M, &disk);
+    model[4 * M as usize..8 * M as usize].fill(0);
+    f.sync_all().unwrap();
+    let after = blocks();
+    assert!(
+        after + 4 * M / 512 <= before,
+        "discarding 4 MiB of whole blocks freed {} bytes ({before} -> {after} sectors)",
+        (before - after.min(before)) * 512
+    );
+    // A partial range and an unallocated block read zero and cost nothing.
+    util_fallocate(&["--punch-hole"], 2 * M + 4097, 10_000, &disk);
+    model[(2 * M + 4097) as usize..(2 * M + 14_097) as usize].fill(0);
+    util_fallocate(&["--zero-range"], 12 * M, 2 * M, &disk);
+    f.sync_all().unwrap();
+    assert!(
+        blocks() <= after,
+        "zeroing an unallocated block allocated space"
+    );
+    assert_same(
+        &std::fs::read(&disk).unwrap(),
+        &model,
+        "disk.raw after discards",
+    );
+    assert_same(
+        &read_direct(&disk),
+        &model,
+        "disk.raw (O_DIRECT) after discards",
+    );
+    drop(f);
+    umount(g);
+    assert_check_clean(&leaf);
+    assert_same(
+        &export(&leaf, &t.path().join("out.raw")),
+        &model,
+        "export after remount",
+    );
+}
+
+// ---------------------------------------------------------------------------
+// 5. copy_on_read.
+
+#[test]
+fn copy_on_read_is_opt_in_needs_rw_and_stores_what_is_read_in_the_leaf_without_changing_content() {
+    if !require_fuse() {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let size = 16 * M;
+    let c = make_chain(t.path(), size, "2M", true, false, 8);
+    let parents_before = c.parent_hashes();
+    let before = export(c.leaf(), &t.path().join("before.raw"));
+    assert_same(&before, &c.model, "export before");
+    assert_eq!(leaf_allocated(c.leaf()), 0, "the leaf starts empty");
+    let mnt = t.path().join("mnt");
+    // Parent data only (the base holds data everywhere), odd places.
+    let reads: Vec<(u64, u64)> = vec![(3 * M + 12_345, 5000), (7 * M, M), (13 * M + 1, 511)];
+    let read_all = |f: &File, model: &[u8], what: &str| {
+        for &(off, len) in &reads {
+            assert_same(
+                &pread(f, off, len as usize),
+                &model[off as usize..(off + len) as usize],
+                &format!("{what}: read of {off}+{len}"),
+            );
+        }
+    };
+
+    // Refused without rw: exit 9, nothing mounted.
+    std::fs::create_dir_all(&mnt).unwrap();
+    {
+        let _g = MountGuard::new(&mnt);
+        let o = chainfs(&["mount", p(c.leaf()), p(&mnt), "-o", "copy_on_read"]);
+        assert_eq!(o.status.code(), Some(9), "{o:?}");
+        assert!(
+            String::from_utf8_lossy(&o.stderr).contains("copy_on_read"),
+            "{o:?}"
+        );
+        assert!(!is_mounted(&mnt));
+    }
+
+    // Off by default: reads through a writable mount store nothing.
+    let g = mount(c.leaf(), &mnt, &["-o", "rw"]);
+    read_all(&open_rw(&mnt.join("disk.raw")), &c.model, "plain rw");
+    umount(g);
+    assert_eq!(leaf_allocated(c.leaf()), 0, "a plain rw mount copied reads");
+
+    // On: the reads land in the leaf; the flattened content is unchanged.
+    let g = mount(c.leaf(), &mnt, &["-o", "rw,copy_on_read"]);
+    let f = open_rw(&mnt.join("disk.raw"));
+    read_all(&f, &c.model, "copy_on_read");
+    f.sync_all().unwrap();
+    drop(f);
+    umount(g);
+    assert!(
+        leaf_allocated(c.leaf()) > 0,
+        "copy-on-read allocated nothing in the leaf"
+    );
+    assert_eq!(c.parent_hashes(), parents_before, "a parent changed");
+    assert_check_clean(c.leaf());
+    assert_same(
+        &export(c.leaf(), &t.path().join("after.raw")),
+        &before,
+        "export after copy-on-read",
+    );
+    // The leaf alone now holds what was read: no parent needed for it.
+    assert_leaf_holds(c.leaf(), &reads, false);
+
+    // A write is never covered by parent data a later copy-on-read brings.
+    let g = mount(c.leaf(), &mnt, &["-o", "rw,copy_on_read"]);
+    let f = open_rw(&mnt.join("disk.raw"));
+    let mut model = c.model.clone();
+    let newer = Rng(88).bytes(3000);
+    f.write_all_at(&newer, 9 * M + 100).unwrap();
+    model[(9 * M + 100) as usize..(9 * M + 3100) as usize].copy_from_slice(&newer);
+    assert_same(
+        &pread(&f, 9 * M - 5000, 20_000),
+        &model[(9 * M - 5000) as usize..(9 * M + 15_000) as usize],
+        "copy-on-read around a fresh write",
+    );
+    f.sync_all().unwrap();
+    drop(f);
+    umount(g);
+    assert_same(
+        &export(c.leaf(), &t.path().join("after.raw")),
+        &model,
+        "export after a write and copy-on-read around it",
+    );
+    assert_eq!(c.parent_hashes(), parents_before, "a parent changed");
+}
+
+// ---------------------------------------------------------------------------
+// 6. Read-only mounts.
+
+#[test]
+fn read_only_mount_refuses_writes_and_fallocate() {
+    if !require_fuse() {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let c = make_chain(t.path(), 8 * M, "2M", false, false, 9);
+    let hashes = c.layers.iter().map(|l| sha256_file(l)).collect::<Vec<_>>();
+    let mnt = t.path().join("mnt");
+    for opts in [&[][..], &["-o", "ro"][..]] {
+        let g = mount(c.leaf(), &mnt, opts);
+        let disk = mnt.join("disk.raw");
+        assert!(std::fs::metadata(&disk).unwrap().permissions().readonly());
+        for rw in [false, true] {
+            let e = OpenOptions::new()
+                .read(rw)
+                .write(true)
+                .open(&disk)
+                .expect_err("opening disk.raw for writing must fail");
+            assert!(
+                matches!(e.raw_os_error(), Some(libc::EROFS) | Some(libc::EACCES)),
+                "open for writing: {e}"
+            );
+        }
+        for mode in ["--punch-hole", "--zero-range"] {
+            let o = Command::new("fallocate")
+                .args([mode, "--offset", "4096", "--length", "8192"])
+                .arg(&disk)
+                .output()
+                .unwrap();
+            assert!(
+                !o.status.success(),
+                "fallocate {mode} on a read-only mount: {}",
+                String::from_utf8_lossy(&o.stdout)
+            );
+        }
+        // Even on a descriptor the kernel let through, fallocate is refused.
+        let f = File::open(&disk).unwrap();
+        let r = unsafe {
+            libc::fallocate(
+                f.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                0,
+                4096,
+            )
+        };
+        assert_eq!(r, -1, "fallocate on a read-only descriptor");
+        assert!(f.write_at(b"x", 0).is_err());
+        assert_same(
+            &std::fs::read(&disk).unwrap(),
+            &c.model,
+            "disk.raw unchanged",
+        );
+        drop(f);
+        umount(g);
+    }
+    let after = c.layers.iter().map(|l| sha256_file(l)).collect::<Vec<_>>();
+    assert_eq!(after, hashes, "a layer changed under a read-only mount");
+}
