@@ -179,6 +179,17 @@ pub fn plan(layers: Layers, req: &MergeRequest, caller: Option<Caller>) -> Resul
         }
         _ => HashSet::new(),
     };
+    for c in &relinked {
+        if c.exists() && peek_ids(c).is_none() {
+            return Err(Error::new(
+                ErrorKind::Corrupt,
+                format!(
+                    "{}: a child this merge relinks cannot be read; not going on",
+                    c.display()
+                ),
+            ));
+        }
+    }
     let changed: Vec<uuid::Uuid> = layers[s + 1..=d]
         .iter()
         .map(|l| l.info().unique_id)

@@ -11,10 +11,12 @@
 //!   then the entries, then `fsync`. A BAT entry is 8 aligned bytes inside one
 //!   sector, so its write is atomic and needs no log: a crash leaves either
 //!   the old entry (the new block is leaked) or the new one with its data.
-//! - **Metadata items** (the parent locator) change through the log: a new
-//!   LogGuid, one log entry holding the new 4 KiB sectors, flush, the
-//!   sectors written in place, flush, LogGuid cleared. A crash leaves a log
-//!   that the next open replays.
+//! - **Metadata items** (the parent locator) change through the log: one
+//!   log entry holding the new 4 KiB sectors under a fresh LogGuid, flush;
+//!   the headers take that LogGuid (now an open replays the entry); the
+//!   sectors are written in place, flush; LogGuid cleared. A crash before
+//!   the header update leaves an entry nobody reads; after it, a log that
+//!   the next open replays.
 //! - **Replay** of a dirty log on a writable open writes the logged sectors,
 //!   extends the file as the log says, flushes, and clears the LogGuid.
 
@@ -378,7 +380,8 @@ impl VhdxLayer {
                 ),
             ));
         }
-        self.header_update(|h| h.log_guid = guid)?;
+        // The entry first: while the header's LogGuid is not `guid` it is
+        // ignored, so a crash here leaves the file as it was.
         crate::fault::point()?;
         self.file.write_all_at(&entry, log_offset).ctx(
             &self.path,
@@ -389,6 +392,8 @@ impl VhdxLayer {
         self.file
             .sync_data()
             .ctx(&self.path, "cannot fsync", None)?;
+        // From this header on, an open replays the entry.
+        self.header_update(|h| h.log_guid = guid)?;
         for (off, data) in sectors {
             crate::fault::point()?;
             self.file.write_all_at(data, *off).ctx(
