@@ -12,7 +12,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use crate::error::{IoContext, Result};
+use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::image::{FlatImage, Source};
 
 const CHUNK: u64 = 64 << 20;
@@ -37,18 +37,38 @@ pub fn export(
     threads: usize,
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<ExportStats> {
-    let mut oo = std::fs::OpenOptions::new();
-    oo.write(true);
-    if overwrite {
-        oo.create(true).truncate(true);
-    } else {
-        oo.create_new(true);
+    if !overwrite && out.exists() {
+        return Err(Error::new(
+            ErrorKind::InvalidArgument,
+            format!("{}: exists (add --force to replace it)", out.display()),
+        ));
     }
-    let f = oo.open(out).ctx(out, "cannot create", None)?;
-    let r = export_into(image, &f, out, threads, progress);
+    // Written under a temporary name next to OUT and renamed into place at
+    // the end: a failed export leaves no partial image, and never harms a
+    // file it was to replace.
+    let name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp =
+        crate::chain::folder_of(out).join(format!(".{name}.chainfs-export-{}", std::process::id()));
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .ctx(&tmp, "cannot create", None)?;
+    let r = export_into(image, &f, &tmp, threads, progress).and_then(|stats| {
+        if overwrite {
+            std::fs::rename(&tmp, out).ctx(out, "cannot rename into place", None)?;
+        } else {
+            // Never replaces a file that appeared meanwhile.
+            std::fs::hard_link(&tmp, out).ctx(out, "cannot create", None)?;
+            let _ = std::fs::remove_file(&tmp);
+        }
+        Ok(stats)
+    });
     if r.is_err() {
-        // Never leave a partial image that looks like a result.
-        let _ = std::fs::remove_file(out);
+        let _ = std::fs::remove_file(&tmp);
     }
     r
 }

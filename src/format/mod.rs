@@ -370,6 +370,14 @@ pub fn open_layer(path: &Path, opts: &LayerOptions) -> Result<Arc<dyn Layer>> {
 /// shared otherwise, so that a writer (a writable mount, a merge, `chainfs
 /// write`) never shares a file with anyone, while readers share freely.
 pub(crate) fn open_file(path: &Path, writable: bool) -> Result<File> {
+    // Refuse FIFOs, devices and folders before open(2), which could block.
+    let md = std::fs::metadata(path).ctx(path, "cannot open", None)?;
+    if !md.is_file() {
+        return Err(Error::new(
+            ErrorKind::InvalidArgument,
+            format!("{}: not a regular file", path.display()),
+        ));
+    }
     let f = std::fs::OpenOptions::new()
         .read(true)
         .write(writable)

@@ -304,7 +304,10 @@ impl VhdLayer {
                 ),
             ));
         }
-        let table_end = h.table_offset + h.max_table_entries as u64 * 4;
+        let table_end = h
+            .table_offset
+            .checked_add(h.max_table_entries as u64 * 4)
+            .unwrap_or(u64::MAX);
         if table_end > tail_off {
             return Err(Error::corrupt(
                 &path,
