@@ -306,8 +306,7 @@ impl VhdLayer {
         }
         let table_end = h
             .table_offset
-            .checked_add(h.max_table_entries as u64 * 4)
-            .unwrap_or(u64::MAX);
+            .saturating_add(h.max_table_entries as u64 * 4);
         if table_end > tail_off {
             return Err(Error::corrupt(
                 &path,
