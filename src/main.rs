@@ -4,6 +4,10 @@
 mod cli;
 
 fn main() {
+    // Like other command-line tools, end quietly when stdout is a closed
+    // pipe (`chainfs info --json | head`) instead of panicking on EPIPE.
+    // SAFETY: setting a signal disposition before any thread exists.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
         .format_timestamp_millis()
         .init();
