@@ -144,38 +144,45 @@ fn copy_chunk(
     buf: &mut [u8],
 ) -> Result<(u64, u64)> {
     let layers = image.layers();
-    let (mut read, mut written) = (0, 0);
-    let mut off = start;
     let end = start + len;
+    // 1. Metadata: ask every layer to fetch this chunk's tables ahead, then
+    //    resolve the whole chunk into runs (no data read yet).
+    for l in layers.iter() {
+        l.prefetch(start, len);
+    }
+    let mut runs: Vec<(u64, usize, u64, u64)> = Vec::new(); // (off, depth, file_offset, len)
+    let mut off = start;
     while off < end {
-        let want = (end - off).min(buf.len() as u64);
-        let (src, n) = crate::image::resolve(&layers, 0, off, want)?;
+        let (src, n) = crate::image::resolve(&layers, 0, off, end - off)?;
         if let Source::Data { depth, file_offset } = src {
-            // Extend the run while the next one continues in the same file.
-            let mut n = n;
-            while n < want {
-                match crate::image::resolve(&layers, 0, off + n, want - n)? {
-                    (
-                        Source::Data {
-                            depth: d,
-                            file_offset: fo,
-                        },
-                        m,
-                    ) if d == depth && fo == file_offset + n => n += m,
-                    _ => break,
+            match runs.last_mut() {
+                Some(r)
+                    if r.1 == depth
+                        && r.0 + r.3 == off
+                        && r.2 + r.3 == file_offset
+                        && r.3 + n <= buf.len() as u64 =>
+                {
+                    r.3 += n
                 }
+                _ => runs.push((off, depth, file_offset, n)),
             }
-            let part = &mut buf[..n as usize];
-            layers[depth].read_data(file_offset, part)?;
-            read += n;
-            if !is_zero(part) {
-                f.write_all_at(part, off)
-                    .ctx(out, "cannot write", Some(off))?;
-                written += n;
-            }
-            off += n;
-        } else {
-            off += n;
+        }
+        off += n;
+    }
+    // 2. Data: tell the kernel about every run now, so it reads ahead
+    //    while the earlier runs are copied.
+    for &(_, depth, fo, n) in &runs {
+        layers[depth].will_need(fo, n);
+    }
+    let (mut read, mut written) = (0, 0);
+    for (off, depth, file_offset, n) in runs {
+        let part = &mut buf[..n as usize];
+        layers[depth].read_data(file_offset, part)?;
+        read += n;
+        if !is_zero(part) {
+            f.write_all_at(part, off)
+                .ctx(out, "cannot write", Some(off))?;
+            written += n;
         }
     }
     Ok((read, written))

@@ -149,6 +149,14 @@ pub trait Layer: Send + Sync {
     /// offset returned in `Extent::Data`).
     fn read_data(&self, file_offset: u64, buf: &mut [u8]) -> Result<()>;
 
+    /// Start reading the tables that `map()` will need for this range
+    /// (best effort, asynchronous; for bulk readers such as export).
+    fn prefetch(&self, _offset: u64, _len: u64) {}
+
+    /// Start reading `len` bytes of this layer's file at `file_offset`
+    /// into the page cache (best effort, asynchronous).
+    fn will_need(&self, _file_offset: u64, _len: u64) {}
+
     /// Bytes of file space holding data (allocated blocks).
     fn allocated_bytes(&self) -> Result<u64>;
 

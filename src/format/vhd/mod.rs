@@ -841,6 +841,39 @@ impl Layer for VhdLayer {
         })
     }
 
+    fn prefetch(&self, offset: u64, len: u64) {
+        // A differencing layer reads a bitmap per block: fetch them all.
+        if self.disk_type != TYPE_DIFFERENCING || len == 0 {
+            return;
+        }
+        let first = offset / self.block_size;
+        let last = (offset + len - 1) / self.block_size;
+        for b in first..=last {
+            if self.n_pending.load(Ordering::Acquire) == 0
+                && self.cache.get(&self.bitmap_key(b)).is_some()
+            {
+                continue;
+            }
+            if let Ok(e) = self.bat_entry(b) {
+                if e != UNALLOCATED {
+                    self.will_need(e as u64 * SECTOR, self.bitmap_size);
+                }
+            }
+        }
+    }
+
+    fn will_need(&self, file_offset: u64, len: u64) {
+        // SAFETY: advice on our own descriptor; no memory is involved.
+        unsafe {
+            libc::posix_fadvise(
+                self.file.as_raw_fd(),
+                file_offset as libc::off_t,
+                len as libc::off_t,
+                libc::POSIX_FADV_WILLNEED,
+            )
+        };
+    }
+
     fn read_data(&self, file_offset: u64, buf: &mut [u8]) -> Result<()> {
         self.file.read_exact_at(buf, file_offset).ctx(
             &self.path,

@@ -33,6 +33,7 @@ pub use structs::*;
 
 use std::collections::HashMap;
 use std::fs::File;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -770,6 +771,18 @@ impl Layer for VhdxLayer {
                 ))
             }
         }
+    }
+
+    fn will_need(&self, file_offset: u64, len: u64) {
+        // SAFETY: advice on our own descriptor; no memory is involved.
+        unsafe {
+            libc::posix_fadvise(
+                self.file.as_raw_fd(),
+                file_offset as libc::off_t,
+                len as libc::off_t,
+                libc::POSIX_FADV_WILLNEED,
+            )
+        };
     }
 
     fn read_data(&self, file_offset: u64, buf: &mut [u8]) -> Result<()> {
