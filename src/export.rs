@@ -153,7 +153,8 @@ fn copy_chunk(
     let mut runs: Vec<(u64, usize, u64, u64)> = Vec::new(); // (off, depth, file_offset, len)
     let mut off = start;
     while off < end {
-        let (src, n) = crate::image::resolve(&layers, 0, off, end - off)?;
+        // Runs are cut at the buffer size: one read and one write each.
+        let (src, n) = crate::image::resolve(&layers, 0, off, (end - off).min(buf.len() as u64))?;
         if let Source::Data { depth, file_offset } = src {
             match runs.last_mut() {
                 Some(r)
