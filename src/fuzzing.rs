@@ -253,3 +253,55 @@ impl Drop for ScratchFile {
         }
     }
 }
+
+/// The VHDX metadata parsers, chosen by the first byte: 0 header, 1 region
+/// table, 2 metadata table, 3 parent locator, 4 log (active sequence). What
+/// parses must survive a round trip through the matching writer.
+pub fn vhdx_meta(data: &[u8]) {
+    use crate::format::vhdx::{self, log};
+    let Some((&sel, rest)) = data.split_first() else {
+        return;
+    };
+    match sel % 5 {
+        0 => {
+            if let Ok(h) = vhdx::Header::parse(rest) {
+                assert_eq!(vhdx::Header::parse(&h.to_bytes()).unwrap(), h);
+            }
+        }
+        1 => {
+            let mut b = rest.to_vec();
+            b.resize(b.len().max(vhdx::REGION_SIZE), 0);
+            if let Ok(r) = vhdx::parse_region_table(&b) {
+                assert_eq!(
+                    vhdx::parse_region_table(&vhdx::region_table_bytes(&r)).unwrap(),
+                    r
+                );
+            }
+        }
+        2 => {
+            let mut b = rest.to_vec();
+            b.resize(b.len().max(vhdx::REGION_SIZE), 0);
+            if let Ok(m) = vhdx::parse_metadata_table(&b) {
+                assert_eq!(
+                    vhdx::parse_metadata_table(&vhdx::metadata_table_bytes(&m)).unwrap(),
+                    m
+                );
+            }
+        }
+        3 => {
+            if let Ok(pairs) = vhdx::parse_parent_locator(rest) {
+                let again = vhdx::parse_parent_locator(&vhdx::parent_locator_bytes(&pairs));
+                assert_eq!(again.unwrap(), pairs);
+            }
+        }
+        _ => {
+            let len = rest.len() / 4096 * 4096;
+            if len >= 4096 {
+                let guid = vhdx::guid(rest, 32);
+                if let Ok(seq) = log::active_sequence(&rest[..len], guid) {
+                    let _ = log::Overlay::from_sequence(&seq);
+                }
+            }
+        }
+    }
+}

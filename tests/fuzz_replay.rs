@@ -20,6 +20,7 @@ const TARGETS: &[(&str, Target)] = &[
     ("vhd_footer", chainfs::fuzzing::vhd_footer),
     ("vhd_header", chainfs::fuzzing::vhd_header),
     ("vhd_image", chainfs::fuzzing::vhd_image),
+    ("vhdx_meta", chainfs::fuzzing::vhdx_meta),
 ];
 
 fn fuzz_dir() -> PathBuf {
@@ -108,6 +109,11 @@ fn replay_vhd_footer() {
 fn replay_vhd_header() {
     replay("corpus", "vhd_header");
     replay("regressions", "vhd_header");
+}
+
+#[test]
+fn replay_vhdx_meta() {
+    replay("corpus", "vhdx_meta");
 }
 
 #[test]

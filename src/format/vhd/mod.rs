@@ -132,6 +132,8 @@ pub struct VhdLayer {
     n_pending: AtomicUsize,
     /// Written since the last flush.
     dirty: AtomicBool,
+    /// Where the dynamic header was when the file was opened.
+    header_at: u64,
     /// Allocated blocks, counted once on demand and kept up to date.
     allocated: Mutex<Option<u64>>,
     cache: Arc<MetaCache>,
@@ -202,6 +204,7 @@ impl VhdLayer {
             n_pending: AtomicUsize::new(0),
             dirty: AtomicBool::new(false),
             allocated: Mutex::new(None),
+            header_at: footer.data_offset,
             cache: opts.cache.clone(),
             key: new_layer_key(),
             block_size: 0,
@@ -437,6 +440,21 @@ impl VhdLayer {
         let start = entry as u64 * SECTOR;
         let end = start + self.bitmap_size + self.block_size;
         let h = self.header.as_ref().expect("dynamic layer");
+        // Never hand out metadata as disk data: the header and BAT as
+        // opened are off limits (overlaps between blocks are for `check`).
+        let bat_end = h.table_offset + h.max_table_entries as u64 * 4;
+        let over_bat = start < bat_end && h.table_offset < end;
+        let over_header = start < self.header_at + HEADER_SIZE as u64 && self.header_at < end;
+        if over_bat || over_header {
+            return Err(Error::corrupt(
+                &self.path,
+                h.table_offset + block * 4,
+                format!(
+                    "BAT entry {block} points to {start:#x}..{end:#x}, over the {}",
+                    if over_bat { "BAT" } else { "dynamic header" }
+                ),
+            ));
+        }
         if start < FOOTER_SIZE as u64 || end > self.data_end.load(Ordering::Acquire) {
             return Err(Error::corrupt(
                 &self.path,

@@ -25,7 +25,7 @@
 
 mod check;
 pub mod create;
-mod log;
+pub(crate) mod log;
 pub mod structs;
 mod write;
 
@@ -103,8 +103,10 @@ pub struct VhdxLayer {
     key: u64,
     meta: RwLock<()>,
     alloc: Mutex<()>,
-    /// Where the next 1 MiB aligned block goes.
+    /// The file's length as the log says it is (reads stop here).
     data_end: AtomicU64,
+    /// Where the next 1 MiB aligned block goes.
+    next_alloc: AtomicU64,
     /// Payload/bitmap BAT entries written since the last flush: index -> entry.
     pending: RwLock<HashMap<u64, u64>>,
     /// Sector bitmaps changed since the last flush: block -> (offset, bytes).
@@ -188,7 +190,8 @@ impl VhdxLayer {
             key: new_layer_key(),
             meta: RwLock::new(()),
             alloc: Mutex::new(()),
-            data_end: AtomicU64::new(layer_len.next_multiple_of(MIB)),
+            data_end: AtomicU64::new(layer_len),
+            next_alloc: AtomicU64::new(layer_len.next_multiple_of(MIB)),
             pending: RwLock::new(HashMap::new()),
             pending_bm: RwLock::new(HashMap::new()),
             n_pending: AtomicUsize::new(0),
@@ -349,6 +352,19 @@ impl VhdxLayer {
             self.read_meta(at, &mut b)?;
             Ok(b)
         })
+    }
+
+    /// `off` if `len` bytes there lie inside the file, else a clear error.
+    fn data_in_file(&self, idx: u64, off: u64, len: u64) -> Result<u64> {
+        if off < MIB || off.saturating_add(len) > self.data_end.load(Ordering::Acquire) {
+            let bat = self.layout.read().bat_offset;
+            return Err(Error::corrupt(
+                &self.path,
+                bat + idx * 8,
+                format!("BAT entry {idx} points to {off:#x}+{len}, outside the file"),
+            ));
+        }
+        Ok(off)
     }
 
     /// The dirty-log state as opened (for `check`).
@@ -730,7 +746,7 @@ impl Layer for VhdxLayer {
         let e = self.bat(idx)?;
         match e & 7 {
             PAYLOAD_FULLY_PRESENT => Ok(Extent::Data {
-                file_offset: self.entry_offset(idx, e)? + in_off,
+                file_offset: self.data_in_file(idx, self.entry_offset(idx, e)? + in_off, len)?,
                 len,
             }),
             PAYLOAD_PARTIALLY_PRESENT if has_parent => {
@@ -742,7 +758,7 @@ impl Layer for VhdxLayer {
                 let len = ((first + run) * lss - in_off).min(len);
                 Ok(if set {
                     Extent::Data {
-                        file_offset: base + in_off,
+                        file_offset: self.data_in_file(idx, base + in_off, len)?,
                         len,
                     }
                 } else {

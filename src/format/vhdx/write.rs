@@ -166,7 +166,8 @@ impl VhdxLayer {
 
     /// A new 1 MiB aligned region of `len` bytes at the end of the file.
     fn append_region(&self, len: u64) -> Result<u64> {
-        let at = self.data_end.fetch_add(len, Ordering::AcqRel);
+        let at = self.next_alloc.fetch_add(len, Ordering::AcqRel);
+        self.data_end.fetch_max(at + len, Ordering::AcqRel);
         crate::fault::point()?;
         let flen = self
             .file
