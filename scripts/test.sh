@@ -8,5 +8,8 @@ scripts/deps.sh
 cargo fmt --check
 cargo clippy --all-targets --locked -- -D warnings
 cargo build --locked --all-targets
+# The cargo-fuzz targets build on stable too (running them needs
+# RUSTC_BOOTSTRAP=1, see scripts/fuzz.sh); their corpus replays in the suite.
+cargo build --locked --manifest-path fuzz/Cargo.toml
 cargo nextest run --locked --no-fail-fast --profile ci
 cargo test --locked --doc
