@@ -8,6 +8,31 @@ use std::process::{Command, Output};
 
 use sha2::{Digest, Sha256};
 
+/// splitmix64: a small seeded generator, so every failure reproduces.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+
+    pub fn bytes(&mut self, n: usize) -> Vec<u8> {
+        let mut v = vec![0u8; n];
+        for c in v.chunks_mut(8) {
+            c.copy_from_slice(&self.next().to_le_bytes()[..c.len()]);
+        }
+        v
+    }
+}
+
 /// The `chainfs` binary built for this test run.
 pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_chainfs"))
