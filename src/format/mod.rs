@@ -14,6 +14,7 @@
 //! turns a partial-sector write into a read-modify-write before calling
 //! [`Layer::write_sectors`].
 
+pub mod pending;
 pub mod vhd;
 pub mod vhdx;
 
@@ -205,11 +206,6 @@ pub trait Layer: Send + Sync {
 pub fn peek_ids(path: &Path) -> Option<(uuid::Uuid, Option<uuid::Uuid>)> {
     vhdx::peek_ids(path).or_else(|| vhd::peek_ids(path))
 }
-
-/// Bitmaps changed in memory and not yet written: block -> (file offset,
-/// bytes). Both drivers write them at flush, after the data is synced.
-pub(crate) type PendingBitmaps =
-    parking_lot::RwLock<std::collections::HashMap<u64, (u64, Arc<[u8]>)>>;
 
 /// The advisory (`flock`) lock a process holds on a layer file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -42,18 +42,18 @@ mod structs;
 
 pub use structs::*;
 
-use std::collections::HashMap;
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock};
 
 use crate::cache::{new_layer_key, Key, MetaCache, Table};
 use crate::error::{Error, ErrorKind, IoContext, Result};
+use crate::format::pending::{self, Pending};
 use crate::format::{
     lock_file, DiskType, Extent, Format, Layer, LayerInfo, LayerOptions, LockMode, ParentHint,
     ParentLink,
@@ -61,8 +61,6 @@ use crate::format::{
 
 /// BAT entries per cached page (4 KiB of table).
 const BAT_PAGE_ENTRIES: u64 = 1024;
-/// Allocations kept pending before a flush is forced.
-const MAX_PENDING: usize = 4096;
 /// Locator data larger than this is not a path.
 const MAX_LOCATOR_LEN: u32 = 64 * 1024;
 
@@ -126,10 +124,7 @@ pub struct VhdLayer {
     header: Option<DynamicHeader>,
     parent: RwLock<Option<ParentLink>>,
     /// Blocks allocated since the last flush: block -> BAT entry.
-    pending: RwLock<HashMap<u64, u32>>,
-    /// Bitmaps changed since the last flush: block -> (file offset, bytes).
-    pending_bm: crate::format::PendingBitmaps,
-    n_pending: AtomicUsize,
+    pending: Pending,
     /// Written since the last flush.
     dirty: AtomicBool,
     /// Where the dynamic header was when the file was opened.
@@ -199,9 +194,7 @@ impl VhdLayer {
             footer_problem,
             header: None,
             parent: RwLock::new(None),
-            pending: RwLock::new(HashMap::new()),
-            pending_bm: RwLock::new(HashMap::new()),
-            n_pending: AtomicUsize::new(0),
+            pending: Pending::default(),
             dirty: AtomicBool::new(false),
             allocated: Mutex::new(None),
             header_at: footer.data_offset,
@@ -422,10 +415,8 @@ impl VhdLayer {
         if block >= h.max_table_entries as u64 {
             return Ok(UNALLOCATED);
         }
-        if self.n_pending.load(Ordering::Acquire) > 0 {
-            if let Some(e) = self.pending.read().get(&block) {
-                return Ok(*e);
-            }
+        if let Some(e) = self.pending.entry(block) {
+            return Ok(e as u32);
         }
         let page = block / BAT_PAGE_ENTRIES;
         let buf = self.cache.get_or_load(self.bat_key(page), &self.meta, || {
@@ -478,10 +469,8 @@ impl VhdLayer {
     }
 
     fn bitmap(&self, block: u64, start: u64) -> Result<Arc<[u8]>> {
-        if self.n_pending.load(Ordering::Acquire) > 0 {
-            if let Some((_, b)) = self.pending_bm.read().get(&block) {
-                return Ok(b.clone());
-            }
+        if let Some(b) = self.pending.bitmap(block) {
+            return Ok(b);
         }
         self.cache
             .get_or_load(self.bitmap_key(block), &self.meta, || {
@@ -521,16 +510,9 @@ impl VhdLayer {
         set_bits(&mut nb, first, n);
         let nb: Arc<[u8]> = nb.into();
         // Written by flush(), after the data it makes visible is synced.
-        if self
-            .pending_bm
-            .write()
-            .insert(block, (start, nb.clone()))
-            .is_none()
-        {
-            self.n_pending.fetch_add(1, Ordering::AcqRel);
-        }
+        let due = self.pending.set_bitmap(block, start, nb.clone());
         self.cache.insert(self.bitmap_key(block), nb);
-        if self.n_pending.load(Ordering::Acquire) >= MAX_PENDING {
+        if due {
             self.flush_locked()?;
         }
         Ok(())
@@ -576,13 +558,11 @@ impl VhdLayer {
         }
         self.data_end.store(new_footer, Ordering::Release);
         self.cache.insert(self.bitmap_key(block), bm.into());
-        if self.pending.write().insert(block, sector).is_none() {
-            self.n_pending.fetch_add(1, Ordering::AcqRel);
-        }
+        let due = self.pending.set_entry(block, sector as u64);
         if let Some(n) = self.allocated.lock().as_mut() {
             *n += 1;
         }
-        if self.n_pending.load(Ordering::Acquire) >= MAX_PENDING {
+        if due {
             self.flush_locked()?;
         }
         Ok(())
@@ -592,47 +572,27 @@ impl VhdLayer {
     /// point at new blocks, then everything. Called with `alloc` held.
     fn flush_locked(&self) -> Result<()> {
         let p = &self.path;
-        if !self.dirty.swap(false, Ordering::AcqRel) && self.n_pending.load(Ordering::Acquire) == 0
-        {
+        if !self.dirty.swap(false, Ordering::AcqRel) && self.pending.is_empty() {
             return Ok(());
         }
-        if self.n_pending.load(Ordering::Acquire) > 0 {
-            let h = self.header.as_ref().expect("dynamic layer");
-            crate::fault::point()?;
-            self.file.sync_data().ctx(p, "cannot fsync data", None)?;
-            let mut entries: Vec<(u64, u32)> =
-                self.pending.read().iter().map(|(b, e)| (*b, *e)).collect();
-            entries.sort_unstable();
-            let mut bitmaps: Vec<(u64, Arc<[u8]>)> =
-                self.pending_bm.read().values().cloned().collect();
-            bitmaps.sort_unstable_by_key(|b| b.0);
-            for (at, bm) in &bitmaps {
-                crate::fault::point()?;
+        // Only dynamic and differencing layers queue table entries.
+        let table = self.header.as_ref().map_or(0, |h| h.table_offset);
+        self.pending
+            .write_out(&self.file, p, &self.meta, |block, value| {
+                let entry = (value as u32).to_be_bytes();
+                let off = table + block * 4;
                 self.file
-                    .write_all_at(bm, *at)
-                    .ctx(p, "cannot write sector bitmap", Some(*at))?;
-            }
-            let _w = self.meta.write();
-            for (block, sector) in &entries {
-                let off = h.table_offset + block * 4;
-                crate::fault::point()?;
-                self.file.write_all_at(&sector.to_be_bytes(), off).ctx(
-                    p,
-                    "cannot write BAT entry",
-                    Some(off),
-                )?;
+                    .write_all_at(&entry, off)
+                    .ctx(p, "cannot write BAT entry", Some(off))?;
                 let page = block / BAT_PAGE_ENTRIES;
                 if let Some(old) = self.cache.get(&self.bat_key(page)) {
                     let mut np = old.to_vec();
                     let i = ((block % BAT_PAGE_ENTRIES) * 4) as usize;
-                    np[i..i + 4].copy_from_slice(&sector.to_be_bytes());
+                    np[i..i + 4].copy_from_slice(&entry);
                     self.cache.insert(self.bat_key(page), np.into());
                 }
-            }
-            self.pending.write().clear();
-            self.pending_bm.write().clear();
-            self.n_pending.store(0, Ordering::Release);
-        }
+                Ok(())
+            })?;
         crate::fault::point()?;
         self.file.sync_all().ctx(p, "cannot fsync", None)
     }
@@ -867,9 +827,7 @@ impl Layer for VhdLayer {
         let first = offset / self.block_size;
         let last = (offset + len - 1) / self.block_size;
         for b in first..=last {
-            if self.n_pending.load(Ordering::Acquire) == 0
-                && self.cache.get(&self.bitmap_key(b)).is_some()
-            {
+            if self.pending.bitmap(b).is_some() || self.cache.get(&self.bitmap_key(b)).is_some() {
                 continue;
             }
             if let Ok(e) = self.bat_entry(b) {
@@ -881,15 +839,7 @@ impl Layer for VhdLayer {
     }
 
     fn will_need(&self, file_offset: u64, len: u64) {
-        // SAFETY: advice on our own descriptor; no memory is involved.
-        unsafe {
-            libc::posix_fadvise(
-                self.file.as_raw_fd(),
-                file_offset as libc::off_t,
-                len as libc::off_t,
-                libc::POSIX_FADV_WILLNEED,
-            )
-        };
+        pending::will_need(&self.file, file_offset, len);
     }
 
     fn read_data(&self, file_offset: u64, buf: &mut [u8]) -> Result<()> {

@@ -31,12 +31,10 @@ mod write;
 
 pub use structs::*;
 
-use std::collections::HashMap;
 use std::fs::File;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock};
@@ -44,14 +42,13 @@ use uuid::Uuid;
 
 use crate::cache::{new_layer_key, Key, MetaCache, Table};
 use crate::error::{Error, ErrorKind, IoContext, Result};
+use crate::format::pending::Pending;
 use crate::format::{
     lock_file, DiskType, Extent, Format, Layer, LayerInfo, LayerOptions, LockMode, ParentHint,
     ParentLink,
 };
 
 const BAT_PAGE_ENTRIES: u64 = 512;
-/// Pending BAT entries and bitmaps before a flush is forced.
-const MAX_PENDING: usize = 4096;
 
 /// Does this file start with the `vhdxfile` identifier?
 pub fn probe(file: &File, path: &Path) -> Result<bool> {
@@ -108,10 +105,7 @@ pub struct VhdxLayer {
     /// Where the next 1 MiB aligned block goes.
     next_alloc: AtomicU64,
     /// Payload/bitmap BAT entries written since the last flush: index -> entry.
-    pending: RwLock<HashMap<u64, u64>>,
-    /// Sector bitmaps changed since the last flush: block -> (offset, bytes).
-    pending_bm: crate::format::PendingBitmaps,
-    n_pending: AtomicUsize,
+    pending: Pending,
     dirty: AtomicBool,
     /// Allocated payload blocks, counted once on demand (None: recount).
     allocated: Mutex<Option<u64>>,
@@ -192,9 +186,7 @@ impl VhdxLayer {
             alloc: Mutex::new(()),
             data_end: AtomicU64::new(layer_len),
             next_alloc: AtomicU64::new(layer_len.next_multiple_of(MIB)),
-            pending: RwLock::new(HashMap::new()),
-            pending_bm: RwLock::new(HashMap::new()),
-            n_pending: AtomicUsize::new(0),
+            pending: Pending::default(),
             dirty: AtomicBool::new(false),
             allocated: Mutex::new(None),
             session: AtomicBool::new(false),
@@ -281,10 +273,8 @@ impl VhdxLayer {
 
     /// BAT entry number `idx` (payload and bitmap entries interleaved).
     fn bat(&self, idx: u64) -> Result<u64> {
-        if self.n_pending.load(Ordering::Acquire) > 0 {
-            if let Some(e) = self.pending.read().get(&idx) {
-                return Ok(*e);
-            }
+        if let Some(e) = self.pending.entry(idx) {
+            return Ok(e);
         }
         let (bat_offset, entries) = {
             let l = self.layout.read();
@@ -339,10 +329,8 @@ impl VhdxLayer {
                 ),
             ));
         }
-        if self.n_pending.load(Ordering::Acquire) > 0 {
-            if let Some((_, b)) = self.pending_bm.read().get(&n) {
-                return Ok(b.clone());
-            }
+        if let Some(b) = self.pending.bitmap(n) {
+            return Ok(b);
         }
         let sb = self.entry_offset(idx, e)?;
         let bytes = spb / 8;
@@ -790,15 +778,7 @@ impl Layer for VhdxLayer {
     }
 
     fn will_need(&self, file_offset: u64, len: u64) {
-        // SAFETY: advice on our own descriptor; no memory is involved.
-        unsafe {
-            libc::posix_fadvise(
-                self.file.as_raw_fd(),
-                file_offset as libc::off_t,
-                len as libc::off_t,
-                libc::POSIX_FADV_WILLNEED,
-            )
-        };
+        crate::format::pending::will_need(&self.file, file_offset, len);
     }
 
     fn read_data(&self, file_offset: u64, buf: &mut [u8]) -> Result<()> {

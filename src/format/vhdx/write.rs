@@ -113,7 +113,7 @@ impl VhdxLayer {
 
     /// Bound the memory held by pending entries. `alloc` held.
     fn maybe_flush(&self) -> Result<()> {
-        if self.n_pending.load(Ordering::Acquire) >= MAX_PENDING {
+        if self.pending.due() {
             self.flush_locked()?;
         }
         Ok(())
@@ -183,9 +183,7 @@ impl VhdxLayer {
     }
 
     fn queue(&self, idx: u64, entry: u64) {
-        if self.pending.write().insert(idx, entry).is_none() {
-            self.n_pending.fetch_add(1, Ordering::AcqRel);
-        }
+        self.pending.set_entry(idx, entry);
     }
 
     /// Allocate payload block `n` holding `data` at `in_off`. `alloc` held.
@@ -250,14 +248,9 @@ impl VhdxLayer {
                 "cannot write sector bitmap",
                 Some(at),
             )?;
-        } else if self
-            .pending_bm
-            .write()
-            .insert(n, (at, bm.clone()))
-            .is_none()
-        {
+        } else {
             // Written by flush(), after the data it makes visible is synced.
-            self.n_pending.fetch_add(1, Ordering::AcqRel);
+            self.pending.set_bitmap(n, at, bm.clone());
         }
         self.cache.insert(self.bitmap_key(n), bm);
         Ok(())
@@ -316,31 +309,14 @@ impl VhdxLayer {
 
     /// Make every write durable: data, then BAT entries, then everything.
     pub(super) fn flush_locked(&self) -> Result<()> {
-        if !self.dirty.swap(false, Ordering::AcqRel) && self.n_pending.load(Ordering::Acquire) == 0
-        {
+        if !self.dirty.swap(false, Ordering::AcqRel) && self.pending.is_empty() {
             return Ok(());
         }
         let p = &self.path;
-        if self.n_pending.load(Ordering::Acquire) > 0 {
-            crate::fault::point()?;
-            self.file.sync_data().ctx(p, "cannot fsync data", None)?;
-            let bat_offset = self.layout.read().bat_offset;
-            let mut entries: Vec<(u64, u64)> =
-                self.pending.read().iter().map(|(i, e)| (*i, *e)).collect();
-            entries.sort_unstable();
-            let mut bitmaps: Vec<(u64, Arc<[u8]>)> =
-                self.pending_bm.read().values().cloned().collect();
-            bitmaps.sort_unstable_by_key(|b| b.0);
-            for (at, bm) in &bitmaps {
-                crate::fault::point()?;
-                self.file
-                    .write_all_at(bm, *at)
-                    .ctx(p, "cannot write sector bitmap", Some(*at))?;
-            }
-            let _w = self.meta.write();
-            for (idx, e) in &entries {
+        let bat_offset = self.layout.read().bat_offset;
+        self.pending
+            .write_out(&self.file, p, &self.meta, |idx, e| {
                 let at = bat_offset + idx * 8;
-                crate::fault::point()?;
                 self.file.write_all_at(&e.to_le_bytes(), at).ctx(
                     p,
                     "cannot write BAT entry",
@@ -353,11 +329,8 @@ impl VhdxLayer {
                     np[i..i + 8].copy_from_slice(&e.to_le_bytes());
                     self.cache.insert(self.bat_key(page), np.into());
                 }
-            }
-            self.pending.write().clear();
-            self.pending_bm.write().clear();
-            self.n_pending.store(0, Ordering::Release);
-        }
+                Ok(())
+            })?;
         crate::fault::point()?;
         self.file.sync_all().ctx(p, "cannot fsync", None)
     }

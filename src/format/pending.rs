@@ -1,0 +1,130 @@
+//! Metadata changes that wait for a flush, and the order a flush writes
+//! them in. Both drivers keep new table entries (VHD BAT, VHDX BAT) and
+//! changed sector bitmaps here instead of writing them at once; readers of
+//! the layer look here first. `write_out` is the safety argument in code:
+//!
+//! 1. `fdatasync`: the data those entries and bits make visible is durable;
+//! 2. the bitmaps, then the table entries (each a write the format makes
+//!    atomic: a 4- or 8-byte aligned entry in one sector);
+//! 3. the caller's `fsync` follows.
+//!
+//! So no table entry or bitmap bit ever reaches the disk before the data it
+//! points at, and a crash loses only what was not flushed yet.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use parking_lot::RwLock;
+
+use crate::error::{IoContext, Result};
+
+/// How many changes may wait before a flush is forced (bounds memory).
+pub const LIMIT: usize = 4096;
+
+/// A bitmap waiting to be written: (file offset, bytes).
+type WaitingBitmap = (u64, Arc<[u8]>);
+
+#[derive(Default)]
+pub struct Pending {
+    entries: RwLock<HashMap<u64, u64>>,
+    /// key -> (file offset, bytes)
+    bitmaps: RwLock<HashMap<u64, WaitingBitmap>>,
+    count: AtomicUsize,
+}
+
+impl Pending {
+    pub fn is_empty(&self) -> bool {
+        self.count.load(Ordering::Acquire) == 0
+    }
+
+    /// Enough is waiting that a flush is due.
+    pub fn due(&self) -> bool {
+        self.count.load(Ordering::Acquire) >= LIMIT
+    }
+
+    /// The waiting value of table entry `idx`, if any.
+    pub fn entry(&self, idx: u64) -> Option<u64> {
+        if self.is_empty() {
+            return None;
+        }
+        self.entries.read().get(&idx).copied()
+    }
+
+    /// The waiting bitmap under `key`, if any.
+    pub fn bitmap(&self, key: u64) -> Option<Arc<[u8]>> {
+        if self.is_empty() {
+            return None;
+        }
+        self.bitmaps.read().get(&key).map(|(_, b)| b.clone())
+    }
+
+    /// Queue a table entry; true when a flush is due.
+    pub fn set_entry(&self, idx: u64, value: u64) -> bool {
+        if self.entries.write().insert(idx, value).is_none() {
+            self.count.fetch_add(1, Ordering::AcqRel);
+        }
+        self.count.load(Ordering::Acquire) >= LIMIT
+    }
+
+    /// Queue a bitmap to be written at `at`; true when a flush is due.
+    pub fn set_bitmap(&self, key: u64, at: u64, bytes: Arc<[u8]>) -> bool {
+        if self.bitmaps.write().insert(key, (at, bytes)).is_none() {
+            self.count.fetch_add(1, Ordering::AcqRel);
+        }
+        self.count.load(Ordering::Acquire) >= LIMIT
+    }
+
+    /// Steps 1 and 2 of the module docs. `write_entry` writes one table
+    /// entry (and refreshes any cached copy); it runs under `lock`'s write
+    /// side, the lock cache fills take, so no reader caches a stale page.
+    pub fn write_out(
+        &self,
+        file: &File,
+        path: &Path,
+        lock: &RwLock<()>,
+        mut write_entry: impl FnMut(u64, u64) -> Result<()>,
+    ) -> Result<()> {
+        if self.is_empty() {
+            return Ok(());
+        }
+        crate::fault::point()?;
+        file.sync_data().ctx(path, "cannot fsync data", None)?;
+        let mut bitmaps: Vec<WaitingBitmap> = self.bitmaps.read().values().cloned().collect();
+        bitmaps.sort_unstable_by_key(|b| b.0);
+        for (at, bm) in &bitmaps {
+            crate::fault::point()?;
+            file.write_all_at(bm, *at)
+                .ctx(path, "cannot write sector bitmap", Some(*at))?;
+        }
+        let mut entries: Vec<(u64, u64)> =
+            self.entries.read().iter().map(|(i, e)| (*i, *e)).collect();
+        entries.sort_unstable();
+        let _w = lock.write();
+        for (idx, value) in entries {
+            crate::fault::point()?;
+            write_entry(idx, value)?;
+        }
+        self.entries.write().clear();
+        self.bitmaps.write().clear();
+        self.count.store(0, Ordering::Release);
+        Ok(())
+    }
+}
+
+/// Ask the kernel to start reading `len` bytes of `file` at `off`.
+pub fn will_need(file: &File, off: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: advice on a descriptor we own; no memory is involved.
+    unsafe {
+        libc::posix_fadvise(
+            file.as_raw_fd(),
+            off as libc::off_t,
+            len as libc::off_t,
+            libc::POSIX_FADV_WILLNEED,
+        )
+    };
+}
