@@ -29,7 +29,7 @@
 //!    same file; the next writable open appends a fresh footer.
 //!
 //! Writes into an existing block write the data in place; the bitmap bits
-//! that make newly written sectors visible are kept in memory (`pending_bm`,
+//! that make newly written sectors visible are kept in memory (`crate::format::pending`,
 //! where reads find them) and written by `flush()` after the data is synced,
 //! so a crash never shows a sector whose data did not land.
 //!
