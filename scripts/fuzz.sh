@@ -26,7 +26,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 export RUSTC_BOOTSTRAP=1
-ALL_TARGETS=(vhd_footer vhd_header vhd_image)
+ALL_TARGETS=(vhd_footer vhd_header vhd_image vhdx_meta)
 
 need_cargo_fuzz() {
   command -v cargo-fuzz >/dev/null 2>&1 || cargo install --locked cargo-fuzz

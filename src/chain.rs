@@ -275,6 +275,7 @@ fn find_parent(
     let mut tried = Vec::new();
     let mut looped: Option<PathBuf> = None;
     let mut unusable: Option<Error> = None;
+    let mut mixed: Option<Error> = None;
     let cname = child.path().display();
     let mut mismatch: Option<(PathBuf, Arc<dyn Layer>, uuid::Uuid)> = None;
     for cand in list {
@@ -303,6 +304,19 @@ fn find_parent(
             layer.info().unique_id
         );
         let got = layer.info().unique_id;
+        if layer.info().format != child.info().format {
+            // A VHD cannot have a VHDX parent nor the reverse.
+            mixed.get_or_insert(Error::new(
+                ErrorKind::Unsupported,
+                format!(
+                    "{cname}: a {} child of a {} parent ({}) is not supported",
+                    child.info().format,
+                    layer.info().format,
+                    cand.display()
+                ),
+            ));
+            continue;
+        }
         if got == want || alt == Some(got) {
             return Ok((
                 layer,
@@ -352,7 +366,7 @@ fn find_parent(
             ),
         ));
     }
-    if let Some(e) = unusable {
+    if let Some(e) = mixed.or(unusable) {
         return Err(e);
     }
     let stored: Vec<String> = hints

@@ -16,7 +16,7 @@ use chainfs::size::parse_size;
 #[command(
     name = "chainfs",
     version,
-    about = "Mount, flatten, check and merge chains of differencing virtual disks (VHD)",
+    about = "Mount, flatten, check and merge chains of differencing virtual disks (VHD, VHDX)",
     long_about = "chainfs reads a chain of differencing disks (a leaf, its parent, ... down to a base) \
 as one flat disk image.\n\nParents are found from the locators stored in each child, verified by \
 their unique id, and opened read-only. Set RUST_LOG=debug for a trace of what is opened and why.\n\n\
@@ -162,7 +162,8 @@ enum Cmd {
         /// the leaf; fsync and close make them durable), copy_on_read (with
         /// rw: data read from parents is stored in the leaf), allow_other,
         /// allow_root, cache=SIZE (metadata cache, default 64M), threads=N
-        /// (request threads, default 4).
+        /// (request threads, default 4), log=FILE (where a background daemon
+        /// writes its log).
         #[arg(short = 'o', value_name = "OPTIONS")]
         options: Vec<String>,
         /// Stay in the foreground.

@@ -247,6 +247,9 @@ fn tell(parent: &mut Option<OwnedFd>, msg: &str) {
 }
 
 fn serve(chain: Chain, mnt: &Path, mo: &MountOptions, mut parent: Option<OwnedFd>) -> Result<()> {
+    // A daemon must not die because whoever started it closed its stderr.
+    // SAFETY: setting a signal disposition; no handler code runs.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
     let r = serve_inner(chain, mnt, mo, &mut parent);
     if let Err(e) = &r {
         tell(&mut parent, &format!("{} {e}", e.exit_code()));

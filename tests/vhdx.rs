@@ -2112,3 +2112,85 @@ fn byte_flips_in_a_differencing_vhdx_never_make_a_reader_panic() {
     );
     fuzz(&b.leaf(), 1500, 94);
 }
+
+/// A crash at any write or sync point of a write into a differencing VHDX
+/// leaf (new blocks, a new sector-bitmap block, their BAT entries, the
+/// header session) leaves the chain readable: every sector reads its old or
+/// its new content, and `check` finds nothing but maybe a log to replay.
+#[test]
+fn fault_injection_at_every_point_of_a_differencing_vhdx_write_keeps_the_chain_readable() {
+    let t = tempfile::tempdir().unwrap();
+    let pristine = t.path().join("pristine");
+    fs::create_dir(&pristine).unwrap();
+    let base = pristine.join("base.vhdx");
+    let leaf = pristine.join("leaf.avhdx");
+    chainfs_ok(&["create", s(&base), "--size", "4M", "--block-size", "1M"]);
+    let mut rng = Rng(0x5eed_f00d);
+    let scratch = t.path().join("scratch");
+    let mut model = vec![0u8; 4 << 20];
+    write(&base, 0, &rng.bytes(3 << 20), &scratch, &mut model);
+    chainfs_ok(&["create", s(&leaf), "--parent", s(&base)]);
+    let old = model.clone();
+    // Two blocks: one partly written, one crossing into the next block.
+    let data = rng.bytes(1 << 20);
+    let off = (1 << 20) - 4096;
+    let mut new = old.clone();
+    new[off..off + data.len()].copy_from_slice(&data);
+    fs::write(&scratch, &data).unwrap();
+    let mut finished = false;
+    for k in 1..=200u32 {
+        let work = t.path().join(format!("k{k}"));
+        fs::create_dir(&work).unwrap();
+        for f in ["base.vhdx", "leaf.avhdx"] {
+            fs::copy(pristine.join(f), work.join(f)).unwrap();
+        }
+        let wleaf = work.join("leaf.avhdx");
+        let o = Command::new(common::bin())
+            .args([
+                "write",
+                s(&wleaf),
+                "--offset",
+                &off.to_string(),
+                "--input",
+                s(&scratch),
+            ])
+            .env("CHAINFS_FAULT_AFTER", k.to_string())
+            .output()
+            .unwrap();
+        let got = try_export(&wleaf, &work.join("out.raw"))
+            .unwrap_or_else(|e| panic!("k={k}: the chain does not read after the crash: {e}"));
+        match code(&o) {
+            86 => {
+                for (i, (g, (a, b))) in got
+                    .chunks(512)
+                    .zip(old.chunks(512).zip(new.chunks(512)))
+                    .enumerate()
+                {
+                    assert!(g == a || g == b, "k={k}: sector {i} is neither old nor new");
+                }
+                let (c, out) = check(&wleaf);
+                let other = out
+                    .lines()
+                    .filter(|l| !l.contains("log is not empty") && !l.trim().is_empty())
+                    .count();
+                assert!(
+                    c == 0 || other == 0,
+                    "k={k}: check reports more than a log: {out}"
+                );
+            }
+            0 => {
+                assert!(got == new, "k={k}: the completed write reads back wrong");
+                eprintln!("the write has {} fault points", k - 1);
+                assert!(k > 10, "too few fault points ({k}) to mean anything");
+                finished = true;
+                break;
+            }
+            c => panic!("k={k}: exit {c}: {}", text(&o)),
+        }
+        fs::remove_dir_all(&work).unwrap();
+    }
+    assert!(
+        finished,
+        "the write never completed within 200 fault points"
+    );
+}

@@ -81,11 +81,15 @@ impl Pending {
     /// Steps 1 and 2 of the module docs. `write_entry` writes one table
     /// entry (and refreshes any cached copy); it runs under `lock`'s write
     /// side, the lock cache fills take, so no reader caches a stale page.
+    /// Entries for which `first` holds are written and synced before the
+    /// others (VHDX: a chunk's sector-bitmap entry before the payload
+    /// entries that need it).
     pub fn write_out(
         &self,
         file: &File,
         path: &Path,
         lock: &RwLock<()>,
+        first: impl Fn(u64) -> bool,
         mut write_entry: impl FnMut(u64, u64) -> Result<()>,
     ) -> Result<()> {
         if self.is_empty() {
@@ -102,9 +106,17 @@ impl Pending {
         }
         let mut entries: Vec<(u64, u64)> =
             self.entries.read().iter().map(|(i, e)| (*i, *e)).collect();
-        entries.sort_unstable();
+        entries.sort_unstable_by_key(|&(i, _)| (!first(i), i));
         let _w = lock.write();
+        let mut firsts_to_sync = false;
         for (idx, value) in entries {
+            let is_first = first(idx);
+            if firsts_to_sync && !is_first {
+                firsts_to_sync = false;
+                crate::fault::point()?;
+                file.sync_data().ctx(path, "cannot fsync", None)?;
+            }
+            firsts_to_sync |= is_first;
             crate::fault::point()?;
             write_entry(idx, value)?;
         }

@@ -384,6 +384,33 @@ fn copy_ranges(
     Ok(())
 }
 
+/// A layer the merge opened for writing that the chain only reads from
+/// now: reopen it read-only with a shared lock, so other readers may share
+/// it again. Best effort: on failure the writable one is kept.
+fn share(l: &Arc<dyn Layer>, opts: &LayerOptions) -> Arc<dyn Layer> {
+    let reopen = || -> Result<Arc<dyn Layer>> {
+        l.flush()?;
+        l.set_lock(LockMode::Unlocked)?;
+        open_layer(
+            l.path(),
+            &LayerOptions {
+                writable: false,
+                ..opts.clone()
+            },
+        )
+    };
+    match reopen() {
+        Ok(r) => r,
+        Err(e) => {
+            log::warn!("{}: stays open for writing: {e}", l.path().display());
+            if let Err(e) = l.set_lock(LockMode::Exclusive) {
+                log::error!("{}: cannot lock it again: {e}", l.path().display());
+            }
+            l.clone()
+        }
+    }
+}
+
 /// Delete (or with `keep`, detach) the merged layers.
 fn retire(layers: &[Arc<dyn Layer>], keep: bool, opts: &LayerOptions) -> Result<()> {
     for l in layers {
@@ -455,16 +482,15 @@ pub fn execute(image: &FlatImage, plan: Plan, progress: &Progress) -> Result<()>
         let mut record = Record {
             version: 1,
             phase: Phase::Copy,
-            source: layers[s].path().to_path_buf(),
-            destination: layers[d].path().to_path_buf(),
-            removed: layers[s..d]
-                .iter()
-                .map(|l| l.path().to_path_buf())
-                .collect(),
+            // Absolute paths: the record must mean the same files from any
+            // working folder.
+            source: canonical(layers[s].path()),
+            destination: canonical(layers[d].path()),
+            removed: layers[s..d].iter().map(|l| canonical(l.path())).collect(),
             children: child
                 .iter()
                 .chain(extra.iter())
-                .map(|c| c.path().to_path_buf())
+                .map(|c| canonical(c.path()))
                 .collect(),
             keep,
             destination_id: layers[d].info().unique_id.to_string(),
@@ -525,9 +551,14 @@ pub fn execute(image: &FlatImage, plan: Plan, progress: &Progress) -> Result<()>
             phase = Some(Phase::Relinked);
             if let Some(c) = &child {
                 new_layers.extend(layers[..s - 1].iter().cloned());
-                new_layers.push(c.clone());
+                // A relinked child below the leaf goes back to read-only.
+                new_layers.push(if s - 1 > 0 {
+                    share(c, &opts)
+                } else {
+                    c.clone()
+                });
             }
-            new_layers.push(dest.clone());
+            new_layers.push(share(&dest, &opts));
             new_layers.extend(layers[d + 1..].iter().cloned());
             image.swap_layers(new_layers.into());
             retire(&layers[s..d], keep, &opts)?;

@@ -577,8 +577,12 @@ impl VhdLayer {
         }
         // Only dynamic and differencing layers queue table entries.
         let table = self.header.as_ref().map_or(0, |h| h.table_offset);
-        self.pending
-            .write_out(&self.file, p, &self.meta, |block, value| {
+        self.pending.write_out(
+            &self.file,
+            p,
+            &self.meta,
+            |_| false,
+            |block, value| {
                 let entry = (value as u32).to_be_bytes();
                 let off = table + block * 4;
                 self.file
@@ -592,7 +596,8 @@ impl VhdLayer {
                     self.cache.insert(self.bat_key(page), np.into());
                 }
                 Ok(())
-            })?;
+            },
+        )?;
         crate::fault::point()?;
         self.file.sync_all().ctx(p, "cannot fsync", None)
     }

@@ -14,6 +14,13 @@ pub(super) fn check(l: &VhdxLayer) -> Result<Vec<String>> {
             lay.header.log_offset
         ));
     }
+    for (i, at) in [HEADER1, HEADER2].into_iter().enumerate() {
+        let mut b = vec![0u8; HEADER_SIZE];
+        l.read_meta(at, &mut b)?;
+        if let Err(e) = Header::parse(&b) {
+            problems.push(Error::format(&l.path, at, &format!("header {}", i + 1), e).to_string());
+        }
+    }
     let mut r1 = vec![0u8; REGION_SIZE];
     let mut r2 = vec![0u8; REGION_SIZE];
     l.read_meta(REGION1, &mut r1)?;
@@ -60,7 +67,16 @@ pub(super) fn check(l: &VhdxLayer) -> Result<Vec<String>> {
         } else {
             match state {
                 PAYLOAD_FULLY_PRESENT => lay.block_size,
-                PAYLOAD_PARTIALLY_PRESENT if lay.has_parent => lay.block_size,
+                PAYLOAD_PARTIALLY_PRESENT if lay.has_parent => {
+                    let n = idx - idx / (lay.chunk_ratio + 1);
+                    let sidx = (n / lay.chunk_ratio) * (lay.chunk_ratio + 1) + lay.chunk_ratio;
+                    if l.bat(sidx)? & 7 != SB_PRESENT {
+                        problems.push(format!(
+                            "{path}: at offset {at:#x}: block {n} is partially present but its chunk has no sector bitmap (BAT entry {sidx})"
+                        ));
+                    }
+                    lay.block_size
+                }
                 PAYLOAD_NOT_PRESENT
                 | PAYLOAD_UNDEFINED
                 | PAYLOAD_ZERO

@@ -434,7 +434,15 @@ impl MetaSource<'_> {
     }
 }
 
-fn read_headers(raw: &RawFile, len: u64, _ignore: bool) -> Result<(Header, usize)> {
+fn read_headers(raw: &RawFile, len: u64, ignore: bool) -> Result<(Header, usize)> {
+    let (h, slot) = current_header(raw, len, ignore)?;
+    let at = [HEADER1, HEADER2][slot];
+    h.check_version()
+        .map_err(|e| Error::unsupported(raw.path, Error::format(raw.path, at, "header", e)))?;
+    Ok((h, slot))
+}
+
+fn current_header(raw: &RawFile, len: u64, _ignore: bool) -> Result<(Header, usize)> {
     if len < MIB {
         return Err(Error::corrupt(
             raw.path,

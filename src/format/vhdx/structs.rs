@@ -94,18 +94,6 @@ impl Header {
             log_length: le32(b, 68),
             log_offset: le64(b, 72),
         };
-        if h.version != 1 {
-            return Err(FormatError::new(
-                66,
-                format!("header version {} is not 1", h.version),
-            ));
-        }
-        if h.log_version != 0 {
-            return Err(FormatError::new(
-                64,
-                format!("log version {} is not 0", h.log_version),
-            ));
-        }
         if h.log_offset % MIB != 0 || h.log_offset < MIB || h.log_length as u64 % MIB != 0 {
             return Err(FormatError::new(
                 68,
@@ -116,6 +104,24 @@ impl Header {
             ));
         }
         Ok(h)
+    }
+
+    /// A valid header of a version chainfs does not know must not be
+    /// skipped for an older one: the file is refused instead.
+    pub fn check_version(&self) -> Result<(), FormatError> {
+        if self.version != 1 {
+            return Err(FormatError::new(
+                66,
+                format!("header version {} is not 1", self.version),
+            ));
+        }
+        if self.log_version != 0 {
+            return Err(FormatError::new(
+                64,
+                format!("log version {} is not 0", self.log_version),
+            ));
+        }
+        Ok(())
     }
 
     pub fn to_bytes(&self) -> Vec<u8> {

@@ -267,7 +267,22 @@ impl VhdxLayer {
             let in_off = off % bs;
             let cnt = (bs - in_off).min(len - done);
             done += cnt;
-            if cnt < bs {
+            let (has_parent, fixed) = {
+                let l = self.layout.read();
+                (l.has_parent, l.leave_allocated)
+            };
+            let stored =
+                |e: u64| matches!(e & 7, PAYLOAD_FULLY_PRESENT | PAYLOAD_PARTIALLY_PRESENT);
+            if !has_parent && !stored(self.bat(self.idx(n))?) {
+                continue; // a base block not stored reads as zeros already
+            }
+            if cnt < bs || fixed {
+                if fixed && cnt == bs {
+                    // A fixed disk keeps its blocks: zeros by a hole.
+                    let e = self.bat(self.idx(n))?;
+                    self.punch(self.entry_offset(self.idx(n), e)?, bs)?;
+                    continue;
+                }
                 self.write_in_block(n, in_off, &vec![0u8; cnt as usize])?;
                 continue;
             }
@@ -313,9 +328,13 @@ impl VhdxLayer {
             return Ok(());
         }
         let p = &self.path;
-        let bat_offset = self.layout.read().bat_offset;
+        let (bat_offset, cr) = {
+            let l = self.layout.read();
+            (l.bat_offset, l.chunk_ratio)
+        };
+        let is_bitmap_entry = |idx: u64| idx % (cr + 1) == cr;
         self.pending
-            .write_out(&self.file, p, &self.meta, |idx, e| {
+            .write_out(&self.file, p, &self.meta, is_bitmap_entry, |idx, e| {
                 let at = bat_offset + idx * 8;
                 self.file.write_all_at(&e.to_le_bytes(), at).ctx(
                     p,
