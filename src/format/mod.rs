@@ -207,6 +207,35 @@ pub fn peek_ids(path: &Path) -> Option<(uuid::Uuid, Option<uuid::Uuid>)> {
     vhdx::peek_ids(path).or_else(|| vhd::peek_ids(path))
 }
 
+/// `(is_set, count)`: the run of equal bits of sector bitmap `bm` from bit
+/// `first`, at most `max` long; whole bytes of one value are skipped at
+/// once. `msb_first`: bit 0 is `0x80` of byte 0 (VHD), else `0x01` (VHDX).
+pub fn bit_run(bm: &[u8], first: u64, max: u64, msb_first: bool) -> (bool, u64) {
+    let bit = |i: u64| {
+        let mask = if msb_first {
+            0x80 >> (i % 8)
+        } else {
+            1 << (i % 8)
+        };
+        bm[(i / 8) as usize] & mask != 0
+    };
+    let set = bit(first);
+    let full = if set { 0xFF } else { 0x00 };
+    let end = first + max;
+    let mut i = first;
+    while i < end {
+        if i % 8 == 0 && i + 8 <= end && bm[(i / 8) as usize] == full {
+            i += 8;
+            continue;
+        }
+        if bit(i) != set {
+            break;
+        }
+        i += 1;
+    }
+    (set, i - first)
+}
+
 /// The advisory (`flock`) lock a process holds on a layer file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LockMode {

@@ -43,7 +43,6 @@ mod structs;
 pub use structs::*;
 
 use std::fs::File;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -698,19 +697,9 @@ impl VhdLayer {
     /// space where the file system can (a hole), else writing zeros.
     fn punch(&self, off: u64, len: u64) -> Result<()> {
         crate::fault::point()?;
-        // SAFETY: fallocate on our own descriptor; no memory is involved.
-        let r = unsafe {
-            libc::fallocate(
-                self.file.as_raw_fd(),
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                off as libc::off_t,
-                len as libc::off_t,
-            )
-        };
-        if r == 0 {
+        let Err(e) = pending::punch_hole(&self.file, off, len) else {
             return Ok(());
-        }
-        let e = std::io::Error::last_os_error();
+        };
         if e.raw_os_error() != Some(libc::EOPNOTSUPP) {
             return Err(Error::io(&self.path, "cannot punch a hole", Some(off), e));
         }
@@ -1008,24 +997,9 @@ impl Drop for VhdLayer {
 mod check;
 
 /// `(is_set, count)` of the run of equal bits starting at sector `first`,
-/// looking at no more than `max` sectors. MSB-first bit order.
+/// looking at no more than `max` sectors. VHD bitmaps are MSB-first.
 pub fn bit_run(bm: &[u8], first: u64, max: u64) -> (bool, u64) {
-    let bit = |i: u64| bm[(i / 8) as usize] & (0x80 >> (i % 8)) != 0;
-    let set = bit(first);
-    let full = if set { 0xFF } else { 0x00 };
-    let end = first + max;
-    let mut i = first;
-    while i < end {
-        if i % 8 == 0 && i + 8 <= end && bm[(i / 8) as usize] == full {
-            i += 8;
-            continue;
-        }
-        if bit(i) != set {
-            break;
-        }
-        i += 1;
-    }
-    (set, i - first)
+    crate::format::bit_run(bm, first, max, true)
 }
 
 pub fn set_bits(bm: &mut [u8], first: u64, n: u64) {

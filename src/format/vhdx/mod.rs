@@ -365,24 +365,10 @@ impl VhdxLayer {
     }
 }
 
-/// LSB-first run of equal bits from `first`, at most `max` long.
+/// LSB-first run of equal bits from `first`, at most `max` long (VHDX
+/// sector bitmaps: bit 0 of byte 0 is the first sector).
 pub fn bit_run_lsb(bm: &[u8], first: u64, max: u64) -> (bool, u64) {
-    let bit = |i: u64| bm[(i / 8) as usize] >> (i % 8) & 1 != 0;
-    let set = bit(first);
-    let full = if set { 0xFF } else { 0x00 };
-    let end = first + max;
-    let mut i = first;
-    while i < end {
-        if i % 8 == 0 && i + 8 <= end && bm[(i / 8) as usize] == full {
-            i += 8;
-            continue;
-        }
-        if bit(i) != set {
-            break;
-        }
-        i += 1;
-    }
-    (set, i - first)
+    crate::format::bit_run(bm, first, max, false)
 }
 
 /// Positional reads of the file with errors that name it.

@@ -20,7 +20,6 @@
 //! - **Replay** of a dirty log on a writable open writes the logged sectors,
 //!   extends the file as the log says, flushes, and clears the LogGuid.
 
-use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::atomic::Ordering;
 
@@ -302,22 +301,9 @@ impl VhdxLayer {
 
     fn punch(&self, off: u64, len: u64) -> Result<()> {
         crate::fault::point()?;
-        // SAFETY: fallocate on our own descriptor; no memory is involved.
-        let r = unsafe {
-            libc::fallocate(
-                self.file.as_raw_fd(),
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                off as libc::off_t,
-                len as libc::off_t,
-            )
-        };
-        if r != 0 {
+        if let Err(e) = crate::format::pending::punch_hole(&self.file, off, len) {
             // Not freeing space is fine: the BAT no longer points here.
-            ::log::debug!(
-                "{}: punch hole at {off:#x}: {}",
-                self.path.display(),
-                std::io::Error::last_os_error()
-            );
+            ::log::debug!("{}: punch hole at {off:#x}: {e}", self.path.display());
         }
         Ok(())
     }
