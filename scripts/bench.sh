@@ -5,34 +5,57 @@
 #   1. data    a 2 GiB disk as a 3-layer chain holding ~1.7 GiB of random bytes
 #              (base ~1 GiB in 8 large regions, middle ~450 MiB in 30, top
 #              ~250 MiB in 100 small ones, overlapping so upper layers shadow
-#              lower ones), made three ways: a VHD chain (chainfs create/write),
-#              the same qcow2 chain (qemu-img create -b, qemu-io write -s) and the
-#              flat raw file. The flattened views are checked equal by sha256
-#              before anything is measured.
-#   2. export  chainfs export (VHD chain) vs qemu-img convert -O raw (qcow2
-#              chain) vs cp --sparse=always (flat file): cold, median of 3.
+#              lower ones), made several ways: a VHD chain (chainfs create/write),
+#              the same qcow2 chain (qemu-img create -b, qemu-io write -s), the
+#              flat raw file and, with the vhdx section, a VHDX chain
+#              (.vhdx/.avhdx, chainfs create/write, each layer written before
+#              its child is made). The flattened views are checked equal by
+#              sha256 before anything is measured.
+#   2. export  chainfs export (VHD chain; VHDX chain with the vhdx section) vs
+#              qemu-img convert -O raw (qcow2 chain) vs cp --sparse=always (flat
+#              file): cold, median of 3.
 #   3. read    fio, psync, buffered: sequential 1 MiB and random 4 KiB, 1 and 4
 #              readers, cold and warm, on (1) the flat file, (2) chainfs mount,
 #              (3) vhdimount, (4) qemu-storage-daemon FUSE exports of the raw
 #              file and of the qcow2 chain; peak RSS (VmHWM) of each daemon.
-#              The chainfs column runs when `chainfs mount` exists.
-#   4. report  the tables, ratios and targets as markdown.
+#              With the vhdx section: cold sequential and random reads of the
+#              VHDX chain through chainfs mount and vhdimount, in the same
+#              rounds. The chainfs column runs when `chainfs mount` exists.
+#   4. merge   a chain base (3/8 of the disk) <- mid (1/8, 64 regions) <- leaf
+#              (1/4 = 512 MiB in 1024 scattered 4 KiB-aligned regions), as VHD
+#              and as qcow2: `chainfs merge leaf mid` vs `qemu-img commit` vs cp
+#              of the same bytes; `chainfs merge leaf base` (through mid) vs
+#              `qemu-img commit -b base`. Fresh copies of the images and a
+#              dropped page cache before every run, median of 3, every result
+#              checked against the flattened content. Then O_DIRECT sequential
+#              reads of a `-o rw` mount, unloaded and while the same merge runs
+#              through MNT/control.
+#   5. write   fio, psync: sequential 1 MiB and random 4 KiB writes, with one
+#              fsync at the end and with an fsync after every write, into a
+#              fresh empty overlay on the data chain: `chainfs mount -o rw`
+#              (VHD) vs qemu-storage-daemon FUSE writable=on (qcow2) vs a fresh
+#              sparse file (reference). Checked first with fio verify, across
+#              a remount, and `chainfs check` / `qemu-img check`.
+#   6. vhdx    the VHDX parts of 1-3 (build, export, reads) when selected.
+#   7. report  the tables, ratios and targets as markdown.
 #
-# Needs root (drop_caches, FUSE mounts). Full run: ~10-15 min on 2 cores.
+# Needs root (drop_caches, FUSE mounts). Full run (all sections): ~20-25 min
+# on 2 cores.
 # Environment:
 #   BENCH_QUICK=1        256 MiB and short runs (checks the script works)
 #   BENCH_SIZE=1G        virtual size (K/M/G suffix or bytes; default 2G)
 #   BENCH_DIR=DIR        where the images go (default target/bench; a run
 #                        makes DIR/run.XXXXXX and removes it at the end);
 #                        must be a disk file system, not tmpfs
-#   BENCH_REPS=3         export runs per tool (median)
-#   BENCH_READ_REPS=3    rounds of read runs (median; 1 in quick mode)
-#   BENCH_SECTIONS=export,read
-#   BENCH_MOUNT_OPTS=ro,cache=64M   options for `chainfs mount -o`
+#   BENCH_REPS=3         export and merge runs per tool (median)
+#   BENCH_READ_REPS=3    rounds of read and write runs (median; 1 in quick mode)
+#   BENCH_SECTIONS=export,read,merge,write,vhdx   (any subset, comma separated)
+#   BENCH_MOUNT_OPTS=ro,cache=64M   options for `chainfs mount -o` (reads)
 #   BENCH_KEEP=1         keep the images (and the run directory)
 #   BENCH_REPORT=FILE    where the report goes (default docs/BENCHMARKS.md for a
-#                        full 2 GiB run, else DIR/BENCHMARKS.md)
+#                        full 2 GiB run of all sections, else DIR/BENCHMARKS.md)
 #   CHAINFS=PATH         chainfs binary to use (default: cargo build --release)
+#   BENCH_NOTE_BINARY=TEXT  where that binary comes from, for the report
 #
 # It mounts only under its run directory, kills only the daemons it started
 # (by pid), and uses no loop devices.
@@ -64,21 +87,31 @@ QUICK=${BENCH_QUICK:-0}
 if [ "$QUICK" = 1 ]; then
   SIZE_ARG=${BENCH_SIZE:-256M}
   SEQ_CAP=5 WARM_RT=2 RAND_IOS=4000 RAND_CAP=5 VERIFY_PROBES=16 READ_REPS=${BENCH_READ_REPS:-1}
+  W_CAP=3 RAND_W_IOS=4000 VERIFY_W=8M
 else
   SIZE_ARG=${BENCH_SIZE:-2G}
   SEQ_CAP=12 WARM_RT=3 RAND_IOS=40000 RAND_CAP=8 VERIFY_PROBES=32 READ_REPS=${BENCH_READ_REPS:-3}
+  W_CAP=6 RAND_W_IOS=40000 VERIFY_W=32M
 fi
 SIZE=$(to_bytes "$SIZE_ARG")
 if [ $((SIZE % (4 << 20))) -ne 0 ] || [ "$SIZE" -lt $((64 << 20)) ]; then
   die "BENCH_SIZE must be a multiple of 4 MiB and at least 64 MiB"
 fi
 REPS=${BENCH_REPS:-3}
-SECTIONS=${BENCH_SECTIONS:-export,read}
+SECTIONS=${BENCH_SECTIONS:-export,read,merge,write,vhdx}
+for sec in ${SECTIONS//,/ }; do
+  case $sec in
+    export | read | merge | write | vhdx) ;;
+    *) die "unknown section '$sec' in BENCH_SECTIONS (export, read, merge, write, vhdx)" ;;
+  esac
+done
+has() { [[ ",$SECTIONS," == *,$1,* ]]; }
 MOUNT_OPTS=${BENCH_MOUNT_OPTS:-ro,cache=64M}
 BENCH_DIR=${BENCH_DIR:-$REPO/target/bench}
 if [ -n "${BENCH_REPORT:-}" ]; then
   REPORT=$BENCH_REPORT
-elif [ "$QUICK" != 1 ] && [ "$SIZE" -eq $((2 << 30)) ]; then
+elif [ "$QUICK" != 1 ] && [ "$SIZE" -eq $((2 << 30)) ] &&
+  has export && has read && has merge && has write && has vhdx; then
   REPORT=$REPO/docs/BENCHMARKS.md
 else
   REPORT=$BENCH_DIR/BENCHMARKS.md
@@ -116,7 +149,9 @@ esac
 
 # The binary: copied into the run directory, so that a concurrent cargo build
 # cannot swap it in the middle of the run.
+BUILT=0
 if [ -z "${CHAINFS:-}" ]; then
+  BUILT=1
   need cargo cargo
   say "== building chainfs (cargo build --release)"
   (cd "$REPO" && cargo build --release --quiet) || die "cargo build --release failed"
@@ -207,9 +242,12 @@ rec meta.date "$(date -u '+%Y-%m-%d %H:%M UTC')"
 # shellcheck disable=SC1091
 rec meta.machine "$(nproc) cores ($(awk -F': ' '/model name/ { print $2; exit }' /proc/cpuinfo)), $(awk '/MemTotal/ { printf "%.1f GiB RAM", $2 / 1048576 }' /proc/meminfo), $(. /etc/os-release && echo "$PRETTY_NAME")"
 rec meta.kernel "$(uname -r)"
-rec meta.disk "$FSTYPE on $(df --output=source "$BENCH_DIR" | tail -1) (the work dir: BENCH_DIR)"
+rec meta.disk "$(findmnt -n -o FSTYPE -T "$BENCH_DIR") ($(findmnt -n -o OPTIONS -T "$BENCH_DIR")) on $(df --output=source "$BENCH_DIR" | tail -1) (the work dir: BENCH_DIR)"
+rec meta.disk_opts "$(findmnt -n -o OPTIONS -T "$BENCH_DIR")"
 rev=$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)
-if [ -n "$(git -C "$REPO" status --porcelain -- src Cargo.toml Cargo.lock 2>/dev/null)" ]; then
+if [ "$BUILT" = 0 ]; then
+  rev="$rev is the repository's HEAD; the binary was given by CHAINFS"
+elif [ -n "$(git -C "$REPO" status --porcelain -- src Cargo.toml Cargo.lock 2>/dev/null)" ]; then
   rev="$rev + uncommitted changes in src/ or Cargo.* (the binary was built from the working tree)"
 fi
 [ -n "${BENCH_NOTE_BINARY:-}" ] && rev="$rev; $BENCH_NOTE_BINARY"
@@ -227,11 +265,12 @@ fi
 say "== chainfs benchmark: $((SIZE >> 20)) MiB virtual, work dir $W$([ "$QUICK" = 1 ] && echo ', QUICK mode')"
 
 # ------------------------------------------------------------------ 1. data
-say "== 1. data: VHD chain, qcow2 chain and flat file with the same bytes"
-t=$EPOCHREALTIME
-python3 "$HELPER" build "$IMG" "$SIZE" "$CH" "$RES"
-say "   built in $(secs_since "$t") s"
-DATA=$(python3 - "$IMG/layout.json" <<'EOF'
+if has export || has read || has write || has vhdx; then
+  say "== 1. data: VHD chain, qcow2 chain and flat file with the same bytes"
+  t=$EPOCHREALTIME
+  python3 "$HELPER" build "$IMG" "$SIZE" "$CH" "$RES" "$(has vhdx && echo vhdx)"
+  say "   built in $(secs_since "$t") s"
+  DATA=$(python3 - "$IMG/layout.json" <<'EOF'
 import json, sys
 j = json.load(open(sys.argv[1]))
 M = 1 << 20
@@ -241,49 +280,73 @@ print(f"{j['size'] // M} MiB virtual disk, 3 layers: {parts}; {j['written'] // M
       "Offsets and lengths are multiples of 4 KiB but not of the VHD block (2 MiB) or qcow2 cluster (64 KiB), "
       "so regions straddle blocks and upper layers partly shadow lower ones.")
 EOF
-)
-files=$(cd "$IMG" && for f in base.vhd mid.vhd top.vhd base.qcow2 mid.qcow2 top.qcow2 raw.img; do
-  printf '%s %s MiB, ' "$f" "$(alloc_mib "$f")"
-done)
-rec meta.data "$DATA Allocated on disk: ${files%, }. VHD: dynamic, 2 MiB blocks (chainfs defaults); qcow2: qemu-img defaults (64 KiB clusters)."
+  )
+  VX=""
+  has vhdx && VX="base.vhdx mid.avhdx top.avhdx"
+  # shellcheck disable=SC2086
+  files=$(cd "$IMG" && for f in base.vhd mid.vhd top.vhd base.qcow2 mid.qcow2 top.qcow2 $VX raw.img; do
+    printf '%s %s MiB, ' "$f" "$(alloc_mib "$f")"
+  done)
+  rec meta.data "$DATA Allocated on disk: ${files%, }. VHD: dynamic, 2 MiB blocks (chainfs defaults); qcow2: qemu-img defaults (64 KiB clusters)$(has vhdx && echo '; VHDX: chainfs defaults, as Hyper-V makes them (base dynamic with 32 MiB blocks, .avhdx differencing with 2 MiB blocks, 512-byte logical sectors)')."
 
-say "   verifying: sha256 of the flat file, of chainfs export (VHD chain) and of qemu-img convert (qcow2 chain)"
-logcmd "python3 scripts/bench/helper.py sha256 \$W/img/raw.img   # hashlib (OpenSSL), ~1 GB/s"
-logcmd "chainfs export \$W/img/top.vhd \$W/out/verify.raw; python3 scripts/bench/helper.py sha256 \$W/out/verify.raw"
-logcmd "qemu-img convert -f qcow2 -O raw \$W/img/top.qcow2 \$W/out/verify.raw; python3 scripts/bench/helper.py sha256 \$W/out/verify.raw"
-logcmd "python3 scripts/bench/helper.py compare \$W/img/raw.img FILE \$W/img/layout.json $VERIFY_PROBES   # each mounted view: every region edge + $VERIFY_PROBES random MiB"
-h_raw=$(python3 "$HELPER" sha256 "$IMG/raw.img" | cut -d' ' -f1)
-"$CH" export "$IMG/top.vhd" "$OUTD/verify.raw" >/dev/null || die "chainfs export of the VHD chain failed"
-h_vhd=$(python3 "$HELPER" sha256 "$OUTD/verify.raw" | cut -d' ' -f1)
-rm -f "$OUTD/verify.raw"
-qemu-img convert -f qcow2 -O raw "$IMG/top.qcow2" "$OUTD/verify.raw" || die "qemu-img convert of the qcow2 chain failed"
-h_q=$(python3 "$HELPER" sha256 "$OUTD/verify.raw" | cut -d' ' -f1)
-rm -f "$OUTD/verify.raw"
-say "   flat $h_raw"
-say "   vhd  $h_vhd"
-say "   qcow $h_q"
-[ "$h_raw" = "$h_vhd" ] || die "the VHD chain (chainfs export) differs from the flat file"
-[ "$h_raw" = "$h_q" ] || die "the qcow2 chain (qemu-img convert) differs from the flat file"
-rec meta.verify "sha256 $h_raw for the flat file, \`chainfs export\` of the VHD chain and \`qemu-img convert\` of the qcow2 chain (each mounted view is also probed against the flat file before it is measured)."
+  say "   verifying: sha256 of the flat file, of chainfs export (VHD chain) and of qemu-img convert (qcow2 chain)"
+  logcmd "python3 scripts/bench/helper.py sha256 \$W/img/raw.img   # hashlib (OpenSSL), ~1 GB/s"
+  logcmd "chainfs export \$W/img/top.vhd \$W/out/verify.raw; python3 scripts/bench/helper.py sha256 \$W/out/verify.raw"
+  logcmd "qemu-img convert -f qcow2 -O raw \$W/img/top.qcow2 \$W/out/verify.raw; python3 scripts/bench/helper.py sha256 \$W/out/verify.raw"
+  logcmd "python3 scripts/bench/helper.py compare \$W/img/raw.img FILE \$W/img/layout.json $VERIFY_PROBES   # each mounted view: every region edge + $VERIFY_PROBES random MiB"
+  h_raw=$(python3 "$HELPER" sha256 "$IMG/raw.img" | cut -d' ' -f1)
+  "$CH" export "$IMG/top.vhd" "$OUTD/verify.raw" >/dev/null || die "chainfs export of the VHD chain failed"
+  h_vhd=$(python3 "$HELPER" sha256 "$OUTD/verify.raw" | cut -d' ' -f1)
+  rm -f "$OUTD/verify.raw"
+  qemu-img convert -f qcow2 -O raw "$IMG/top.qcow2" "$OUTD/verify.raw" || die "qemu-img convert of the qcow2 chain failed"
+  h_q=$(python3 "$HELPER" sha256 "$OUTD/verify.raw" | cut -d' ' -f1)
+  rm -f "$OUTD/verify.raw"
+  say "   flat $h_raw"
+  say "   vhd  $h_vhd"
+  say "   qcow $h_q"
+  [ "$h_raw" = "$h_vhd" ] || die "the VHD chain (chainfs export) differs from the flat file"
+  [ "$h_raw" = "$h_q" ] || die "the qcow2 chain (qemu-img convert) differs from the flat file"
+  vx_verify=""
+  if has vhdx; then
+    logcmd "chainfs export \$W/img/top.avhdx \$W/out/verify.raw; python3 scripts/bench/helper.py sha256 \$W/out/verify.raw"
+    "$CH" export "$IMG/top.avhdx" "$OUTD/verify.raw" >/dev/null || die "chainfs export of the VHDX chain failed"
+    h_x=$(python3 "$HELPER" sha256 "$OUTD/verify.raw" | cut -d' ' -f1)
+    rm -f "$OUTD/verify.raw"
+    say "   vhdx $h_x"
+    [ "$h_raw" = "$h_x" ] || die "the VHDX chain (chainfs export) differs from the flat file"
+    "$CH" check "$IMG/top.avhdx" >"$LOGD/check-vhdx.log" 2>&1 || die "chainfs check of the VHDX chain failed (see $LOGD/check-vhdx.log)"
+    vx_verify=", \`chainfs export\` of the VHDX chain (which \`chainfs check\` passes)"
+  fi
+  rec meta.verify "sha256 $h_raw for the flat file, \`chainfs export\` of the VHD chain$vx_verify and \`qemu-img convert\` of the qcow2 chain (each mounted view is also probed against the flat file before it is measured)."
+else
+  rec meta.verify "not needed (BENCH_SECTIONS=$SECTIONS)"
+fi
 
 # ------------------------------------------------------------------ 2. export
-if [[ ",$SECTIONS," == *,export,* ]]; then
-  say "== 2. export: cold, $REPS runs each, MiB/s of the $((SIZE >> 20)) MiB virtual size"
-  OUT=$OUTD/export.raw
-  export_cmd() {
-    case $1 in
-      chainfs) "$CH" export "$IMG/top.vhd" "$OUT" --force >/dev/null ;;
-      qemu) qemu-img convert -f qcow2 -O raw "$IMG/top.qcow2" "$OUT" ;;
-      qemu_w) qemu-img convert -f qcow2 -O raw -m 8 -W "$IMG/top.qcow2" "$OUT" ;;
-      cp) cp --sparse=always "$IMG/raw.img" "$OUT" ;;
-    esac
-  }
-  logcmd "drop; chainfs export \$W/img/top.vhd \$W/out/export.raw --force; sync \$W/out/export.raw"
-  logcmd "drop; qemu-img convert -f qcow2 -O raw \$W/img/top.qcow2 \$W/out/export.raw; sync \$W/out/export.raw"
-  logcmd "drop; qemu-img convert -f qcow2 -O raw -m 8 -W \$W/img/top.qcow2 \$W/out/export.raw; sync \$W/out/export.raw"
-  logcmd "drop; cp --sparse=always \$W/img/raw.img \$W/out/export.raw; sync \$W/out/export.raw"
+OUT=$OUTD/export.raw
+export_cmd() {
+  case $1 in
+    chainfs) "$CH" export "$IMG/top.vhd" "$OUT" --force >/dev/null ;;
+    chainfs_vhdx) "$CH" export "$IMG/top.avhdx" "$OUT" --force >/dev/null ;;
+    qemu) qemu-img convert -f qcow2 -O raw "$IMG/top.qcow2" "$OUT" ;;
+    qemu_w) qemu-img convert -f qcow2 -O raw -m 8 -W "$IMG/top.qcow2" "$OUT" ;;
+    cp) cp --sparse=always "$IMG/raw.img" "$OUT" ;;
+  esac
+}
+export_log() {
+  case $1 in
+    chainfs) logcmd "drop; chainfs export \$W/img/top.vhd \$W/out/export.raw --force; sync \$W/out/export.raw" ;;
+    chainfs_vhdx) logcmd "drop; chainfs export \$W/img/top.avhdx \$W/out/export.raw --force; sync \$W/out/export.raw" ;;
+    qemu) logcmd "drop; qemu-img convert -f qcow2 -O raw \$W/img/top.qcow2 \$W/out/export.raw; sync \$W/out/export.raw" ;;
+    qemu_w) logcmd "drop; qemu-img convert -f qcow2 -O raw -m 8 -W \$W/img/top.qcow2 \$W/out/export.raw; sync \$W/out/export.raw" ;;
+    cp) logcmd "drop; cp --sparse=always \$W/img/raw.img \$W/out/export.raw; sync \$W/out/export.raw" ;;
+  esac
+}
+export_loop() { # tools...: REPS rounds, every tool in each round, cold
+  local tool rep s
+  for tool in "$@"; do export_log "$tool"; done
   for rep in $(seq "$REPS"); do
-    for tool in chainfs qemu qemu_w cp; do
+    for tool in "$@"; do
       rm -f "$OUT"
       drop_caches
       t=$EPOCHREALTIME
@@ -291,7 +354,7 @@ if [[ ",$SECTIONS," == *,export,* ]]; then
         s=$(secs_since "$t")
         rec "export.$tool.s" "$s"
         rec "export.$tool.alloc_mib" "$(alloc_mib "$OUT")"
-        printf '   run %d  %-8s %7.2f s  %7.0f MiB/s\n' "$rep" "$tool" "$s" \
+        printf '   run %d  %-12s %7.2f s  %7.0f MiB/s\n' "$rep" "$tool" "$s" \
           "$(awk -v s="$s" -v z="$SIZE" 'BEGIN { print z / 1048576 / s }')"
       else
         echo "bench.sh: FAILED: export with $tool" >&2
@@ -300,6 +363,17 @@ if [[ ",$SECTIONS," == *,export,* ]]; then
     done
   done
   rm -f "$OUT"
+}
+if has export; then
+  say "== 2. export: cold, $REPS runs each, MiB/s of the $((SIZE >> 20)) MiB virtual size"
+  if has vhdx; then
+    export_loop chainfs chainfs_vhdx qemu qemu_w cp
+  else
+    export_loop chainfs qemu qemu_w cp
+  fi
+elif has vhdx; then
+  say "== 2. export (vhdx section only): cold, $REPS runs each"
+  export_loop chainfs chainfs_vhdx
 fi
 
 # ------------------------------------------------------------------ 3. read
@@ -312,6 +386,8 @@ fi
 rec meta.chainfs_mount "$HAVE_MOUNT"
 
 TFILE="" TPID="" TMP=""
+RW_OPTS="rw,cache=${CACHE_MIB}M"
+MW=$W/merge/work WD=$W/write
 declare -A RSS LOGGED
 
 wait_mount() { # the daemon TPID must show TFILE on a FUSE mount at TMP
@@ -375,6 +451,46 @@ start_target() {
       TPID=$!
       logcmd "qemu-storage-daemon ${bd[*]//$W/\$W} --export type=fuse,id=e0,node-name=n0,mountpoint=\$W/mnt/$t,writable=off &"
       ;;
+    chainfs_vhdx)
+      TMP=$MNT/chainfs_vhdx TFILE=$MNT/chainfs_vhdx/disk.raw
+      mkdir -p "$TMP"
+      "$CH" mount -f "$IMG/top.avhdx" "$TMP" -o "$MOUNT_OPTS" >>"$LOGD/$t.log" 2>&1 &
+      TPID=$!
+      logcmd "chainfs mount -f \$W/img/top.avhdx \$W/mnt/chainfs_vhdx -o $MOUNT_OPTS &   # file: \$W/mnt/chainfs_vhdx/disk.raw"
+      ;;
+    vhdimount_vhdx)
+      TMP=$MNT/vhdi_vhdx TFILE=$MNT/vhdi_vhdx/vhdi3
+      mkdir -p "$TMP"
+      (cd "$IMG" && exec vhdimount -v top.avhdx "$TMP") >>"$LOGD/$t.log" 2>&1 &
+      TPID=$!
+      logcmd "(cd \$W/img && vhdimount -v top.avhdx \$W/mnt/vhdi_vhdx) &   # file: \$W/mnt/vhdi_vhdx/vhdi3"
+      ;;
+    m_chainfs) # the merge chain's leaf, writable (merges need -o rw)
+      TMP=$MNT/merge TFILE=$MNT/merge/disk.raw
+      mkdir -p "$TMP"
+      "$CH" mount -f "$MW/leaf.vhd" "$TMP" -o "$RW_OPTS" >>"$LOGD/$t.log" 2>&1 &
+      TPID=$!
+      logcmd "chainfs mount -f \$W/merge/work/leaf.vhd \$W/mnt/merge -o $RW_OPTS &"
+      ;;
+    w_raw)
+      TFILE=$WD/raw.img
+      return 0
+      ;;
+    w_chainfs)
+      TMP=$MNT/w_chainfs TFILE=$MNT/w_chainfs/disk.raw
+      mkdir -p "$TMP"
+      "$CH" mount -f "$WD/ovl.vhd" "$TMP" -o "$RW_OPTS" >>"$LOGD/$t.log" 2>&1 &
+      TPID=$!
+      logcmd "chainfs mount -f \$W/write/ovl.vhd \$W/mnt/w_chainfs -o $RW_OPTS &   # file: \$W/mnt/w_chainfs/disk.raw"
+      ;;
+    w_qsd)
+      TMP=$MNT/w_qsd TFILE=$MNT/w_qsd
+      : >"$TMP"
+      qemu-storage-daemon --blockdev "driver=qcow2,node-name=n0,file.driver=file,file.filename=$WD/ovl.qcow2" \
+        --export "type=fuse,id=e0,node-name=n0,mountpoint=$TMP,writable=on" >>"$LOGD/$t.log" 2>&1 &
+      TPID=$!
+      logcmd "qemu-storage-daemon --blockdev driver=qcow2,node-name=n0,file.driver=file,file.filename=\$W/write/ovl.qcow2 --export type=fuse,id=e0,node-name=n0,mountpoint=\$W/mnt/w_qsd,writable=on &"
+      ;;
     *) die "unknown target $t" ;;
   esac
   PIDS+=("$TPID")
@@ -394,7 +510,7 @@ stop_target() {
   hwm=$(awk '/^VmHWM/ { print $2 }' "/proc/$TPID/status" 2>/dev/null || true)
   if [ -n "$hwm" ] && [ "$hwm" -gt "${RSS[$t]:-0}" ]; then RSS[$t]=$hwm; fi
   case $t in
-    qsd_*) stop_pid "$TPID" ;; # qemu-storage-daemon stays up without its export
+    qsd_* | w_qsd) stop_pid "$TPID" ;; # qemu-storage-daemon stays up without its export
     *)
       mounted "$TMP" && { fusermount3 -u "$TMP" || echo "bench.sh: fusermount3 -u $TMP failed" >&2; }
       for _ in $(seq 50); do
@@ -413,24 +529,27 @@ stop_target() {
 }
 
 FIO_COMMON=(--ioengine=psync --direct=0 --invalidate=0 --readonly --group_reporting --output-format=json)
-fio_run() { # target metric fio-args...
-  local t=$1 m=$2 out
+FIO_WCOMMON=(--ioengine=psync --direct=0 --invalidate=0 --group_reporting --output-format=json)
+fio_run() { # target metric fio-args...   (FIO_MODE=write: a write job, results as write.T.M)
+  local t=$1 m=$2 out kind=${FIO_MODE:-read}
   shift 2
+  local common=("${FIO_COMMON[@]}")
+  [ "$kind" = write ] && common=("${FIO_WCOMMON[@]}")
   local j=$FIOD/$t.$m.$EPOCHSECONDS.json
   LAST_IO=$SIZE
-  if [ -z "${LOGGED[$m]:-}" ]; then
-    LOGGED[$m]=1
-    logcmd "fio --name=$m --filename=FILE ${FIO_COMMON[*]} $*"
+  if [ -z "${LOGGED[$kind.$m]:-}" ]; then
+    LOGGED[$kind.$m]=1
+    logcmd "fio --name=$m --filename=FILE ${common[*]} $*"
   fi
   if [ -n "$TPID" ] && ! kill -0 "$TPID" 2>/dev/null; then
     echo "bench.sh: FAILED: $t $m: the daemon is gone (log: $LOGD/$t.log)" >&2
-    rec "read.$t.$m" FAILED
+    rec "$kind.$t.$m" FAILED
     FAILURES=$((FAILURES + 1))
     return 0
   fi
-  if fio --name="$m" --filename="$TFILE" "${FIO_COMMON[@]}" --output="$j" "$@" >"$j.err" 2>&1 &&
-    out=$(python3 "$HELPER" fio "$j"); then
-    rec "read.$t.$m" "$out"
+  if (cd "$FIOD" && fio --name="$m" --filename="$TFILE" "${common[@]}" --output="$j" "$@") >"$j.err" 2>&1 &&
+    out=$(python3 "$HELPER" fio "$j" "$kind"); then
+    rec "$kind.$t.$m" "$out"
     local bw iops secs mib
     read -r bw iops secs mib <<<"$out"
     LAST_IO=$((mib << 20))
@@ -438,7 +557,7 @@ fio_run() { # target metric fio-args...
   else
     echo "bench.sh: FAILED: fio $m on $t ($TFILE):" >&2
     tail -5 "$j.err" "$j" >&2 2>/dev/null || true
-    rec "read.$t.$m" FAILED
+    rec "$kind.$t.$m" FAILED
     FAILURES=$((FAILURES + 1))
   fi
 }
@@ -474,6 +593,7 @@ group() {
   local g=$1 t=$2 q=$((SIZE / 4)) w m
   if ! start_target "$t"; then
     case $g in
+      seq1c) m=seq_cold_1 ;;
       seq1) m="seq_cold_1 seq_warm_1 rand_warm_1 rand_warm_4" ;;
       seq4) m="seq_cold_4 seq_warm_4" ;;
       rand1) m=rand_cold_1 ;;
@@ -486,6 +606,7 @@ group() {
   fi
   drop_caches
   case $g in
+    seq1c) fio_run "$t" seq_cold_1 "${SEQ[@]}" --size="$SIZE" --runtime="$SEQ_CAP" ;;
     seq1)
       fio_run "$t" seq_cold_1 "${SEQ[@]}" --size="$SIZE" --runtime="$SEQ_CAP"
       WARM[$t]=$LAST_IO
@@ -506,7 +627,45 @@ group() {
   stop_target "$t"
 }
 
-if [[ ",$SECTIONS," == *,read,* ]]; then
+vx_group() { # the groups a VHDX target runs: cold sequential (1 reader) and cold random
+  case $1 in
+    seq1) echo seq1c ;;
+    seq4) ;;
+    *) echo "$1" ;;
+  esac
+}
+read_rounds() { # targets...: verify each view, then READ_REPS rounds
+  local t g gg i round n ok=() order
+  say "   checking each mounted view against the flat file"
+  for t in "$@"; do
+    if [ "$t" = raw ]; then ok+=(raw); else verify_target "$t" && ok+=("$t"); fi
+  done
+  n=${#ok[@]}
+  [ "$n" -gt 0 ] || return 0
+  for round in $(seq "$READ_REPS"); do
+    order=()
+    for i in $(seq 0 $((n - 1))); do order+=("${ok[$(((i + round - 1) % n))]}"); done
+    say "-- round $round/$READ_REPS: ${order[*]}"
+    for g in seq1 seq4 rand1 rand4; do
+      for t in "${order[@]}"; do
+        case $t in
+          *_vhdx) gg=$(vx_group "$g"); [ -z "$gg" ] || group "$gg" "$t" ;;
+          *) group "$g" "$t" ;;
+        esac
+      done
+    done
+  done
+  for t in "${ok[@]}"; do
+    [ -n "${RSS[$t]:-}" ] && rec "rss.$t" "${RSS[$t]}"
+  done
+  return 0
+}
+VX_TARGETS=()
+if has vhdx; then
+  [ "$HAVE_MOUNT" = 1 ] && VX_TARGETS+=(chainfs_vhdx)
+  VX_TARGETS+=(vhdimount_vhdx)
+fi
+if has read; then
   rec meta.read_section 1
   rec meta.read_reps "$READ_REPS"
   rec meta.read_how "fio $(fio --version), psync, buffered (direct=0); fio does not invalidate the page cache itself (invalidate=0). \
@@ -524,30 +683,300 @@ cold: $RAND_IOS reads in all (capped at $RAND_CAP s). chainfs is mounted with \`
   else
     say "== 3. read: \`chainfs mount\` does not exist in this build; measuring the peers only, $READ_REPS round(s)"
   fi
-  targets+=(vhdimount qsd_raw qsd_qcow2)
-  say "   checking each mounted view against the flat file"
-  ok=(raw)
-  for t in "${targets[@]:1}"; do verify_target "$t" && ok+=("$t"); done
-  targets=("${ok[@]}")
-  n=${#targets[@]}
-  for round in $(seq "$READ_REPS"); do
-    order=()
-    for i in $(seq 0 $((n - 1))); do order+=("${targets[$(((i + round - 1) % n))]}"); done
-    say "-- round $round/$READ_REPS: ${order[*]}"
-    for g in seq1 seq4 rand1 rand4; do
-      for t in "${order[@]}"; do group "$g" "$t"; done
-    done
-  done
-  for t in "${targets[@]}"; do
-    [ -n "${RSS[$t]:-}" ] && rec "rss.$t" "${RSS[$t]}"
-  done
+  targets+=(vhdimount qsd_raw qsd_qcow2 "${VX_TARGETS[@]}")
+  [ ${#VX_TARGETS[@]} -eq 0 ] || say "   with the VHDX chain (${VX_TARGETS[*]}): cold sequential 1 reader, cold random 1 and 4 readers"
+  read_rounds "${targets[@]}"
 else
   rec meta.read_section 0
   rec meta.read_skip "BENCH_SECTIONS=$SECTIONS"
+  if [ ${#VX_TARGETS[@]} -gt 0 ]; then
+    say "== 3. read (vhdx section only): ${VX_TARGETS[*]}, $READ_REPS round(s)"
+    rec meta.vx_read_how "Rounds as in the read section (fio, psync, buffered, cold = fresh mount + drop_caches; median of $READ_REPS)."
+    read_rounds "${VX_TARGETS[@]}"
+  fi
 fi
 
-# ------------------------------------------------------------------ 4. report
+# ------------------------------------------------------------------ 4. merge
+if has merge; then
+  say "== 4. merge: build the merge chain (VHD and qcow2, same bytes)"
+  MD=$W/merge MP=$W/merge/pristine
+  mkdir -p "$MW" "$MP"
+  t=$EPOCHREALTIME
+  python3 "$HELPER" mergebuild "$MD" "$SIZE" "$CH" "$RES"
+  say "   built in $(secs_since "$t") s"
+  M2=$(python3 "$HELPER" layoutinfo "$MD/layout.json" merge2)
+  M3=$(python3 "$HELPER" layoutinfo "$MD/layout.json" merge3)
+  rec meta.merge_bytes2 "$M2"
+  rec meta.merge_bytes3 "$M3"
+  MDATA=$(python3 - "$MD/layout.json" <<'PY'
+import json, sys
+j = json.load(open(sys.argv[1]))
+M = 1 << 20
+parts = ", ".join(f"{l['name']} {len(l['regions'])} regions / {l['bytes'] // M} MiB" for l in j["layers"])
+print(f"{j['size'] // M} MiB virtual disk, chain base <- mid <- leaf: {parts} of random bytes. "
+      "The regions of one layer never overlap; they are 4 KiB-aligned, of random lengths (4 KiB up to about twice "
+      "the mean), at random places over the whole disk, written in random order; the layers overlap each other at random. "
+      f"Merged data: leaf -> mid {j['merge2'] / M:.0f} MiB (the leaf's regions); leaf -> base through mid "
+      f"{j['merge3'] / M:.0f} MiB (the union of the leaf's and mid's regions).")
+PY
+  )
+  mfiles=$(cd "$MW" && for f in base.vhd mid.vhd leaf.vhd base.qcow2 mid.qcow2 leaf.qcow2; do
+    printf '%s %s MiB, ' "$f" "$(alloc_mib "$f")"
+  done)
+  rec meta.merge_data "$MDATA Allocated on disk: ${mfiles%, }."
+  say "   verifying: sha256 of the flat file, chainfs export (VHD chain), qemu-img convert (qcow2 chain)"
+  hm=$(python3 "$HELPER" sha256 "$MD/flat.raw" | cut -d' ' -f1)
+  "$CH" export "$MW/leaf.vhd" "$MD/verify.raw" --force >/dev/null || die "chainfs export of the merge chain failed"
+  hmv=$(python3 "$HELPER" sha256 "$MD/verify.raw" | cut -d' ' -f1)
+  qemu-img convert -f qcow2 -O raw "$MW/leaf.qcow2" "$MD/verify.raw" || die "qemu-img convert of the merge chain failed"
+  hmq=$(python3 "$HELPER" sha256 "$MD/verify.raw" | cut -d' ' -f1)
+  rm -f "$MD/verify.raw"
+  say "   flat $hm"
+  [ "$hm" = "$hmv" ] || die "the VHD merge chain differs from its flat file ($hmv)"
+  [ "$hm" = "$hmq" ] || die "the qcow2 merge chain differs from its flat file ($hmq)"
+  mv "$MW"/*.vhd "$MW"/*.qcow2 "$MP"/
+  rec meta.merge_verify "Before: sha256 $hm for the flat file, \`chainfs export\` of the VHD chain and \`qemu-img convert\` of the qcow2 chain. After every timed merge: the merged layers are gone (chainfs; with \`--keep\`: still there and detached, per \`chainfs info\`) and the flattened result equals that content (\`chainfs export DEST\` + sha256 for chainfs, \`qemu-img compare DEST flat.raw\` for qemu), and \`chainfs check\` / \`qemu-img check\` pass; \`chainfs merge --json\` reports the merged byte count."
+
+  restore() { # fmt: a fresh copy of the pristine chain in $MW (same paths)
+    rm -rf "$MW"
+    mkdir -p "$MW"
+    local f
+    for f in "$MP"/*."$1"; do cp --sparse=always "$f" "$MW/"; done
+  }
+  verify_merge() { # case tool: the merged chain must show the pre-merge content
+    local c=$1 tool=$2 dest=$MW/mid
+    [ "$c" = m3 ] && dest=$MW/base
+    case $tool in
+      chainfs | chainfs_keep)
+        if [ "$tool" = chainfs_keep ]; then
+          [ -e "$MW/leaf.vhd" ] || { echo "leaf.vhd is gone despite --keep" >&2; return 1; }
+          { "$CH" info "$MW/leaf.vhd" 2>&1 || true; } | grep -qi detached || { echo "leaf.vhd is not detached after merge --keep" >&2; return 1; }
+        else
+          [ ! -e "$MW/leaf.vhd" ] || { echo "leaf.vhd still there" >&2; return 1; }
+        fi
+        if [ "$c" = m3 ]; then [ ! -e "$MW/mid.vhd" ] || { echo "mid.vhd still there" >&2; return 1; }; fi
+        "$CH" check "$dest.vhd" >"$LOGD/merge-check.log" 2>&1 || { cat "$LOGD/merge-check.log" >&2; return 1; }
+        "$CH" export "$dest.vhd" "$MD/verify.raw" --force >/dev/null || return 1
+        local h
+        h=$(python3 "$HELPER" sha256 "$MD/verify.raw" | cut -d' ' -f1)
+        rm -f "$MD/verify.raw"
+        [ "$h" = "$hm" ] || { echo "the merged chain shows sha256 $h, not $hm" >&2; return 1; }
+        ;;
+      qemu | qemu_d)
+        qemu-img check -q -f qcow2 "$dest.qcow2" || return 1
+        qemu-img compare -q -f qcow2 -F raw "$dest.qcow2" "$MD/flat.raw" ||
+          { echo "qemu-img compare: the committed chain differs from the flat file" >&2; return 1; }
+        ;;
+      cp) cmp -s "$MD/cp.out" "$MD/cp${c#m}.bin" || { echo "the copy differs" >&2; return 1; } ;;
+    esac
+  }
+  merge_cmd() { # case tool
+    case $1.$2 in
+      m2.chainfs) "$CH" merge "$MW/leaf.vhd" "$MW/mid.vhd" --json >"$MD/merge.json" && sync "$MW/mid.vhd" ;;
+      m2.chainfs_keep) "$CH" merge "$MW/leaf.vhd" "$MW/mid.vhd" --keep --json >"$MD/merge.json" && sync "$MW/mid.vhd" "$MW/leaf.vhd" ;;
+      m3.chainfs) "$CH" merge "$MW/leaf.vhd" "$MW/base.vhd" --json >"$MD/merge.json" && sync "$MW/base.vhd" ;;
+      m2.qemu) qemu-img commit -q -f qcow2 "$MW/leaf.qcow2" && sync "$MW/mid.qcow2" "$MW/leaf.qcow2" ;;
+      m2.qemu_d) qemu-img commit -q -d -f qcow2 "$MW/leaf.qcow2" && sync "$MW/mid.qcow2" ;;
+      m3.qemu) qemu-img commit -q -f qcow2 -b "$MW/base.qcow2" "$MW/leaf.qcow2" && sync "$MW/base.qcow2" ;;
+      m2.cp | m3.cp) cp "$MD/cp${1#m}.bin" "$MD/cp.out" && sync "$MD/cp.out" ;;
+    esac
+  }
+  logcmd "cp --sparse=always \$W/merge/pristine/{base,mid,leaf}.vhd (or .qcow2) \$W/merge/work/; drop   # before every merge run"
+  logcmd "chainfs merge \$W/merge/work/leaf.vhd \$W/merge/work/mid.vhd --json; sync \$W/merge/work/mid.vhd"
+  logcmd "chainfs merge \$W/merge/work/leaf.vhd \$W/merge/work/mid.vhd --keep --json; sync \$W/merge/work/mid.vhd \$W/merge/work/leaf.vhd"
+  logcmd "qemu-img commit -q -f qcow2 \$W/merge/work/leaf.qcow2; sync \$W/merge/work/mid.qcow2 \$W/merge/work/leaf.qcow2"
+  logcmd "qemu-img commit -q -d -f qcow2 \$W/merge/work/leaf.qcow2; sync \$W/merge/work/mid.qcow2"
+  logcmd "chainfs merge \$W/merge/work/leaf.vhd \$W/merge/work/base.vhd --json; sync \$W/merge/work/base.vhd"
+  logcmd "qemu-img commit -q -f qcow2 -b \$W/merge/work/base.qcow2 \$W/merge/work/leaf.qcow2; sync \$W/merge/work/base.qcow2"
+  logcmd "drop; cp \$W/merge/cp2.bin \$W/merge/cp.out; sync \$W/merge/cp.out   # cp3.bin for the 3-layer case: files of the merged byte counts"
+  logcmd "chainfs check DEST.vhd; chainfs export DEST.vhd \$W/merge/verify.raw --force; python3 scripts/bench/helper.py sha256 \$W/merge/verify.raw   # after each chainfs merge"
+  logcmd "qemu-img check -q -f qcow2 DEST.qcow2; qemu-img compare -q -f qcow2 -F raw DEST.qcow2 \$W/merge/flat.raw   # after each qemu-img commit"
+  say "== 4. merge: cold, $REPS runs each, fresh copies; MiB/s of merged data (leaf->mid $(awk -v b="$M2" 'BEGIN { printf "%.0f", b / 1048576 }') MiB, leaf->base $(awk -v b="$M3" 'BEGIN { printf "%.0f", b / 1048576 }') MiB)"
+  for rep in $(seq "$REPS"); do
+    for ct in m2.chainfs m2.chainfs_keep m2.qemu m2.qemu_d m2.cp m3.chainfs m3.qemu m3.cp; do
+      c=${ct%%.*} tool=${ct#*.}
+      case $tool in
+        chainfs*) restore vhd ;;
+        qemu*) restore qcow2 ;;
+        cp) rm -f "$MD/cp.out" ;;
+      esac
+      drop_caches
+      t=$EPOCHREALTIME
+      if merge_cmd "$c" "$tool" >"$LOGD/merge.out" 2>&1; then
+        s=$(secs_since "$t")
+        if verify_merge "$c" "$tool"; then
+          rec "merge.$c.$tool.s" "$s"
+          if [ "$tool" != "${tool#chainfs}" ]; then
+            copied=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["bytes_copied"])' "$MD/merge.json")
+            rec "merge.$c.$tool.copied" "$copied"
+          fi
+          b=$M2
+          [ "$c" = m3 ] && b=$M3
+          printf '   run %d  %-10s %7.2f s  %7.0f MiB/s of merged data%s\n' "$rep" "$ct" "$s" \
+            "$(awk -v s="$s" -v z="$b" 'BEGIN { print z / 1048576 / s }')" \
+            "$([ "$tool" != "${tool#chainfs}" ] && echo "  (bytes_copied $copied)")"
+        else
+          echo "bench.sh: FAILED: merge $ct: the result is wrong (see above)" >&2
+          rec "meta.failed.merge_$ct" "the merged result differs from the pre-merge content (run $rep)"
+          rec "merge.$c.$tool.s" FAILED
+          FAILURES=$((FAILURES + 1))
+        fi
+      else
+        echo "bench.sh: FAILED: merge $ct:" >&2
+        tail -5 "$LOGD/merge.out" >&2
+        rec "merge.$c.$tool.s" FAILED
+        FAILURES=$((FAILURES + 1))
+      fi
+    done
+  done
+  rm -f "$MD/cp.out"
+
+  # Reads through a writable mount, unloaded and during `merge leaf mid`.
+  say "== 4b. reads of a -o rw mount (O_DIRECT, 1 MiB, sequential from offset 0): unloaded, then during 'merge leaf mid' through MNT/control"
+  logcmd "python3 scripts/bench/helper.py mergeread \$W/mnt/merge 'merge \$W/merge/work/leaf.vhd \$W/merge/work/mid.vhd' $SEQ_CAP   # warm-up pass; drop; one O_DIRECT pass (<= $SEQ_CAP s); drop; reader + the merge command on MNT/control, poll MNT/jobs/N to JobState 7"
+  rec meta.mread_how "Each run: a fresh copy of the VHD chain, \`chainfs mount -o $RW_OPTS\` of leaf.vhd, the view probed against the flat file; then (helper.py mergeread) one unmeasured pass (so that chainfs's own metadata cache is loaded in both phases), then cold: one sequential pass over disk.raw with O_DIRECT 1 MiB reads (capped at $SEQ_CAP s) = unloaded; cold again: the same reader from offset 0 started together with \`merge leaf.vhd mid.vhd\` written to MNT/control; MNT/jobs/N polled every 20 ms until JobState=7; the bytes the reader got between the command and completion (or the end of its one pass, if sooner) / that time = during the merge. 'Same range' = the unloaded pass's rate over the same byte range the loaded reader covered (same data). After the merge: the view hashed (sha256 of disk.raw) against the pre-merge content, \`chain\` shows mid.vhd as the leaf, and after unmounting leaf.vhd is gone and \`chainfs check mid.vhd\` passes. Median of $REPS runs."
+  for rep in $(seq "$REPS"); do
+    restore vhd
+    if ! start_target m_chainfs; then
+      fail_target m_chainfs "the rw mount of the merge chain did not come up (log: $LOGD/m_chainfs.log)"
+      continue
+    fi
+    if ! python3 "$HELPER" compare "$MD/flat.raw" "$TFILE" "$MD/layout.json" "$VERIFY_PROBES" >/dev/null; then
+      stop_target m_chainfs
+      fail_target m_chainfs "the rw mount shows different bytes from the flat file"
+      continue
+    fi
+    if out=$(python3 "$HELPER" mergeread "$TMP" "merge $MW/leaf.vhd $MW/mid.vhd" "$SEQ_CAP" 2>"$LOGD/mergeread.err"); then
+      mok=1
+      h=$(python3 "$HELPER" sha256 "$TFILE" | cut -d' ' -f1)
+      [ "$h" = "$hm" ] || { echo "bench.sh: the view after the merge shows sha256 $h, not $hm" >&2; mok=0; }
+      head -1 "$TMP/chain" | grep -q "/mid.vhd" || { echo "bench.sh: after the merge, chain does not start with mid.vhd:" >&2; cat "$TMP/chain" >&2; mok=0; }
+      stop_target m_chainfs
+      [ ! -e "$MW/leaf.vhd" ] || { echo "bench.sh: leaf.vhd still there after the merge" >&2; mok=0; }
+      "$CH" check "$MW/mid.vhd" >"$LOGD/merge-check.log" 2>&1 || { cat "$LOGD/merge-check.log" >&2; mok=0; }
+      if [ "$mok" = 1 ]; then
+        rec mread "$out"
+        read -r u_whole u_same l_rate win ems lmib eof bdone <<<"$out"
+        printf '   run %d  unloaded %s MiB/s (same range %s)  during merge %s MiB/s  (%s s window, merge %s ms, %s MiB read%s, BytesDone %s)\n' \
+          "$rep" "$u_whole" "$u_same" "$l_rate" "$win" "$ems" "$lmib" "$([ "$eof" = 1 ] && echo ', the pass ended before the merge')" "$bdone"
+      else
+        fail_target m_chainfs "the view or the chain after the merge through the control file is wrong (run $rep)"
+      fi
+    else
+      cat "$LOGD/mergeread.err" >&2
+      stop_target m_chainfs
+      fail_target m_chainfs "mergeread failed (run $rep)"
+    fi
+  done
+  [ -n "${RSS[m_chainfs]:-}" ] && rec rss.m_chainfs "${RSS[m_chainfs]}"
+  rm -rf "$MD"
+fi
+
+# ------------------------------------------------------------------ 5. write
+if has write; then
+  say "== 5. write: fresh empty overlay on the data chain for every run: chainfs mount -o $RW_OPTS (VHD) vs qemu-storage-daemon writable=on (qcow2) vs a sparse file"
+  mkdir -p "$WD"
+  WSEQ=$((SIZE / 2))
+  W_TARGETS=(w_raw)
+  [ "$HAVE_MOUNT" = 1 ] && W_TARGETS+=(w_chainfs)
+  W_TARGETS+=(w_qsd)
+  parents_state() { stat -c '%n %s %y' "$IMG"/base.vhd "$IMG"/mid.vhd "$IMG"/top.vhd "$IMG"/base.qcow2 "$IMG"/mid.qcow2 "$IMG"/top.qcow2; }
+  P_BEFORE=$(parents_state)
+  fresh_overlay() {
+    case $1 in
+      w_raw) rm -f "$WD/raw.img" && truncate -s "$SIZE" "$WD/raw.img" ;;
+      w_chainfs) rm -f "$WD/ovl.vhd" && "$CH" create "$WD/ovl.vhd" --parent "$IMG/top.vhd" >/dev/null ;;
+      w_qsd) rm -f "$WD/ovl.qcow2" && qemu-img create -q -f qcow2 -b "$IMG/top.qcow2" -F qcow2 "$WD/ovl.qcow2" ;;
+    esac
+  }
+  logcmd "chainfs create \$W/write/ovl.vhd --parent \$W/img/top.vhd   # before every write run"
+  logcmd "qemu-img create -q -f qcow2 -b \$W/img/top.qcow2 -F qcow2 \$W/write/ovl.qcow2   # before every write run"
+  logcmd "truncate -s $SIZE \$W/write/raw.img   # the reference file, before every write run"
+  # fio verify jobs: random 4 KiB and sequential 1 MiB writes with crc32c
+  # headers, read back at once, then again after a remount (--verify_only).
+  VOFF1=$((SIZE / 2 + (12 << 10))) VOFF2=$((SIZE / 4 + 3 * (4 << 10)))
+  VJOBS=(--name=vrand --rw=randwrite --bs=4k --size="$VERIFY_W" --offset="$VOFF1" --randrepeat=1
+    --name=vseq --rw=write --bs=1M --size="$VERIFY_W" --offset="$VOFF2")
+  VCOMMON=(--ioengine=psync --direct=0 --verify=crc32c --verify_fatal=1 --end_fsync=1 --output-format=json)
+  logcmd "fio --filename=FILE ${VCOMMON[*]} ${VJOBS[*]}   # then unmount, remount and the same with --verify_only"
+  verify_write() { # t: the view, then written data read back, across a remount, and the image checked
+    local t=$1
+    fresh_overlay "$t" || { fail_target "$t" "could not create the overlay"; return 1; }
+    start_target "$t" || { fail_target "$t" "the writable mount did not come up (log: $LOGD/$t.log)"; return 1; }
+    if [ "$t" != w_raw ] && ! python3 "$HELPER" compare "$IMG/raw.img" "$TFILE" "$IMG/layout.json" "$VERIFY_PROBES" >/dev/null; then
+      stop_target "$t"
+      fail_target "$t" "the writable view shows different bytes from the flat file"
+      return 1
+    fi
+    # (in $FIOD: fio leaves its verify state files in the current folder)
+    if ! (cd "$FIOD" && fio --filename="$TFILE" "${VCOMMON[@]}" "${VJOBS[@]}") >"$FIOD/$t.verify.json" 2>&1; then
+      tail -5 "$FIOD/$t.verify.json" >&2
+      stop_target "$t"
+      fail_target "$t" "fio verify of written data failed"
+      return 1
+    fi
+    stop_target "$t"
+    start_target "$t" || { fail_target "$t" "the remount did not come up"; return 1; }
+    if ! (cd "$FIOD" && fio --filename="$TFILE" "${VCOMMON[@]}" --verify_only "${VJOBS[@]}") >"$FIOD/$t.verify2.json" 2>&1; then
+      tail -5 "$FIOD/$t.verify2.json" >&2
+      stop_target "$t"
+      fail_target "$t" "fio --verify_only after a remount failed: written data did not persist"
+      return 1
+    fi
+    stop_target "$t"
+    case $t in
+      w_chainfs) "$CH" check "$WD/ovl.vhd" >"$LOGD/w-check.log" 2>&1 || { cat "$LOGD/w-check.log" >&2; fail_target "$t" "chainfs check of the written overlay failed"; return 1; } ;;
+      w_qsd) qemu-img check -q -f qcow2 "$WD/ovl.qcow2" || { fail_target "$t" "qemu-img check of the written overlay failed"; return 1; } ;;
+    esac
+    say "   $t: view probed, $((2 * $(to_bytes "$VERIFY_W") >> 20)) MiB written and verified, again after a remount; image check passed"
+  }
+  say "   checking: view, fio verify, remount + verify_only, image check"
+  wok=()
+  for t in "${W_TARGETS[@]}"; do verify_write "$t" && wok+=("$t"); done
+  rec meta.write_how "fio $(fio --version), psync, buffered (direct=0), 1 writer, into a fresh overlay (created empty before every run: a VHD differencing disk on top.vhd mounted with \`chainfs mount -o $RW_OPTS\`, a qcow2 overlay on top.qcow2 exported by qemu-storage-daemon with writable=on, and a fresh sparse file on this disk as the reference), mounted anew and page cache dropped before every run. \
+Sequential: 1 MiB writes from offset 0, $((WSEQ >> 20)) MiB (capped at $W_CAP s). Random: 4 KiB writes at the same seeded offsets over the whole $((SIZE >> 20)) MiB (randrepeat, norandommap), $RAND_W_IOS in all (capped at $W_CAP s). \
+'end fsync' = no fsync until one at the end (end_fsync=1, included in the time); 'fsync each' = fsync after every write (fsync=1). Median of $READ_REPS rounds; the order of the targets rotates. \
+Before timing, every target passed: its view probed against the flat file, $((2 * $(to_bytes "$VERIFY_W") >> 20)) MiB of fio writes with crc32c verify headers read back, again after unmount + remount (--verify_only), and \`chainfs check\` / \`qemu-img check\` of the overlay; the parents' size and mtime are unchanged at the end."
+  n=${#wok[@]}
+  for round in $(seq "$READ_REPS"); do
+    order=()
+    for i in $(seq 0 $((n - 1))); do order+=("${wok[$(((i + round - 1) % n))]}"); done
+    say "-- write round $round/$READ_REPS: ${order[*]}"
+    for m in seqw seqw_fsync randw randw_fsync; do
+      for t in "${order[@]}"; do
+        if ! fresh_overlay "$t" || ! start_target "$t"; then
+          rec "write.$t.$m" FAILED
+          echo "bench.sh: FAILED: $t did not come up for $m" >&2
+          FAILURES=$((FAILURES + 1))
+          continue
+        fi
+        drop_caches
+        case $m in
+          seqw) FIO_MODE="write" fio_run "$t" "$m" --rw=write --bs=1M --size="$WSEQ" --end_fsync=1 --runtime="$W_CAP" ;;
+          seqw_fsync) FIO_MODE="write" fio_run "$t" "$m" --rw=write --bs=1M --size="$WSEQ" --fsync=1 --runtime="$W_CAP" ;;
+          randw) FIO_MODE="write" fio_run "$t" "$m" --rw=randwrite --bs=4k --norandommap --randrepeat=1 --size="$SIZE" --number_ios="$RAND_W_IOS" --end_fsync=1 --runtime="$W_CAP" ;;
+          randw_fsync) FIO_MODE="write" fio_run "$t" "$m" --rw=randwrite --bs=4k --norandommap --randrepeat=1 --size="$SIZE" --number_ios="$RAND_W_IOS" --fsync=1 --runtime="$W_CAP" ;;
+        esac
+        stop_target "$t"
+      done
+    done
+  done
+  for t in "${wok[@]}"; do
+    [ -n "${RSS[$t]:-}" ] && rec "rss.$t" "${RSS[$t]}"
+  done
+  P_AFTER=$(parents_state)
+  if [ "$P_BEFORE" != "$P_AFTER" ]; then
+    echo "bench.sh: ERROR: a parent image changed during the write section:" >&2
+    diff <(echo "$P_BEFORE") <(echo "$P_AFTER") >&2 || true
+    rec meta.failed.write_parents "a parent image changed (size or mtime) during the write section"
+    FAILURES=$((FAILURES + 1))
+  fi
+  rm -rf "$WD"
+fi
+
+# ------------------------------------------------------------------ 7. report
 el=$(secs_since "$T_START")
+rec meta.load_end "$(cut -d' ' -f1-3 /proc/loadavg)"
 rec meta.elapsed "$(awk -v s="$el" 'BEGIN { printf "%d min %02d s", s / 60, s % 60 }')"
 mkdir -p "$(dirname "$REPORT")"
 python3 "$HELPER" report "$RES" "$REPORT"
