@@ -421,7 +421,7 @@ fn merge(
     let bar = progress_bar(0);
     let result = std::thread::scope(|s| {
         let h = s.spawn(|| chainfs::merge::execute(&flat, plan, &progress));
-        while !h.is_finished() {
+        while bar.is_some() && !h.is_finished() {
             if let Some(b) = &bar {
                 b.set_length(
                     progress

@@ -317,6 +317,11 @@ fn reopen_writable(l: &Arc<dyn Layer>, cache: &LayerOptions) -> Result<Arc<dyn L
 
 /// Bytes `layers[s..d]` hold (what the copy will move).
 pub fn bytes_to_copy(layers: &[Arc<dyn Layer>], s: usize, d: usize, size: u64) -> Result<u64> {
+    // Ask for every table this walk needs up front: the reads then run in
+    // parallel instead of one synchronous bitmap read per block.
+    for l in &layers[s..d] {
+        l.prefetch(0, size);
+    }
     let mut total = 0;
     let mut off = 0;
     while off < size {
@@ -339,46 +344,66 @@ fn copy_ranges(
     size: u64,
     progress: &Progress,
 ) -> Result<()> {
+    // Runs are read and written up to BUF at a time; the work goes by
+    // windows: resolve a window's runs first (tables fetched ahead), tell
+    // the kernel about all their data, then copy, so the reads of a window
+    // are in flight together instead of one synchronous read after another
+    // (a layer's blocks are in write order, not in disk order).
     const BUF: u64 = 4 << 20;
+    const WINDOW: u64 = 64 << 20;
     let ss = dest.sector_size() as u64;
     let mut buf = vec![0u8; BUF as usize];
     for &(start, len) in ranges {
-        let mut off = start - start % ss;
         let end = (start + len).next_multiple_of(ss).min(size);
-        while off < end {
+        let mut wstart = start - start % ss;
+        while wstart < end {
             if progress.cancel.load(Ordering::Relaxed) {
                 return Err(Error::new(ErrorKind::InvalidState, "merge cancelled"));
             }
-            let want = (end - off).min(BUF);
-            let (span, mut n) = resolve_span(layers, s, d, off, want)?;
-            match span {
-                Span::Below => {}
-                Span::Zero => {
-                    buf[..n as usize].fill(0);
-                    dest.write_sectors(off, &buf[..n as usize])?;
-                }
-                Span::Data { depth, file_offset } => {
-                    while n < want {
-                        match resolve_span(layers, s, d, off + n, want - n)? {
-                            (
-                                Span::Data {
-                                    depth: dd,
-                                    file_offset: fo,
-                                },
-                                m,
-                            ) if dd == depth && fo == file_offset + n => n += m,
-                            _ => break,
-                        }
+            let wend = (wstart + WINDOW).min(end);
+            for l in &layers[s..d] {
+                l.prefetch(wstart, wend - wstart);
+            }
+            let mut runs: Vec<(u64, Span, u64)> = Vec::new();
+            let mut off = wstart;
+            while off < wend {
+                let (span, n) = resolve_span(layers, s, d, off, (wend - off).min(BUF))?;
+                match (runs.last_mut(), span) {
+                    (
+                        Some((roff, Span::Data { depth, file_offset }, rn)),
+                        Span::Data {
+                            depth: dd,
+                            file_offset: fo,
+                        },
+                    ) if *depth == dd
+                        && *roff + *rn == off
+                        && *file_offset + *rn == fo
+                        && *rn + n <= BUF =>
+                    {
+                        *rn += n
                     }
-                    let part = &mut buf[..n as usize];
-                    layers[depth].read_data(file_offset, part)?;
-                    dest.write_sectors(off, part)?;
+                    _ if span != Span::Below => runs.push((off, span, n)),
+                    _ => {}
+                }
+                off += n;
+            }
+            for &(_, span, n) in &runs {
+                if let Span::Data { depth, file_offset } = span {
+                    layers[depth].will_need(file_offset, n);
                 }
             }
-            if span != Span::Below {
+            for (off, span, n) in runs {
+                let part = &mut buf[..n as usize];
+                match span {
+                    Span::Data { depth, file_offset } => {
+                        layers[depth].read_data(file_offset, part)?
+                    }
+                    _ => part.fill(0),
+                }
+                dest.write_sectors(off, part)?;
                 progress.bytes_done.fetch_add(n, Ordering::Relaxed);
             }
-            off += n;
+            wstart = wend;
         }
     }
     Ok(())
@@ -505,11 +530,15 @@ pub fn execute(image: &FlatImage, plan: Plan, progress: &Progress) -> Result<()>
         if live_leaf {
             image.track_writes(true);
         }
+        let t = std::time::Instant::now();
         progress
             .bytes_total
             .store(bytes_to_copy(&layers, s, d, size)?, Ordering::Relaxed);
+        log::info!("merge: planned in {:?}", t.elapsed());
         copy_ranges(&layers, s, d, &dest, &[(0, size)], size, progress)?;
+        log::info!("merge: copied in {:?}", t.elapsed());
         dest.flush()?;
+        log::info!("merge: destination flushed at {:?}", t.elapsed());
 
         let mut new_layers: Vec<Arc<dyn Layer>> = Vec::new();
         if live_leaf {
