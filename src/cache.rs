@@ -43,6 +43,26 @@ pub struct Key {
     pub index: u64,
 }
 
+impl Key {
+    /// Page `page` of a layer's block allocation table.
+    pub fn bat_page(layer: u64, page: u64) -> Key {
+        Key {
+            layer,
+            table: Table::BatPage,
+            index: page,
+        }
+    }
+
+    /// The sector bitmap of a layer's block `block`.
+    pub fn bitmap(layer: u64, block: u64) -> Key {
+        Key {
+            layer,
+            table: Table::Bitmap,
+            index: block,
+        }
+    }
+}
+
 struct Shard {
     lru: LruCache<Key, Arc<[u8]>>,
     bytes: usize,

@@ -50,7 +50,7 @@ use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock};
 
-use crate::cache::{new_layer_key, Key, MetaCache, Table};
+use crate::cache::{new_layer_key, Key, MetaCache};
 use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::format::pending::{self, Pending};
 use crate::format::{
@@ -382,19 +382,11 @@ impl VhdLayer {
     }
 
     fn bat_key(&self, page: u64) -> Key {
-        Key {
-            layer: self.key,
-            table: Table::BatPage,
-            index: page,
-        }
+        Key::bat_page(self.key, page)
     }
 
     fn bitmap_key(&self, block: u64) -> Key {
-        Key {
-            layer: self.key,
-            table: Table::Bitmap,
-            index: block,
-        }
+        Key::bitmap(self.key, block)
     }
 
     fn load_bat_page(&self, h: &DynamicHeader, page: u64) -> Result<Vec<u8>> {

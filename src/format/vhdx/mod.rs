@@ -40,7 +40,7 @@ use std::sync::Arc;
 use parking_lot::{Mutex, RwLock};
 use uuid::Uuid;
 
-use crate::cache::{new_layer_key, Key, MetaCache, Table};
+use crate::cache::{new_layer_key, Key, MetaCache};
 use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::format::pending::Pending;
 use crate::format::{
@@ -256,19 +256,11 @@ impl VhdxLayer {
     }
 
     fn bat_key(&self, page: u64) -> Key {
-        Key {
-            layer: self.key,
-            table: Table::BatPage,
-            index: page,
-        }
+        Key::bat_page(self.key, page)
     }
 
     fn bitmap_key(&self, block: u64) -> Key {
-        Key {
-            layer: self.key,
-            table: Table::Bitmap,
-            index: block,
-        }
+        Key::bitmap(self.key, block)
     }
 
     /// BAT entry number `idx` (payload and bitmap entries interleaved).
