@@ -19,10 +19,9 @@ use common::Rng;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
 
 use chainfs::format::vhd::{bitmap_bytes, DynamicHeader, Footer};
-use common::{chainfs_ok, MountGuard};
+use common::{chainfs_ok, vhdimount};
 use tempfile::TempDir;
 
 const K4: u64 = 4096;
@@ -74,44 +73,6 @@ fn assert_same(got: &[u8], want: &[u8], what: &str) {
 fn export(img: &Path, out: &Path) -> Vec<u8> {
     chainfs_ok(&["export", s(img), s(out), "--force"]);
     fs::read(out).unwrap()
-}
-
-/// Mount `leaf` with vhdimount at `mnt` (created if needed) and wait until
-/// `vhdi{layers}` appears. The guard unmounts even if the wait panics.
-///
-/// vhdimount runs in the leaf's folder with the bare file name: libvhdi
-/// looks for a parent at `<child's folder>/<header parent name>` and strips
-/// only `\`-separated folders from the name, so the absolute Unix path
-/// chainfs stores resolves only when the child's folder is empty.
-fn vhdimount(leaf: &Path, mnt: &Path, layers: usize) -> MountGuard {
-    fs::create_dir_all(mnt).unwrap();
-    let mnt = std::path::absolute(mnt).unwrap();
-    let guard = MountGuard::new(&mnt);
-    let o = Command::new("vhdimount")
-        .current_dir(leaf.parent().unwrap())
-        .arg(leaf.file_name().unwrap())
-        .arg(&mnt)
-        .output()
-        .expect("cannot run vhdimount");
-    assert!(
-        o.status.success(),
-        "vhdimount {}: {}{}",
-        leaf.display(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    let want = mnt.join(format!("vhdi{layers}"));
-    let t0 = Instant::now();
-    while !want.exists() {
-        assert!(
-            t0.elapsed() < Duration::from_secs(15),
-            "vhdimount {}: {} did not appear",
-            leaf.display(),
-            want.display()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    guard
 }
 
 fn have_vhdimount() -> bool {

@@ -61,7 +61,7 @@ use chainfs::format::{open_layer, Extent, Layer, LayerOptions};
 use chainfs::{Chain, ChainOptions, FlatImage};
 use common::{
     chainfs, chainfs_ok, have, is_mounted, require, require_fuse, require_loop, sha256_file,
-    unpack_fixture, KernelMount, LoopGuard, MountGuard,
+    unpack_fixture, vhdimount, KernelMount, LoopGuard, MountGuard,
 };
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -429,39 +429,6 @@ fn raw_locator(p: &Path) -> Result<Vec<(String, String)>, String> {
 
 fn locator_value(pairs: &[(String, String)], key: &str) -> Option<String> {
     pairs.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone())
-}
-
-/// Mount `leaf` with vhdimount, run in the leaf's folder with the bare file
-/// name (libvhdi looks for a parent as `<child's folder>/<relative_path
-/// basename>`), and wait for `vhdi{layers}`.
-fn vhdimount(leaf: &Path, mnt: &Path, layers: usize) -> MountGuard {
-    fs::create_dir_all(mnt).unwrap();
-    let mnt = std::path::absolute(mnt).unwrap();
-    let guard = MountGuard::new(&mnt);
-    let o = Command::new("vhdimount")
-        .current_dir(leaf.parent().unwrap())
-        .arg(leaf.file_name().unwrap())
-        .arg(&mnt)
-        .output()
-        .expect("cannot run vhdimount");
-    assert!(
-        o.status.success(),
-        "vhdimount {}: {}",
-        leaf.display(),
-        text(&o)
-    );
-    let want = mnt.join(format!("vhdi{layers}"));
-    let t0 = Instant::now();
-    while !want.exists() {
-        assert!(
-            t0.elapsed() < Duration::from_secs(15),
-            "vhdimount {}: {} did not appear",
-            leaf.display(),
-            want.display()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    guard
 }
 
 /// `chainfs mount` in the background; the guard unmounts on drop.

@@ -433,21 +433,6 @@ fn sync() {
     run(&mut Command::new("sync"));
 }
 
-/// Mount `leaf` with libvhdi's vhdimount (from the leaf's folder, with the
-/// bare file name, so libvhdi finds the parents) and wait for `vhdi{n}`.
-fn vhdimount(leaf: &Path, mnt: &Path, n: usize) -> MountGuard {
-    std::fs::create_dir_all(mnt).unwrap();
-    let mnt = std::path::absolute(mnt).unwrap();
-    let g = MountGuard::new(&mnt);
-    run(Command::new("vhdimount")
-        .current_dir(leaf.parent().unwrap())
-        .arg(leaf.file_name().unwrap())
-        .arg(&mnt));
-    let want = mnt.join(format!("vhdi{n}"));
-    wait_for("vhdimount's vhdiN", || want.exists());
-    g
-}
-
 /// pread exactly `len` bytes (or to the end of the file).
 fn pread(f: &File, off: u64, len: usize) -> Vec<u8> {
     let mut buf = vec![0u8; len];

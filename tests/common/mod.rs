@@ -172,6 +172,40 @@ impl Drop for MountGuard {
     }
 }
 
+/// Mount `leaf` with libvhdi's vhdimount and wait for `vhdi{layers}` (the
+/// flattened leaf). It runs from the leaf's folder with the bare file name:
+/// libvhdi joins the stored parent name to its working folder.
+pub fn vhdimount(leaf: &Path, mnt: &Path, layers: usize) -> MountGuard {
+    std::fs::create_dir_all(mnt).unwrap();
+    let mnt = std::path::absolute(mnt).unwrap();
+    let guard = MountGuard::new(&mnt);
+    let o = Command::new("vhdimount")
+        .current_dir(leaf.parent().unwrap())
+        .arg(leaf.file_name().unwrap())
+        .arg(&mnt)
+        .output()
+        .expect("cannot run vhdimount");
+    assert!(
+        o.status.success(),
+        "vhdimount {}: {}{}",
+        leaf.display(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let want = mnt.join(format!("vhdi{layers}"));
+    let t0 = std::time::Instant::now();
+    while !want.exists() {
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(15),
+            "vhdimount {}: {} did not appear",
+            leaf.display(),
+            want.display()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    guard
+}
+
 /// Is `dir` a mount point right now?
 pub fn is_mounted(dir: &Path) -> bool {
     let Ok(c) = std::fs::canonicalize(dir) else {
