@@ -150,8 +150,9 @@ pub trait Layer: Send + Sync {
     /// offset returned in `Extent::Data`).
     fn read_data(&self, file_offset: u64, buf: &mut [u8]) -> Result<()>;
 
-    /// Start reading the tables that `map()` will need for this range
-    /// (best effort, asynchronous; for bulk readers such as export).
+    /// Start reading the tables that `map()` (and, in a layer open for
+    /// writing, `write_sectors`) will need for this range (best effort,
+    /// asynchronous; for bulk work such as export and merge).
     fn prefetch(&self, _offset: u64, _len: u64) {}
 
     /// Start reading `len` bytes of this layer's file at `file_offset`
