@@ -334,7 +334,27 @@ pub fn bytes_to_copy(layers: &[Arc<dyn Layer>], s: usize, d: usize, size: u64) -
     Ok(total)
 }
 
+/// One piece of a copy window: `len` bytes at virtual `offset`, found in
+/// `span` (data of some layer, or zeros that hide what lies below).
+type Run = (u64, Span, u64);
+
+/// Data read for DESTINATION: `(virtual offset, length, zeros?)` pieces;
+/// the bytes of the non-zero ones follow each other in `data`.
+struct Batch {
+    pieces: Vec<(u64, u64, bool)>,
+    data: Vec<u8>,
+}
+
 /// Copy what `layers[s..d]` show over `ranges` into `dest`.
+///
+/// Two threads. The reader goes by windows of virtual space: it resolves
+/// a window's runs (their tables fetched ahead, DESTINATION's too) and
+/// tells the kernel about all their data at once, and only then reads the
+/// window before it, so the reads of the next window are in flight while
+/// this one is read (a layer's blocks sit in write order, not in disk
+/// order, so they are scattered). This thread writes what the reader hands
+/// over into DESTINATION meanwhile; at most `QUEUE` batches wait between
+/// them, so memory stays bounded.
 fn copy_ranges(
     layers: &[Arc<dyn Layer>],
     s: usize,
@@ -344,69 +364,139 @@ fn copy_ranges(
     size: u64,
     progress: &Progress,
 ) -> Result<()> {
-    // Runs are read and written up to BUF at a time; the work goes by
-    // windows: resolve a window's runs first (tables fetched ahead), tell
-    // the kernel about all their data, then copy, so the reads of a window
-    // are in flight together instead of one synchronous read after another
-    // (a layer's blocks are in write order, not in disk order).
-    const BUF: u64 = 4 << 20;
+    const BATCH: u64 = 4 << 20;
     const WINDOW: u64 = 64 << 20;
+    const QUEUE: usize = 4;
     let ss = dest.sector_size() as u64;
-    let mut buf = vec![0u8; BUF as usize];
-    for &(start, len) in ranges {
-        let end = (start + len).next_multiple_of(ss).min(size);
-        let mut wstart = start - start % ss;
-        while wstart < end {
-            if progress.cancel.load(Ordering::Relaxed) {
-                return Err(Error::new(ErrorKind::InvalidState, "merge cancelled"));
-            }
-            let wend = (wstart + WINDOW).min(end);
-            for l in &layers[s..d] {
-                l.prefetch(wstart, wend - wstart);
-            }
-            let mut runs: Vec<(u64, Span, u64)> = Vec::new();
-            let mut off = wstart;
-            while off < wend {
-                let (span, n) = resolve_span(layers, s, d, off, (wend - off).min(BUF))?;
-                match (runs.last_mut(), span) {
-                    (
-                        Some((roff, Span::Data { depth, file_offset }, rn)),
-                        Span::Data {
-                            depth: dd,
-                            file_offset: fo,
-                        },
-                    ) if *depth == dd
-                        && *roff + *rn == off
-                        && *file_offset + *rn == fo
-                        && *rn + n <= BUF =>
-                    {
-                        *rn += n
+    let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<Batch>(QUEUE);
+    let (empty_tx, empty_rx) = std::sync::mpsc::channel::<Vec<u8>>();
+    std::thread::scope(|scope| {
+        let reader = scope.spawn(move || -> Result<()> {
+            let mut batch = Batch {
+                pieces: Vec::new(),
+                data: Vec::with_capacity(BATCH as usize),
+            };
+            let read = |runs: Vec<Run>, batch: &mut Batch| -> Result<bool> {
+                for (off, span, n) in runs {
+                    if let Span::Data { depth, file_offset } = span {
+                        let at = batch.data.len();
+                        batch.data.resize(at + n as usize, 0);
+                        layers[depth].read_data(file_offset, &mut batch.data[at..])?;
                     }
-                    _ if span != Span::Below => runs.push((off, span, n)),
-                    _ => {}
-                }
-                off += n;
-            }
-            for &(_, span, n) in &runs {
-                if let Span::Data { depth, file_offset } = span {
-                    layers[depth].will_need(file_offset, n);
-                }
-            }
-            for (off, span, n) in runs {
-                let part = &mut buf[..n as usize];
-                match span {
-                    Span::Data { depth, file_offset } => {
-                        layers[depth].read_data(file_offset, part)?
+                    batch.pieces.push((off, n, span == Span::Zero));
+                    if batch.data.len() as u64 >= BATCH || batch.pieces.len() >= 1024 {
+                        let mut data = empty_rx.try_recv().unwrap_or_default();
+                        data.clear();
+                        let pieces = std::mem::take(&mut batch.pieces);
+                        let full = std::mem::replace(&mut batch.data, data);
+                        if full_tx.send(Batch { pieces, data: full }).is_err() {
+                            return Ok(false); // the writer stopped
+                        }
                     }
-                    _ => part.fill(0),
                 }
-                dest.write_sectors(off, part)?;
+                Ok(true)
+            };
+            let mut ahead: Option<Vec<Run>> = None;
+            for &(start, len) in ranges {
+                let end = (start + len).next_multiple_of(ss).min(size);
+                let mut wstart = start - start % ss;
+                while wstart < end {
+                    if progress.cancel.load(Ordering::Relaxed) {
+                        return Err(Error::new(ErrorKind::InvalidState, "merge cancelled"));
+                    }
+                    let wend = (wstart + WINDOW).min(end);
+                    let runs = window_runs(layers, s, d, wstart, wend, BATCH)?;
+                    // DESTINATION's bitmaps of the blocks the window writes.
+                    dest.prefetch(wstart, wend - wstart);
+                    if let Some(prev) = ahead.replace(runs) {
+                        if !read(prev, &mut batch)? {
+                            return Ok(());
+                        }
+                    }
+                    wstart = wend;
+                }
+            }
+            if let Some(last) = ahead {
+                read(last, &mut batch)?;
+            }
+            if !batch.pieces.is_empty() {
+                let _ = full_tx.send(batch);
+            }
+            Ok(())
+        });
+        let zeros = vec![0u8; BATCH as usize];
+        let mut written = Ok(());
+        for batch in full_rx.iter() {
+            let mut at = 0;
+            for &(off, n, zero) in &batch.pieces {
+                let part = if zero {
+                    &zeros[..n as usize]
+                } else {
+                    at += n as usize;
+                    &batch.data[at - n as usize..at]
+                };
+                if let Err(e) = dest.write_sectors(off, part) {
+                    written = Err(e);
+                    break;
+                }
                 progress.bytes_done.fetch_add(n, Ordering::Relaxed);
             }
-            wstart = wend;
+            if written.is_err() {
+                break;
+            }
+            let _ = empty_tx.send(batch.data);
+        }
+        // Stops the reader at its next hand-over if this side failed.
+        drop(full_rx);
+        let read = reader
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p));
+        written.and(read)
+    })
+}
+
+/// Resolve `wstart..wend` into runs of at most `max` bytes (adjacent pieces
+/// of one layer's file joined) and start reading their data.
+fn window_runs(
+    layers: &[Arc<dyn Layer>],
+    s: usize,
+    d: usize,
+    wstart: u64,
+    wend: u64,
+    max: u64,
+) -> Result<Vec<Run>> {
+    for l in &layers[s..d] {
+        l.prefetch(wstart, wend - wstart);
+    }
+    let mut runs: Vec<Run> = Vec::new();
+    let mut off = wstart;
+    while off < wend {
+        let (span, n) = resolve_span(layers, s, d, off, (wend - off).min(max))?;
+        match (runs.last_mut(), span) {
+            (
+                Some((roff, Span::Data { depth, file_offset }, rn)),
+                Span::Data {
+                    depth: dd,
+                    file_offset: fo,
+                },
+            ) if *depth == dd
+                && *roff + *rn == off
+                && *file_offset + *rn == fo
+                && *rn + n <= max =>
+            {
+                *rn += n
+            }
+            _ if span != Span::Below => runs.push((off, span, n)),
+            _ => {}
+        }
+        off += n;
+    }
+    for &(_, span, n) in &runs {
+        if let Span::Data { depth, file_offset } = span {
+            layers[depth].will_need(file_offset, n);
         }
     }
-    Ok(())
+    Ok(runs)
 }
 
 /// A layer the merge opened for writing that the chain only reads from

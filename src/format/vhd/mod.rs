@@ -463,9 +463,15 @@ impl VhdLayer {
         if let Some(b) = self.pending.bitmap(block) {
             return Ok(b);
         }
+        // Under the fill lock, look in `pending` again: a writer may have
+        // queued a newer bitmap since (and the cache may have evicted it
+        // already), and the file does not have it yet.
         self.cache
             .get_or_load(self.bitmap_key(block), &self.meta, || {
-                self.load_bitmap(start)
+                match self.pending.bitmap(block) {
+                    Some(b) => Ok(b.to_vec()),
+                    None => self.load_bitmap(start),
+                }
             })
     }
 
@@ -501,8 +507,15 @@ impl VhdLayer {
         set_bits(&mut nb, first, n);
         let nb: Arc<[u8]> = nb.into();
         // Written by flush(), after the data it makes visible is synced.
-        let due = self.pending.set_bitmap(block, start, nb.clone());
-        self.cache.insert(self.bitmap_key(block), nb);
+        // Queued and cached under the fill lock's write side, so that no
+        // reader filling the cache from the file meanwhile can put the old
+        // bitmap back over this one.
+        let due = {
+            let _m = self.meta.write();
+            let due = self.pending.set_bitmap(block, start, nb.clone());
+            self.cache.insert(self.bitmap_key(block), nb);
+            due
+        };
         if due {
             self.flush_locked()?;
         }
@@ -806,8 +819,14 @@ impl Layer for VhdLayer {
     }
 
     fn prefetch(&self, offset: u64, len: u64) {
-        // A differencing layer reads a bitmap per block: fetch them all.
-        if self.disk_type != TYPE_DIFFERENCING || len == 0 {
+        // A differencing layer reads a bitmap per block, and a write to a
+        // dynamic one updates it: fetch them all.
+        let needs = match self.disk_type {
+            TYPE_DIFFERENCING => true,
+            TYPE_FIXED => false,
+            _ => self.writable,
+        };
+        if !needs || len == 0 {
             return;
         }
         let first = offset / self.block_size;

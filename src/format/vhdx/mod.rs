@@ -327,7 +327,11 @@ impl VhdxLayer {
         let sb = self.entry_offset(idx, e)?;
         let bytes = spb / 8;
         let at = sb + (n % cr) * bytes;
+        // Under the fill lock, look in `pending` again (see the VHD driver).
         self.cache.get_or_load(self.bitmap_key(n), &self.meta, || {
+            if let Some(b) = self.pending.bitmap(n) {
+                return Ok(b.to_vec());
+            }
             let mut b = vec![0u8; bytes as usize];
             self.read_meta(at, &mut b)?;
             Ok(b)

@@ -247,11 +247,14 @@ impl VhdxLayer {
                 "cannot write sector bitmap",
                 Some(at),
             )?;
+            self.cache.insert(self.bitmap_key(n), bm);
         } else {
-            // Written by flush(), after the data it makes visible is synced.
+            // Written by flush(), after the data it makes visible is synced;
+            // queued and cached under the fill lock (see the VHD driver).
+            let _m = self.meta.write();
             self.pending.set_bitmap(n, at, bm.clone());
+            self.cache.insert(self.bitmap_key(n), bm);
         }
-        self.cache.insert(self.bitmap_key(n), bm);
         Ok(())
     }
 
