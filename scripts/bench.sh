@@ -25,7 +25,9 @@
 #              (1/4 = 512 MiB in 1024 scattered 4 KiB-aligned regions), as VHD
 #              and as qcow2: `chainfs merge leaf mid` vs `qemu-img commit` vs cp
 #              of the same bytes; `chainfs merge leaf base` (through mid) vs
-#              `qemu-img commit -b base`. Fresh copies of the images and a
+#              `qemu-img commit -b base`; each also with `--keep` (no delete),
+#              and `rm` of the merged layers alone (what the delete costs by
+#              itself). Fresh copies of the images and a
 #              dropped page cache before every run, median of 3, every result
 #              checked against the flattened content. Then O_DIRECT sequential
 #              reads of a `-o rw` mount, unloaded and while the same merge runs
@@ -754,7 +756,10 @@ PY
         else
           [ ! -e "$MW/leaf.vhd" ] || { echo "leaf.vhd still there" >&2; return 1; }
         fi
-        if [ "$c" = m3 ]; then [ ! -e "$MW/mid.vhd" ] || { echo "mid.vhd still there" >&2; return 1; }; fi
+        if [ "$c" = m3 ] && [ "$tool" = chainfs ]; then [ ! -e "$MW/mid.vhd" ] || { echo "mid.vhd still there" >&2; return 1; }; fi
+        if [ "$c" = m3 ] && [ "$tool" = chainfs_keep ]; then
+          { "$CH" info "$MW/mid.vhd" 2>&1 || true; } | grep -qi detached || { echo "mid.vhd is not detached after merge --keep" >&2; return 1; }
+        fi
         "$CH" check "$dest.vhd" >"$LOGD/merge-check.log" 2>&1 || { cat "$LOGD/merge-check.log" >&2; return 1; }
         "$CH" export "$dest.vhd" "$MD/verify.raw" --force >/dev/null || return 1
         local h
@@ -768,6 +773,7 @@ PY
           { echo "qemu-img compare: the committed chain differs from the flat file" >&2; return 1; }
         ;;
       cp) cmp -s "$MD/cp.out" "$MD/cp${c#m}.bin" || { echo "the copy differs" >&2; return 1; } ;;
+      rm) [ ! -e "$MW/leaf.vhd" ] || { echo "leaf.vhd still there" >&2; return 1; } ;;
     esac
   }
   merge_cmd() { # case tool
@@ -775,6 +781,9 @@ PY
       m2.chainfs) "$CH" merge "$MW/leaf.vhd" "$MW/mid.vhd" --json >"$MD/merge.json" && sync "$MW/mid.vhd" ;;
       m2.chainfs_keep) "$CH" merge "$MW/leaf.vhd" "$MW/mid.vhd" --keep --json >"$MD/merge.json" && sync "$MW/mid.vhd" "$MW/leaf.vhd" ;;
       m3.chainfs) "$CH" merge "$MW/leaf.vhd" "$MW/base.vhd" --json >"$MD/merge.json" && sync "$MW/base.vhd" ;;
+      m3.chainfs_keep) "$CH" merge "$MW/leaf.vhd" "$MW/base.vhd" --keep --json >"$MD/merge.json" && sync "$MW/base.vhd" "$MW/mid.vhd" "$MW/leaf.vhd" ;;
+      m2.rm) rm "$MW/leaf.vhd" && sync "$MW" ;;
+      m3.rm) rm "$MW/leaf.vhd" "$MW/mid.vhd" && sync "$MW" ;;
       m2.qemu) qemu-img commit -q -f qcow2 "$MW/leaf.qcow2" && sync "$MW/mid.qcow2" "$MW/leaf.qcow2" ;;
       m2.qemu_d) qemu-img commit -q -d -f qcow2 "$MW/leaf.qcow2" && sync "$MW/mid.qcow2" ;;
       m3.qemu) qemu-img commit -q -f qcow2 -b "$MW/base.qcow2" "$MW/leaf.qcow2" && sync "$MW/base.qcow2" ;;
@@ -787,16 +796,18 @@ PY
   logcmd "qemu-img commit -q -f qcow2 \$W/merge/work/leaf.qcow2; sync \$W/merge/work/mid.qcow2 \$W/merge/work/leaf.qcow2"
   logcmd "qemu-img commit -q -d -f qcow2 \$W/merge/work/leaf.qcow2; sync \$W/merge/work/mid.qcow2"
   logcmd "chainfs merge \$W/merge/work/leaf.vhd \$W/merge/work/base.vhd --json; sync \$W/merge/work/base.vhd"
+  logcmd "chainfs merge \$W/merge/work/leaf.vhd \$W/merge/work/base.vhd --keep --json; sync \$W/merge/work/{base,mid,leaf}.vhd"
   logcmd "qemu-img commit -q -f qcow2 -b \$W/merge/work/base.qcow2 \$W/merge/work/leaf.qcow2; sync \$W/merge/work/base.qcow2"
+  logcmd "rm \$W/merge/work/leaf.vhd; sync \$W/merge/work   # rm leaf.vhd mid.vhd for the 3-layer case: what deleting the merged layers costs by itself"
   logcmd "drop; cp \$W/merge/cp2.bin \$W/merge/cp.out; sync \$W/merge/cp.out   # cp3.bin for the 3-layer case: files of the merged byte counts"
   logcmd "chainfs check DEST.vhd; chainfs export DEST.vhd \$W/merge/verify.raw --force; python3 scripts/bench/helper.py sha256 \$W/merge/verify.raw   # after each chainfs merge"
   logcmd "qemu-img check -q -f qcow2 DEST.qcow2; qemu-img compare -q -f qcow2 -F raw DEST.qcow2 \$W/merge/flat.raw   # after each qemu-img commit"
   say "== 4. merge: cold, $REPS runs each, fresh copies; MiB/s of merged data (leaf->mid $(awk -v b="$M2" 'BEGIN { printf "%.0f", b / 1048576 }') MiB, leaf->base $(awk -v b="$M3" 'BEGIN { printf "%.0f", b / 1048576 }') MiB)"
   for rep in $(seq "$REPS"); do
-    for ct in m2.chainfs m2.chainfs_keep m2.qemu m2.qemu_d m2.cp m3.chainfs m3.qemu m3.cp; do
+    for ct in m2.chainfs m2.chainfs_keep m2.qemu m2.qemu_d m2.cp m2.rm m3.chainfs m3.chainfs_keep m3.qemu m3.cp m3.rm; do
       c=${ct%%.*} tool=${ct#*.}
       case $tool in
-        chainfs*) restore vhd ;;
+        chainfs* | rm) restore vhd ;;
         qemu*) restore qcow2 ;;
         cp) rm -f "$MD/cp.out" ;;
       esac
