@@ -435,3 +435,29 @@ pub(crate) fn open_file(path: &Path, writable: bool) -> Result<File> {
     }
     Ok(f)
 }
+
+/// Test support for the drivers' cache-fill race tests: run `write` on
+/// another thread while this one plays a reader in the middle of a cache
+/// fill, holding the fill lock's read side; once the writer is done or
+/// blocked, `put_old` caches the bitmap that reader read from the file.
+#[cfg(test)]
+pub(crate) fn race_reader_mid_fill(
+    fill: &parking_lot::RwLock<()>,
+    write: impl FnOnce() + Send,
+    put_old: impl FnOnce(),
+) {
+    let guard = fill.read();
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    std::thread::scope(|s| {
+        let w = s.spawn(move || {
+            write();
+            let _ = done_tx.send(());
+        });
+        // The writer either waits for the fill to end, or (the old race)
+        // has queued its bitmap already.
+        let _ = done_rx.recv_timeout(std::time::Duration::from_millis(300));
+        put_old();
+        drop(guard);
+        w.join().unwrap();
+    });
+}

@@ -1084,20 +1084,11 @@ mod tests {
         let old = l.load_bitmap(start).unwrap();
         assert_eq!(bit_run(&old, 0, 3), (true, 1));
 
-        let fill = l.meta.read();
-        let (done_tx, done_rx) = std::sync::mpsc::channel();
-        std::thread::scope(|s| {
-            let w = s.spawn(|| {
-                l.write_sectors(512, &[2u8; 512]).unwrap();
-                done_tx.send(()).unwrap();
-            });
-            // The writer either waits for the fill to end, or (the old race)
-            // has queued its bitmap already.
-            let _ = done_rx.recv_timeout(std::time::Duration::from_millis(300));
-            l.cache.insert(l.bitmap_key(0), old.into());
-            drop(fill);
-            w.join().unwrap();
-        });
+        crate::format::race_reader_mid_fill(
+            &l.meta,
+            || l.write_sectors(512, &[2u8; 512]).unwrap(),
+            || l.cache.insert(l.bitmap_key(0), old.into()),
+        );
         l.flush().unwrap();
         l.write_sectors(1024, &[3u8; 512]).unwrap();
         l.flush().unwrap();
