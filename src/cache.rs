@@ -12,6 +12,9 @@
 //! metadata write lock while it writes the file and then replaces the cached
 //! copy; a reader that misses holds the read lock while it loads from the file
 //! and inserts. So a stale copy can never be inserted after a newer one.
+//! Changes still queued in a layer's `Pending` (not in the file yet) are
+//! queued and cached under the write lock, and a layer's loader looks in
+//! `Pending` first, for the same reason.
 
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, Ordering};
