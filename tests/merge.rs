@@ -36,30 +36,12 @@ use sha2::{Digest, Sha256};
 
 const K4: u64 = 4096;
 const MIB: u64 = 1 << 20;
-/// Exit status of a process stopped by fault injection (src/fault.rs).
-const FAULT_EXIT: i32 = 86;
 
 // ---------------------------------------------------------------------------
 // Small helpers.
 
 fn p(path: &Path) -> &str {
     path.to_str().expect("temp paths are UTF-8")
-}
-
-fn code(o: &Output) -> i32 {
-    o.status.code().unwrap_or(-1)
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
@@ -167,18 +149,6 @@ impl Built {
     }
 }
 
-fn write_into(layer: &Path, off: u64, data: &[u8], scratch: &Path) {
-    fs::write(scratch, data).unwrap();
-    chainfs_ok(&[
-        "write",
-        p(layer),
-        "--offset",
-        &off.to_string(),
-        "--input",
-        p(scratch),
-    ]);
-}
-
 fn build(dir: &Path, size: u64, specs: &[Spec], seed: u64) -> Built {
     fs::create_dir_all(dir).unwrap();
     let mut rng = Rng(seed);
@@ -214,7 +184,7 @@ fn build(dir: &Path, size: u64, specs: &[Spec], seed: u64) -> Built {
         for &(off, len) in &s.writes {
             assert!(off % K4 == 0 && len % K4 == 0 && off + len <= size);
             let data = rng.bytes(len as usize);
-            write_into(&path, off, &data, &scratch);
+            chainfs_write(&path, off, &data, &scratch);
             model[off as usize..(off + len) as usize].copy_from_slice(&data);
         }
         names.push(s.name.to_string());
@@ -964,7 +934,7 @@ fn offline_merge(c: Case) {
         let mut rng = Rng(c.seed + 1);
         for (off, len) in [(3 * MIB, 5 * K4), (2 * MIB - K4, 2 * K4)] {
             let data = rng.bytes(len as usize);
-            write_into(&e, off, &data, &t.path().join("x.bin"));
+            chainfs_write(&e, off, &data, &t.path().join("x.bin"));
             model[off as usize..(off + len) as usize].copy_from_slice(&data);
         }
         Some((e, model))
@@ -1673,22 +1643,6 @@ fn run_cmd(cmd: &mut Command) {
     assert!(o.status.success(), "{cmd:?}: {}", text(&o));
 }
 
-/// Put the 4 KiB blocks that differ between `old` and `new` into `layer`.
-fn write_changes(layer: &Path, old: &[u8], new: &[u8], scratch: &Path) {
-    let mut i = 0;
-    while i < new.len() {
-        if old[i..i + 4096] == new[i..i + 4096] {
-            i += 4096;
-            continue;
-        }
-        let start = i;
-        while i < new.len() && old[i..i + 4096] != new[i..i + 4096] {
-            i += 4096;
-        }
-        write_into(layer, start as u64, &new[start..i], scratch);
-    }
-}
-
 #[test]
 fn ext4_loop_mounted_from_disk_raw_reads_the_same_files_during_merges() {
     if !require_fuse() || !require_loop() {
@@ -1707,7 +1661,7 @@ fn ext4_loop_mounted_from_disk_raw_reads_the_same_files_during_merges() {
     let layers = ["base.vhd", "mid.vhd", "leaf.vhd"];
     let mut prev = vec![0u8; size];
     let mut expected: BTreeMap<String, Vec<u8>> = BTreeMap::new();
-    for (stage, name) in layers.iter().enumerate() {
+    for stage in 0..layers.len() {
         {
             let lo = LoopGuard::attach(&raw, false, false);
             if stage == 0 {
@@ -1737,18 +1691,15 @@ fn ext4_loop_mounted_from_disk_raw_reads_the_same_files_during_merges() {
             run_cmd(&mut Command::new("sync"));
         }
         let now = fs::read(&raw).unwrap();
-        let layer = dir.join(name);
-        if stage == 0 {
-            chainfs_ok(&["create", p(&layer), "--size", "160M"]);
-        } else {
-            chainfs_ok(&[
-                "create",
-                p(&layer),
-                "--parent",
-                p(&dir.join(layers[stage - 1])),
-            ]);
-        }
-        write_changes(&layer, &prev, &now, &t.path().join("scratch"));
+        layer_from_snapshot(
+            &dir,
+            &layers,
+            stage,
+            &["--size", "160M"],
+            &prev,
+            &now,
+            &t.path().join("scratch"),
+        );
         prev = now;
     }
     let model = prev;

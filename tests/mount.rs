@@ -356,33 +356,6 @@ fn run(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
-/// Put the 4 KiB blocks that differ between `old` and `new` into `layer`.
-fn write_changes(layer: &Path, old: &[u8], new: &[u8], scratch: &Path) -> usize {
-    let mut changed = 0;
-    let mut i = 0;
-    while i < new.len() {
-        if old[i..i + 4096] == new[i..i + 4096] {
-            i += 4096;
-            continue;
-        }
-        let start = i;
-        while i < new.len() && old[i..i + 4096] != new[i..i + 4096] {
-            i += 4096;
-        }
-        std::fs::write(scratch, &new[start..i]).unwrap();
-        chainfs_ok(&[
-            "write",
-            p(layer),
-            "--offset",
-            &start.to_string(),
-            "--input",
-            p(scratch),
-        ]);
-        changed += i - start;
-    }
-    changed
-}
-
 /// Files written into the guest filesystem at each stage: (name, bytes).
 fn stage_files(stage: u64) -> Vec<(String, Vec<u8>)> {
     let mut rng = Rng(1000 + stage);
@@ -401,28 +374,7 @@ fn loop_mounted_partition_holds_files_written_in_every_layer(label: &str) {
     let t = tempfile::tempdir().unwrap();
     let raw = t.path().join("work.raw");
     let size: usize = 64 << 20;
-    std::fs::File::create(&raw)
-        .unwrap()
-        .set_len(size as u64)
-        .unwrap();
-    let mut sf = Command::new("sfdisk");
-    sf.arg("--quiet")
-        .arg(&raw)
-        .stdin(std::process::Stdio::piped());
-    let mut child = sf.spawn().unwrap();
-    let table = format!("label: {label}\nstart=2048, type=linux\n");
-    let table = if label == "gpt" {
-        table.replace("type=linux", "type=0FC63DAF-8483-4772-8E79-3D69D8477DE4")
-    } else {
-        table.replace("type=linux", "type=83")
-    };
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(table.as_bytes())
-        .unwrap();
-    assert!(child.wait().unwrap().success(), "sfdisk");
+    partitioned_raw(&raw, size as u64, label);
 
     // Build the guest disk in three stages; each stage's changed blocks go
     // into the next layer of the chain.
@@ -430,7 +382,7 @@ fn loop_mounted_partition_holds_files_written_in_every_layer(label: &str) {
     let mut prev = vec![0u8; size];
     let mut expected: Vec<(String, Vec<u8>)> = Vec::new();
     let guest = t.path().join("guest");
-    for (stage, name) in layers.iter().enumerate() {
+    for stage in 0..layers.len() {
         {
             let lo = LoopGuard::attach(&raw, false, true);
             if stage == 0 {
@@ -451,18 +403,15 @@ fn loop_mounted_partition_holds_files_written_in_every_layer(label: &str) {
             run(&mut Command::new("sync"));
         }
         let now = std::fs::read(&raw).unwrap();
-        let layer = t.path().join(name);
-        if stage == 0 {
-            chainfs_ok(&["create", p(&layer), "--size", "64M"]);
-        } else {
-            chainfs_ok(&[
-                "create",
-                p(&layer),
-                "--parent",
-                p(&t.path().join(layers[stage - 1])),
-            ]);
-        }
-        let n = write_changes(&layer, &prev, &now, &t.path().join("scratch"));
+        let n = layer_from_snapshot(
+            t.path(),
+            &layers,
+            stage,
+            &["--size", "64M"],
+            &prev,
+            &now,
+            &t.path().join("scratch"),
+        );
         assert!(n > 0, "stage {stage} changed nothing");
         prev = now;
     }

@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use chainfs::format::vhd::{bitmap_bytes, DynamicHeader, Footer};
-use common::{chainfs_ok, vhdimount};
+use common::{chainfs_ok, chainfs_write_mirrored, vhdimount};
 use tempfile::TempDir;
 
 const K4: u64 = 4096;
@@ -30,20 +30,6 @@ const SECTOR: usize = 512;
 
 fn s(p: &Path) -> &str {
     p.to_str().expect("temp paths are UTF-8")
-}
-
-/// `chainfs write IMG --offset OFF --input FILE` and the same in `model`.
-fn write(img: &Path, off: u64, data: &[u8], scratch: &Path, model: &mut [u8]) {
-    fs::write(scratch, data).unwrap();
-    chainfs_ok(&[
-        "write",
-        s(img),
-        "--offset",
-        &off.to_string(),
-        "--input",
-        s(scratch),
-    ]);
-    model[off as usize..off as usize + data.len()].copy_from_slice(data);
 }
 
 /// Index and description of the first differing byte, and the number of
@@ -143,23 +129,23 @@ fn build_chain(dir: &Path, size: u64, specs: &[LayerSpec], seed: u64) -> BuiltCh
             let before = K4 * (1 + rng.below(4));
             let after = K4 * (1 + rng.below(4));
             let data = rng.bytes((before + after) as usize);
-            write(&img, boundary - before, &data, &scratch, &mut model);
+            chainfs_write_mirrored(&img, boundary - before, &data, &scratch, &mut model);
         }
         // Random 4 KiB-aligned writes, 4 KiB to 128 KiB long.
         for _ in 0..6 {
             let off = K4 * rng.below(size / K4);
             let len = (K4 * (1 + rng.below(32))).min(size - off);
             let data = rng.bytes(len as usize);
-            write(&img, off, &data, &scratch, &mut model);
+            chainfs_write_mirrored(&img, off, &data, &scratch, &mut model);
         }
         // One write over a whole 2 MiB boundary region and to the very end.
         if i % 2 == 0 {
             let off = M2 - 3 * K4;
             let data = rng.bytes((M2 + 5 * K4) as usize);
-            write(&img, off, &data, &scratch, &mut model);
+            chainfs_write_mirrored(&img, off, &data, &scratch, &mut model);
         } else {
             let data = rng.bytes(2 * K4 as usize);
-            write(&img, size - 2 * K4, &data, &scratch, &mut model);
+            chainfs_write_mirrored(&img, size - 2 * K4, &data, &scratch, &mut model);
         }
         layers.push(img);
         snapshots.push(model.clone());
@@ -293,16 +279,16 @@ fn check_base_against_qemu(kind: &str, size: u64, block: &str, seed: u64) {
     for _ in 0..4 {
         let boundary = M2 * (1 + rng.below(size / M2 - 1));
         let data = rng.bytes(4 * K4 as usize);
-        write(&img, boundary - 2 * K4, &data, &scratch, &mut model);
+        chainfs_write_mirrored(&img, boundary - 2 * K4, &data, &scratch, &mut model);
     }
     for _ in 0..6 {
         let off = K4 * rng.below(size / K4);
         let len = (K4 * (1 + rng.below(32))).min(size - off);
         let data = rng.bytes(len as usize);
-        write(&img, off, &data, &scratch, &mut model);
+        chainfs_write_mirrored(&img, off, &data, &scratch, &mut model);
     }
     let tail = rng.bytes(K4 as usize);
-    write(&img, size - K4, &tail, &scratch, &mut model);
+    chainfs_write_mirrored(&img, size - K4, &tail, &scratch, &mut model);
 
     let o = Command::new("qemu-img")
         .args(["info", "-f", "vpc", "--output=json"])
@@ -380,14 +366,14 @@ fn known_libvhdi_bug_partial_bitmap_byte_reads_following_clear_sectors_from_chil
     chainfs_ok(&["create", s(&base), "--size", "4M"]);
     // Non-zero parent data in every byte around the write.
     let pdata: Vec<u8> = rng.bytes(64 << 10).iter().map(|b| b | 1).collect();
-    write(&base, 0x10000, &pdata, &scratch, &mut model);
+    chainfs_write_mirrored(&base, 0x10000, &pdata, &scratch, &mut model);
     let parent_model = model.clone();
 
     chainfs_ok(&["create", s(&child), "--parent", s(&base)]);
     // Sector 0x80 + 3: bit 3 of bitmap byte 16.
     let sector: usize = (0x10000 / SECTOR) + 3;
     let wdata: Vec<u8> = rng.bytes(SECTOR).iter().map(|b| b | 0x80).collect();
-    write(
+    chainfs_write_mirrored(
         &child,
         (sector * SECTOR) as u64,
         &wdata,

@@ -40,7 +40,7 @@ mod common;
 use common::Rng;
 
 use std::fs::{self, File};
-use std::io::{Read, Write};
+use std::io::Read;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -60,15 +60,15 @@ use chainfs::format::vhdx::{
 use chainfs::format::{open_layer, Extent, Layer, LayerOptions};
 use chainfs::{Chain, ChainOptions, FlatImage};
 use common::{
-    chainfs, chainfs_ok, have, is_mounted, require, require_fuse, require_loop, sha256_file,
-    unpack_fixture, vhdimount, KernelMount, LoopGuard, MountGuard,
+    chainfs, chainfs_ok, chainfs_write_mirrored, code, have, hex, is_mounted, layer_from_snapshot,
+    partitioned_raw, require, require_fuse, require_loop, sha256_file, text, unpack_fixture,
+    vhdimount, KernelMount, LoopGuard, MountGuard, FAULT_EXIT,
 };
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 const K4: u64 = 4096;
-const FAULT_EXIT: i32 = 86;
 
 /// The Hyper-V checkpoint's parent, by the name its `relative_path` gives.
 const HYPERV_PARENT: &str = "Generation 1_49C4BAF3-4B25-4406-8C4B-D39E65C32385.avhdx";
@@ -90,18 +90,6 @@ const GIB: u64 = 1 << 30;
 
 fn s(p: &Path) -> &str {
     p.to_str().expect("temp paths are UTF-8")
-}
-
-fn code(o: &Output) -> i32 {
-    o.status.code().unwrap_or(-1)
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
 }
 
 /// Run an external command, insisting on success.
@@ -150,10 +138,6 @@ fn next_data(f: &File, off: u64, len: u64) -> u64 {
 
 fn next_hole(f: &File, off: u64, len: u64) -> u64 {
     seek(f, off, libc::SEEK_HOLE).unwrap_or(len).min(len)
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 /// sha256 of a (sparse) file: holes are hashed as zeros without reading
@@ -235,20 +219,6 @@ fn file_diff(a: &Path, b: &Path) -> Option<String> {
         off = start + n as u64;
     }
     None
-}
-
-/// `chainfs write IMG --offset OFF --input FILE`, mirrored into `model`.
-fn write(img: &Path, off: u64, data: &[u8], scratch: &Path, model: &mut [u8]) {
-    fs::write(scratch, data).unwrap();
-    chainfs_ok(&[
-        "write",
-        s(img),
-        "--offset",
-        &off.to_string(),
-        "--input",
-        s(scratch),
-    ]);
-    model[off as usize..off as usize + data.len()].copy_from_slice(data);
 }
 
 /// `chainfs export` into `out` (replaced), returning its bytes.
@@ -564,7 +534,7 @@ fn build(dir: &Path, size: u64, lss: u32, specs: &[Spec], writes: usize, seed: u
         }
         for (off, len) in layer_writes(&mut rng, size, sp.block, writes) {
             let data = rng.bytes(len as usize);
-            write(&path, off, &data, &scratch, &mut model);
+            chainfs_write_mirrored(&path, off, &data, &scratch, &mut model);
         }
         snaps.push(model.clone());
     }
@@ -1030,7 +1000,7 @@ fn libvhdi_misreads_a_differencing_vhdx_chunk_without_a_sector_bitmap_block() {
     let b = build(&dir, 8 << 20, 512, &[spec("base.vhdx", 1 << 20)], 0, 41);
     let mut model = b.snaps[0].clone();
     let data = Rng(42).bytes(64 * 512);
-    write(&b.path(0), 0, &data, &t.path().join("x"), &mut model);
+    chainfs_write_mirrored(&b.path(0), 0, &data, &t.path().join("x"), &mut model);
     let child = dir.join("empty.avhdx");
     chainfs_ok(&["create", s(&child), "--parent", s(&b.path(0))]);
     let out = t.path().join("out.raw");
@@ -1255,26 +1225,6 @@ fn mounted_vhdx_chain_shows_the_model_and_rw_writes_land_in_the_leaf_and_survive
     assert_clean(&b.leaf());
 }
 
-/// Put the 4 KiB pages that differ between `old` and `new` into `layer`.
-fn write_changes(layer: &Path, old: &[u8], new: &[u8], scratch: &Path) -> usize {
-    let mut changed = 0;
-    let mut i = 0;
-    let mut model = old.to_vec();
-    while i < new.len() {
-        if old[i..i + 4096] == new[i..i + 4096] {
-            i += 4096;
-            continue;
-        }
-        let start = i;
-        while i < new.len() && old[i..i + 4096] != new[i..i + 4096] {
-            i += 4096;
-        }
-        write(layer, start as u64, &new[start..i], scratch, &mut model);
-        changed += i - start;
-    }
-    changed
-}
-
 /// Files written into the guest filesystem at each stage: (name, bytes).
 fn stage_files(stage: u64) -> Vec<(String, Vec<u8>)> {
     let mut rng = Rng(1000 + stage);
@@ -1294,26 +1244,13 @@ fn ext4_in_a_vhdx_chain_loop_mounts_with_files_from_every_layer_intact() {
     let t = tempfile::tempdir().unwrap();
     let raw = t.path().join("work.raw");
     let size: usize = 48 << 20;
-    File::create(&raw).unwrap().set_len(size as u64).unwrap();
-    let mut child = Command::new("sfdisk")
-        .arg("--quiet")
-        .arg(&raw)
-        .stdin(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"label: dos\nstart=2048, type=83\n")
-        .unwrap();
-    assert!(child.wait().unwrap().success(), "sfdisk");
+    partitioned_raw(&raw, size as u64, "dos");
 
     let layers = ["base.vhdx", "mid.avhdx", "leaf.avhdx"];
     let mut prev = vec![0u8; size];
     let mut expected: Vec<(String, Vec<u8>)> = Vec::new();
     let guest = t.path().join("guest");
-    for (stage, name) in layers.iter().enumerate() {
+    for stage in 0..layers.len() {
         {
             let lo = LoopGuard::attach(&raw, false, true);
             wait_for("the partition device", || {
@@ -1342,18 +1279,15 @@ fn ext4_in_a_vhdx_chain_loop_mounts_with_files_from_every_layer_intact() {
             run_ok(&mut Command::new("sync"));
         }
         let now = fs::read(&raw).unwrap();
-        let layer = t.path().join(name);
-        if stage == 0 {
-            chainfs_ok(&["create", s(&layer), "--size", "48M", "--block-size", "1M"]);
-        } else {
-            chainfs_ok(&[
-                "create",
-                s(&layer),
-                "--parent",
-                s(&t.path().join(layers[stage - 1])),
-            ]);
-        }
-        let n = write_changes(&layer, &prev, &now, &t.path().join("scratch"));
+        let n = layer_from_snapshot(
+            t.path(),
+            &layers,
+            stage,
+            &["--size", "48M", "--block-size", "1M"],
+            &prev,
+            &now,
+            &t.path().join("scratch"),
+        );
         assert!(n > 0, "stage {stage} changed nothing");
         prev = now;
     }
@@ -2095,7 +2029,7 @@ fn fault_injection_at_every_point_of_a_differencing_vhdx_write_keeps_the_chain_r
     let mut rng = Rng(0x5eed_f00d);
     let scratch = t.path().join("scratch");
     let mut model = vec![0u8; 4 << 20];
-    write(&base, 0, &rng.bytes(3 << 20), &scratch, &mut model);
+    chainfs_write_mirrored(&base, 0, &rng.bytes(3 << 20), &scratch, &mut model);
     chainfs_ok(&["create", s(&leaf), "--parent", s(&base)]);
     let old = model.clone();
     // Two blocks: one partly written, one crossing into the next block.

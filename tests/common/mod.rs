@@ -1,10 +1,13 @@
-//! Shared test support: the CLI binary, real fixtures, hashing, and the
-//! rule for tests that need root, FUSE or loop devices (must run under
-//! CI=true, may skip elsewhere with a printed reason).
+//! Shared test support: the CLI binary and its writes (also of a raw
+//! disk's changed blocks into a chain layer), real fixtures, hashing,
+//! partitioned raw disks, and the rule for tests that need root, FUSE or
+//! loop devices (must run under CI=true, may skip elsewhere with a printed
+//! reason).
 #![allow(dead_code)]
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
 
 use sha2::{Digest, Sha256};
 
@@ -56,6 +59,123 @@ pub fn chainfs_ok(args: &[&str]) -> String {
         String::from_utf8_lossy(&o.stderr)
     );
     String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Exit status of a process stopped by fault injection
+/// (`CHAINFS_FAULT_AFTER=k`, src/fault.rs).
+pub const FAULT_EXIT: i32 = 86;
+
+/// A process's exit code, -1 when a signal ended it.
+pub fn code(o: &Output) -> i32 {
+    o.status.code().unwrap_or(-1)
+}
+
+/// A process's stdout followed by its stderr.
+pub fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn utf8(p: &Path) -> &str {
+    p.to_str().expect("temp paths are UTF-8")
+}
+
+/// `chainfs write IMG --offset OFF --input SCRATCH`, `data` staged in the
+/// file `scratch` (replaced).
+pub fn chainfs_write(img: &Path, off: u64, data: &[u8], scratch: &Path) {
+    std::fs::write(scratch, data).unwrap();
+    chainfs_ok(&[
+        "write",
+        utf8(img),
+        "--offset",
+        &off.to_string(),
+        "--input",
+        utf8(scratch),
+    ]);
+}
+
+/// [`chainfs_write`], and the same bytes written into `model`.
+pub fn chainfs_write_mirrored(img: &Path, off: u64, data: &[u8], scratch: &Path, model: &mut [u8]) {
+    chainfs_write(img, off, data, scratch);
+    model[off as usize..off as usize + data.len()].copy_from_slice(data);
+}
+
+/// Put the 4 KiB blocks that differ between `old` and `new` into `layer`,
+/// one `chainfs write` per run of changed blocks; returns the bytes written.
+pub fn write_changes(layer: &Path, old: &[u8], new: &[u8], scratch: &Path) -> usize {
+    let mut changed = 0;
+    let mut i = 0;
+    while i < new.len() {
+        if old[i..i + 4096] == new[i..i + 4096] {
+            i += 4096;
+            continue;
+        }
+        let start = i;
+        while i < new.len() && old[i..i + 4096] != new[i..i + 4096] {
+            i += 4096;
+        }
+        chainfs_write(layer, start as u64, &new[start..i], scratch);
+        changed += i - start;
+    }
+    changed
+}
+
+/// A new raw disk file of `size` bytes holding one Linux partition from
+/// sector 2048 to the end, in a partition table of `label` (sfdisk's
+/// `dos` or `gpt`).
+pub fn partitioned_raw(raw: &Path, size: u64, label: &str) {
+    std::fs::File::create(raw).unwrap().set_len(size).unwrap();
+    let kind = if label == "gpt" {
+        "0FC63DAF-8483-4772-8E79-3D69D8477DE4"
+    } else {
+        "83"
+    };
+    let mut child = Command::new("sfdisk")
+        .arg("--quiet")
+        .arg(raw)
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(format!("label: {label}\nstart=2048, type={kind}\n").as_bytes())
+        .unwrap();
+    assert!(child.wait().unwrap().success(), "sfdisk");
+}
+
+/// One stage of a chain built from snapshots of a raw disk: creates
+/// `dir/layers[stage]` (the base with `chainfs create BASE base_args...`, a
+/// later layer as the child of the one before it) and writes into it the
+/// 4 KiB blocks that changed from `prev` to `now` ([`write_changes`]);
+/// returns the bytes written.
+pub fn layer_from_snapshot(
+    dir: &Path,
+    layers: &[&str],
+    stage: usize,
+    base_args: &[&str],
+    prev: &[u8],
+    now: &[u8],
+    scratch: &Path,
+) -> usize {
+    let layer = dir.join(layers[stage]);
+    if stage == 0 {
+        let mut args = vec!["create", utf8(&layer)];
+        args.extend_from_slice(base_args);
+        chainfs_ok(&args);
+    } else {
+        chainfs_ok(&[
+            "create",
+            utf8(&layer),
+            "--parent",
+            utf8(&dir.join(layers[stage - 1])),
+        ]);
+    }
+    write_changes(&layer, prev, now, scratch)
 }
 
 pub fn in_ci() -> bool {
@@ -114,7 +234,8 @@ pub fn sha256(b: &[u8]) -> String {
     hex(&Sha256::digest(b))
 }
 
-fn hex(b: &[u8]) -> String {
+/// Lowercase hex of `b`.
+pub fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
