@@ -421,22 +421,26 @@ start_target() {
       TFILE=$IMG/raw.img
       return 0
       ;;
-    chainfs)
-      TMP=$MNT/chainfs TFILE=$MNT/chainfs/disk.raw
+    chainfs | chainfs_vhdx) # the VHD chain, or the same content as VHDX
+      local top=top.vhd
+      [ "$t" = chainfs_vhdx ] && top=top.avhdx
+      TMP=$MNT/$t TFILE=$MNT/$t/disk.raw
       mkdir -p "$TMP"
-      "$CH" mount -f "$IMG/top.vhd" "$TMP" -o "$MOUNT_OPTS" >>"$LOGD/$t.log" 2>&1 &
+      "$CH" mount -f "$IMG/$top" "$TMP" -o "$MOUNT_OPTS" >>"$LOGD/$t.log" 2>&1 &
       TPID=$!
-      logcmd "chainfs mount -f \$W/img/top.vhd \$W/mnt/chainfs -o $MOUNT_OPTS &   # file: \$W/mnt/chainfs/disk.raw"
+      logcmd "chainfs mount -f \$W/img/$top \$W/mnt/$t -o $MOUNT_OPTS &   # file: \$W/mnt/$t/disk.raw"
       ;;
-    vhdimount)
-      TMP=$MNT/vhdi TFILE=$MNT/vhdi/vhdi3
+    vhdimount | vhdimount_vhdx)
+      local top=top.vhd dir=vhdi
+      [ "$t" = vhdimount_vhdx ] && top=top.avhdx dir=vhdi_vhdx
+      TMP=$MNT/$dir TFILE=$MNT/$dir/vhdi3
       mkdir -p "$TMP"
       # libvhdi opens a parent as <the child's folder>/<the parent name in the
       # header>, even when that name is absolute (chainfs stores absolute
       # names): so it gets a bare file name, from the image folder.
-      (cd "$IMG" && exec vhdimount -v top.vhd "$TMP") >>"$LOGD/$t.log" 2>&1 &
+      (cd "$IMG" && exec vhdimount -v "$top" "$TMP") >>"$LOGD/$t.log" 2>&1 &
       TPID=$!
-      logcmd "(cd \$W/img && vhdimount -v top.vhd \$W/mnt/vhdi) &   # file: \$W/mnt/vhdi/vhdi3 (the flattened top of 3 layers)"
+      logcmd "(cd \$W/img && vhdimount -v $top \$W/mnt/$dir) &   # file: \$W/mnt/$dir/vhdi3 (the flattened top of 3 layers)"
       ;;
     qsd_raw | qsd_qcow2)
       TMP=$MNT/$t TFILE=$MNT/$t
@@ -452,20 +456,6 @@ start_target() {
         --export "type=fuse,id=e0,node-name=n0,mountpoint=$TMP,writable=off" >>"$LOGD/$t.log" 2>&1 &
       TPID=$!
       logcmd "qemu-storage-daemon ${bd[*]//$W/\$W} --export type=fuse,id=e0,node-name=n0,mountpoint=\$W/mnt/$t,writable=off &"
-      ;;
-    chainfs_vhdx)
-      TMP=$MNT/chainfs_vhdx TFILE=$MNT/chainfs_vhdx/disk.raw
-      mkdir -p "$TMP"
-      "$CH" mount -f "$IMG/top.avhdx" "$TMP" -o "$MOUNT_OPTS" >>"$LOGD/$t.log" 2>&1 &
-      TPID=$!
-      logcmd "chainfs mount -f \$W/img/top.avhdx \$W/mnt/chainfs_vhdx -o $MOUNT_OPTS &   # file: \$W/mnt/chainfs_vhdx/disk.raw"
-      ;;
-    vhdimount_vhdx)
-      TMP=$MNT/vhdi_vhdx TFILE=$MNT/vhdi_vhdx/vhdi3
-      mkdir -p "$TMP"
-      (cd "$IMG" && exec vhdimount -v top.avhdx "$TMP") >>"$LOGD/$t.log" 2>&1 &
-      TPID=$!
-      logcmd "(cd \$W/img && vhdimount -v top.avhdx \$W/mnt/vhdi_vhdx) &   # file: \$W/mnt/vhdi_vhdx/vhdi3"
       ;;
     m_chainfs) # the merge chain's leaf, writable (merges need -o rw)
       TMP=$MNT/merge TFILE=$MNT/merge/disk.raw
