@@ -70,7 +70,7 @@ seed() {
   for f in dyn diff small-blocks; do
     dd if="$tmp/$f.vhd" of="$c/vhd_header/$f.header" bs=512 skip=1 count=2 status=none
   done
-  local real=../shared/fixtures/real/libvhdi-structs
+  local real=tests/fixtures/real/libvhdi-structs
   install -m 644 "$real/file_footer.1" "$c/vhd_footer/libvhdi-file_footer.1"
   install -m 644 "$real/dynamic_disk_header.1" "$c/vhd_header/libvhdi-dynamic_disk_header.1"
   du -sh "$c"

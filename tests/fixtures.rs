@@ -1,4 +1,4 @@
-//! Real-writer fixtures (shared/fixtures/real, see SOURCES.md there): every
+//! Real-writer fixtures (tests/fixtures/real, see SOURCES.md there): every
 //! VHD is unpacked into a temporary folder, read through the `chainfs`
 //! binary, and its flattened content compared with the sha256 recorded in
 //! SOURCES.md (computed there with libvhdi and qemu-img). Also: the refusal

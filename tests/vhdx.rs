@@ -1,7 +1,7 @@
 //! VHDX (Hyper-V `.vhdx` / `.avhdx`) end to end, against independent
 //! readers wherever one exists (issue 6):
 //!
-//! 1. The real Windows-made fixtures (shared/fixtures/real, SOURCES.md) export
+//! 1. The real Windows-made fixtures (tests/fixtures/real, SOURCES.md) export
 //!    to their recorded flat sha256 and equal `qemu-img convert -O raw`; the
 //!    dirty-log image reads replayed through every read-only path (export,
 //!    info, check, mount) without a byte of its file changing, and a

@@ -239,9 +239,11 @@ pub fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-/// `../shared/fixtures/real` next to the repository.
+/// `tests/fixtures/real`: the real-writer images (provenance and expected
+/// hashes in `SOURCES.md` there), kept in the repository so a clone alone
+/// passes.
 pub fn fixtures_dir() -> PathBuf {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/real");
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/real");
     assert!(p.is_dir(), "fixtures missing at {}", p.display());
     p
 }
