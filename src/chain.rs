@@ -38,6 +38,12 @@ pub struct ChainOptions {
     pub ignore_checksums: bool,
     /// Metadata cache budget in bytes (0 = default).
     pub cache_bytes: usize,
+    /// Open a writable leaf even when other disks depend on it (they break:
+    /// see `crate::dependents`).
+    pub force: bool,
+    /// How the user asks for `force` where they are (`--force`,
+    /// `-o rw,force`), for the refusal message.
+    pub force_hint: &'static str,
 }
 
 /// How one link was resolved, for `info`.
@@ -93,6 +99,14 @@ impl Chain {
             cache: cache.clone(),
         };
         refuse_retired(leaf)?;
+        if opts.writable && !opts.force {
+            let hint = if opts.force_hint.is_empty() {
+                "`force`"
+            } else {
+                opts.force_hint
+            };
+            crate::dependents::refuse_if_parent(leaf, &opts.parent_dirs, hint)?;
+        }
         let first = open_layer(leaf, &lo)?;
         let ro = LayerOptions {
             writable: false,

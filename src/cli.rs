@@ -2,7 +2,7 @@
 //! library function and prints its result.
 
 use std::io::{IsTerminal, Read};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
@@ -59,6 +59,8 @@ impl ChainArgs {
             ignore_id_mismatch: self.ignore_id_mismatch,
             ignore_checksums: self.ignore_checksums,
             cache_bytes: self.cache.unwrap_or(0) as usize,
+            force: false,
+            force_hint: "--force",
         }
     }
 }
@@ -159,8 +161,11 @@ enum Cmd {
         image: PathBuf,
         mountpoint: PathBuf,
         /// Mount options, comma separated: ro (default), rw (writes land in
-        /// the leaf; fsync and close make them durable), copy_on_read (with
-        /// rw: data read from parents is stored in the leaf), allow_other,
+        /// the leaf; fsync and close make them durable; refused when other
+        /// disks have the leaf as their parent), force (with rw: mount a
+        /// parent writable anyway, which corrupts its children),
+        /// copy_on_read (with rw: data read from parents is stored in the
+        /// leaf), allow_other,
         /// allow_root, cache=SIZE (metadata cache, default 64M), threads=N
         /// (request threads, default 4), log=FILE (where a background daemon
         /// writes its log).
@@ -202,6 +207,11 @@ enum Cmd {
     /// Unmount a chainfs mount and wait until its chain is released.
     Umount { mountpoint: PathBuf },
     /// Write bytes into the leaf of a chain (parents are never changed).
+    ///
+    /// Zero runs of the input that the chain already reads as zeros are not
+    /// stored (--no-sparse stores them). Refused when IMAGE is the parent of
+    /// other disks (in its folder or a --parent-dir): writing into a parent
+    /// corrupts its children (--force writes anyway).
     Write {
         image: PathBuf,
         /// Byte offset in the virtual disk.
@@ -210,6 +220,14 @@ enum Cmd {
         /// Read the bytes from FILE (default: standard input).
         #[arg(long)]
         input: Option<PathBuf>,
+        /// Write even though other differencing disks have IMAGE as their
+        /// parent: they then show changed data (VHD) or no longer open
+        /// (VHDX, whose DataWriteGuid changes).
+        #[arg(long)]
+        force: bool,
+        /// Store zero runs too (allocating their blocks), like `dd`.
+        #[arg(long)]
+        no_sparse: bool,
         #[command(flatten)]
         chain: ChainArgs,
     },
@@ -326,25 +344,35 @@ pub fn run() -> Result<i32> {
             image,
             offset,
             input,
+            force,
+            no_sparse,
             chain,
         } => {
-            let mut data = Vec::new();
-            match &input {
+            let (mut reader, len, what): (Box<dyn Read>, Option<u64>, String) = match &input {
                 Some(p) => {
-                    data = std::fs::read(p).ctx(p, "cannot read", None)?;
+                    let f = std::fs::File::open(p).ctx(p, "cannot open", None)?;
+                    let md = f.metadata().ctx(p, "cannot stat", None)?;
+                    let len = md.is_file().then_some(md.len());
+                    (Box::new(f), len, p.display().to_string())
                 }
-                None => {
-                    std::io::stdin().read_to_end(&mut data).ctx(
-                        std::path::Path::new("<stdin>"),
-                        "cannot read",
-                        None,
-                    )?;
-                }
-            }
-            let c = Chain::open(&image, &chain.options(true))?;
+                None => (Box::new(std::io::stdin().lock()), None, "<stdin>".into()),
+            };
+            let opts = ChainOptions {
+                force,
+                ..chain.options(true)
+            };
+            let c = Chain::open(&image, &opts)?;
             let flat = FlatImage::new(&c);
-            flat.write_at(offset, &data)?;
+            let stats =
+                chainfs::write::write_stream(&flat, offset, &mut reader, len, !no_sparse, &what)?;
             flat.flush()?;
+            log::info!(
+                "{}: {} bytes in, {} written, {} zero bytes skipped",
+                image.display(),
+                stats.bytes_in,
+                stats.bytes_written,
+                stats.bytes_skipped
+            );
             Ok(0)
         }
     }
@@ -415,8 +443,10 @@ fn merge(
         destination: destination.display().to_string(),
         keep,
         force,
+        parent_dirs: chain.parent_dirs.clone(),
     };
-    let plan = chainfs::merge::plan(flat.layers(), &req, None)?;
+    let plan = chainfs::merge::plan(flat.layers(), &req, None)
+        .map_err(|e| swapped_hint(e, &source, &destination, chain))?;
     let progress = Progress::default();
     let bar = progress_bar(0);
     let result = std::thread::scope(|s| {
@@ -449,6 +479,44 @@ fn merge(
         false,
     );
     Ok(0)
+}
+
+/// When DESTINATION is not in SOURCE's chain but SOURCE is in
+/// DESTINATION's, the arguments were swapped: say so, with that chain.
+fn swapped_hint(e: Error, source: &Path, destination: &Path, chain: &ChainArgs) -> Error {
+    // A bare name is looked up in the chain; as a file it may be in the
+    // working folder or next to SOURCE.
+    let Some(dst) = [
+        destination.to_path_buf(),
+        chainfs::chain::folder_of(source).join(destination),
+    ]
+    .into_iter()
+    .find(|p| p.is_file()) else {
+        return e;
+    };
+    let Ok(dc) = Chain::open(&dst, &chain.options(false)) else {
+        return e;
+    };
+    let src = chainfs::chain::canonical(source);
+    if !dc
+        .layers
+        .iter()
+        .any(|l| chainfs::chain::canonical(l.path()) == src)
+    {
+        return e;
+    }
+    Error::new(
+        e.kind,
+        format!(
+            "{e}. {} is a descendant of {} ({}): did you swap them? \
+             Merge the child into its ancestor: chainfs merge {} {}",
+            dst.display(),
+            source.display(),
+            chainfs::merge::chain_order(&dc.layers),
+            dst.display(),
+            source.display()
+        ),
+    )
 }
 
 /// A progress bar on a terminal, nothing otherwise.

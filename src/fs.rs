@@ -319,9 +319,11 @@ impl ChainFs {
             CONTROL => {
                 let text = String::from_utf8_lossy(data);
                 let mut last: Result<Reply> = Ok(Reply::ok(vec![]));
+                let mut refused = "";
                 for line in text.lines().filter(|l| !l.trim().is_empty()) {
                     last = self.run_command(line, caller);
                     if last.is_err() {
+                        refused = line;
                         break;
                     }
                 }
@@ -329,6 +331,16 @@ impl ChainFs {
                     Ok(r) => (r, Ok(data.len() as u32)),
                     Err(e) => (Reply::refused(&e), Err(e)),
                 };
+                if result.is_err() {
+                    // `echo CMD > control` shows only the errno; the reply
+                    // is on the handle (`exec 3<>control`) and here.
+                    log::warn!(
+                        "control: `{}` refused (uid {}): {}",
+                        refused.trim(),
+                        caller.uid,
+                        reply.to_string().trim_end().replace('\n', "; ")
+                    );
+                }
                 if let Some(h) = self.handles.lock().get_mut(&fh) {
                     h.text = reply.to_string().into_bytes();
                     h.cursor = 0;
@@ -380,6 +392,7 @@ impl ChainFs {
                     destination,
                     keep,
                     force,
+                    parent_dirs: Vec::new(),
                 };
                 let plan = crate::merge::plan(self.image.layers(), &req, Some(caller))?;
                 let command = format!(

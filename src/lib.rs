@@ -6,15 +6,17 @@
 //! - [`format`]: one driver per disk format, parsing bytes into structs and
 //!   answering "where do these bytes live".
 //! - [`chain`]: parent discovery, identity checks, depth and cycle bounds.
+//! - [`dependents`]: the children of a layer (parents are not written).
 //! - [`cache`]: the bounded LRU that holds every layer's metadata.
 //! - [`image`]: the resolver; full-length reads, writes to the leaf.
-//! - [`export`], [`check`], [`info`]: the offline operations behind the CLI.
+//! - [`export`], [`check`], [`info`], [`write`]: the offline operations behind the CLI.
 //! - [`error`]: error kinds, errno and return codes, chosen in one place.
 
 pub mod cache;
 pub mod chain;
 pub mod check;
 pub mod control;
+pub mod dependents;
 pub mod error;
 pub mod export;
 pub mod fault;
@@ -28,6 +30,7 @@ pub mod jobs;
 pub mod merge;
 pub mod mount;
 pub mod size;
+pub mod write;
 
 pub use chain::{Chain, ChainOptions};
 pub use error::{Error, ErrorKind, Result};

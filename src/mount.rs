@@ -31,6 +31,9 @@ pub struct MountOptions {
     pub copy_on_read: bool,
     /// Where a background daemon writes its log (RUST_LOG).
     pub log: Option<PathBuf>,
+    /// With `rw`: mount a leaf writable even though other disks have it as
+    /// their parent (`crate::dependents`; they break).
+    pub force: bool,
 }
 
 impl Default for MountOptions {
@@ -43,6 +46,7 @@ impl Default for MountOptions {
             threads: 4,
             copy_on_read: false,
             log: None,
+            force: false,
         }
     }
 }
@@ -66,6 +70,7 @@ impl MountOptions {
                 ("allow_other", None) => o.allow_other = true,
                                 ("allow_root", None) => o.allow_root = true,
                 ("copy_on_read", None) => o.copy_on_read = true,
+                ("force", None) => o.force = true,
                                 ("cache", Some(v)) => o.cache_bytes = Some(parse_size(v)?),
                 ("log", Some(v)) => o.log = Some(PathBuf::from(v)),
                 ("threads", Some(v)) => {
@@ -77,7 +82,7 @@ impl MountOptions {
                 }
                 _ => {
                     return Err(Error::invalid(format!(
-                        "unknown mount option `{item}` (known: ro, rw, allow_other, allow_root, copy_on_read, cache=SIZE, threads=N, log=FILE)"
+                        "unknown mount option `{item}` (known: ro, rw, force, allow_other, allow_root, copy_on_read, cache=SIZE, threads=N, log=FILE)"
                     )))
                 }
             }
@@ -158,6 +163,8 @@ pub fn mount(
     let co = ChainOptions {
         writable: mo.writable,
         cache_bytes: mo.cache_bytes.map_or(co.cache_bytes, |c| c as usize),
+        force: mo.force,
+        force_hint: "-o rw,force",
         ..co.clone()
     };
     let chain = Chain::open(&leaf, &co)?;
@@ -315,9 +322,14 @@ fn serve_inner(
     let sigs = stop_signals();
     unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &sigs, std::ptr::null_mut()) };
 
-    let mut session =
-        fuser::Session::new(crate::fuse::Fuse(fs), mnt, &config).ctx(mnt, "cannot mount", None)?;
+    let slot = crate::fuse::UnmountSlot::default();
+    let mut session = fuser::Session::new(crate::fuse::Fuse(fs, slot.clone()), mnt, &config).ctx(
+        mnt,
+        "cannot mount",
+        None,
+    )?;
     let mut unmounter = session.unmount_callable();
+    *slot.lock() = Some(session.unmount_callable());
     raise_readahead(mnt);
     tell(parent, "ok");
     if parent_was_waiting() {
@@ -455,14 +467,28 @@ pub fn umount(mnt: &Path) -> Result<()> {
         .output();
     let ok = out.as_ref().is_ok_and(|o| o.status.success());
     if !ok {
-        let st = std::process::Command::new("umount").arg(mnt).status();
-        if !st.is_ok_and(|s| s.success()) {
-            let why = out
-                .map(|o| String::from_utf8_lossy(&o.stderr).trim().to_string())
+        let st = std::process::Command::new("umount").arg(mnt).output();
+        if !st.as_ref().is_ok_and(|o| o.status.success()) {
+            let stderr =
+                |o: &std::process::Output| String::from_utf8_lossy(&o.stderr).trim().to_string();
+            let why = [out.as_ref().ok(), st.as_ref().ok()]
+                .into_iter()
+                .flatten()
+                .map(stderr)
+                .find(|w| !w.is_empty())
                 .unwrap_or_default();
+            let disk = c.join("disk.raw");
+            let hint = match loop_devices_over(&disk).first() {
+                Some(dev) => format!(
+                    " ({dev} still uses {}: detach it with `losetup -d {dev}`, \
+                     after unmounting what is mounted from it)",
+                    disk.display()
+                ),
+                None => String::new(),
+            };
             return Err(Error::new(
                 ErrorKind::Busy,
-                format!("{}: cannot unmount: {why}", mnt.display()),
+                format!("{}: cannot unmount: {why}{hint}", mnt.display()),
             ));
         }
     }
@@ -470,6 +496,25 @@ pub fn umount(mnt: &Path) -> Result<()> {
         wait_unlocked(&leaf, Duration::from_secs(5));
     }
     Ok(())
+}
+
+/// The loop devices (`/dev/loopN`) whose backing file is `file`.
+fn loop_devices_over(file: &Path) -> Vec<String> {
+    let Ok(rd) = std::fs::read_dir("/sys/block") else {
+        return Vec::new();
+    };
+    let mut devs: Vec<String> = rd
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let backing = std::fs::read_to_string(e.path().join("loop/backing_file")).ok()?;
+            let backing = backing.trim_end_matches('\n');
+            (Path::new(backing.trim_end_matches(" (deleted)")) == file)
+                .then(|| format!("/dev/{name}"))
+        })
+        .collect();
+    devs.sort();
+    devs
 }
 
 fn wait_unlocked(path: &Path, limit: Duration) {

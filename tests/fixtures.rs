@@ -457,7 +457,17 @@ fn fat_differential_bitmap_is_msb_first_and_chainfs_reads_it_so() {
         .collect();
     let pfile = t.path().join("pattern.bin");
     fs::write(&pfile, &pattern).unwrap();
-    chainfs_ok(&["write", s(&parent), "--offset", "0", "--input", s(&pfile)]);
+    // The fixture child sits next to it: writing its parent is the point
+    // here (which sectors come from the parent), so --force.
+    chainfs_ok(&[
+        "write",
+        s(&parent),
+        "--offset",
+        "0",
+        "--input",
+        s(&pfile),
+        "--force",
+    ]);
 
     let mut msb_model = pattern.clone();
     let mut lsb_model = pattern.clone();
@@ -659,13 +669,21 @@ fn info_check_export_never_modify_any_file_of_the_chain() {
     let base = t.path().join("base.vhd");
     let mid = t.path().join("mid.vhd");
     let leaf = t.path().join("leaf.vhd");
-    chainfs_ok(&["create", s(&base), "--size", "8M", "--block-size", "512K"]);
-    chainfs_ok(&["create", s(&mid), "--parent", s(&base)]);
-    chainfs_ok(&["create", s(&leaf), "--parent", s(&mid)]);
     let data = t.path().join("data.bin");
     fs::write(&data, vec![0x5Au8; 12288]).unwrap();
-    for (img, off) in [(&base, "0"), (&mid, "520192"), (&leaf, "2093056")] {
-        chainfs_ok(&["write", s(img), "--offset", off, "--input", s(&data)]);
-    }
+    // Each layer is written before its child exists (parents refuse writes).
+    chainfs_ok(&["create", s(&base), "--size", "8M", "--block-size", "512K"]);
+    chainfs_ok(&["write", s(&base), "--offset", "0", "--input", s(&data)]);
+    chainfs_ok(&["create", s(&mid), "--parent", s(&base)]);
+    chainfs_ok(&["write", s(&mid), "--offset", "520192", "--input", s(&data)]);
+    chainfs_ok(&["create", s(&leaf), "--parent", s(&mid)]);
+    chainfs_ok(&[
+        "write",
+        s(&leaf),
+        "--offset",
+        "2093056",
+        "--input",
+        s(&data),
+    ]);
     assert_read_only(&leaf, &[leaf.clone(), mid, base], &[], 0, &out);
 }

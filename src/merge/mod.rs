@@ -39,6 +39,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::chain::{canonical, folder_of};
+use crate::dependents;
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::{open_layer, peek_ids, Layer, LayerOptions, LockMode};
 use crate::image::{resolve_span, FlatImage, Layers, Span};
@@ -51,6 +52,9 @@ pub struct MergeRequest {
     pub destination: String,
     pub keep: bool,
     pub force: bool,
+    /// Folders besides the chain's own where dependent disks may live
+    /// (`--parent-dir`).
+    pub parent_dirs: Vec<PathBuf>,
 }
 
 /// Progress and cancellation, shared with whoever watches the merge.
@@ -129,7 +133,7 @@ pub fn find_layer(layers: &[Arc<dyn Layer>], name: &str) -> Result<usize> {
         [i] => Ok(i),
         [] => Err(Error::new(
             ErrorKind::NotFound,
-            format!("{name}: no layer of this chain has that name (see `chain`)"),
+            format!("{name}: no layer of this chain has that name"),
         )),
         _ => Err(Error::invalid(format!(
             "{name}: several layers have that name; give the full path"
@@ -137,17 +141,47 @@ pub fn find_layer(layers: &[Arc<dyn Layer>], name: &str) -> Result<usize> {
     }
 }
 
+/// The chain as file names, leaf first: `leaf.vhd -> mid.vhd -> base.vhd`.
+pub fn chain_order(layers: &[Arc<dyn Layer>]) -> String {
+    let names: Vec<String> = layers
+        .iter()
+        .map(|l| {
+            l.path()
+                .file_name()
+                .unwrap_or(l.path().as_os_str())
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
+    names.join(" -> ")
+}
+
 /// Check a merge request against a chain (leaf first): names, order,
-/// formats, siblings, access. Changes nothing.
+/// formats, siblings, access. Changes nothing. `caller` is the user of a
+/// control-file command; `None` is the command line, and messages then
+/// name its options (`--force`) instead of the control words (`force`).
 pub fn plan(layers: Layers, req: &MergeRequest, caller: Option<Caller>) -> Result<Plan> {
+    let (force_word, keep_word) = match caller {
+        Some(_) => ("`force`", "`keep`"),
+        None => ("--force", "--keep"),
+    };
+    let rule = |e: Error| {
+        Error::new(
+            e.kind,
+            format!(
+                "{e}; DESTINATION must be an ancestor of SOURCE, and the chain is {} (leaf first)",
+                chain_order(&layers)
+            ),
+        )
+    };
     let s = find_layer(&layers, &req.source)?;
-    let d = find_layer(&layers, &req.destination)?;
+    let d = find_layer(&layers, &req.destination).map_err(rule)?;
     if d <= s {
-        return Err(Error::invalid(format!(
-            "{} is not an ancestor of {} (DESTINATION must be a parent or grandparent ... of SOURCE)",
+        return Err(rule(Error::invalid(format!(
+            "{} is not an ancestor of {}",
             layers[d].path().display(),
             layers[s].path().display()
-        )));
+        ))));
     }
     let fmt = layers[s].info().format;
     if let Some(l) = layers[s..=d].iter().find(|l| l.info().format != fmt) {
@@ -163,13 +197,7 @@ pub fn plan(layers: Layers, req: &MergeRequest, caller: Option<Caller>) -> Resul
     }
     // Who depends on the layers this merge changes or removes?
     let members: HashSet<PathBuf> = layers.iter().map(|l| canonical(l.path())).collect();
-    let mut dirs: Vec<PathBuf> = Vec::new();
-    for l in layers.iter() {
-        let d = canonical(folder_of(l.path()));
-        if !dirs.contains(&d) {
-            dirs.push(d);
-        }
-    }
+    let dirs = dependents::folders(layers.iter().map(|l| l.path()), &req.parent_dirs);
     let src_id = layers[s].info().unique_id;
     // A rerun of an interrupted merge: children it already relinked point
     // at DESTINATION; they are this merge's children, not bystanders.
@@ -196,27 +224,16 @@ pub fn plan(layers: Layers, req: &MergeRequest, caller: Option<Caller>) -> Resul
         .collect();
     let mut extra_children = Vec::new();
     let mut siblings = Vec::new();
-    for dir in &dirs {
-        let Ok(rd) = std::fs::read_dir(dir) else {
+    for f in dependents::scan(&dirs) {
+        let canon = canonical(&f.path);
+        if members.contains(&canon) {
             continue;
-        };
-        for e in rd.flatten() {
-            let p = e.path();
-            let ext = p
-                .extension()
-                .map(|x| x.to_string_lossy().to_ascii_lowercase())
-                .unwrap_or_default();
-            if !matches!(ext.as_str(), "vhd" | "avhd" | "vhdx" | "avhdx")
-                || members.contains(&canonical(&p))
-            {
-                continue;
-            }
-            match peek_ids(&p) {
-                Some((_, Some(pid))) if pid == src_id => extra_children.push(p),
-                Some(_) if relinked.contains(&canonical(&p)) => extra_children.push(p),
-                Some((_, Some(pid))) if changed.contains(&pid) => siblings.push(p),
-                _ => {}
-            }
+        }
+        match f.parent {
+            Some(pid) if pid == src_id => extra_children.push(f.path),
+            _ if relinked.contains(&canon) => extra_children.push(f.path),
+            Some(pid) if changed.contains(&pid) => siblings.push(f.path),
+            _ => {}
         }
     }
     if !siblings.is_empty() && !req.force {
@@ -224,7 +241,7 @@ pub fn plan(layers: Layers, req: &MergeRequest, caller: Option<Caller>) -> Resul
         return Err(Error::new(
             ErrorKind::InvalidState,
             format!(
-                "other differencing disks depend on layers this merge changes, and would be corrupted: {} (add `force` to merge anyway)",
+                "other differencing disks depend on layers this merge changes, and would be corrupted: {} (add {force_word} to merge anyway)",
                 list.join(", ")
             ),
         ));
@@ -250,7 +267,7 @@ pub fn plan(layers: Layers, req: &MergeRequest, caller: Option<Caller>) -> Resul
                     return Err(Error::new(
                         ErrorKind::AccessDenied,
                         format!(
-                            "{}: uid {} may not delete files in it (use `keep`)",
+                            "{}: uid {} may not delete files in it (use {keep_word})",
                             dir.display(),
                             c.uid
                         ),
