@@ -128,7 +128,8 @@ enum Cmd {
         image: PathBuf,
         #[command(flatten)]
         chain: ChainArgs,
-        /// Print JSON: {"image":..., "problems":[...]}.
+        /// Print JSON: {"image":..., "clean":..., "problems":[...]}; when the
+        /// check cannot run, also "error": {"message":..., "exit_code":N}.
         #[arg(long)]
         json: bool,
     },
@@ -252,7 +253,26 @@ pub fn run() -> Result<i32> {
             Ok(0)
         }
         Cmd::Check { image, chain, json } => {
-            let problems = chainfs::check::check_chain(&image, &chain.options(false))?;
+            let problems = match chainfs::check::check_chain(&image, &chain.options(false)) {
+                Ok(p) => p,
+                // Scripts that asked for JSON get JSON on failure too; the
+                // message also goes to stderr and the exit code is the error's.
+                Err(e) if json => {
+                    let v = serde_json::json!({
+                        "image": image,
+                        "clean": false,
+                        "problems": [],
+                        "error": { "message": e.to_string(), "exit_code": e.exit_code() },
+                    });
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&v).expect("serialisable")
+                    );
+                    eprintln!("chainfs: {e}");
+                    return Ok(e.exit_code());
+                }
+                Err(e) => return Err(e),
+            };
             if json {
                 let v = serde_json::json!({ "image": image, "clean": problems.is_empty(), "problems": problems });
                 println!(
