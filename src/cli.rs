@@ -117,7 +117,8 @@ enum Cmd {
         image: PathBuf,
         #[command(flatten)]
         chain: ChainArgs,
-        /// Print JSON (an array of layers, leaf first).
+        /// Print JSON: an array of layers, leaf first; for a broken chain an
+        /// object {"layers":[...], "error":{"message":..., "exit_code":N}}.
         #[arg(long)]
         json: bool,
     },
@@ -240,17 +241,37 @@ pub fn run() -> Result<i32> {
             Ok(0)
         }
         Cmd::Info { image, chain, json } => {
-            let c = Chain::open(&image, &chain.options(false))?;
-            let r = chainfs::info::report(&c)?;
-            if json {
-                println!(
+            // A broken chain still shows the layers that open; the error
+            // that stopped the walk follows (stderr, and in the JSON) and
+            // sets the exit code, as when nothing is shown.
+            let (r, err) = match chainfs::info::report_partial(&image, &chain.options(false)) {
+                Ok(r) => r,
+                Err(e) => (Vec::new(), Some(e)),
+            };
+            match (&err, json) {
+                (None, true) => println!(
                     "{}",
                     serde_json::to_string_pretty(&r).expect("serialisable")
-                );
-            } else {
-                print!("{}", chainfs::info::render(&r));
+                ),
+                (Some(e), true) => {
+                    // Complete chains keep the plain array scripts know;
+                    // a broken one is an object, so no script takes it
+                    // for a whole chain.
+                    let v = serde_json::json!({
+                        "layers": r,
+                        "error": { "message": e.to_string(), "exit_code": e.exit_code() },
+                    });
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&v).expect("serialisable")
+                    );
+                }
+                (_, false) => print!("{}", chainfs::info::render(&r)),
             }
-            Ok(0)
+            match err {
+                Some(e) => Err(e),
+                None => Ok(0),
+            }
         }
         Cmd::Check { image, chain, json } => {
             let problems = match chainfs::check::check_chain(&image, &chain.options(false)) {
