@@ -134,19 +134,32 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Write the flattened image to a raw file (sparse where it reads zeros).
+    /// Write the flattened image to a raw file, a block device or a pipe.
+    ///
+    /// OUTPUT may be a new file (sparse where the image reads zeros; written
+    /// under a temporary name and linked into place), an existing regular
+    /// file (--force; replaced the same way), a block device (--force;
+    /// written in place, never truncated or replaced: it must hold the
+    /// virtual size, zero runs are zeroed with BLKZEROOUT, bytes past the
+    /// virtual size are left alone), a FIFO or `-` for standard output
+    /// (streamed in order, zeros included), or /dev/null. A symlink is
+    /// followed (a dangling one creates its target if that folder exists).
+    /// Other character devices, folders and sockets are refused. Nothing but
+    /// a regular file is ever replaced.
     Export {
         image: PathBuf,
+        /// A file, a block device, a FIFO, `-` (standard output) or /dev/null.
         output: PathBuf,
         #[command(flatten)]
         chain: ChainArgs,
-        /// Replace OUTPUT if it exists.
+        /// Replace an existing regular file, or overwrite a block device.
         #[arg(long)]
         force: bool,
         /// Worker threads.
         #[arg(long, default_value_t = 4)]
         threads: usize,
-        /// Print the byte counts as JSON when done.
+        /// Print the byte counts as JSON when done (on stderr when the
+        /// image goes to standard output).
         #[arg(long)]
         json: bool,
     },
@@ -329,7 +342,12 @@ pub fn run() -> Result<i32> {
                 b.finish_and_clear();
             }
             if json {
-                println!("{}", serde_json::to_string(&stats).expect("serialisable"));
+                let j = serde_json::to_string(&stats).expect("serialisable");
+                if stats.target == "stdout" {
+                    eprintln!("{j}");
+                } else {
+                    println!("{j}");
+                }
             }
             Ok(0)
         }
