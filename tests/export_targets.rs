@@ -20,8 +20,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use common::{
-    bin, chainfs, chainfs_ok, chainfs_write_mirrored, code, require_loop, sha256, sha256_file,
-    text, LoopGuard, Rng,
+    bin, chainfs, chainfs_ok, chainfs_write_mirrored, code, have, require, require_loop, sha256,
+    sha256_file, text, LoopGuard, Rng,
 };
 use tempfile::TempDir;
 
@@ -152,6 +152,19 @@ fn block_device_is_written_in_place_and_keeps_its_tail() {
         got[SIZE as usize..].iter().all(|&b| b == 0xee),
         "bytes past the virtual size changed"
     );
+
+    // Through a symlink (as /dev/disk/by-id/... are): the device is
+    // written, the link stays a link.
+    fs::write(&node, vec![0xeeu8; SIZE as usize]).unwrap();
+    let link = d.path().join("by-id-disk");
+    std::os::unix::fs::symlink(&node, &link).unwrap();
+    chainfs_ok(&["export", s(&leaf), s(&link), "--force"]);
+    assert!(fs::symlink_metadata(&link)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    assert_block_node(&node, rdev);
+    assert_eq!(sha256(&read_dev(&node)[..SIZE as usize]), want);
     drop(lo);
 }
 
@@ -310,4 +323,28 @@ fn dev_null_is_accepted() {
     let m = fs::symlink_metadata("/dev/null").unwrap();
     assert!(m.file_type().is_char_device());
     assert_eq!(m.rdev(), libc::makedev(1, 3));
+}
+
+#[test]
+fn dash_is_refused_when_standard_output_is_a_terminal() {
+    if !require("script (util-linux)", have("script")) {
+        return;
+    }
+    let d = TempDir::new().unwrap();
+    let img = d.path().join("a.vhd");
+    chainfs_ok(&["create", s(&img), "--size", "1M"]);
+    // `script` runs the command on a pseudo-terminal.
+    let cmd = format!("{} export {} -; echo rc=$?", s(&bin()), s(&img));
+    let o = Command::new("script")
+        .args(["-qec", &cmd, "/dev/null"])
+        .current_dir(d.path())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("standard output is a terminal") && out.contains("rc=9"),
+        "{out}"
+    );
+    assert!(!d.path().join("-").exists());
 }

@@ -46,7 +46,7 @@ pub enum Foreign {
 impl fmt::Display for Foreign {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Foreign::Empty => f.write_str("an empty file"),
+            Foreign::Empty => f.write_str("an empty file, not a disk image"),
             Foreign::Qcow {
                 version: v @ (2 | 3),
             } => write!(f, "a qcow2 image (version {v})"),
