@@ -143,9 +143,16 @@ fn to_file(
         .and_then(|stats| {
             f.sync_all().ctx(&tmp, "cannot fsync", None)?;
             if replace {
-                // Only ever over a regular file: `classify` said so, and a
-                // rename cannot replace a device node by a file here
-                // without that check having passed moments ago.
+                // Only ever over a regular file: `classify` said so before
+                // the copy; look again right before the rename, so a node
+                // put there meanwhile is not replaced by a file.
+                let now = std::fs::symlink_metadata(out).ctx(out, "cannot stat", None)?;
+                if !now.file_type().is_file() {
+                    return Err(Error::new(
+                        ErrorKind::Busy,
+                        format!("{}: no longer a regular file; not replaced", out.display()),
+                    ));
+                }
                 std::fs::rename(&tmp, out).ctx(out, "cannot rename into place", None)?;
             } else {
                 // Never replaces anything that appeared meanwhile.

@@ -187,3 +187,49 @@ fn dangling_end(out: &Path) -> Result<PathBuf> {
         out.display()
     )))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn files_folders_links_and_null() {
+        let d = tempfile::tempdir().unwrap();
+        let p = |n: &str| d.path().join(n);
+        assert_eq!(
+            classify(&p("new"), false).unwrap(),
+            Target::NewFile(p("new"))
+        );
+        std::fs::write(p("old"), b"x").unwrap();
+        let e = classify(&p("old"), false).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::InvalidArgument);
+        assert!(e.to_string().contains("--force"), "{e}");
+        assert_eq!(
+            classify(&p("old"), true).unwrap(),
+            Target::ReplaceFile(std::fs::canonicalize(p("old")).unwrap())
+        );
+        let e = classify(d.path(), true).unwrap_err();
+        assert!(e.to_string().contains("a folder"), "{e}");
+        // A link to a file is replaced at the file's real path.
+        std::os::unix::fs::symlink("old", p("to-old")).unwrap();
+        assert_eq!(
+            classify(&p("to-old"), true).unwrap(),
+            Target::ReplaceFile(std::fs::canonicalize(p("old")).unwrap())
+        );
+        // A chain of dangling links ends at the file to create.
+        std::os::unix::fs::symlink("l2", p("l1")).unwrap();
+        std::os::unix::fs::symlink("made", p("l2")).unwrap();
+        assert_eq!(
+            classify(&p("l1"), false).unwrap(),
+            Target::NewFile(p("made"))
+        );
+        // A loop of links is refused, not followed forever.
+        std::os::unix::fs::symlink("loop-b", p("loop-a")).unwrap();
+        std::os::unix::fs::symlink("loop-a", p("loop-b")).unwrap();
+        assert!(classify(&p("loop-a"), true).is_err());
+        assert_eq!(
+            classify(Path::new("/dev/null"), false).unwrap(),
+            Target::Null("/dev/null".into())
+        );
+    }
+}
