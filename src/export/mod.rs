@@ -16,7 +16,9 @@
 //!   (which the kernel refuses while the disk is mounted or otherwise
 //!   claimed), must hold the virtual size (bytes past it are left alone),
 //!   and has no holes: zero runs are zeroed with `BLKZEROOUT`, which
-//!   guarantees zeros (unlike a discard). `fsync` at the end.
+//!   guarantees zeros (the device's write-zeroes command, or the kernel
+//!   writes them). Not `BLKDISCARD`: since Linux 4.12 no device promises
+//!   zeros after a discard. `fsync` at the end.
 //! * **Pipes and standard output**: no seeking, so the chunks (8 MiB here)
 //!   are still resolved and read by several workers at once, but each
 //!   worker waits for its turn to write, and every byte, zeros included,
