@@ -119,7 +119,8 @@ enum Cmd {
         image: PathBuf,
         #[command(flatten)]
         chain: ChainArgs,
-        /// Print JSON (an array of layers, leaf first).
+        /// Print JSON: an array of layers, leaf first; for a broken chain an
+        /// object {"layers":[...], "error":{"message":..., "exit_code":N}}.
         #[arg(long)]
         json: bool,
     },
@@ -130,23 +131,37 @@ enum Cmd {
         image: PathBuf,
         #[command(flatten)]
         chain: ChainArgs,
-        /// Print JSON: {"image":..., "problems":[...]}.
+        /// Print JSON: {"image":..., "clean":..., "problems":[...]}; when the
+        /// check cannot run, also "error": {"message":..., "exit_code":N}.
         #[arg(long)]
         json: bool,
     },
-    /// Write the flattened image to a raw file (sparse where it reads zeros).
+    /// Write the flattened image to a raw file, a block device or a pipe.
+    ///
+    /// OUTPUT may be a new file (sparse where the image reads zeros; written
+    /// under a temporary name and linked into place), an existing regular
+    /// file (--force; replaced the same way), a block device (--force;
+    /// written in place, never truncated or replaced: it must hold the
+    /// virtual size, zero runs are zeroed with BLKZEROOUT, bytes past the
+    /// virtual size are left alone), a FIFO or `-` for standard output
+    /// (streamed in order, zeros included), or /dev/null. A symlink is
+    /// followed (a dangling one creates its target if that folder exists).
+    /// Other character devices, folders and sockets are refused. Nothing but
+    /// a regular file is ever replaced.
     Export {
         image: PathBuf,
+        /// A file, a block device, a FIFO, `-` (standard output) or /dev/null.
         output: PathBuf,
         #[command(flatten)]
         chain: ChainArgs,
-        /// Replace OUTPUT if it exists.
+        /// Replace an existing regular file, or overwrite a block device.
         #[arg(long)]
         force: bool,
         /// Worker threads.
         #[arg(long, default_value_t = 4)]
         threads: usize,
-        /// Print the byte counts as JSON when done.
+        /// Print the byte counts as JSON when done (on stderr when the
+        /// image goes to standard output).
         #[arg(long)]
         json: bool,
     },
@@ -257,20 +272,59 @@ pub fn run() -> Result<i32> {
             Ok(0)
         }
         Cmd::Info { image, chain, json } => {
-            let c = Chain::open(&image, &chain.options(false))?;
-            let r = chainfs::info::report(&c)?;
-            if json {
-                println!(
+            // A broken chain still shows the layers that open; the error
+            // that stopped the walk follows (stderr, and in the JSON) and
+            // sets the exit code, as when nothing is shown.
+            let (r, err) = match chainfs::info::report_partial(&image, &chain.options(false)) {
+                Ok(r) => r,
+                Err(e) => (Vec::new(), Some(e)),
+            };
+            match (&err, json) {
+                (None, true) => println!(
                     "{}",
                     serde_json::to_string_pretty(&r).expect("serialisable")
-                );
-            } else {
-                print!("{}", chainfs::info::render(&r));
+                ),
+                (Some(e), true) => {
+                    // Complete chains keep the plain array scripts know;
+                    // a broken one is an object, so no script takes it
+                    // for a whole chain.
+                    let v = serde_json::json!({
+                        "layers": r,
+                        "error": { "message": e.to_string(), "exit_code": e.exit_code() },
+                    });
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&v).expect("serialisable")
+                    );
+                }
+                (_, false) => print!("{}", chainfs::info::render(&r)),
             }
-            Ok(0)
+            match err {
+                Some(e) => Err(e),
+                None => Ok(0),
+            }
         }
         Cmd::Check { image, chain, json } => {
-            let problems = chainfs::check::check_chain(&image, &chain.options(false))?;
+            let problems = match chainfs::check::check_chain(&image, &chain.options(false)) {
+                Ok(p) => p,
+                // Scripts that asked for JSON get JSON on failure too; the
+                // message also goes to stderr and the exit code is the error's.
+                Err(e) if json => {
+                    let v = serde_json::json!({
+                        "image": image,
+                        "clean": false,
+                        "problems": [],
+                        "error": { "message": e.to_string(), "exit_code": e.exit_code() },
+                    });
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&v).expect("serialisable")
+                    );
+                    eprintln!("chainfs: {e}");
+                    return Ok(e.exit_code());
+                }
+                Err(e) => return Err(e),
+            };
             if json {
                 let v = serde_json::json!({ "image": image, "clean": problems.is_empty(), "problems": problems });
                 println!(
@@ -306,7 +360,12 @@ pub fn run() -> Result<i32> {
                 b.finish_and_clear();
             }
             if json {
-                println!("{}", serde_json::to_string(&stats).expect("serialisable"));
+                let j = serde_json::to_string(&stats).expect("serialisable");
+                if stats.target == "stdout" {
+                    eprintln!("{j}");
+                } else {
+                    println!("{j}");
+                }
             }
             Ok(0)
         }

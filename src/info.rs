@@ -1,12 +1,19 @@
 //! The description of an open chain, leaf first, shared by `chainfs info`,
 //! its `--json` form and the mount's `chain` file.
+//!
+//! `info` describes a broken chain too: [`report_partial`] opens the chain
+//! as far as it goes (`Chain::open_partial`) and returns the layers it
+//! could open together with the error that stopped it, so a user sees an
+//! orphan checkpoint's type, size, ids and parent locators next to the
+//! reason its parent was not found.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use crate::chain::Chain;
-use crate::error::Result;
+use crate::cache::{MetaCache, DEFAULT_CACHE_BYTES};
+use crate::chain::{Chain, ChainOptions};
+use crate::error::{Error, Result};
 use crate::format::{DiskType, Format, Layer, ParentHint};
 use crate::size::human;
 
@@ -61,6 +68,21 @@ pub fn report(chain: &Chain) -> Result<Vec<LayerReport>> {
         .collect()
 }
 
+/// The layers of `leaf`'s chain that open, leaf first, and the error that
+/// stopped the walk down the chain (`None`: the chain is complete). Fails
+/// outright only when the leaf itself does not open.
+pub fn report_partial(
+    leaf: &Path,
+    opts: &ChainOptions,
+) -> Result<(Vec<LayerReport>, Option<Error>)> {
+    let budget = match opts.cache_bytes {
+        0 => DEFAULT_CACHE_BYTES,
+        n => n,
+    };
+    let (chain, err) = Chain::open_partial(leaf, opts, MetaCache::new(budget))?;
+    Ok((report(&chain)?, err))
+}
+
 /// Text form for humans.
 pub fn render(reports: &[LayerReport]) -> String {
     let mut s = String::new();
@@ -89,7 +111,9 @@ pub fn render(reports: &[LayerReport]) -> String {
             }
             match &r.parent_resolved {
                 Some(p) => s += &format!("    parent:        {}\n", p.display()),
-                None => s += "    parent:        (not resolved)\n",
+                // Only the last layer of a broken chain: the error that
+                // says why (with the paths tried) follows on stderr.
+                None => s += "    parent:        (not opened; see the error below)\n",
             }
         }
     }

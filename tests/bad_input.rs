@@ -412,7 +412,13 @@ fn both_footers_bad_cookie_is_not_a_vhd() {
     let bad = dyn_with_data(&lab, "bad.vhd");
     patch(&bad, 0, b"CONECTIX");
     patch(&bad, tail_off(&bad), b"CONECTIX");
-    lab.all_fail(&bad, &[], 6, &[s(&bad), "conectix"]);
+    // Recognised by its dynamic header at 0x200, and said so.
+    lab.all_fail(
+        &bad,
+        &[],
+        6,
+        &[s(&bad), "conectix", "a dynamic VHD", "0x200"],
+    );
 }
 
 #[test]
@@ -420,7 +426,8 @@ fn fixed_disk_bad_cookie_is_not_a_vhd() {
     let lab = Lab::new();
     let bad = lab.fixed("fixed.vhd", 64 * KIB);
     patch(&bad, tail_off(&bad), b"xxxxxxxx");
-    lab.all_fail(&bad, &[], 6, &[s(&bad), "conectix"]);
+    // Zeros and no footer: nothing to recognise, the cookies are named.
+    lab.all_fail(&bad, &[], 6, &[s(&bad), "conectix", "vhdxfile"]);
 }
 
 #[test]

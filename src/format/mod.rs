@@ -15,6 +15,7 @@
 //! [`Layer::write_sectors`].
 
 pub mod pending;
+pub mod probe;
 pub mod vhd;
 pub mod vhdx;
 
@@ -394,10 +395,29 @@ pub fn open_layer(path: &Path, opts: &LayerOptions) -> Result<Arc<dyn Layer>> {
     if vhd::probe(&file, path)? {
         return Ok(Arc::new(vhd::VhdLayer::open(file, path, opts)?));
     }
-    Err(Error::unsupported(
-        path,
-        "not a disk image chainfs can read (no VHD footer `conectix` at offset 0 or at the end)",
-    ))
+    Err(not_vhd_error(&file, path))
+}
+
+/// The error for a file neither probe accepted: what it looks like instead
+/// (see [`probe`]), or the missing cookies when nothing is recognised.
+fn not_vhd_error(file: &File, path: &Path) -> Error {
+    use std::os::unix::fs::FileExt;
+    let len = match file.metadata() {
+        Ok(m) => m.len(),
+        Err(e) => return Error::io(path, "cannot stat", None, e),
+    };
+    let mut head = vec![0u8; probe::HEAD_LEN.min(usize::try_from(len).unwrap_or(usize::MAX))];
+    if let Err(e) = file.read_exact_at(&mut head, 0) {
+        return Error::io(path, "cannot read", Some(0), e);
+    }
+    match probe::identify(&head, len) {
+        Some(f) => Error::unsupported(path, format!("{f}; {}", f.advice())),
+        None => Error::unsupported(
+            path,
+            "not a disk image chainfs can read (no VHD footer `conectix` at offset 0 or at \
+             the end, no VHDX signature `vhdxfile` at offset 0, and no other known format)",
+        ),
+    }
 }
 
 /// Open a layer file and take its advisory lock: exclusive when writable,

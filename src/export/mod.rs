@@ -1,0 +1,561 @@
+//! `chainfs export`: the flat image to a raw file, a block device or a
+//! pipe, reading only what the chain stores.
+//!
+//! OUTPUT is classified first ([`target`]); the write strategy follows:
+//!
+//! * **Files** (new, or replacing one with `--force`): written under a
+//!   temporary name next to the file and linked or renamed into place at the
+//!   end, so a failed export leaves no partial image and never harms the
+//!   file it was to replace. The virtual disk is cut into 64 MiB chunks that
+//!   worker threads take in turn; each worker resolves its chunk into runs,
+//!   reads the runs that hold data with large positional reads, and writes
+//!   them at the same offset unless they are all zeros. Zero runs are never
+//!   written: the file is sized up front and stays sparse there.
+//! * **Block devices** (`--force`): the same parallel chunks, written in
+//!   place. A device is opened without `O_CREAT`/`O_TRUNC` and with `O_EXCL`
+//!   (which the kernel refuses while the disk is mounted or otherwise
+//!   claimed), must hold the virtual size (bytes past it are left alone),
+//!   and has no holes: zero runs are zeroed with `BLKZEROOUT`, which
+//!   guarantees zeros (the device's write-zeroes command, or the kernel
+//!   writes them). Not `BLKDISCARD`: since Linux 4.12 no device promises
+//!   zeros after a discard. `fsync` at the end.
+//! * **Pipes and standard output**: no seeking, so the chunks (8 MiB here)
+//!   are still resolved and read by several workers at once, but each
+//!   worker waits for its turn to write, and every byte, zeros included,
+//!   goes out in order.
+//! * **/dev/null**: read everything, write it nowhere (a read check).
+
+pub mod target;
+
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use parking_lot::{Condvar, Mutex};
+
+use crate::error::{Error, ErrorKind, IoContext, Result};
+use crate::format::Layer;
+use crate::image::{FlatImage, Source};
+use target::Target;
+
+const CHUNK: u64 = 64 << 20;
+const RUN: u64 = 8 << 20;
+/// A stream's unit of work: what one worker holds while it waits its turn.
+const STREAM_CHUNK: u64 = RUN;
+
+/// Byte counts of an export.
+#[derive(Debug, Default, Clone, Copy, serde::Serialize)]
+pub struct ExportStats {
+    pub virtual_size: u64,
+    /// Bytes read from layers.
+    pub data_read: u64,
+    /// Bytes written to the output: the non-zero data for files and block
+    /// devices; every byte, zeros included, for a pipe or standard output.
+    pub data_written: u64,
+    /// Bytes of a block device set to zero with `BLKZEROOUT` (or written
+    /// as zeros where it cannot); 0 for other targets.
+    pub zeroed: u64,
+    /// What OUTPUT was: `new_file`, `replaced_file`, `block_device`,
+    /// `fifo`, `stdout` or `null`.
+    pub target: &'static str,
+}
+
+/// Write the flattened `image` to `out` (see the module docs for what
+/// `out` may be; `overwrite` is `--force`). `progress` is called with the
+/// virtual bytes done so far (from any worker thread).
+pub fn export(
+    image: &FlatImage,
+    out: &Path,
+    overwrite: bool,
+    threads: usize,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<ExportStats> {
+    let t = target::classify(out, overwrite)?;
+    let kind = t.kind();
+    let stats = match t {
+        Target::NewFile(p) => to_file(image, &p, false, threads, progress),
+        Target::ReplaceFile(p) => to_file(image, &p, true, threads, progress),
+        Target::BlockDevice(p) => to_device(image, &p, threads, progress),
+        Target::Fifo(p) => {
+            // Blocks until a reader opens the other end, like any writer.
+            let f =
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&p)
+                    .ctx(&p, "cannot open", None)?;
+            stream(image, &f, &p, threads, progress)
+        }
+        Target::Stdout => {
+            use std::os::fd::AsFd;
+            let fd = std::io::stdout().as_fd().try_clone_to_owned().ctx(
+                Path::new("<stdout>"),
+                "cannot use",
+                None,
+            )?;
+            stream(
+                image,
+                &File::from(fd),
+                Path::new("<stdout>"),
+                threads,
+                progress,
+            )
+        }
+        Target::Null(p) => {
+            let f =
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&p)
+                    .ctx(&p, "cannot open", None)?;
+            parallel(image, &f, &p, Zeros::Skip, threads, progress)
+        }
+    }?;
+    Ok(ExportStats {
+        target: kind,
+        ..stats
+    })
+}
+
+/// A new file at `out` (temporary name, then linked into place), or with
+/// `replace` one renamed over the regular file there.
+fn to_file(
+    image: &FlatImage,
+    out: &Path,
+    replace: bool,
+    threads: usize,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<ExportStats> {
+    let name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp =
+        crate::chain::folder_of(out).join(format!(".{name}.chainfs-export-{}", std::process::id()));
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .ctx(&tmp, "cannot create", None)?;
+    let r = f
+        .set_len(image.size())
+        .ctx(&tmp, "cannot size", None)
+        .and_then(|()| parallel(image, &f, &tmp, Zeros::Skip, threads, progress))
+        .and_then(|stats| {
+            f.sync_all().ctx(&tmp, "cannot fsync", None)?;
+            if replace {
+                // Only ever over a regular file: `classify` said so before
+                // the copy; look again right before the rename, so a node
+                // put there meanwhile is not replaced by a file.
+                let now = std::fs::symlink_metadata(out).ctx(out, "cannot stat", None)?;
+                if !now.file_type().is_file() {
+                    return Err(Error::new(
+                        ErrorKind::Busy,
+                        format!("{}: no longer a regular file; not replaced", out.display()),
+                    ));
+                }
+                std::fs::rename(&tmp, out).ctx(out, "cannot rename into place", None)?;
+            } else {
+                // Never replaces anything that appeared meanwhile.
+                std::fs::hard_link(&tmp, out).ctx(out, "cannot create", None)?;
+                let _ = std::fs::remove_file(&tmp);
+            }
+            Ok(stats)
+        });
+    if r.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    r
+}
+
+// Block device ioctls (asm-generic encoding: x86, arm, riscv).
+// BLKGETSIZE64 = _IOR(0x12, 114, u64); BLKZEROOUT = _IO(0x12, 127).
+const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
+const BLKZEROOUT: libc::c_ulong = 0x127f;
+
+/// Write the image over the block device `dev`, in place.
+fn to_device(
+    image: &FlatImage,
+    dev: &Path,
+    threads: usize,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<ExportStats> {
+    use std::os::unix::fs::FileTypeExt;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_EXCL)
+        .open(dev)
+        .map_err(|e| {
+            if e.raw_os_error() == Some(libc::EBUSY) {
+                Error::new(
+                    ErrorKind::Busy,
+                    format!(
+                        "{}: in use (mounted or claimed); not written",
+                        dev.display()
+                    ),
+                )
+            } else {
+                Error::io(dev, "cannot open", None, e)
+            }
+        })?;
+    // The node could have been swapped between the look and the open.
+    let md = f.metadata().ctx(dev, "cannot stat", None)?;
+    if !md.file_type().is_block_device() {
+        return Err(Error::new(
+            ErrorKind::Busy,
+            format!("{}: no longer a block device", dev.display()),
+        ));
+    }
+    let mut size: u64 = 0;
+    // SAFETY: BLKGETSIZE64 writes one u64 to the pointer.
+    if unsafe { libc::ioctl(f.as_raw_fd(), BLKGETSIZE64 as _, &mut size as *mut u64) } != 0 {
+        return Err(Error::io(
+            dev,
+            "cannot get the size (BLKGETSIZE64)",
+            None,
+            std::io::Error::last_os_error(),
+        ));
+    }
+    if size < image.size() {
+        return Err(Error::new(
+            ErrorKind::NoSpace,
+            format!(
+                "{}: the device holds {size} bytes, less than the image's virtual size {}; nothing written",
+                dev.display(),
+                image.size()
+            ),
+        ));
+    }
+    let mut sector: libc::c_int = 0;
+    // SAFETY: BLKSSZGET writes one int to the pointer.
+    if unsafe { libc::ioctl(f.as_raw_fd(), libc::BLKSSZGET as _, &mut sector as *mut _) } != 0
+        || sector <= 0
+    {
+        sector = 512;
+    }
+    let stats = parallel(
+        image,
+        &f,
+        dev,
+        Zeros::Device {
+            sector: sector as u64,
+        },
+        threads,
+        progress,
+    )?;
+    f.sync_all().ctx(dev, "cannot fsync", None)?;
+    Ok(stats)
+}
+
+/// What a seekable target does with runs that read as zeros.
+#[derive(Clone, Copy)]
+enum Zeros {
+    /// Nothing: a new file's hole, or /dev/null.
+    Skip,
+    /// Zero them on the device (`BLKZEROOUT`, aligned to `sector`).
+    Device { sector: u64 },
+}
+
+/// The chunked, parallel export to a seekable target `f`.
+fn parallel(
+    image: &FlatImage,
+    f: &File,
+    out: &Path,
+    zeros: Zeros,
+    threads: usize,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<ExportStats> {
+    let size = image.size();
+    let next = AtomicU64::new(0);
+    let done = AtomicU64::new(0);
+    let read = AtomicU64::new(0);
+    let written = AtomicU64::new(0);
+    let zeroed = AtomicU64::new(0);
+    let failed = AtomicBool::new(false);
+    let chunks = size.div_ceil(CHUNK);
+    let result: Result<()> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..threads.max(1))
+            .map(|_| {
+                s.spawn(|| -> Result<()> {
+                    let mut buf = vec![0u8; RUN as usize];
+                    loop {
+                        let c = next.fetch_add(1, Ordering::Relaxed);
+                        if c >= chunks || failed.load(Ordering::Relaxed) {
+                            return Ok(());
+                        }
+                        let len = CHUNK.min(size - c * CHUNK);
+                        let r = copy_chunk(image, f, out, zeros, c * CHUNK, len, &mut buf).map(
+                            |(r, w, z)| {
+                                read.fetch_add(r, Ordering::Relaxed);
+                                written.fetch_add(w, Ordering::Relaxed);
+                                zeroed.fetch_add(z, Ordering::Relaxed);
+                            },
+                        );
+                        if r.is_err() {
+                            failed.store(true, Ordering::Relaxed);
+                            return r;
+                        }
+                        progress(done.fetch_add(len, Ordering::Relaxed) + len);
+                    }
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .try_for_each(|w| w.join().expect("export worker panicked"))
+    });
+    result?;
+    Ok(ExportStats {
+        virtual_size: size,
+        data_read: read.into_inner(),
+        data_written: written.into_inner(),
+        zeroed: zeroed.into_inner(),
+        target: "",
+    })
+}
+
+/// One run of a chunk: where its bytes come from.
+struct Run {
+    off: u64,
+    len: u64,
+    src: Source,
+}
+
+/// Resolve `[start, start + len)` into runs, no data read: adjacent zero
+/// runs merged, adjacent data runs merged while contiguous in the same
+/// layer and at most `max` bytes. Then tell the kernel about every data
+/// run, so it reads ahead while the earlier runs are copied.
+fn plan(layers: &[std::sync::Arc<dyn Layer>], start: u64, len: u64, max: u64) -> Result<Vec<Run>> {
+    let end = start + len;
+    for l in layers.iter() {
+        l.prefetch(start, len);
+    }
+    let mut runs: Vec<Run> = Vec::new();
+    let mut off = start;
+    while off < end {
+        let (src, n) = crate::image::resolve(layers, 0, off, (end - off).min(max))?;
+        match (runs.last_mut(), src) {
+            (
+                Some(Run {
+                    src: Source::Zero,
+                    len,
+                    ..
+                }),
+                Source::Zero,
+            ) => *len += n,
+            (
+                Some(Run {
+                    off: o,
+                    len,
+                    src:
+                        Source::Data {
+                            depth: d,
+                            file_offset: fo,
+                        },
+                }),
+                Source::Data { depth, file_offset },
+            ) if *d == depth
+                && *o + *len == off
+                && *fo + *len == file_offset
+                && *len + n <= max =>
+            {
+                *len += n
+            }
+            _ => runs.push(Run { off, len: n, src }),
+        }
+        off += n;
+    }
+    for r in &runs {
+        if let Source::Data { depth, file_offset } = r.src {
+            layers[depth].will_need(file_offset, r.len);
+        }
+    }
+    Ok(runs)
+}
+
+/// Copy one chunk to a seekable target; returns (read, written, zeroed).
+fn copy_chunk(
+    image: &FlatImage,
+    f: &File,
+    out: &Path,
+    zeros: Zeros,
+    start: u64,
+    len: u64,
+    buf: &mut [u8],
+) -> Result<(u64, u64, u64)> {
+    let layers = image.layers();
+    let runs = plan(&layers, start, len, buf.len() as u64)?;
+    let (mut read, mut written, mut zeroed) = (0, 0, 0);
+    // Zero runs (stored or read as all zeros) are gathered and zeroed in
+    // one call where the target needs it.
+    let mut pending: Option<(u64, u64)> = None;
+    let mut flush = |p: &mut Option<(u64, u64)>| -> Result<()> {
+        if let (Some((o, n)), Zeros::Device { sector }) = (p.take(), zeros) {
+            zero_range(f, out, o, n, sector)?;
+            zeroed += n;
+        }
+        Ok(())
+    };
+    for r in runs {
+        let data = match r.src {
+            Source::Data { depth, file_offset } => {
+                let part = &mut buf[..r.len as usize];
+                layers[depth].read_data(file_offset, part)?;
+                read += r.len;
+                (!is_zero(part)).then_some(part)
+            }
+            Source::Zero => None,
+        };
+        match data {
+            Some(part) => {
+                flush(&mut pending)?;
+                f.write_all_at(part, r.off)
+                    .ctx(out, "cannot write", Some(r.off))?;
+                written += r.len;
+            }
+            None => match &mut pending {
+                Some((o, n)) if *o + *n == r.off => *n += r.len,
+                _ => {
+                    flush(&mut pending)?;
+                    pending = Some((r.off, r.len));
+                }
+            },
+        }
+    }
+    flush(&mut pending)?;
+    Ok((read, written, zeroed))
+}
+
+/// Make `[off, off + len)` of the block device read as zeros: the
+/// sector-aligned middle with `BLKZEROOUT` (which zeroes for certain, by
+/// the device's write-zeroes command or by writing zeros), the ends and
+/// any device that refuses the ioctl with plain writes of zeros.
+fn zero_range(f: &File, dev: &Path, off: u64, len: u64, sector: u64) -> Result<()> {
+    let end = off + len;
+    let a = off.next_multiple_of(sector);
+    let b = end / sector * sector;
+    let (mut lo, mut hi) = (off, end);
+    if a < b {
+        let range: [u64; 2] = [a, b - a];
+        // SAFETY: BLKZEROOUT reads two u64 (start, length) from the pointer.
+        if unsafe { libc::ioctl(f.as_raw_fd(), BLKZEROOUT as _, range.as_ptr()) } == 0 {
+            write_zeros(f, dev, off, a)?;
+            (lo, hi) = (b, end);
+        } else {
+            let e = std::io::Error::last_os_error();
+            log::debug!("{}: BLKZEROOUT refused ({e}); writing zeros", dev.display());
+        }
+    }
+    write_zeros(f, dev, lo, hi)
+}
+
+fn write_zeros(f: &File, dev: &Path, mut from: u64, to: u64) -> Result<()> {
+    static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+    while from < to {
+        let n = (to - from).min(ZEROS.len() as u64) as usize;
+        f.write_all_at(&ZEROS[..n], from)
+            .ctx(dev, "cannot write zeros", Some(from))?;
+        from += n as u64;
+    }
+    Ok(())
+}
+
+/// The export to a pipe or standard output: workers resolve and read
+/// chunks ahead, each writes its chunk only when every earlier one is out.
+fn stream(
+    image: &FlatImage,
+    f: &File,
+    out: &Path,
+    threads: usize,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<ExportStats> {
+    let size = image.size();
+    let chunks = size.div_ceil(STREAM_CHUNK);
+    let next = AtomicU64::new(0);
+    let read = AtomicU64::new(0);
+    let failed = AtomicBool::new(false);
+    // The index of the chunk whose turn it is to be written.
+    let turn = Mutex::new(0u64);
+    let turned = Condvar::new();
+    let fail = |e: Error| -> Result<()> {
+        let _g = turn.lock();
+        failed.store(true, Ordering::Relaxed);
+        turned.notify_all();
+        Err(e)
+    };
+    let result: Result<()> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..threads.max(1))
+            .map(|_| {
+                s.spawn(|| -> Result<()> {
+                    let mut buf = vec![0u8; STREAM_CHUNK as usize];
+                    loop {
+                        let c = next.fetch_add(1, Ordering::Relaxed);
+                        if c >= chunks || failed.load(Ordering::Relaxed) {
+                            return Ok(());
+                        }
+                        let off = c * STREAM_CHUNK;
+                        let part = &mut buf[..STREAM_CHUNK.min(size - off) as usize];
+                        match fill(image, off, part) {
+                            Ok(n) => read.fetch_add(n, Ordering::Relaxed),
+                            Err(e) => return fail(e),
+                        };
+                        let mut t = turn.lock();
+                        while *t != c && !failed.load(Ordering::Relaxed) {
+                            turned.wait(&mut t);
+                        }
+                        if failed.load(Ordering::Relaxed) {
+                            return Ok(());
+                        }
+                        // Written under the lock: whoever waits has its
+                        // chunk ready and only waits for this one anyway.
+                        if let Err(e) = (&*f).write_all(part) {
+                            drop(t);
+                            return fail(Error::io(out, "cannot write", Some(off), e));
+                        }
+                        *t += 1;
+                        turned.notify_all();
+                        drop(t);
+                        progress(off + part.len() as u64);
+                    }
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .try_for_each(|w| w.join().expect("export worker panicked"))
+    });
+    result?;
+    Ok(ExportStats {
+        virtual_size: size,
+        data_read: read.into_inner(),
+        data_written: size,
+        zeroed: 0,
+        target: "",
+    })
+}
+
+/// Fill `buf` with the flat image at `off`; returns the bytes read from
+/// layers.
+fn fill(image: &FlatImage, off: u64, buf: &mut [u8]) -> Result<u64> {
+    let layers = image.layers();
+    let mut read = 0;
+    for r in plan(&layers, off, buf.len() as u64, buf.len() as u64)? {
+        let part = &mut buf[(r.off - off) as usize..(r.off - off + r.len) as usize];
+        match r.src {
+            Source::Data { depth, file_offset } => {
+                layers[depth].read_data(file_offset, part)?;
+                read += r.len;
+            }
+            Source::Zero => part.fill(0),
+        }
+    }
+    Ok(read)
+}
+
+/// True when every byte is zero (word-at-a-time).
+pub fn is_zero(b: &[u8]) -> bool {
+    let mut chunks = b.chunks_exact(16);
+    chunks.all(|c| u128::from_ne_bytes(c.try_into().unwrap()) == 0)
+        && chunks.remainder().iter().all(|&x| x == 0)
+}
