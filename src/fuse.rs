@@ -2,7 +2,7 @@
 //! its `Result` into a reply. No behaviour lives here.
 
 use std::ffi::OsStr;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use fuser::{
@@ -12,7 +12,7 @@ use fuser::{
 };
 
 use crate::error::Error;
-use crate::fs::{Attr, ChainFs, Kind, DISK, ROOT};
+use crate::fs::{Attr, ChainFs, Kind, CHAIN, CONTROL, DISK, JOBS, ROOT};
 
 /// Largest request the kernel may send (it caps this at its max_pages).
 const MAX_IO: u32 = 1 << 20;
@@ -26,6 +26,30 @@ fn ttl(ino: u64) -> Duration {
     } else {
         Duration::ZERO
     }
+}
+
+/// Keep the kernel's view of the modes current: a merge that removed
+/// layers may widen them (crate::perms), but the kernel caches `/` and
+/// `disk.raw` for an hour. Checks once a second; ends with the session.
+pub fn watch_perms(fs: Weak<ChainFs>, notifier: fuser::Notifier) {
+    std::thread::spawn(move || {
+        let mut last = None;
+        while let Some(fs) = fs.upgrade() {
+            let now = fs.perms();
+            drop(fs);
+            if last.is_some_and(|l| l != now) {
+                log::info!("layers changed: modes now {now:?}");
+                for ino in [ROOT, DISK, CONTROL, CHAIN, JOBS] {
+                    // Offset -1: the attributes only, not the page cache.
+                    if let Err(e) = notifier.inval_inode(INodeNo(ino), -1, 0) {
+                        log::debug!("invalidate inode {ino}: {e}");
+                    }
+                }
+            }
+            last = Some(now);
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    });
 }
 
 fn fattr(a: &Attr) -> FileAttr {

@@ -348,8 +348,10 @@ fn serve_inner(
     let sigs = stop_signals();
     unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &sigs, std::ptr::null_mut()) };
 
+    let watched = Arc::downgrade(&fs);
     let mut session =
         fuser::Session::new(crate::fuse::Fuse(fs), mnt, &config).ctx(mnt, "cannot mount", None)?;
+    crate::fuse::watch_perms(watched, session.notifier());
     let mut unmounter = session.unmount_callable();
     raise_readahead(mnt);
     tell(parent, "ok");

@@ -6,9 +6,11 @@
 
 mod common;
 
+use std::io::{Read, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::time::{Duration, Instant};
 
 use chainfs::mount::MountOptions;
 use chainfs::ErrorKind;
@@ -290,6 +292,68 @@ fn uid_gid_and_umask_change_what_stat_shows_and_what_is_enforced() {
     let _g = mount(&leaf, &mnt, "allow_other,uid=65534");
     assert_eq!(stat(&disk), (0o000, NOBODY, 0));
     assert_denied(NOBODY, NOGROUP, &disk);
+}
+
+/// Write `cmd` to MNT/control and return the reply read on the same handle.
+fn control(mnt: &Path, cmd: &str) -> String {
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(mnt.join("control"))
+        .unwrap();
+    f.write_all(format!("{cmd}\n").as_bytes())
+        .unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    let mut reply = String::new();
+    f.read_to_string(&mut reply).unwrap();
+    reply
+}
+
+fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < limit, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_merge_that_removes_the_closed_layer_opens_the_view_at_once() {
+    if !ready() {
+        return;
+    }
+    // base 0644 <- mid 0600 <- leaf 0644: only mid keeps others out.
+    let t = open_scratch();
+    let (mid, _) = two_layers(t.path(), t.path());
+    let mid = {
+        let m = t.path().join("mid.vhd");
+        std::fs::rename(&mid, &m).unwrap();
+        m
+    };
+    let leaf = t.path().join("leaf.vhd");
+    chainfs_ok(&["create", p(&leaf), "--parent", p(&mid)]);
+    chmod(&mid, 0o600);
+    let want = flat(&leaf, t.path());
+    let mnt = t.path().join("mnt");
+    let disk = mnt.join("disk.raw");
+    let _g = mount(&leaf, &mnt, "allow_other,rw");
+    // The kernel now caches these attributes (for an hour).
+    assert_eq!(stat(&disk), (0o600, 0, 0));
+    assert_eq!(stat(&mnt).0, 0o500);
+    assert_denied(NOBODY, NOGROUP, &disk);
+
+    let reply = control(&mnt, "merge mid.vhd base.vhd");
+    assert!(reply.contains("Job=jobs/1"), "{reply}");
+    wait_until("job 1 to complete", Duration::from_secs(60), || {
+        std::fs::read_to_string(mnt.join("jobs/1"))
+            .unwrap()
+            .contains("JobState=7")
+    });
+    assert!(!mid.exists(), "the merge deletes mid.vhd");
+    wait_until("disk.raw to show 0644", Duration::from_secs(5), || {
+        stat(&disk).0 == 0o644
+    });
+    assert_eq!(stat(&mnt).0, 0o555);
+    assert!(read_as(NOBODY, NOGROUP, &disk).unwrap() == want);
 }
 
 #[test]
