@@ -13,6 +13,7 @@ use fuser::{
 
 use crate::error::Error;
 use crate::fs::{Attr, ChainFs, Kind, CHAIN, CONTROL, DISK, JOBS, ROOT};
+use crate::perms::ViewPerms;
 
 /// Largest request the kernel may send (it caps this at its max_pages).
 const MAX_IO: u32 = 1 << 20;
@@ -28,28 +29,43 @@ fn ttl(ino: u64) -> Duration {
     }
 }
 
-/// Keep the kernel's view of the modes current: a merge that removed
+/// Keeps the kernel's view of the modes current: a merge that removed
 /// layers may widen them (crate::perms), but the kernel caches `/` and
-/// `disk.raw` for an hour. Checks once a second; ends with the session.
-pub fn watch_perms(fs: Weak<ChainFs>, notifier: fuser::Notifier) {
-    std::thread::spawn(move || {
-        let mut last = None;
-        while let Some(fs) = fs.upgrade() {
-            let now = fs.perms();
-            drop(fs);
-            if last.is_some_and(|l| l != now) {
-                log::info!("layers changed: modes now {now:?}");
-                for ino in [ROOT, DISK, CONTROL, CHAIN, JOBS] {
-                    // Offset -1: the attributes only, not the page cache.
-                    if let Err(e) = notifier.inval_inode(INodeNo(ino), -1, 0) {
-                        log::debug!("invalidate inode {ino}: {e}");
-                    }
+/// `disk.raw` for an hour. The daemon's main thread calls `tick` in its
+/// wait loop: if the mount's last reference were dropped here, the drop
+/// (which flushes the leaf) runs there, before the process exits, never
+/// in a thread the exit would cut short.
+pub struct PermsWatch {
+    fs: Weak<ChainFs>,
+    notifier: fuser::Notifier,
+    last: Option<ViewPerms>,
+}
+
+impl PermsWatch {
+    /// Starts from the modes the mount began with (a merge may come
+    /// before the first tick).
+    pub fn new(fs: Weak<ChainFs>, notifier: fuser::Notifier) -> PermsWatch {
+        let last = fs.upgrade().map(|f| f.perms());
+        PermsWatch { fs, notifier, last }
+    }
+
+    /// Compare the modes with the last look; on a change, tell the kernel
+    /// to drop the attributes it holds.
+    pub fn tick(&mut self) {
+        let Some(now) = self.fs.upgrade().map(|fs| fs.perms()) else {
+            return;
+        };
+        if self.last.is_some_and(|l| l != now) {
+            log::info!("layers changed: modes now {now:?}");
+            for ino in [ROOT, DISK, CONTROL, CHAIN, JOBS] {
+                // Offset -1: the attributes only, not the page cache.
+                if let Err(e) = self.notifier.inval_inode(INodeNo(ino), -1, 0) {
+                    log::debug!("invalidate inode {ino}: {e}");
                 }
             }
-            last = Some(now);
-            std::thread::sleep(Duration::from_secs(1));
         }
-    });
+        self.last = Some(now);
+    }
 }
 
 fn fattr(a: &Attr) -> FileAttr {

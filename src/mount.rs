@@ -351,7 +351,7 @@ fn serve_inner(
     let watched = Arc::downgrade(&fs);
     let mut session =
         fuser::Session::new(crate::fuse::Fuse(fs), mnt, &config).ctx(mnt, "cannot mount", None)?;
-    crate::fuse::watch_perms(watched, session.notifier());
+    let mut perms_watch = crate::fuse::PermsWatch::new(watched, session.notifier());
     let mut unmounter = session.unmount_callable();
     raise_readahead(mnt);
     tell(parent, "ok");
@@ -388,6 +388,7 @@ fn serve_inner(
                 log::warn!("unmount {}: {e}", mnt.display());
             }
         }
+        perms_watch.tick();
         if worker.is_finished() {
             break;
         }
