@@ -1,5 +1,6 @@
 //! The thin `fuser` adapter: each callback forwards to `crate::fs` and turns
-//! its `Result` into a reply. No behaviour lives here.
+//! its `Result` into a reply. No behaviour lives here; `PermsWatch` only
+//! passes a change of `fs`'s modes on to the kernel (a fuser notification).
 
 use std::ffi::OsStr;
 use std::sync::{Arc, Weak};
