@@ -159,8 +159,7 @@ impl ChainFs {
         p.1
     }
 
-    fn attr(&self, ino: u64, kind: Kind, size: u64, perm: u16) -> Attr {
-        let p = self.perms();
+    fn attr(&self, p: &ViewPerms, ino: u64, kind: Kind, size: u64, perm: u16) -> Attr {
         Attr {
             ino,
             kind,
@@ -176,18 +175,19 @@ impl ChainFs {
     pub fn getattr(&self, ino: u64) -> Result<Attr> {
         let p = self.perms();
         Ok(match ino {
-            ROOT => self.attr(ROOT, Kind::Dir, 0, p.dir),
-            DISK => self.attr(DISK, Kind::File, self.image.size(), p.disk),
-            CONTROL => self.attr(CONTROL, Kind::File, 0, p.control),
+            ROOT => self.attr(&p, ROOT, Kind::Dir, 0, p.dir),
+            DISK => self.attr(&p, DISK, Kind::File, self.image.size(), p.disk),
+            CONTROL => self.attr(&p, CONTROL, Kind::File, 0, p.control),
             CHAIN => self.attr(
+                &p,
                 CHAIN,
                 Kind::File,
                 self.chain_text.lock().len() as u64,
                 p.text,
             ),
-            JOBS => self.attr(JOBS, Kind::Dir, 0, p.dir),
+            JOBS => self.attr(&p, JOBS, Kind::Dir, 0, p.dir),
             n if n > JOB_BASE => match self.jobs.get(n - JOB_BASE) {
-                Some(j) => self.attr(n, Kind::File, j.render().len() as u64, p.text),
+                Some(j) => self.attr(&p, n, Kind::File, j.render().len() as u64, p.text),
                 None => return Err(errno(libc::ENOENT, "no such job")),
             },
             _ => return Err(errno(libc::ENOENT, "no such inode")),
