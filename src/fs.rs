@@ -147,8 +147,8 @@ impl ChainFs {
     }
 
     /// The view's permissions, computed again after a merge changed the
-    /// layers (a merge only removes layers, so they can only widen; the
-    /// kernel may keep the narrower ones it cached for up to the TTL).
+    /// layers (`fuse::PermsWatch` tells the kernel, which caches the
+    /// attributes of `/` and `disk.raw` for an hour).
     pub fn perms(&self) -> ViewPerms {
         let layers = self.image.layers();
         let mut p = self.perms.lock();
