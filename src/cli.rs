@@ -180,8 +180,13 @@ enum Cmd {
         /// disks have the leaf as their parent), force (with rw: mount a
         /// parent writable anyway, which corrupts its children),
         /// copy_on_read (with rw: data read from parents is stored in the
-        /// leaf), allow_other,
-        /// allow_root, cache=SIZE (metadata cache, default 64M), threads=N
+        /// leaf), allow_other (other users may use the mount, as far as the
+        /// modes allow: the files take the leaf's owner and group and only
+        /// the access every layer file grants), allow_root, uid=N and gid=N
+        /// (numeric owner and group of the files; access is still narrowed
+        /// for them), umask=OOO (octal; modes become 0444/0555, 0666 for
+        /// control and a rw disk.raw, minus OOO, instead of the layers'
+        /// narrowing), cache=SIZE (metadata cache, default 64M), threads=N
         /// (request threads, default 4), log=FILE (where a background daemon
         /// writes its log).
         #[arg(short = 'o', value_name = "OPTIONS")]

@@ -11,6 +11,9 @@
 //!     N                ino 1000+N
 //! ```
 //!
+//! Owner, group and modes come from the layer files (`crate::perms`):
+//! computed at mount and again whenever a merge changed the layer list.
+//!
 //! Caching: `disk.raw` keeps a fixed mtime (the mount time) and is opened
 //! with `keep_cache`, so the kernel page cache stays valid across opens; its
 //! bytes change only through this mount's own writes (which go through the
@@ -26,9 +29,10 @@ use parking_lot::Mutex;
 
 use crate::control::{Command, Reply, HELP};
 use crate::error::{Error, ErrorKind, Result, RC_JOB_STARTED};
-use crate::image::FlatImage;
+use crate::image::{FlatImage, Layers};
 use crate::jobs::Jobs;
 use crate::merge::{Caller, MergeRequest, Progress};
+use crate::perms::{Overrides, ViewPerms};
 
 pub const ROOT: u64 = 1;
 pub const DISK: u64 = 2;
@@ -71,8 +75,8 @@ pub struct MountConfig {
     pub writable: bool,
     /// Store data read from parents in the leaf (`-o copy_on_read`).
     pub copy_on_read: bool,
-    pub uid: u32,
-    pub gid: u32,
+    /// `-o uid=,gid=,umask=`.
+    pub perms: Overrides,
 }
 
 struct Handle {
@@ -94,6 +98,8 @@ pub struct ChainFs {
     handles: Mutex<HashMap<u64, Handle>>,
     next_fh: AtomicU64,
     jobs: Arc<Jobs>,
+    /// The view's permissions and the layer list they were computed for.
+    perms: Mutex<(Layers, ViewPerms)>,
 }
 
 fn errno(e: i32, msg: &str) -> Error {
@@ -108,6 +114,11 @@ fn errno(e: i32, msg: &str) -> Error {
     Error::new(kind, msg)
 }
 
+fn view_perms(layers: &Layers, cfg: &MountConfig) -> ViewPerms {
+    let paths: Vec<&std::path::Path> = layers.iter().map(|l| l.path()).collect();
+    crate::perms::of_layers(&paths, cfg.writable, &cfg.perms)
+}
+
 impl ChainFs {
     /// `refresh_chain` renders the `chain` file (called on each open of it).
     pub fn new(
@@ -116,6 +127,8 @@ impl ChainFs {
         refresh_chain: Box<dyn Fn() -> Result<String> + Send + Sync>,
     ) -> Result<ChainFs> {
         let text = refresh_chain()?;
+        let layers = image.layers();
+        let perms = view_perms(&layers, &cfg);
         Ok(ChainFs {
             image,
             cfg,
@@ -125,6 +138,7 @@ impl ChainFs {
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             jobs: Arc::new(Jobs::default()),
+            perms: Mutex::new((layers, perms)),
         })
     }
 
@@ -132,7 +146,20 @@ impl ChainFs {
         &self.image
     }
 
-    fn attr(&self, ino: u64, kind: Kind, size: u64, perm: u16) -> Attr {
+    /// The view's permissions, computed again after a merge changed the
+    /// layers (`fuse::PermsWatch` tells the kernel, which caches the
+    /// attributes of `/` and `disk.raw` for an hour).
+    pub fn perms(&self) -> ViewPerms {
+        let layers = self.image.layers();
+        let mut p = self.perms.lock();
+        if !Arc::ptr_eq(&p.0, &layers) {
+            let v = view_perms(&layers, &self.cfg);
+            *p = (layers, v);
+        }
+        p.1
+    }
+
+    fn attr(&self, p: &ViewPerms, ino: u64, kind: Kind, size: u64, perm: u16) -> Attr {
         Attr {
             ino,
             kind,
@@ -140,30 +167,27 @@ impl ChainFs {
             perm,
             nlink: if kind == Kind::Dir { 2 } else { 1 },
             mtime: self.mounted_at,
-            uid: self.cfg.uid,
-            gid: self.cfg.gid,
+            uid: p.uid,
+            gid: p.gid,
         }
     }
 
     pub fn getattr(&self, ino: u64) -> Result<Attr> {
+        let p = self.perms();
         Ok(match ino {
-            ROOT => self.attr(ROOT, Kind::Dir, 0, 0o755),
-            DISK => self.attr(
-                DISK,
-                Kind::File,
-                self.image.size(),
-                if self.cfg.writable { 0o644 } else { 0o444 },
-            ),
-            CONTROL => self.attr(CONTROL, Kind::File, 0, 0o644),
+            ROOT => self.attr(&p, ROOT, Kind::Dir, 0, p.dir),
+            DISK => self.attr(&p, DISK, Kind::File, self.image.size(), p.disk),
+            CONTROL => self.attr(&p, CONTROL, Kind::File, 0, p.control),
             CHAIN => self.attr(
+                &p,
                 CHAIN,
                 Kind::File,
                 self.chain_text.lock().len() as u64,
-                0o444,
+                p.text,
             ),
-            JOBS => self.attr(JOBS, Kind::Dir, 0, 0o555),
+            JOBS => self.attr(&p, JOBS, Kind::Dir, 0, p.dir),
             n if n > JOB_BASE => match self.jobs.get(n - JOB_BASE) {
-                Some(j) => self.attr(n, Kind::File, j.render().len() as u64, 0o444),
+                Some(j) => self.attr(&p, n, Kind::File, j.render().len() as u64, p.text),
                 None => return Err(errno(libc::ENOENT, "no such job")),
             },
             _ => return Err(errno(libc::ENOENT, "no such inode")),

@@ -1,8 +1,9 @@
 //! The thin `fuser` adapter: each callback forwards to `crate::fs` and turns
-//! its `Result` into a reply. No behaviour lives here.
+//! its `Result` into a reply. No behaviour lives here; `PermsWatch` only
+//! passes a change of `fs`'s modes on to the kernel (a fuser notification).
 
 use std::ffi::OsStr;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use fuser::{
@@ -12,7 +13,8 @@ use fuser::{
 };
 
 use crate::error::Error;
-use crate::fs::{Attr, ChainFs, Kind, DISK, ROOT};
+use crate::fs::{Attr, ChainFs, Kind, CHAIN, CONTROL, DISK, JOBS, ROOT};
+use crate::perms::ViewPerms;
 
 /// Largest request the kernel may send (it caps this at its max_pages).
 const MAX_IO: u32 = 1 << 20;
@@ -30,6 +32,45 @@ fn ttl(ino: u64) -> Duration {
         Duration::from_secs(3600)
     } else {
         Duration::ZERO
+    }
+}
+
+/// Keeps the kernel's view of the modes current: a merge that removed
+/// layers may widen them (crate::perms), but the kernel caches `/` and
+/// `disk.raw` for an hour. The daemon's main thread calls `tick` in its
+/// wait loop: if the mount's last reference were dropped here, the drop
+/// (which flushes the leaf) runs there, before the process exits, never
+/// in a thread the exit would cut short.
+pub struct PermsWatch {
+    fs: Weak<ChainFs>,
+    notifier: fuser::Notifier,
+    last: Option<ViewPerms>,
+}
+
+impl PermsWatch {
+    /// Starts from the modes the mount began with (a merge may come
+    /// before the first tick).
+    pub fn new(fs: Weak<ChainFs>, notifier: fuser::Notifier) -> PermsWatch {
+        let last = fs.upgrade().map(|f| f.perms());
+        PermsWatch { fs, notifier, last }
+    }
+
+    /// Compare the modes with the last look; on a change, tell the kernel
+    /// to drop the attributes it holds.
+    pub fn tick(&mut self) {
+        let Some(now) = self.fs.upgrade().map(|fs| fs.perms()) else {
+            return;
+        };
+        if self.last.is_some_and(|l| l != now) {
+            log::info!("layers changed: modes now {now:?}");
+            for ino in [ROOT, DISK, CONTROL, CHAIN, JOBS] {
+                // Offset -1: the attributes only, not the page cache.
+                if let Err(e) = self.notifier.inval_inode(INodeNo(ino), -1, 0) {
+                    log::debug!("invalidate inode {ino}: {e}");
+                }
+            }
+        }
+        self.last = Some(now);
     }
 }
 

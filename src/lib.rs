@@ -10,6 +10,7 @@
 //! - [`cache`]: the bounded LRU that holds every layer's metadata.
 //! - [`image`]: the resolver; full-length reads, writes to the leaf.
 //! - [`export`], [`check`], [`info`], [`write`]: the offline operations behind the CLI.
+//! - [`perms`]: who may see and change a mount (owner, group, modes).
 //! - [`error`]: error kinds, errno and return codes, chosen in one place.
 
 pub mod cache;
@@ -29,6 +30,7 @@ pub mod info;
 pub mod jobs;
 pub mod merge;
 pub mod mount;
+pub mod perms;
 pub mod size;
 pub mod write;
 

@@ -18,6 +18,7 @@ use crate::chain::{canonical, Chain, ChainOptions};
 use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::fs::{ChainFs, MountConfig};
 use crate::image::FlatImage;
+use crate::perms::Overrides;
 use crate::size::parse_size;
 
 /// What `-o a,b=c,...` asked for.
@@ -34,6 +35,8 @@ pub struct MountOptions {
     /// With `rw`: mount a leaf writable even though other disks have it as
     /// their parent (`crate::dependents`; they break).
     pub force: bool,
+    /// `uid=`, `gid=`, `umask=` (see `crate::perms`).
+    pub perms: Overrides,
 }
 
 impl Default for MountOptions {
@@ -47,6 +50,7 @@ impl Default for MountOptions {
             copy_on_read: false,
             log: None,
             force: false,
+            perms: Overrides::default(),
         }
     }
 }
@@ -68,10 +72,24 @@ impl MountOptions {
                 ("ro", None) => o.writable = false,
                 ("rw", None) => o.writable = true,
                 ("allow_other", None) => o.allow_other = true,
-                                ("allow_root", None) => o.allow_root = true,
+                ("allow_root", None) => o.allow_root = true,
                 ("copy_on_read", None) => o.copy_on_read = true,
                 ("force", None) => o.force = true,
-                                ("cache", Some(v)) => o.cache_bytes = Some(parse_size(v)?),
+                ("cache", Some(v)) => o.cache_bytes = Some(parse_size(v)?),
+                ("uid", Some(v)) => o.perms.uid = Some(parse_id(k, v)?),
+                ("gid", Some(v)) => o.perms.gid = Some(parse_id(k, v)?),
+                ("umask", Some(v)) => {
+                    o.perms.umask = Some(
+                        u32::from_str_radix(v, 8)
+                            .ok()
+                            .filter(|m| *m <= 0o777)
+                            .ok_or_else(|| {
+                                Error::invalid(format!(
+                                    "umask={v}: expected octal digits, 0 to 777"
+                                ))
+                            })?,
+                    )
+                }
                 ("log", Some(v)) => o.log = Some(PathBuf::from(v)),
                 ("threads", Some(v)) => {
                     o.threads = v
@@ -82,7 +100,7 @@ impl MountOptions {
                 }
                 _ => {
                     return Err(Error::invalid(format!(
-                        "unknown mount option `{item}` (known: ro, rw, force, allow_other, allow_root, copy_on_read, cache=SIZE, threads=N, log=FILE)"
+                        "unknown mount option `{item}` (known: ro, rw, force, allow_other, allow_root, uid=N, gid=N, umask=OOO, copy_on_read, cache=SIZE, threads=N, log=FILE)"
                     )))
                 }
             }
@@ -99,6 +117,19 @@ impl MountOptions {
         }
         Ok(o)
     }
+}
+
+/// A numeric user or group id (names are not looked up: `uid=$(id -u alice)`).
+fn parse_id(key: &str, v: &str) -> Result<u32> {
+    v.parse::<u32>()
+        .ok()
+        .filter(|n| *n != u32::MAX)
+        .ok_or_else(|| {
+            Error::invalid(format!(
+                "{key}={v}: expected a numeric id (e.g. {key}=$(id -{} NAME))",
+                if key == "uid" { "u" } else { "g" }
+            ))
+        })
 }
 
 /// Refuse a mount point that is missing, not a folder, not empty or already
@@ -288,8 +319,7 @@ fn serve_inner(
     let cfg = MountConfig {
         writable: mo.writable,
         copy_on_read: mo.copy_on_read,
-        uid: unsafe { libc::getuid() },
-        gid: unsafe { libc::getgid() },
+        perms: mo.perms,
     };
     let fs = Arc::new(ChainFs::new(image, cfg, refresh)?);
     let jobs = fs.jobs().clone();
@@ -299,11 +329,14 @@ fn serve_inner(
     let mut options = vec![
         fuser::MountOption::FSName(format!("chainfs:{leaf}")),
         fuser::MountOption::Subtype("chainfs".into()),
+        // The kernel checks every access against the modes crate::perms
+        // derives from the layers; without this, allow_other would let any
+        // local user read the disk whatever the modes say.
         fuser::MountOption::DefaultPermissions,
         fuser::MountOption::NoDev,
         fuser::MountOption::NoSuid,
         // Not `ro` even for read-only mounts: `control` takes writes either
-        // way; disk.raw refuses them itself (mode 0444, EROFS).
+        // way; disk.raw refuses them itself (no write bits, EROFS).
     ];
     let mut acl = fuser::SessionACL::Owner;
     if mo.allow_other {
@@ -322,12 +355,14 @@ fn serve_inner(
     let sigs = stop_signals();
     unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &sigs, std::ptr::null_mut()) };
 
+    let watched = Arc::downgrade(&fs);
     let slot = crate::fuse::UnmountSlot::default();
     let mut session = fuser::Session::new(crate::fuse::Fuse(fs, slot.clone()), mnt, &config).ctx(
         mnt,
         "cannot mount",
         None,
     )?;
+    let mut perms_watch = crate::fuse::PermsWatch::new(watched, session.notifier());
     let mut unmounter = session.unmount_callable();
     *slot.lock() = Some(session.unmount_callable());
     raise_readahead(mnt);
@@ -365,6 +400,7 @@ fn serve_inner(
                 log::warn!("unmount {}: {e}", mnt.display());
             }
         }
+        perms_watch.tick();
         if worker.is_finished() {
             break;
         }
