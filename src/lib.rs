@@ -8,12 +8,13 @@
 //! - [`chain`]: parent discovery, identity checks, depth and cycle bounds.
 //! - [`cache`]: the bounded LRU that holds every layer's metadata.
 //! - [`image`]: the resolver; full-length reads, writes to the leaf.
-//! - [`export`], [`check`], [`info`]: the offline operations behind the CLI.
+//! - [`export`], [`check`], [`info`], [`compact`]: the offline operations behind the CLI.
 //! - [`error`]: error kinds, errno and return codes, chosen in one place.
 
 pub mod cache;
 pub mod chain;
 pub mod check;
+pub mod compact;
 pub mod control;
 pub mod error;
 pub mod export;
