@@ -638,6 +638,10 @@ pub fn execute(image: &FlatImage, plan: Plan, progress: &Progress) -> Result<()>
         for p in &extra_children {
             extra.push(open_layer(p, &opts)?);
         }
+        // Before anything is written: will DESTINATION's new blocks fit?
+        // (Its reopening above gave back any tail an interrupted run left.)
+        let size = image.size();
+        let total = preflight(&layers, s, d, &dest, size)?;
         // A format whose identity changes with the data (VHDX DataWriteGuid)
         // tells the layer above DESTINATION the new identity first, so the
         // chain keeps opening while DESTINATION changes ([MS-VHDX] note 12).
@@ -648,10 +652,6 @@ pub fn execute(image: &FlatImage, plan: Plan, progress: &Progress) -> Result<()>
             }
             above.accept_parent_id(id)?;
         }
-
-        // Before anything is written: will DESTINATION's new blocks fit?
-        let size = image.size();
-        let total = preflight(&layers, s, d, &dest, size)?;
 
         // 2. Intent.
         let mut record = Record {
