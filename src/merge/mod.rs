@@ -315,25 +315,6 @@ fn reopen_writable(l: &Arc<dyn Layer>, cache: &LayerOptions) -> Result<Arc<dyn L
     }
 }
 
-/// Bytes `layers[s..d]` hold (what the copy will move).
-pub fn bytes_to_copy(layers: &[Arc<dyn Layer>], s: usize, d: usize, size: u64) -> Result<u64> {
-    // Ask for every table this walk needs up front: the reads then run in
-    // parallel instead of one synchronous bitmap read per block.
-    for l in &layers[s..d] {
-        l.prefetch(0, size);
-    }
-    let mut total = 0;
-    let mut off = 0;
-    while off < size {
-        let (span, n) = resolve_span(layers, s, d, off, size - off)?;
-        if span != Span::Below {
-            total += n;
-        }
-        off += n;
-    }
-    Ok(total)
-}
-
 /// One piece of a copy window: `len` bytes at virtual `offset`, found in
 /// `span` (data of some layer, or zeros that hide what lies below).
 type Run = (u64, Span, u64);
