@@ -226,6 +226,21 @@ enum Cmd {
     },
     /// Unmount a chainfs mount and wait until its chain is released.
     Umount { mountpoint: PathBuf },
+    /// Give IMAGE's unused space back to the file system (Optimize-VHD).
+    ///
+    /// Offline: refused while a mount, merge or write uses IMAGE (exit 7).
+    /// Blocks that hold only zeros (in a differencing disk: nothing of their
+    /// own) are unallocated, space no table references (left by an
+    /// interrupted write or merge) is punched out, and the file is cut after
+    /// its last block. What the disk reads and its identity do not change;
+    /// a crash at any point leaves it readable with the same content.
+    /// Dynamic and differencing VHD and VHDX; only IMAGE, not its parents.
+    Compact {
+        image: PathBuf,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Write bytes into the leaf of a chain (parents are never changed).
     ///
     /// Zero runs of the input that the chain already reads as zeros are not
@@ -400,6 +415,25 @@ pub fn run() -> Result<i32> {
             json,
             chain,
         } => merge(source, destination, keep, force, status, json, &chain),
+        Cmd::Compact { image, json } => {
+            let r = chainfs::compact::compact(&image)?;
+            if json {
+                println!("{}", serde_json::to_string(&r).expect("serialisable"));
+            } else {
+                use chainfs::format::space::human;
+                println!(
+                    "{}: {} freed ({} blocks unallocated, {} ranges punched out); {} on disk, file size {} -> {}",
+                    image.display(),
+                    human(r.bytes_freed),
+                    r.stats.blocks_freed,
+                    r.stats.holes_punched,
+                    human(r.bytes_on_disk_after),
+                    r.stats.file_size_before,
+                    r.stats.file_size_after
+                );
+            }
+            Ok(0)
+        }
         Cmd::Umount { mountpoint } => {
             chainfs::mount::umount(&mountpoint)?;
             Ok(0)

@@ -9,13 +9,14 @@
 //! - [`dependents`]: the children of a layer (parents are not written).
 //! - [`cache`]: the bounded LRU that holds every layer's metadata.
 //! - [`image`]: the resolver; full-length reads, writes to the leaf.
-//! - [`export`], [`check`], [`info`], [`write`]: the offline operations behind the CLI.
+//! - [`export`], [`check`], [`info`], [`write`], [`compact`]: the offline operations behind the CLI.
 //! - [`perms`]: who may see and change a mount (owner, group, modes).
 //! - [`error`]: error kinds, errno and return codes, chosen in one place.
 
 pub mod cache;
 pub mod chain;
 pub mod check;
+pub mod compact;
 pub mod control;
 pub mod dependents;
 pub mod error;

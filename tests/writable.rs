@@ -218,6 +218,20 @@ fn assert_check_clean(leaf: &Path) {
     );
 }
 
+/// Like [`assert_check_clean`], but space no table references (a leak a
+/// crash leaves) may be reported.
+fn assert_check_clean_but_leaks(leaf: &Path) {
+    let o = chainfs(&["check", p(leaf)]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    let only_leaks = out.lines().all(|l| l.contains("not referenced by the"));
+    assert!(
+        o.status.code() == Some(0) || (o.status.code() == Some(3) && only_leaks),
+        "chainfs check {}: {out}{}",
+        leaf.display(),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
 /// The leaf's `allocated_bytes` from `chainfs info --json`.
 fn leaf_allocated(leaf: &Path) -> u64 {
     let out = chainfs_ok(&["info", "--json", p(leaf)]);
@@ -804,7 +818,9 @@ fn kill_9_after_fsync_or_close_loses_nothing_acknowledged_and_check_passes() {
         drop(g); // the dead mount
         assert!(!is_mounted(&mnt), "round {round}: still mounted");
 
-        assert_check_clean(c.leaf());
+        // Unflushed blocks a kill leaves are reported as unreferenced
+        // space (the next writable open reuses them); nothing else.
+        assert_check_clean_but_leaks(c.leaf());
         let got = export(c.leaf(), &t.path().join("out.raw"));
         if extra {
             assert_old_or_new(&got, &model, &maybe, &format!("round {round} ({how})"));

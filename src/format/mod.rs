@@ -16,6 +16,7 @@
 
 pub mod pending;
 pub mod probe;
+pub mod space;
 pub mod vhd;
 pub mod vhdx;
 
@@ -176,8 +177,27 @@ pub trait Layer: Send + Sync {
     /// Make every acknowledged write durable.
     fn flush(&self) -> Result<()>;
 
-    /// Structural problems of this file alone, one message per problem.
+    /// Structural problems of this file alone, one message per problem
+    /// (allocated space no table references counts: a leak).
     fn check(&self) -> Result<Vec<String>>;
+
+    /// Give unused space back to the file system (`chainfs compact`):
+    /// blocks holding nothing of their own are unallocated, unreferenced
+    /// space is punched out and the unreferenced tail cut off, without
+    /// changing what the layer reads. Needs the layer open for writing.
+    fn compact(&self) -> Result<space::CompactStats> {
+        Err(Error::unsupported(
+            self.path(),
+            "compact is not supported for this format",
+        ))
+    }
+
+    /// Bytes of new file space writing the virtual `ranges` (sorted
+    /// `(offset, len)`) into this layer would take now, whole blocks (a
+    /// merge's pre-flight check); 0 where nothing is allocated on write.
+    fn space_for(&self, _ranges: &[(u64, u64)]) -> Result<u64> {
+        Ok(0)
+    }
 
     /// Change this process's advisory lock on the file.
     fn set_lock(&self, mode: LockMode) -> Result<()>;

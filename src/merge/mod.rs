@@ -332,25 +332,6 @@ fn reopen_writable(l: &Arc<dyn Layer>, cache: &LayerOptions) -> Result<Arc<dyn L
     }
 }
 
-/// Bytes `layers[s..d]` hold (what the copy will move).
-pub fn bytes_to_copy(layers: &[Arc<dyn Layer>], s: usize, d: usize, size: u64) -> Result<u64> {
-    // Ask for every table this walk needs up front: the reads then run in
-    // parallel instead of one synchronous bitmap read per block.
-    for l in &layers[s..d] {
-        l.prefetch(0, size);
-    }
-    let mut total = 0;
-    let mut off = 0;
-    while off < size {
-        let (span, n) = resolve_span(layers, s, d, off, size - off)?;
-        if span != Span::Below {
-            total += n;
-        }
-        off += n;
-    }
-    Ok(total)
-}
-
 /// One piece of a copy window: `len` bytes at virtual `offset`, found in
 /// `span` (data of some layer, or zeros that hide what lies below).
 type Run = (u64, Span, u64);
@@ -558,6 +539,62 @@ fn retire(layers: &[Arc<dyn Layer>], keep: bool, opts: &LayerOptions) -> Result<
     Ok(())
 }
 
+/// The pre-flight space check: the bytes `layers[s..d]` hold (what the
+/// copy moves), after making sure DESTINATION's file system has room for
+/// the blocks the copy will allocate in it (whole blocks; DESTINATION's
+/// unreferenced tail was already given back when it was opened for
+/// writing, so `statvfs` counts it as free). Refuses with `NoSpace` naming
+/// both numbers, before the intent record or any data is written.
+fn preflight(
+    layers: &[Arc<dyn Layer>],
+    s: usize,
+    d: usize,
+    dest: &Arc<dyn Layer>,
+    size: u64,
+) -> Result<u64> {
+    for l in &layers[s..d] {
+        l.prefetch(0, size);
+    }
+    let mut total = 0;
+    let mut ranges: Vec<(u64, u64)> = Vec::new();
+    let mut off = 0;
+    while off < size {
+        let (span, n) = resolve_span(layers, s, d, off, size - off)?;
+        if span != Span::Below {
+            total += n;
+            match ranges.last_mut() {
+                Some(r) if r.0 + r.1 == off => r.1 += n,
+                _ => ranges.push((off, n)),
+            }
+        }
+        off += n;
+    }
+    let needed = dest.space_for(&ranges)?;
+    if needed == 0 {
+        return Ok(total);
+    }
+    let free = crate::format::space::free_space(dest.path())?;
+    log::info!(
+        "merge: {} needs up to {needed} bytes more, {free} free",
+        dest.path().display()
+    );
+    if needed > free {
+        use crate::format::space::human;
+        return Err(Error::new(
+            ErrorKind::NoSpace,
+            format!(
+                "{}: not enough space for the merge: it needs {needed} bytes ({}) more for the \
+                 blocks it would allocate, its file system has {free} bytes ({}) free; nothing \
+                 was written",
+                dest.path().display(),
+                human(needed),
+                human(free)
+            ),
+        ));
+    }
+    Ok(total)
+}
+
 /// Run a planned merge on `image` (whose layers the plan was made from).
 pub fn execute(image: &FlatImage, plan: Plan, progress: &Progress) -> Result<()> {
     let Plan {
@@ -599,6 +636,10 @@ pub fn execute(image: &FlatImage, plan: Plan, progress: &Progress) -> Result<()>
         for p in &extra_children {
             extra.push(open_layer(p, &opts)?);
         }
+        // Before anything is written: will DESTINATION's new blocks fit?
+        // (Its reopening above gave back any tail an interrupted run left.)
+        let size = image.size();
+        let total = preflight(&layers, s, d, &dest, size)?;
         // A format whose identity changes with the data (VHDX DataWriteGuid)
         // tells the layer above DESTINATION the new identity first, so the
         // chain keeps opening while DESTINATION changes ([MS-VHDX] note 12).
@@ -632,16 +673,12 @@ pub fn execute(image: &FlatImage, plan: Plan, progress: &Progress) -> Result<()>
         phase = Some(Phase::Copy);
 
         // 3. Copy.
-        let size = image.size();
         let live_leaf = s == 0 && layers[0].writable();
         if live_leaf {
             image.track_writes(true);
         }
         let t = std::time::Instant::now();
-        progress
-            .bytes_total
-            .store(bytes_to_copy(&layers, s, d, size)?, Ordering::Relaxed);
-        log::info!("merge: planned in {:?}", t.elapsed());
+        progress.bytes_total.store(total, Ordering::Relaxed);
         copy_ranges(&layers, s, d, &dest, &[(0, size)], size, progress)?;
         log::info!("merge: copied in {:?}", t.elapsed());
         dest.flush()?;

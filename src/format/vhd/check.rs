@@ -119,5 +119,6 @@ pub(super) fn check(l: &VhdLayer) -> Result<Vec<String>> {
             ));
         }
     }
+    problems.extend(l.leaks()?);
     Ok(problems)
 }

@@ -225,6 +225,9 @@ impl VhdLayer {
         }
         if opts.writable {
             layer.repair_footer_copy()?;
+            // Space a crash left past the last referenced block is reused
+            // (see `space`).
+            layer.reclaim_tail()?;
         }
         Ok(layer)
     }
@@ -991,6 +994,14 @@ impl Layer for VhdLayer {
     fn check(&self) -> Result<Vec<String>> {
         check::check(self)
     }
+
+    fn compact(&self) -> Result<crate::format::space::CompactStats> {
+        self.compact_impl()
+    }
+
+    fn space_for(&self, ranges: &[(u64, u64)]) -> Result<u64> {
+        self.space_for_impl(ranges)
+    }
 }
 
 impl Drop for VhdLayer {
@@ -1006,6 +1017,7 @@ impl Drop for VhdLayer {
 }
 
 mod check;
+mod space;
 
 /// `(is_set, count)` of the run of equal bits starting at sector `first`,
 /// looking at no more than `max` sectors. VHD bitmaps are MSB-first.

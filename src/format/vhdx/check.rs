@@ -121,5 +121,6 @@ pub(super) fn check(l: &VhdxLayer) -> Result<Vec<String>> {
             ));
         }
     }
+    problems.extend(l.leaks()?);
     Ok(problems)
 }

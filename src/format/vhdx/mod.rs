@@ -26,6 +26,7 @@
 mod check;
 pub mod create;
 pub(crate) mod log;
+mod space;
 pub mod structs;
 mod write;
 
@@ -199,6 +200,11 @@ impl VhdxLayer {
         *layer.parent.get_mut() = link;
         if opts.writable && layer.dirty_log {
             layer.replay_into_file()?;
+        }
+        if opts.writable {
+            // Space a crash left past the last referenced block is reused
+            // (see `space`).
+            layer.reclaim_tail()?;
         }
         Ok(layer)
     }
@@ -836,6 +842,14 @@ impl Layer for VhdxLayer {
 
     fn check(&self) -> Result<Vec<String>> {
         check::check(self)
+    }
+
+    fn compact(&self) -> Result<crate::format::space::CompactStats> {
+        self.compact_impl()
+    }
+
+    fn space_for(&self, ranges: &[(u64, u64)]) -> Result<u64> {
+        self.space_for_impl(ranges)
     }
 
     fn set_lock(&self, mode: LockMode) -> Result<()> {

@@ -55,7 +55,7 @@ impl VhdxLayer {
 
     /// New FileWriteGuid before the first change of this open; with `data`,
     /// a new DataWriteGuid before the first user-visible change.
-    fn begin_session(&self, data: bool) -> Result<()> {
+    pub(super) fn begin_session(&self, data: bool) -> Result<()> {
         let need_file = !self.session.load(Ordering::Acquire);
         let need_data = data && !self.data_session.load(Ordering::Acquire);
         if !need_file && !need_data {
@@ -111,7 +111,7 @@ impl VhdxLayer {
     }
 
     /// Bound the memory held by pending entries. `alloc` held.
-    fn maybe_flush(&self) -> Result<()> {
+    pub(super) fn maybe_flush(&self) -> Result<()> {
         if self.pending.due() {
             self.flush_locked()?;
         }
