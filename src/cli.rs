@@ -201,6 +201,23 @@ enum Cmd {
     },
     /// Unmount a chainfs mount and wait until its chain is released.
     Umount { mountpoint: PathBuf },
+    /// Record PARENT as CHILD's parent (repair a chain whose parent moved).
+    ///
+    /// Like Hyper-V's Set-VHD -ParentPath and qemu-img rebase -u: PARENT
+    /// must be the disk CHILD records (same unique id; VHDX: DataWriteGuid),
+    /// else it is refused naming both ids. Every locator and parent name in
+    /// CHILD is rewritten for PARENT's location, crash-safely. Refused while
+    /// CHILD is mounted or being merged (in use, exit 7).
+    SetParent {
+        child: PathBuf,
+        parent: PathBuf,
+        /// Make PARENT the parent although its id differs, and record its id.
+        #[arg(long)]
+        ignore_id_mismatch: bool,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Write bytes into the leaf of a chain (parents are never changed).
     Write {
         image: PathBuf,
@@ -320,6 +337,25 @@ pub fn run() -> Result<i32> {
         } => merge(source, destination, keep, force, status, json, &chain),
         Cmd::Umount { mountpoint } => {
             chainfs::mount::umount(&mountpoint)?;
+            Ok(0)
+        }
+        Cmd::SetParent {
+            child,
+            parent,
+            ignore_id_mismatch,
+            json,
+        } => {
+            let r = chainfs::relink::set_parent(&child, &parent, ignore_id_mismatch)?;
+            if json {
+                println!("{}", serde_json::to_string(&r).expect("serialisable"));
+            } else {
+                println!(
+                    "{}: parent is now {} ({})",
+                    child.display(),
+                    parent.display(),
+                    r.parent_id
+                );
+            }
             Ok(0)
         }
         Cmd::Write {

@@ -8,7 +8,7 @@
 //! - [`chain`]: parent discovery, identity checks, depth and cycle bounds.
 //! - [`cache`]: the bounded LRU that holds every layer's metadata.
 //! - [`image`]: the resolver; full-length reads, writes to the leaf.
-//! - [`export`], [`check`], [`info`]: the offline operations behind the CLI.
+//! - [`export`], [`check`], [`info`], [`relink`]: the offline operations behind the CLI.
 //! - [`error`]: error kinds, errno and return codes, chosen in one place.
 
 pub mod cache;
@@ -27,6 +27,7 @@ pub mod info;
 pub mod jobs;
 pub mod merge;
 pub mod mount;
+pub mod relink;
 pub mod size;
 
 pub use chain::{Chain, ChainOptions};
