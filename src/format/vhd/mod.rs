@@ -935,6 +935,9 @@ impl Layer for VhdLayer {
                 ),
             ));
         }
+        if self.parent.read().as_ref().is_some_and(|l| l.id.is_nil()) {
+            return Ok(()); // detached already
+        }
         self.relink(None)
     }
 

@@ -847,6 +847,9 @@ impl Layer for VhdxLayer {
     }
 
     fn detach(&self) -> Result<()> {
+        if self.parent.read().as_ref().is_some_and(|l| l.id.is_nil()) {
+            return Ok(()); // detached already
+        }
         self.relink(None)
     }
 
