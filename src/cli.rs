@@ -100,8 +100,8 @@ enum Cmd {
             conflicts_with = "parent"
         )]
         kind: CreateType,
-        /// Block size (default: VHD 2M; VHDX 32M dynamic, 2M fixed or
-        /// differencing, as Hyper-V makes them).
+        /// Block size (default: VHD 2M, a VHD child its parent's; VHDX 32M
+        /// dynamic, 2M fixed or differencing, as Hyper-V makes them).
         #[arg(long, value_parser = parse_size_arg)]
         block_size: Option<u64>,
         /// Logical sector size of a VHDX base: 512 or 4096 (a child takes

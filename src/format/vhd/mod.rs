@@ -33,9 +33,8 @@
 //! where reads find them) and written by `flush()` after the data is synced,
 //! so a crash never shows a sector whose data did not land.
 //!
-//! Relinking a child to a new parent (merges) writes a new dynamic header
-//! and locator data past the end of the file, syncs, and only then moves
-//! the footer (one sector) to point at it: the switch is one sector write.
+//! Relinking a child to a new parent (merges, set-parent) rewrites the
+//! dynamic header in place at 512 through a relink journal: see `relink`.
 
 pub mod create;
 mod relink;
