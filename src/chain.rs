@@ -53,6 +53,9 @@ pub struct Link {
     pub resolved: PathBuf,
     pub tried: Vec<PathBuf>,
     pub id_mismatch: bool,
+    /// Found only through `--parent-dir` or `--parent`: the child's own
+    /// hints no longer lead to it (`check` suggests `set-parent`).
+    pub by_search: bool,
 }
 
 /// An open chain, leaf first.
@@ -292,6 +295,9 @@ fn find_parent(
     let mut mixed: Option<Error> = None;
     let cname = child.path().display();
     let mut mismatch: Option<(PathBuf, Arc<dyn Layer>, uuid::Uuid)> = None;
+    // The candidates the child's own hints give, without any option.
+    let own = candidates(child.path(), hints, &ChainOptions::default());
+    let by_search = |cand: &PathBuf| over.is_some() || !own.contains(cand);
     for cand in list {
         tried.push(cand.clone());
         if !cand.is_file() {
@@ -336,6 +342,7 @@ fn find_parent(
                 layer,
                 Link {
                     hints: hints.to_vec(),
+                    by_search: by_search(&cand),
                     resolved: cand,
                     tried,
                     id_mismatch: false,
@@ -356,6 +363,7 @@ fn find_parent(
                 layer,
                 Link {
                     hints: hints.to_vec(),
+                    by_search: by_search(&cand),
                     resolved: cand,
                     tried,
                     id_mismatch: true,

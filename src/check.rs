@@ -71,7 +71,16 @@ pub fn check_chain(leaf: &Path, opts: &ChainOptions) -> Result<Vec<String>> {
             }
         }
     }
-    for link in &chain.links {
+    for (i, link) in chain.links.iter().enumerate() {
+        if link.by_search && !link.id_mismatch {
+            let child = chain.layers[i].path().display();
+            problems.push(format!(
+                "{child}: its parent was found only through --parent-dir/--parent, at {}; \
+                 run `chainfs set-parent {child} {}` to record where it is",
+                link.resolved.display(),
+                link.resolved.display()
+            ));
+        }
         if link.id_mismatch {
             problems.push(format!(
                 "{}: used as a parent although its id differs from the child's record (--ignore-id-mismatch)",

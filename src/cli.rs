@@ -102,8 +102,8 @@ enum Cmd {
             conflicts_with = "parent"
         )]
         kind: CreateType,
-        /// Block size (default: VHD 2M; VHDX 32M dynamic, 2M fixed or
-        /// differencing, as Hyper-V makes them).
+        /// Block size (default: VHD 2M, a VHD child its parent's; VHDX 32M
+        /// dynamic, 2M fixed or differencing, as Hyper-V makes them).
         #[arg(long, value_parser = parse_size_arg)]
         block_size: Option<u64>,
         /// Logical sector size of a VHDX base: 512 or 4096 (a child takes
@@ -237,6 +237,23 @@ enum Cmd {
     /// Dynamic and differencing VHD and VHDX; only IMAGE, not its parents.
     Compact {
         image: PathBuf,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Record PARENT as CHILD's parent (repair a chain whose parent moved).
+    ///
+    /// Like Hyper-V's Set-VHD -ParentPath and qemu-img rebase -u: PARENT
+    /// must be the disk CHILD records (same unique id; VHDX: DataWriteGuid),
+    /// else it is refused naming both ids. Every locator and parent name in
+    /// CHILD is rewritten for PARENT's location, crash-safely. Refused while
+    /// CHILD is mounted or being merged (in use, exit 7).
+    SetParent {
+        child: PathBuf,
+        parent: PathBuf,
+        /// Make PARENT the parent although its id differs, and record its id.
+        #[arg(long)]
+        ignore_id_mismatch: bool,
         /// Print the result as JSON.
         #[arg(long)]
         json: bool,
@@ -436,6 +453,25 @@ pub fn run() -> Result<i32> {
         }
         Cmd::Umount { mountpoint } => {
             chainfs::mount::umount(&mountpoint)?;
+            Ok(0)
+        }
+        Cmd::SetParent {
+            child,
+            parent,
+            ignore_id_mismatch,
+            json,
+        } => {
+            let r = chainfs::relink::set_parent(&child, &parent, ignore_id_mismatch)?;
+            if json {
+                println!("{}", serde_json::to_string(&r).expect("serialisable"));
+            } else {
+                println!(
+                    "{}: parent is now {} ({})",
+                    child.display(),
+                    parent.display(),
+                    r.parent_id
+                );
+            }
             Ok(0)
         }
         Cmd::Write {

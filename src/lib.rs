@@ -9,7 +9,7 @@
 //! - [`dependents`]: the children of a layer (parents are not written).
 //! - [`cache`]: the bounded LRU that holds every layer's metadata.
 //! - [`image`]: the resolver; full-length reads, writes to the leaf.
-//! - [`export`], [`check`], [`info`], [`write`], [`compact`]: the offline operations behind the CLI.
+//! - [`export`], [`check`], [`info`], [`write`], [`compact`], [`relink`]: the offline operations behind the CLI.
 //! - [`perms`]: who may see and change a mount (owner, group, modes).
 //! - [`error`]: error kinds, errno and return codes, chosen in one place.
 
@@ -32,6 +32,7 @@ pub mod jobs;
 pub mod merge;
 pub mod mount;
 pub mod perms;
+pub mod relink;
 pub mod size;
 pub mod write;
 

@@ -457,6 +457,13 @@ fn verify_final(
             leaf.display()
         ));
     }
+    // Every VHD left has its dynamic header at 512, its footer copy at 0
+    // and nothing stale (issue 14).
+    for e in fs::read_dir(dir).unwrap().flatten() {
+        if e.path().extension().is_some_and(|x| x == "vhd") {
+            bad.extend(common::vhd_layout_problems(&e.path()));
+        }
+    }
     for r in m.retired() {
         let path = dir.join(r);
         if m.keep {
@@ -582,13 +589,16 @@ fn verify_interrupted(
             open_at.display()
         ));
     }
-    // Besides the record, a crash can leave two other reported states: a
+    // Besides the record, a crash can leave other reported states: a
     // stale footer copy at offset 0 (the relink switched the trailing
-    // footer first; a writable open rewrites the copy), and DESTINATION
-    // blocks no BAT entry references yet (the rerun reuses them).
+    // footer first, or moved a header back to 512; a writable open
+    // rewrites the copy), an unfinished relink of a VHD (its journal holds
+    // the new header; a writable open finishes it), and DESTINATION blocks
+    // no BAT entry references yet (the rerun reuses them).
     let only_merge = probs.iter().all(|x| {
         x.contains("interrupted merge")
             || x.contains("footer copy differs")
+            || x.contains("interrupted relink")
             || x.contains("not referenced by the")
     });
     let consistent = (c == 0 && probs.is_empty()) || (c == 3 && !probs.is_empty());
@@ -870,8 +880,8 @@ fn hash_uncached(path: &Path) -> String {
 // ---------------------------------------------------------------------------
 // libvhdi as an independent reader.
 
-/// Mount `leaf` with vhdimount (in its folder, by bare name, see
-/// tests/oracle.rs) and read `vhdi1` (the base) .. `vhdiN` (the leaf).
+/// Mount `leaf` with vhdimount (as a user runs it: absolute paths, working
+/// folder `/`) and read `vhdi1` (the base) .. `vhdiN` (the leaf).
 /// None when vhdimount is missing outside CI.
 fn libvhdi_levels(leaf: &Path, n: usize, mnt: &Path) -> Option<Vec<Vec<u8>>> {
     if !require_fuse() || !require("vhdimount (libvhdi)", have("vhdimount")) {
@@ -880,9 +890,9 @@ fn libvhdi_levels(leaf: &Path, n: usize, mnt: &Path) -> Option<Vec<Vec<u8>>> {
     fs::create_dir_all(mnt).unwrap();
     let _g = MountGuard::new(mnt);
     let o = Command::new("vhdimount")
-        .current_dir(leaf.parent().unwrap())
-        .arg(leaf.file_name().unwrap())
-        .arg(mnt)
+        .current_dir("/")
+        .arg(std::path::absolute(leaf).unwrap())
+        .arg(std::path::absolute(mnt).unwrap())
         .output()
         .expect("vhdimount");
     assert!(o.status.success(), "vhdimount: {}", text(&o));

@@ -14,6 +14,7 @@
 //! turns a partial-sector write into a read-modify-write before calling
 //! [`Layer::write_sectors`].
 
+pub mod hint;
 pub mod pending;
 pub mod probe;
 pub mod space;
@@ -368,7 +369,10 @@ pub fn create(path: &Path, o: &CreateOptions) -> Result<()> {
     };
     match format {
         Format::Vhd => {
-            let bs = u32::try_from(o.block_size.unwrap_or(2 << 20))
+            // A VHD child takes its parent's block size: readers that work in
+            // whole blocks (vhd-lib) read a chain of mixed sizes wrong.
+            let inherited = parent.as_ref().and_then(|p| p.info().block_size);
+            let bs = u32::try_from(o.block_size.or(inherited).unwrap_or(2 << 20))
                 .map_err(|_| Error::invalid("block size too large for VHD"))?;
             match (&o.parent, &parent) {
                 (Some(pp), Some(pl)) => {

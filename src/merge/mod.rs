@@ -777,7 +777,10 @@ pub fn finish(record: &Record, cache: &LayerOptions) -> Result<()> {
             continue;
         }
         if record.keep {
-            if peek_ids(p).is_some_and(|(_, pid)| pid.is_some_and(|id| !id.is_nil())) {
+            // Also when already detached: the writable open finishes a
+            // detach a crash cut short (a VHD relink journal), and
+            // detaching a detached layer changes nothing.
+            if peek_ids(p).is_some_and(|(_, pid)| pid.is_some()) {
                 open_layer(p, cache)?.detach()?;
             }
         } else {

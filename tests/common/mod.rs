@@ -302,9 +302,14 @@ pub fn vhdimount(leaf: &Path, mnt: &Path, layers: usize) -> MountGuard {
     std::fs::create_dir_all(mnt).unwrap();
     let mnt = std::path::absolute(mnt).unwrap();
     let guard = MountGuard::new(&mnt);
+    // As a user runs it: absolute paths, from a working folder that is not
+    // the image's, so libvhdi has to find the parents from what the files
+    // store (running it in the leaf's folder with a bare name hid defect 3
+    // of issue 14).
+    let leaf = std::path::absolute(leaf).unwrap();
     let o = Command::new("vhdimount")
-        .current_dir(leaf.parent().unwrap())
-        .arg(leaf.file_name().unwrap())
+        .current_dir("/")
+        .arg(&leaf)
         .arg(&mnt)
         .output()
         .expect("cannot run vhdimount");
@@ -420,4 +425,68 @@ impl Drop for KernelMount {
             let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
         }
     }
+}
+
+/// What is wrong with the layout of the VHD at `path` by the rule every
+/// writer in the field follows and some readers require (issue 14): the
+/// footer copy at 0 equal to the trailing footer, the dynamic header at
+/// 512 with a good checksum, the BAT and locator data inside the file, and
+/// no stale dynamic header or relink journal anywhere else. Empty when
+/// right (and for fixed disks).
+pub fn vhd_layout_problems(path: &Path) -> Vec<String> {
+    use chainfs::format::vhd::{DynamicHeader, Footer};
+    let b = std::fs::read(path).unwrap();
+    let name = path.display();
+    let mut bad = Vec::new();
+    if b.len() < 512 {
+        return vec![format!("{name}: shorter than a footer")];
+    }
+    let tail = &b[b.len() - 512..];
+    let footer = match Footer::parse(tail, true) {
+        Ok(f) => f,
+        Err(e) => return vec![format!("{name}: trailing footer: {e}")],
+    };
+    if footer.disk_type == 2 {
+        return bad;
+    }
+    if &b[..512] != tail {
+        bad.push(format!(
+            "{name}: footer copy at 0 differs from the trailing footer"
+        ));
+    }
+    if footer.data_offset != 512 {
+        bad.push(format!(
+            "{name}: dynamic header at {:#x}, not 512",
+            footer.data_offset
+        ));
+    }
+    match DynamicHeader::parse(&b[512..1536], true) {
+        Ok(h) => {
+            let end = b.len() as u64 - 512;
+            if h.table_offset + h.max_table_entries as u64 * 4 > end {
+                bad.push(format!(
+                    "{name}: BAT at {:#x} runs past the footer",
+                    h.table_offset
+                ));
+            }
+            for l in h.locators.iter().filter(|l| l.code != 0) {
+                if l.data_offset + l.data_len as u64 > end {
+                    bad.push(format!(
+                        "{name}: locator data at {:#x} past the footer",
+                        l.data_offset
+                    ));
+                }
+            }
+        }
+        Err(e) => bad.push(format!("{name}: dynamic header at 512: {e}")),
+    }
+    for (i, sector) in b.chunks(512).enumerate().skip(2) {
+        if sector.starts_with(b"cxsparse") {
+            bad.push(format!("{name}: a stale dynamic header at {:#x}", i * 512));
+        }
+        if sector.starts_with(b"chfsrlnk") {
+            bad.push(format!("{name}: a relink journal left at {:#x}", i * 512));
+        }
+    }
+    bad
 }

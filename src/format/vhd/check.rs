@@ -43,7 +43,13 @@ pub(super) fn check(l: &VhdLayer) -> Result<Vec<String>> {
         )?;
         b
     };
-    if let Err(e) = DynamicHeader::parse(&hb, true) {
+    if let Some(j) = &l.journal {
+        problems.push(format!(
+            "{path}: at offset {:#x}: an interrupted relink (its journal holds the new dynamic \
+             header; a writable open, or rerunning the merge or set-parent, finishes it)",
+            j.at
+        ));
+    } else if let Err(e) = DynamicHeader::parse(&hb, true) {
         problems.push(Error::format(&l.path, data_offset, "dynamic header", e).to_string());
     }
     let h = &l.current_header()?;

@@ -7,12 +7,13 @@
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use uuid::Uuid;
 
 use super::*;
+use crate::format::hint;
 
 pub const DEFAULT_BLOCK_SIZE: u32 = 2 << 20;
 
@@ -190,8 +191,8 @@ pub struct ParentFields {
 pub fn parent_fields(child: &Path, parent: &Path) -> Result<ParentFields> {
     let abs = std::fs::canonicalize(parent).ctx(parent, "cannot resolve", None)?;
     let child_dir = absolute_dir(child)?;
-    let rel = windows_relative(&child_dir, &abs);
-    let abs_s = abs.to_string_lossy().into_owned();
+    let rel = hint::windows_relative(&child_dir, &abs);
+    let abs_s = hint::windows_absolute(&abs);
     let mut locators = [Locator::default(); 8];
     let mut blobs = Vec::new();
     for (i, (code, text)) in [(PLAT_W2KU, abs_s), (PLAT_W2RU, rel)]
@@ -213,13 +214,11 @@ pub fn parent_fields(child: &Path, parent: &Path) -> Result<ParentFields> {
         .ok()
         .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
         .map_or(0, |d| d.as_secs().saturating_sub(VHD_EPOCH) as u32);
-    // Windows stores its full `C:\...` path here; libvhdi strips only `\`
-    // folders from it and looks in the child's folder, so a Unix path would
-    // send it astray: store the file name, as VirtualBox does. The locators
-    // carry the full paths.
-    let name = abs
-        .file_name()
-        .map_or(String::new(), |n| n.to_string_lossy().into_owned());
+    // Windows stores its full `C:\...` path here; libvhdi joins the part
+    // after the last `\` to the child's folder and vhd-lib resolves it
+    // from there: the file name in the same folder, else a `/` relative
+    // path, serves both (see `hint`). The locators carry the Windows forms.
+    let name = hint::header_name(&child_dir, &abs);
     Ok(ParentFields {
         locators,
         blobs,
@@ -234,40 +233,4 @@ fn absolute_dir(path: &Path) -> Result<PathBuf> {
         _ => PathBuf::from("."),
     };
     std::fs::canonicalize(&dir).ctx(&dir, "cannot resolve folder", None)
-}
-
-/// `to` relative to the folder `from`, written the Windows way: `.\x.vhd`,
-/// `..\dir\x.vhd`.
-pub fn windows_relative(from: &Path, to: &Path) -> String {
-    let a: Vec<Component> = from.components().collect();
-    let b: Vec<Component> = to.components().collect();
-    let common = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
-    let mut parts: Vec<String> = Vec::new();
-    if common == a.len() {
-        parts.push(".".into());
-    }
-    parts.extend((common..a.len()).map(|_| "..".to_string()));
-    parts.extend(
-        b[common..]
-            .iter()
-            .map(|c| c.as_os_str().to_string_lossy().into_owned()),
-    );
-    parts.join("\\")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn relative_paths_windows_style() {
-        assert_eq!(
-            windows_relative(Path::new("/a/b"), Path::new("/a/b/p.vhd")),
-            ".\\p.vhd"
-        );
-        assert_eq!(
-            windows_relative(Path::new("/a/b"), Path::new("/a/c/p.vhd")),
-            "..\\c\\p.vhd"
-        );
-    }
 }

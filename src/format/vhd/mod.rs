@@ -33,11 +33,11 @@
 //! where reads find them) and written by `flush()` after the data is synced,
 //! so a crash never shows a sector whose data did not land.
 //!
-//! Relinking a child to a new parent (merges) writes a new dynamic header
-//! and locator data past the end of the file, syncs, and only then moves
-//! the footer (one sector) to point at it: the switch is one sector write.
+//! Relinking a child to a new parent (merges, set-parent) rewrites the
+//! dynamic header in place at 512 through a relink journal: see `relink`.
 
 pub mod create;
+mod relink;
 mod structs;
 
 pub use structs::*;
@@ -52,6 +52,7 @@ use parking_lot::{Mutex, RwLock};
 
 use crate::cache::{new_layer_key, Key, MetaCache};
 use crate::error::{Error, ErrorKind, IoContext, Result};
+use crate::format::hint;
 use crate::format::pending::{self, Pending};
 use crate::format::{
     lock_file, DiskType, Extent, Format, Layer, LayerInfo, LayerOptions, LockMode, ParentHint,
@@ -81,7 +82,10 @@ pub fn peek_ids(path: &Path) -> Option<(uuid::Uuid, Option<uuid::Uuid>)> {
         return Some((footer.unique_id, None));
     }
     let mut hb = [0u8; HEADER_SIZE];
-    file.read_exact_at(&mut hb, footer.data_offset).ok()?;
+    match relink::find_journal(&file, len - FOOTER_SIZE as u64, &footer) {
+        Some(j) => hb = j.header,
+        None => file.read_exact_at(&mut hb, footer.data_offset).ok()?,
+    }
     let h = DynamicHeader::parse(&hb, true).ok()?;
     Some((footer.unique_id, Some(h.parent_id)))
 }
@@ -128,6 +132,9 @@ pub struct VhdLayer {
     dirty: AtomicBool,
     /// Where the dynamic header was when the file was opened.
     header_at: u64,
+    /// An unfinished relink found by a read-only open: its header is the
+    /// one in force (the one on disk may be torn).
+    journal: Option<relink::Journal>,
     /// Allocated blocks, counted once on demand and kept up to date.
     allocated: Mutex<Option<u64>>,
     cache: Arc<MetaCache>,
@@ -197,6 +204,7 @@ impl VhdLayer {
             dirty: AtomicBool::new(false),
             allocated: Mutex::new(None),
             header_at: footer.data_offset,
+            journal: None,
             cache: opts.cache.clone(),
             key: new_layer_key(),
             block_size: 0,
@@ -225,6 +233,16 @@ impl VhdLayer {
         }
         if opts.writable {
             layer.repair_footer_copy()?;
+            // A relink journal first: it sits in the unreferenced tail that
+            // `reclaim_tail` cuts.
+            if let Some(j) = layer.journal.take() {
+                layer.redo_relink(&j, layer.header_at)?;
+                log::warn!(
+                    "{}: finished a relink that was interrupted (journal at {:#x})",
+                    path.display(),
+                    j.at
+                );
+            }
             // Space a crash left past the last referenced block is reused
             // (see `space`).
             layer.reclaim_tail()?;
@@ -284,10 +302,17 @@ impl VhdLayer {
                 format!("dynamic header offset {ho:#x} lies past the footer at {tail_off:#x}"),
             ));
         }
+        let footer = self.footer.lock().clone();
+        self.journal = relink::find_journal(&self.file, tail_off, &footer);
         let mut hb = [0u8; HEADER_SIZE];
-        self.file
-            .read_exact_at(&mut hb, ho)
-            .ctx(&path, "cannot read dynamic header", Some(ho))?;
+        match &self.journal {
+            Some(j) => hb = j.header,
+            None => self.file.read_exact_at(&mut hb, ho).ctx(
+                &path,
+                "cannot read dynamic header",
+                Some(ho),
+            )?,
+        }
         let h = DynamicHeader::parse(&hb, verify)
             .map_err(|e| Error::format(&path, ho, "dynamic header", e))?;
         let bs = h.block_size as u64;
@@ -335,9 +360,8 @@ impl VhdLayer {
                     continue;
                 };
                 let path = match code {
-                    PLAT_W2RU | PLAT_WI2R => Some(relative_to(dir, &stored)),
                     PLAT_MACX => file_url_path(&stored),
-                    _ => local_absolute(&stored),
+                    _ => hint::local_path(dir, &stored),
                 };
                 hints.push(ParentHint {
                     source: code_name(code),
@@ -350,7 +374,7 @@ impl VhdLayer {
             hints.push(ParentHint {
                 source: "name".into(),
                 stored: h.parent_name.clone(),
-                path: local_absolute(&h.parent_name),
+                path: hint::local_path(dir, &h.parent_name),
             });
         }
         ParentLink {
@@ -609,82 +633,6 @@ impl VhdLayer {
         self.file.sync_all().ctx(p, "cannot fsync", None)
     }
 
-    /// Point this differencing layer at a new parent (merges), or detach it
-    /// (`None`: parent id nil, locators kept): write a new header and
-    /// locators past the end, sync, then move the footer to them.
-    fn relink(&self, target: Option<(&Path, uuid::Uuid)>) -> Result<()> {
-        let p = &self.path;
-        let _a = self.alloc.lock();
-        self.flush_locked()?;
-        let mut header = self.current_header()?;
-        let blobs = match target {
-            Some((parent, parent_id)) => {
-                let f = create::parent_fields(p, parent)?;
-                header.parent_id = parent_id;
-                header.parent_timestamp = f.timestamp;
-                header.parent_name = f.name;
-                header.locators = f.locators;
-                f.blobs
-            }
-            None => {
-                header.parent_id = uuid::Uuid::nil();
-                Vec::new()
-            }
-        };
-        let base =
-            (self.data_end.load(Ordering::Acquire) + FOOTER_SIZE as u64).next_multiple_of(4096);
-        let mut next = base + HEADER_SIZE as u64;
-        for (i, _) in blobs.iter().enumerate() {
-            header.locators[i].data_offset = next;
-            next += header.locators[i].data_space as u64;
-        }
-        let end = next.next_multiple_of(SECTOR);
-        let mut footer = self.footer.lock();
-        // 1. Grow the file by writing the current footer at the new end: the
-        //    file keeps ending in a valid footer that names the old header.
-        crate::fault::point()?;
-        self.file
-            .write_all_at(&footer.to_bytes(), end)
-            .ctx(p, "cannot write footer", Some(end))?;
-        // 2. The new locators and header in the space before it.
-        for (i, data) in blobs.iter().enumerate() {
-            let at = header.locators[i].data_offset;
-            crate::fault::point()?;
-            self.file
-                .write_all_at(data, at)
-                .ctx(p, "cannot write parent locator", Some(at))?;
-        }
-        crate::fault::point()?;
-        self.file.write_all_at(&header.to_bytes(), base).ctx(
-            p,
-            "cannot write dynamic header",
-            Some(base),
-        )?;
-        crate::fault::point()?;
-        self.file.sync_data().ctx(p, "cannot fsync", None)?;
-        // 3. The switch: one sector, the footer now naming the new header.
-        let mut nf = footer.clone();
-        nf.data_offset = base;
-        crate::fault::point()?;
-        self.file
-            .write_all_at(&nf.to_bytes(), end)
-            .ctx(p, "cannot write footer", Some(end))?;
-        crate::fault::point()?;
-        self.file.sync_all().ctx(p, "cannot fsync", None)?;
-        // 4. The copy at offset 0 follows (a crash before leaves a stale
-        //    copy, which `check` reports and a writable open rewrites).
-        crate::fault::point()?;
-        self.file
-            .write_all_at(&nf.to_bytes(), 0)
-            .ctx(p, "cannot write footer copy", Some(0))?;
-        crate::fault::point()?;
-        self.file.sync_all().ctx(p, "cannot fsync", None)?;
-        *footer = nf;
-        self.data_end.store(end, Ordering::Release);
-        *self.parent.write() = Some(self.parent_link(&header, end));
-        Ok(())
-    }
-
     fn check_write(&self, offset: u64, len: u64) -> Result<()> {
         if !self.writable {
             return Err(Error::new(
@@ -733,11 +681,14 @@ impl VhdLayer {
     fn current_header(&self) -> Result<DynamicHeader> {
         let ho = self.footer.lock().data_offset;
         let mut hb = [0u8; HEADER_SIZE];
-        self.file.read_exact_at(&mut hb, ho).ctx(
-            &self.path,
-            "cannot read dynamic header",
-            Some(ho),
-        )?;
+        match &self.journal {
+            Some(j) => hb = j.header,
+            None => self.file.read_exact_at(&mut hb, ho).ctx(
+                &self.path,
+                "cannot read dynamic header",
+                Some(ho),
+            )?,
+        }
         DynamicHeader::parse(&hb, false)
             .map_err(|e| Error::format(&self.path, ho, "dynamic header", e))
     }
@@ -988,6 +939,9 @@ impl Layer for VhdLayer {
                 ),
             ));
         }
+        if self.parent.read().as_ref().is_some_and(|l| l.id.is_nil()) {
+            return Ok(()); // detached already
+        }
         self.relink(None)
     }
 
@@ -1029,18 +983,6 @@ pub fn set_bits(bm: &mut [u8], first: u64, n: u64) {
     for i in first..first + n {
         bm[(i / 8) as usize] |= 0x80 >> (i % 8);
     }
-}
-
-/// A relative Windows path (`.\x.vhd`, `..\dir\x.vhd`) against `dir`.
-fn relative_to(dir: &Path, stored: &str) -> PathBuf {
-    let s = stored.replace('\\', "/");
-    let s = s.trim_start_matches("./");
-    dir.join(s)
-}
-
-/// An absolute path usable on this machine (a Unix path; a `C:\` path is not).
-fn local_absolute(stored: &str) -> Option<PathBuf> {
-    stored.starts_with('/').then(|| PathBuf::from(stored))
 }
 
 /// `file://host/dir/x.vhd` to `/dir/x.vhd`, percent-decoded.
@@ -1135,17 +1077,5 @@ mod tests {
             Some(PathBuf::from("/x.vhd"))
         );
         assert_eq!(file_url_path("http://x"), None);
-    }
-
-    #[test]
-    fn relative_paths() {
-        assert_eq!(
-            relative_to(Path::new("/d"), ".\\p.vhd"),
-            PathBuf::from("/d/p.vhd")
-        );
-        assert_eq!(
-            relative_to(Path::new("/d"), "..\\e\\p.vhd"),
-            PathBuf::from("/d/../e/p.vhd")
-        );
     }
 }

@@ -35,11 +35,11 @@ pub fn create(path: &Path, spec: &VhdxSpec<'_>) -> Result<()> {
                 ("parent_linkage".to_string(), guid_text(&i.unique_id)),
                 (
                     "relative_path".to_string(),
-                    crate::format::vhd::create::windows_relative(&dir, &abs),
+                    crate::format::hint::windows_relative(&dir, &abs),
                 ),
                 (
                     "absolute_win32_path".to_string(),
-                    abs.to_string_lossy().into_owned(),
+                    crate::format::hint::windows_absolute(&abs),
                 ),
             ];
             let disk_id = peek_disk_id(pp).unwrap_or_else(Uuid::new_v4);

@@ -244,13 +244,7 @@ impl VhdxLayer {
         let mut hints = Vec::new();
         for key in ["relative_path", "absolute_win32_path", "volume_path"] {
             if let Some(v) = get(key) {
-                let path = match key {
-                    "relative_path" => {
-                        Some(dir.join(v.replace('\\', "/").trim_start_matches("./")))
-                    }
-                    _ if v.starts_with('/') => Some(PathBuf::from(&v)),
-                    _ => None,
-                };
+                let path = crate::format::hint::local_path(dir, &v);
                 hints.push(ParentHint {
                     source: key.to_string(),
                     stored: v,
@@ -867,6 +861,9 @@ impl Layer for VhdxLayer {
     }
 
     fn detach(&self) -> Result<()> {
+        if self.parent.read().as_ref().is_some_and(|l| l.id.is_nil()) {
+            return Ok(()); // detached already
+        }
         self.relink(None)
     }
 

@@ -499,11 +499,11 @@ impl VhdxLayer {
                     ("parent_linkage".to_string(), guid_text(&id)),
                     (
                         "relative_path".to_string(),
-                        crate::format::vhd::create::windows_relative(&dir, &abs),
+                        crate::format::hint::windows_relative(&dir, &abs),
                     ),
                     (
                         "absolute_win32_path".to_string(),
-                        abs.to_string_lossy().into_owned(),
+                        crate::format::hint::windows_absolute(&abs),
                     ),
                 ]
             }
