@@ -20,6 +20,8 @@ use crate::fs::{ChainFs, MountConfig};
 use crate::image::FlatImage;
 use crate::size::parse_size;
 
+pub mod generic;
+
 /// What `-o a,b=c,...` asked for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MountOptions {
@@ -34,6 +36,9 @@ pub struct MountOptions {
     /// With `rw`: mount a leaf writable even though other disks have it as
     /// their parent (`crate::dependents`; they break).
     pub force: bool,
+    /// The generic mount(8) options: kernel flags (dev, suid, ...), and
+    /// fstab-only words (noauto, nofail, ...) accepted and ignored.
+    pub kernel: generic::KernelFlags,
 }
 
 impl Default for MountOptions {
@@ -47,6 +52,7 @@ impl Default for MountOptions {
             copy_on_read: false,
             log: None,
             force: false,
+            kernel: generic::KernelFlags::default(),
         }
     }
 }
@@ -60,6 +66,9 @@ impl MountOptions {
             .flat_map(|s| s.split(','))
             .filter(|s| !s.is_empty())
         {
+            if o.kernel.accept(item) {
+                continue;
+            }
             let (k, v) = match item.split_once('=') {
                 Some((k, v)) => (k, Some(v)),
                 None => (item, None),
@@ -127,7 +136,8 @@ pub fn check_mountpoint(mnt: &Path) -> Result<()> {
     Ok(())
 }
 
-/// `(major:minor, mount point)` of every mount, from /proc/self/mountinfo.
+/// `(major:minor, mount point, fstype)` of every mount, from
+/// /proc/self/mountinfo.
 fn mounts() -> Vec<(String, PathBuf, String)> {
     std::fs::read_to_string("/proc/self/mountinfo")
         .unwrap_or_default()
@@ -137,8 +147,8 @@ fn mounts() -> Vec<(String, PathBuf, String)> {
             let unescaped = f.get(4)?.replace("\\040", " ").replace("\\011", "\t");
             // After the " - " separator: fstype, source.
             let dash = f.iter().position(|x| *x == "-")?;
-            let source = f.get(dash + 2).unwrap_or(&"").to_string();
-            Some((f.get(2)?.to_string(), PathBuf::from(unescaped), source))
+            let fstype = f.get(dash + 1).unwrap_or(&"").to_string();
+            Some((f.get(2)?.to_string(), PathBuf::from(unescaped), fstype))
         })
         .collect()
 }
@@ -297,14 +307,14 @@ fn serve_inner(
     drop(chain);
 
     let mut options = vec![
-        fuser::MountOption::FSName(format!("chainfs:{leaf}")),
+        // /proc/mounts: `LEAF MNT fuse.chainfs ...`, like any mount.
+        fuser::MountOption::FSName(leaf),
         fuser::MountOption::Subtype("chainfs".into()),
         fuser::MountOption::DefaultPermissions,
-        fuser::MountOption::NoDev,
-        fuser::MountOption::NoSuid,
         // Not `ro` even for read-only mounts: `control` takes writes either
         // way; disk.raw refuses them itself (mode 0444, EROFS).
     ];
+    options.extend(mo.kernel.fuser_options());
     let mut acl = fuser::SessionACL::Owner;
     if mo.allow_other {
         acl = fuser::SessionACL::All;
@@ -444,12 +454,12 @@ fn raise_readahead(mnt: &Path) {
 /// go of the leaf, so the chain can be reopened at once.
 pub fn umount(mnt: &Path) -> Result<()> {
     let c = canonical(mnt);
-    let Some((_, _, source)) = mounts().into_iter().rev().find(|(_, m, _)| *m == c) else {
+    let Some((_, _, fstype)) = mounts().into_iter().rev().find(|(_, m, _)| *m == c) else {
         return Err(Error::invalid(format!("{}: not mounted", mnt.display())));
     };
-    if !source.starts_with("chainfs:") {
+    if fstype != "fuse.chainfs" {
         return Err(Error::invalid(format!(
-            "{}: not a chainfs mount (it is {source}); use umount",
+            "{}: not a chainfs mount (it is {fstype}); use umount",
             mnt.display()
         )));
     }
