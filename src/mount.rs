@@ -309,7 +309,10 @@ fn serve_inner(
     let mut options = vec![
         // /proc/mounts: `LEAF MNT fuse.chainfs ...`, like any mount.
         fuser::MountOption::FSName(leaf),
-        fuser::MountOption::Subtype("chainfs".into()),
+        // Type `fuse.chainfs`. As a kernel option, not fuser's Subtype:
+        // fuser mounts as root with mount(2) and type "fuse", dropping the
+        // subtype; fusermount3 (non-root) gets `-o subtype=chainfs` either way.
+        fuser::MountOption::CUSTOM("subtype=chainfs".into()),
         fuser::MountOption::DefaultPermissions,
         // Not `ro` even for read-only mounts: `control` takes writes either
         // way; disk.raw refuses them itself (mode 0444, EROFS).

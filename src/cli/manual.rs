@@ -236,7 +236,11 @@ fn render(
 }
 
 fn list(w: &mut Vec<u8>, title: &str, items: &[(&str, &str)]) -> std::io::Result<()> {
-    writeln!(w, ".SH \"{title}\"")?;
+    if title.contains(' ') {
+        writeln!(w, ".SH \"{title}\"")?;
+    } else {
+        writeln!(w, ".SH {title}")?;
+    }
     for (k, v) in items {
         writeln!(w, ".TP\n\\fB{}\\fR\n{}", text(k), text(v))?;
     }
