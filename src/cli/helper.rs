@@ -6,7 +6,8 @@
 //! `mount(8)` runs `/sbin/mount.fuse.chainfs SOURCE MNT [-sfnv] [-o OPTS]
 //! [-t fuse.chainfs]` directly when that file exists. Both forms are
 //! rewritten here into `chainfs mount SOURCE MNT -o OPTS`; everything else
-//! goes to clap unchanged.
+//! goes to clap unchanged. Without the `mount.` name, the form is taken only
+//! when the first argument is a path (has a `/` or exists).
 
 use std::ffi::OsString;
 use std::path::Path;
@@ -30,9 +31,15 @@ pub fn rewrite(args: Vec<OsString>, subcommands: &[&str]) -> Result<Argv, String
         .unwrap_or("chainfs");
     let as_helper = name.starts_with("mount.");
     let first = args.get(1).and_then(|a| a.to_str());
+    // A SOURCE is a path (mount(8) passes fstab's as written): a mistyped
+    // command name (`chainfs inof x`) stays with clap and its suggestion.
     let helper_form = as_helper
         || (args.len() >= 3
-            && first.is_some_and(|a| !a.starts_with('-') && !subcommands.contains(&a)));
+            && first.is_some_and(|a| {
+                !a.starts_with('-')
+                    && !subcommands.contains(&a)
+                    && (a.contains('/') || Path::new(a).exists())
+            }));
     if !helper_form {
         return Ok(Argv::Clap(args));
     }
@@ -142,6 +149,8 @@ mod tests {
             &["chainfs", "--help"],
             &["chainfs", "-V"],
             &["chainfs", "leaf.vhd"],
+            &["chainfs", "inof", "leaf.vhd"],
+            &["chainfs", "moutn", "leaf.vhd", "mnt", "-o", "ro"],
             &["chainfs"],
         ] {
             assert_eq!(rewrite(v(a), SUBS), Ok(Argv::Clap(v(a))), "{a:?}");
