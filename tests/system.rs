@@ -372,3 +372,52 @@ fn fstab_line_with_generic_options_mounts_with_mount_big_t() {
     }
     assert!(!is_mounted(&mnt), "the namespace's mount leaked out");
 }
+
+#[test]
+fn helper_form_takes_the_generic_mount_options_that_mount8_and_fstab_use() {
+    if !require_fuse() {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let (leaf, flat) = chain(t.path());
+    let mnt = t.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    // The argv form mount.fuse3 uses, with every generic option at once:
+    // the fstab-only ones are ignored, `users` implies noexec,nosuid,nodev
+    // and the later `exec` overrides its noexec.
+    let o = Command::new(bin())
+        .args([
+            p(&leaf),
+            p(&mnt),
+            "-o",
+            "ro,defaults,auto,noauto,nofail,_netdev,x-systemd.automount,comment=x,users,exec,noatime",
+        ])
+        .current_dir(t.path())
+        .output()
+        .unwrap();
+    let _g = MountGuard::new(&mnt);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+    let line = mounts
+        .lines()
+        .find(|l| l.split(' ').nth(1) == Some(p(&mnt)))
+        .expect("the mount is in /proc/mounts");
+    let f: Vec<&str> = line.split(' ').collect();
+    assert_eq!(f[..3], [p(&leaf), p(&mnt), "fuse.chainfs"], "{line}");
+    let flags: Vec<&str> = f[3].split(',').collect();
+    for fl in ["nosuid", "nodev", "noatime"] {
+        assert!(flags.contains(&fl), "{fl} missing: {line}");
+    }
+    assert!(!flags.contains(&"noexec"), "exec came last: {line}");
+    assert_eq!(
+        std::fs::read(mnt.join("disk.raw")).unwrap(),
+        std::fs::read(&flat).unwrap()
+    );
+    // Read-only despite `defaults`.
+    assert!(std::fs::OpenOptions::new()
+        .write(true)
+        .open(mnt.join("disk.raw"))
+        .is_err());
+    chainfs_ok(&["umount", p(&mnt)]);
+    assert!(!is_mounted(&mnt));
+}
