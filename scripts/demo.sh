@@ -51,8 +51,19 @@ if ! rust_ok; then
 fi
 
 say "building chainfs (release)"
-run cargo build --release --locked --quiet
-export PATH="$REPO/target/release:$PATH"
+printf '$ cargo build --release --locked\n'
+# Ask cargo where the binary it just built is: CARGO_TARGET_DIR, a
+# build.target-dir in a cargo config, or target/ -- and never an older binary
+# that happens to be on PATH.
+BIN=$(cargo build --release --locked --quiet --message-format=json-render-diagnostics |
+  grep -F '"kind":["bin"]' | grep -F '"name":"chainfs"' |
+  sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -n 1)
+if [ -z "$BIN" ] || [ ! -x "$BIN" ]; then
+  echo "demo.sh: cargo did not report the chainfs binary it built" >&2
+  exit 1
+fi
+echo "built $BIN"
+chainfs() { "$BIN" "$@"; }
 
 # --- 2. A scratch folder, and the cleanup that undoes everything -------------
 WORK=$(mktemp -d /tmp/chainfs-demo.XXXXXX)

@@ -4,13 +4,16 @@
 use std::io::{IsTerminal, Read};
 use std::path::{Path, PathBuf};
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 
 use chainfs::chain::{Chain, ChainOptions};
 use chainfs::error::{Error, IoContext, Result};
 use chainfs::format::LayerOptions;
 use chainfs::image::FlatImage;
 use chainfs::size::parse_size;
+
+mod helper;
+mod manual;
 
 #[derive(Parser)]
 #[command(
@@ -116,6 +119,7 @@ enum Cmd {
     },
     /// Show the whole chain, leaf first.
     Info {
+        /// The leaf (or any layer) of the chain.
         image: PathBuf,
         #[command(flatten)]
         chain: ChainArgs,
@@ -128,6 +132,7 @@ enum Cmd {
     ///
     /// Exit status 0 when clean, 3 with one line per problem otherwise.
     Check {
+        /// The leaf (or any layer) of the chain to check.
         image: PathBuf,
         #[command(flatten)]
         chain: ChainArgs,
@@ -149,6 +154,7 @@ enum Cmd {
     /// Other character devices, folders and sockets are refused. Nothing but
     /// a regular file is ever replaced.
     Export {
+        /// The leaf of the chain to flatten.
         image: PathBuf,
         /// A file, a block device, a FIFO, `-` (standard output) or /dev/null.
         output: PathBuf,
@@ -172,8 +178,19 @@ enum Cmd {
     /// (merge commands) and `jobs/`. Unmount with `chainfs umount`,
     /// `fusermount3 -u` or `umount`; SIGINT/SIGTERM to the daemon do the same.
     /// Logs go to stderr with -f (RUST_LOG=info|debug).
+    ///
+    /// Also a mount helper: `mount -t fuse.chainfs IMAGE MOUNTPOINT -o
+    /// OPTIONS` and /etc/fstab lines of type fuse.chainfs run `chainfs IMAGE
+    /// MOUNTPOINT -o OPTIONS` (through mount.fuse3), and the binary installed
+    /// as mount.fuse.chainfs takes the same form. The generic mount(8)
+    /// options are accepted: dev/nodev, suid/nosuid, exec/noexec,
+    /// atime/noatime go to the kernel (default nodev,nosuid), user/users
+    /// imply noexec,nosuid,nodev; defaults, auto, noauto, nofail, _netdev,
+    /// x-* and comment= are for mount(8) and systemd and ignored.
     Mount {
+        /// The leaf of the chain to mount.
         image: PathBuf,
+        /// An empty folder; the chain appears as MOUNTPOINT/disk.raw.
         mountpoint: PathBuf,
         /// Mount options, comma separated: ro (default), rw (writes land in
         /// the leaf; fsync and close make them durable; refused when other
@@ -205,6 +222,7 @@ enum Cmd {
     /// when other disks depend on a layer it changes (--force overrides).
     /// An interrupted merge is finished by running the same command again.
     Merge {
+        /// The layer to merge down (usually the leaf).
         source: PathBuf,
         /// The parent or ancestor to merge into (not needed with --status).
         #[arg(required_unless_present = "status")]
@@ -225,7 +243,10 @@ enum Cmd {
         chain: ChainArgs,
     },
     /// Unmount a chainfs mount and wait until its chain is released.
-    Umount { mountpoint: PathBuf },
+    Umount {
+        /// Where the chain is mounted.
+        mountpoint: PathBuf,
+    },
     /// Give IMAGE's unused space back to the file system (Optimize-VHD).
     ///
     /// Offline: refused while a mount, merge or write uses IMAGE (exit 7).
@@ -265,6 +286,7 @@ enum Cmd {
     /// other disks (in its folder or a --parent-dir): writing into a parent
     /// corrupts its children (--force writes anyway).
     Write {
+        /// The leaf to write into.
         image: PathBuf,
         /// Byte offset in the virtual disk.
         #[arg(long, value_parser = parse_size_arg)]
@@ -283,10 +305,46 @@ enum Cmd {
         #[command(flatten)]
         chain: ChainArgs,
     },
+    /// Print a shell completion script on standard output.
+    ///
+    /// bash: save as /usr/share/bash-completion/completions/chainfs (or
+    /// ~/.local/share/bash-completion/completions/chainfs); zsh: as _chainfs
+    /// in a folder on $fpath; fish: as
+    /// ~/.config/fish/completions/chainfs.fish. scripts/install.sh does this.
+    Completions {
+        /// The shell: bash, zsh, fish, elvish or powershell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages (chainfs.1, chainfs-COMMAND.1) into DIR.
+    ///
+    /// Generated from this command-line definition, so they match --help.
+    /// scripts/install.sh installs them under PREFIX/share/man/man1.
+    Manpages {
+        /// The folder to write them into (created if missing).
+        dir: PathBuf,
+    },
+}
+
+/// The clap definition of the whole command line, built in one place for
+/// parsing, man pages and completions.
+pub fn command() -> clap::Command {
+    Cli::command()
 }
 
 pub fn run() -> Result<i32> {
-    let cli = Cli::parse();
+    let sub_names: Vec<String> = command()
+        .get_subcommands()
+        .map(|s| s.get_name().to_string())
+        .chain(["help".to_string()])
+        .collect();
+    let names: Vec<&str> = sub_names.iter().map(String::as_str).collect();
+    let args = match helper::rewrite(std::env::args_os().collect(), &names) {
+        Ok(helper::Argv::Clap(args)) => args,
+        Ok(helper::Argv::Fake) => return Ok(0),
+        Err(msg) => return Err(Error::invalid(msg)),
+    };
+    let cli = Cli::parse_from(args);
     match cli.cmd {
         Cmd::Create {
             image,
@@ -509,6 +567,16 @@ pub fn run() -> Result<i32> {
             );
             Ok(0)
         }
+        Cmd::Completions { shell } => {
+            manual::completions(command(), shell);
+            Ok(0)
+        }
+        Cmd::Manpages { dir } => {
+            for p in manual::write_manpages(command(), &dir)? {
+                println!("{}", p.display());
+            }
+            Ok(0)
+        }
     }
 }
 
@@ -667,4 +735,29 @@ fn progress_bar(total: u64) -> Option<indicatif::ProgressBar> {
         .progress_chars("=> "),
     );
     Some(b)
+}
+
+#[cfg(test)]
+mod tests {
+    /// `--help` describes every positional argument of every command.
+    #[test]
+    fn every_positional_argument_has_help() {
+        let mut cmd = super::command();
+        cmd.build();
+        let mut missing = Vec::new();
+        for sub in cmd.get_subcommands() {
+            for a in sub.get_positionals() {
+                if a.get_help().is_none() && a.get_long_help().is_none() {
+                    missing.push(format!("{} {}", sub.get_name(), a.get_id()));
+                }
+            }
+        }
+        assert!(missing.is_empty(), "positionals without help: {missing:?}");
+        assert!(cmd.get_subcommands().any(|s| s.get_name() == "mount"));
+    }
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        super::command().debug_assert();
+    }
 }

@@ -11,6 +11,24 @@ use std::str::FromStr;
 
 use crate::error::{Error, Result, RC_COMPLETED, RC_INVALID_PARAMETER};
 
+/// One control command. Parsing and printing round-trip, quotes included:
+///
+/// ```
+/// use chainfs::control::Command;
+/// let c: Command = r#"merge "my leaf.vhdx" base.vhdx keep"#.parse().unwrap();
+/// assert_eq!(
+///     c,
+///     Command::Merge {
+///         source: "my leaf.vhdx".into(),
+///         destination: "base.vhdx".into(),
+///         keep: true,
+///         force: false,
+///     }
+/// );
+/// assert_eq!(c.to_string().parse::<Command>().unwrap(), c);
+/// assert_eq!("cancel 7".parse::<Command>().unwrap(), Command::Cancel { job: 7 });
+/// assert!("merge only-one-path".parse::<Command>().is_err());
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
     Merge {

@@ -21,6 +21,8 @@ use crate::image::FlatImage;
 use crate::perms::Overrides;
 use crate::size::parse_size;
 
+pub mod generic;
+
 /// What `-o a,b=c,...` asked for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MountOptions {
@@ -37,6 +39,9 @@ pub struct MountOptions {
     pub force: bool,
     /// `uid=`, `gid=`, `umask=` (see `crate::perms`).
     pub perms: Overrides,
+    /// The generic mount(8) options: kernel flags (dev, suid, ...), and
+    /// fstab-only words (noauto, nofail, ...) accepted and ignored.
+    pub kernel: generic::KernelFlags,
 }
 
 impl Default for MountOptions {
@@ -51,6 +56,7 @@ impl Default for MountOptions {
             log: None,
             force: false,
             perms: Overrides::default(),
+            kernel: generic::KernelFlags::default(),
         }
     }
 }
@@ -64,6 +70,9 @@ impl MountOptions {
             .flat_map(|s| s.split(','))
             .filter(|s| !s.is_empty())
         {
+            if o.kernel.accept(item) {
+                continue;
+            }
             let (k, v) = match item.split_once('=') {
                 Some((k, v)) => (k, Some(v)),
                 None => (item, None),
@@ -158,7 +167,8 @@ pub fn check_mountpoint(mnt: &Path) -> Result<()> {
     Ok(())
 }
 
-/// `(major:minor, mount point)` of every mount, from /proc/self/mountinfo.
+/// `(major:minor, mount point, fstype)` of every mount, from
+/// /proc/self/mountinfo.
 fn mounts() -> Vec<(String, PathBuf, String)> {
     std::fs::read_to_string("/proc/self/mountinfo")
         .unwrap_or_default()
@@ -168,8 +178,8 @@ fn mounts() -> Vec<(String, PathBuf, String)> {
             let unescaped = f.get(4)?.replace("\\040", " ").replace("\\011", "\t");
             // After the " - " separator: fstype, source.
             let dash = f.iter().position(|x| *x == "-")?;
-            let source = f.get(dash + 2).unwrap_or(&"").to_string();
-            Some((f.get(2)?.to_string(), PathBuf::from(unescaped), source))
+            let fstype = f.get(dash + 1).unwrap_or(&"").to_string();
+            Some((f.get(2)?.to_string(), PathBuf::from(unescaped), fstype))
         })
         .collect()
 }
@@ -327,17 +337,20 @@ fn serve_inner(
     drop(chain);
 
     let mut options = vec![
-        fuser::MountOption::FSName(format!("chainfs:{leaf}")),
-        fuser::MountOption::Subtype("chainfs".into()),
+        // /proc/mounts: `LEAF MNT fuse.chainfs ...`, like any mount.
+        fuser::MountOption::FSName(leaf),
+        // Type `fuse.chainfs`. As a kernel option, not fuser's Subtype:
+        // fuser mounts as root with mount(2) and type "fuse", dropping the
+        // subtype; fusermount3 (non-root) gets `-o subtype=chainfs` either way.
+        fuser::MountOption::CUSTOM("subtype=chainfs".into()),
         // The kernel checks every access against the modes crate::perms
         // derives from the layers; without this, allow_other would let any
         // local user read the disk whatever the modes say.
         fuser::MountOption::DefaultPermissions,
-        fuser::MountOption::NoDev,
-        fuser::MountOption::NoSuid,
         // Not `ro` even for read-only mounts: `control` takes writes either
         // way; disk.raw refuses them itself (no write bits, EROFS).
     ];
+    options.extend(mo.kernel.fuser_options());
     let mut acl = fuser::SessionACL::Owner;
     if mo.allow_other {
         acl = fuser::SessionACL::All;
@@ -480,12 +493,12 @@ fn raise_readahead(mnt: &Path) {
 /// go of the leaf, so the chain can be reopened at once.
 pub fn umount(mnt: &Path) -> Result<()> {
     let c = canonical(mnt);
-    let Some((_, _, source)) = mounts().into_iter().rev().find(|(_, m, _)| *m == c) else {
+    let Some((_, _, fstype)) = mounts().into_iter().rev().find(|(_, m, _)| *m == c) else {
         return Err(Error::invalid(format!("{}: not mounted", mnt.display())));
     };
-    if !source.starts_with("chainfs:") {
+    if fstype != "fuse.chainfs" {
         return Err(Error::invalid(format!(
-            "{}: not a chainfs mount (it is {source}); use umount",
+            "{}: not a chainfs mount (it is {fstype}); use umount",
             mnt.display()
         )));
     }

@@ -3,6 +3,19 @@
 
 use crate::error::{Error, Result};
 
+/// Parse a human size into bytes.
+///
+/// ```
+/// use chainfs::size::parse_size;
+/// assert_eq!(parse_size("512").unwrap(), 512);
+/// assert_eq!(parse_size("4K").unwrap(), 4096);
+/// assert_eq!(parse_size("2MiB").unwrap(), 2 << 20);
+/// assert_eq!(parse_size("10G").unwrap(), 10 << 30);
+/// // Bad input is an error naming what was given, never a panic.
+/// let e = parse_size("ten").unwrap_err();
+/// assert!(e.to_string().contains("\"ten\" is not a size"));
+/// assert!(parse_size("99999999T").is_err()); // overflows u64
+/// ```
 pub fn parse_size(s: &str) -> Result<u64> {
     let t = s.trim();
     let t = t
@@ -25,6 +38,12 @@ pub fn parse_size(s: &str) -> Result<u64> {
         .ok_or_else(|| Error::invalid(format!("size {s:?} is too large")))
 }
 
+/// Format bytes for people, in powers of 1024.
+///
+/// ```
+/// assert_eq!(chainfs::size::human(512), "512 B");
+/// assert_eq!(chainfs::size::human(3 << 29), "1.5 GiB");
+/// ```
 pub fn human(n: u64) -> String {
     const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = n as f64;

@@ -233,6 +233,19 @@ pub fn peek_ids(path: &Path) -> Option<(uuid::Uuid, Option<uuid::Uuid>)> {
 /// `(is_set, count)`: the run of equal bits of sector bitmap `bm` from bit
 /// `first`, at most `max` long; whole bytes of one value are skipped at
 /// once. `msb_first`: bit 0 is `0x80` of byte 0 (VHD), else `0x01` (VHDX).
+/// Callers keep `first + max` within the bitmap (`8 * bm.len()` bits).
+///
+/// ```
+/// use chainfs::format::bit_run;
+/// // VHD order: sectors 0-2 present in this layer, then 13 absent.
+/// let bm = [0b1110_0000, 0x00];
+/// assert_eq!(bit_run(&bm, 0, 16, true), (true, 3));
+/// assert_eq!(bit_run(&bm, 3, 13, true), (false, 13));
+/// assert_eq!(bit_run(&bm, 3, 4, true), (false, 4)); // capped at `max`
+/// // The same byte in VHDX order is sectors 5-7.
+/// assert_eq!(bit_run(&bm, 0, 16, false), (false, 5));
+/// assert_eq!(bit_run(&bm, 5, 11, false), (true, 3));
+/// ```
 pub fn bit_run(bm: &[u8], first: u64, max: u64, msb_first: bool) -> (bool, u64) {
     let bit = |i: u64| {
         let mask = if msb_first {
