@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use chainfs::ChainOptions;
 
 pub const HELP: &str = "\
-leaf=PATH               (required) the leaf of the chain (VHD, VHDX or qcow2)
+leaf=PATH               (required) the leaf of the chain (.vhd, .avhd, .vhdx, .avhdx)
 parent_dir=DIR          also look for parents in DIR, by file name (repeatable)
 parent=CHILD=PATH       use PATH as CHILD's parent, no search (repeatable)
 readonly=BOOL           serve read-only: shared locks, no writes (default false)

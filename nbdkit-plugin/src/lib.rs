@@ -72,7 +72,7 @@ impl Server for Conn {
     }
 
     fn longname() -> Option<&'static str> {
-        Some("chainfs: chains of differencing virtual disks (VHD, VHDX, qcow2)")
+        Some("chainfs: chains of differencing virtual disks (VHD, VHDX)")
     }
 
     fn version() -> Option<&'static str> {
@@ -82,7 +82,7 @@ impl Server for Conn {
     fn description() -> Option<&'static str> {
         Some(
             "Serves the flattened content of a chain of differencing disks \
-             (VHD, VHDX or qcow2): the leaf and every parent, found and checked \
+             (any format chainfs opens: VHD, VHDX): the leaf and every parent, found and checked \
              as `chainfs mount` does. Writes go into the leaf.",
         )
     }
