@@ -1055,7 +1055,7 @@ if has nbd; then
     fi
     NBD_OK+=("$srv")
   done
-  rec meta.nbd_verify "sha256 $h_flat: \`nbdcopy\` from $(printf '%s ' "${NBD_OK[@]}")equals the flat file."
+  rec meta.nbd_verify "sha256 $h_flat: \`nbdcopy\` from each server that came up ($(IFS=,; echo "${NBD_OK[*]}")) equals the flat file."
   for round in $(seq "$REPS"); do
     for c in 1 2 4; do
       for srv in "${NBD_OK[@]}"; do

@@ -1146,7 +1146,7 @@ def cmd_report(results, report):
     P("sudo scripts/bench.sh                 # full: 2 GiB, all sections, ~20-25 min, writes docs/BENCHMARKS.md")
     P("sudo BENCH_QUICK=1 scripts/bench.sh   # 256 MiB, short runs, report in $BENCH_DIR/BENCHMARKS.md")
     P("# BENCH_SIZE=1G  BENCH_DIR=/path/on/disk  BENCH_REPS=5  BENCH_MOUNT_OPTS=ro,cache=64M  CHAINFS=path/to/chainfs")
-    P("# BENCH_SECTIONS=export,read,merge,write,vhdx (any subset)  BENCH_KEEP=1 (keep the images)  BENCH_REPORT=file.md")
+    P("# BENCH_SECTIONS=export,read,merge,write,vhdx,nbd (any subset; nbd is not in the default)  BENCH_KEEP=1 (keep the images)  BENCH_REPORT=file.md")
     P("```")
     text = "\n".join(out) + "\n"
     with open(report, "w") as f:
