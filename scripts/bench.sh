@@ -39,7 +39,13 @@
 #              sparse file (reference). Checked first with fio verify, across
 #              a remount, and `chainfs check` / `qemu-img check`.
 #   6. vhdx    the VHDX parts of 1-3 (build, export, reads) when selected.
-#   7. report  the tables, ratios and targets as markdown.
+#   7. nbd     the data chain served over NBD on a Unix socket, copied with
+#              `nbdcopy -C N -T N URI null:` (cold, median of BENCH_REPS):
+#              nbdkit with the chainfs plugin (VHD chain, readonly=true) vs
+#              qemu-nbd -r (qcow2 chain, same content), with 1, 2 and 4
+#              connections; each server's copy is checked against the flat
+#              file first.
+#   8. report  the tables, ratios and targets as markdown.
 #
 # Needs root (drop_caches, FUSE mounts). Full run (all sections): ~20-25 min
 # on 2 cores.
@@ -51,12 +57,15 @@
 #                        must be a disk file system, not tmpfs
 #   BENCH_REPS=3         export and merge runs per tool (median)
 #   BENCH_READ_REPS=3    rounds of read and write runs (median; 1 in quick mode)
-#   BENCH_SECTIONS=export,read,merge,write,vhdx   (any subset, comma separated)
+#   BENCH_SECTIONS=export,read,merge,write,vhdx,nbd   (any subset, comma separated;
+#                        default: all but nbd)
 #   BENCH_MOUNT_OPTS=ro,cache=64M   options for `chainfs mount -o` (reads)
 #   BENCH_KEEP=1         keep the images (and the run directory)
 #   BENCH_REPORT=FILE    where the report goes (default docs/BENCHMARKS.md for a
 #                        full 2 GiB run of all sections, else DIR/BENCHMARKS.md)
 #   CHAINFS=PATH         chainfs binary to use (default: cargo build --release)
+#   NBD_PLUGIN=PATH      the nbdkit plugin for the nbd section (default: cargo
+#                        build --release -p nbdkit-chainfs-plugin)
 #   BENCH_NOTE_BINARY=TEXT  where that binary comes from, for the report
 #
 # It mounts only under its run directory, kills only the daemons it started
@@ -103,8 +112,8 @@ REPS=${BENCH_REPS:-3}
 SECTIONS=${BENCH_SECTIONS:-export,read,merge,write,vhdx}
 for sec in ${SECTIONS//,/ }; do
   case $sec in
-    export | read | merge | write | vhdx) ;;
-    *) die "unknown section '$sec' in BENCH_SECTIONS (export, read, merge, write, vhdx)" ;;
+    export | read | merge | write | vhdx | nbd) ;;
+    *) die "unknown section '$sec' in BENCH_SECTIONS (export, read, merge, write, vhdx, nbd)" ;;
   esac
 done
 has() { [[ ",$SECTIONS," == *,$1,* ]]; }
@@ -141,6 +150,12 @@ need fio fio
 need fusermount3 fuse3
 need findmnt util-linux
 need python3 python3
+if has nbd; then
+  need nbdkit nbdkit
+  need nbdcopy libnbd-bin
+  need nbdinfo libnbd-bin
+  need qemu-nbd qemu-utils
+fi
 python3 -c 'import hashlib, json, statistics' || die "python3 lacks its standard library"
 
 mkdir -p "$BENCH_DIR"
@@ -160,6 +175,15 @@ if [ -z "${CHAINFS:-}" ]; then
   CHAINFS=$REPO/target/release/chainfs
 fi
 [ -x "$CHAINFS" ] || die "chainfs binary '$CHAINFS' not found"
+if has nbd && [ -z "${NBD_PLUGIN:-}" ]; then
+  need cargo cargo
+  say "== building the nbdkit plugin (cargo build --release -p nbdkit-chainfs-plugin)"
+  (cd "$REPO" && cargo build --release --quiet -p nbdkit-chainfs-plugin) || die "building the nbdkit plugin failed"
+  NBD_PLUGIN=$REPO/target/release/libnbdkit_chainfs_plugin.so
+fi
+if has nbd; then
+  [ -f "$NBD_PLUGIN" ] || die "nbdkit plugin '$NBD_PLUGIN' not found"
+fi
 
 # ------------------------------------------------------------------ run dir, cleanup
 W=$(mktemp -d "$BENCH_DIR/run.XXXXXX")
@@ -267,7 +291,7 @@ fi
 say "== chainfs benchmark: $((SIZE >> 20)) MiB virtual, work dir $W$([ "$QUICK" = 1 ] && echo ', QUICK mode')"
 
 # ------------------------------------------------------------------ 1. data
-if has export || has read || has write || has vhdx; then
+if has export || has read || has write || has vhdx || has nbd; then
   say "== 1. data: VHD chain, qcow2 chain and flat file with the same bytes"
   t=$EPOCHREALTIME
   python3 "$HELPER" build "$IMG" "$SIZE" "$CH" "$RES" "$(has vhdx && echo vhdx)"
@@ -975,7 +999,88 @@ Before timing, every target passed: its view probed against the flat file, $((2 
   rm -rf "$WD"
 fi
 
-# ------------------------------------------------------------------ 7. report
+# ------------------------------------------------------------------ 7. nbd
+if has nbd; then
+  say "== 7. nbd: nbdcopy from nbdkit + chainfs plugin (VHD chain) vs qemu-nbd (qcow2 chain)"
+  cp "$NBD_PLUGIN" "$W/chainfs-plugin.so"
+  SOCK=$W/nbd.sock
+  URI="nbd+unix:///?socket=$SOCK"
+  NBD_PID=""
+  rec meta.nbdkit "$(nbdkit --version | head -1)"
+  rec meta.libnbd "$(nbdcopy --version | head -1)"
+  nbd_start() { # server: serve the data chain on $SOCK, read-only
+    rm -f "$SOCK"
+    case $1 in
+      chainfs) nbdkit -f --exit-with-parent -U "$SOCK" "$W/chainfs-plugin.so" leaf="$IMG/top.vhd" readonly=true 2>>"$LOGD/nbd.log" & ;;
+      qemu) qemu-nbd -r -f qcow2 -t -e 8 -k "$SOCK" "$IMG/top.qcow2" 2>>"$LOGD/nbd.log" & ;;
+    esac
+    NBD_PID=$!
+    PIDS+=("$NBD_PID")
+    local i
+    for i in $(seq 300); do
+      [ -S "$SOCK" ] && nbdinfo --can connect "$URI" 2>/dev/null && return 0
+      kill -0 "$NBD_PID" 2>/dev/null || break
+      sleep 0.1
+    done
+    return 1
+  }
+  nbd_stop() {
+    stop_pid "$NBD_PID"
+    NBD_PID=""
+    rm -f "$SOCK"
+  }
+  logcmd "nbdkit -f -U \$W/nbd.sock \$W/chainfs-plugin.so leaf=\$W/img/top.vhd readonly=true &"
+  logcmd "qemu-nbd -r -f qcow2 -t -e 8 -k \$W/nbd.sock \$W/img/top.qcow2 &"
+  logcmd "nbdcopy -C N -T N 'nbd+unix:///?socket=\$W/nbd.sock' \$W/out/nbd.raw; python3 scripts/bench/helper.py sha256 \$W/out/nbd.raw   # each server once, before timing"
+  logcmd "drop; nbdcopy -C N -T N 'nbd+unix:///?socket=\$W/nbd.sock' null:   # N = 1, 2, 4; timed"
+  h_flat=$(python3 "$HELPER" sha256 "$IMG/raw.img" | cut -d' ' -f1)
+  NBD_OK=()
+  for srv in chainfs qemu; do
+    if ! nbd_start "$srv"; then
+      rec "nbd.$srv.c1.s" FAILED
+      rec "meta.failed.nbd_$srv" "the $srv NBD server did not come up (see $LOGD/nbd.log)"
+      FAILURES=$((FAILURES + 1))
+      nbd_stop
+      continue
+    fi
+    rec "nbd.$srv.info" "$(nbdinfo "$URI" | grep -E 'can_multi_conn|can_extents' | tr -s ' \t\n' ' ')"
+    nbdcopy -C 4 -T 4 "$URI" "$OUTD/nbd.raw" || true
+    h=$(python3 "$HELPER" sha256 "$OUTD/nbd.raw" | cut -d' ' -f1)
+    rm -f "$OUTD/nbd.raw"
+    nbd_stop
+    if [ "$h" != "$h_flat" ]; then
+      rec "meta.failed.nbd_$srv" "nbdcopy from the $srv server differs from the flat file"
+      FAILURES=$((FAILURES + 1))
+      continue
+    fi
+    NBD_OK+=("$srv")
+  done
+  rec meta.nbd_verify "sha256 $h_flat: \`nbdcopy\` from each server that came up ($(IFS=,; echo "${NBD_OK[*]}")) equals the flat file."
+  for round in $(seq "$REPS"); do
+    for c in 1 2 4; do
+      for srv in "${NBD_OK[@]}"; do
+        if ! nbd_start "$srv"; then
+          rec "nbd.$srv.c$c.s" FAILED
+          FAILURES=$((FAILURES + 1))
+          nbd_stop
+          continue
+        fi
+        drop_caches
+        t=$EPOCHREALTIME
+        if nbdcopy -C "$c" -T "$c" "$URI" null:; then
+          rec "nbd.$srv.c$c.s" "$(secs_since "$t")"
+        else
+          rec "nbd.$srv.c$c.s" FAILED
+          FAILURES=$((FAILURES + 1))
+        fi
+        nbd_stop
+      done
+    done
+  done
+  say "   nbd done"
+fi
+
+# ------------------------------------------------------------------ 8. report
 el=$(secs_since "$T_START")
 rec meta.load_end "$(cut -d' ' -f1-3 /proc/loadavg)"
 rec meta.elapsed "$(awk -v s="$el" 'BEGIN { printf "%d min %02d s", s / 60, s % 60 }')"

@@ -2,7 +2,9 @@
 # Install what chainfs's tests and benchmarks need on a Debian machine.
 # Idempotent: does nothing when every package is already there.
 set -euo pipefail
-PKGS=(fuse3 libvhdi-utils qemu-utils e2fsprogs fdisk util-linux fio man-db groff-base)
+# man-db/groff-base render the man pages; nbdkit serves the NBD plugin;
+# libnbd-bin has nbdinfo and nbdcopy.
+PKGS=(fuse3 libvhdi-utils qemu-utils e2fsprogs fdisk util-linux fio man-db groff-base nbdkit libnbd-bin)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

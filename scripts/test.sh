@@ -6,10 +6,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/deps.sh
 cargo fmt --check
-cargo clippy --all-targets --locked -- -D warnings
+cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo build --locked --all-targets
+# The nbdkit plugin (a cdylib, workspace member); tests/nbd.rs serves it.
+cargo build --locked -p nbdkit-chainfs-plugin
 # The cargo-fuzz targets build on stable too (running them needs
 # RUSTC_BOOTSTRAP=1, see scripts/fuzz.sh); their corpus replays in the suite.
 cargo build --locked --manifest-path fuzz/Cargo.toml
-cargo nextest run --locked --no-fail-fast --profile ci
+cargo nextest run --workspace --locked --no-fail-fast --profile ci
 cargo test --locked --doc

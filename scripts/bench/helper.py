@@ -819,6 +819,52 @@ def targets_extra(P, meta, vals, read_med, verdict):
 
 
 
+def nbd_section(P, meta, vals, size_mib):
+    """The NBD table: nbdcopy MiB/s (of virtual size) per server and
+    connection count; returns {(server, conns): MiB/s} for the targets."""
+    med = {}
+    if not any(k.startswith("nbd.") for k in vals):
+        return med
+    P("## Serving over NBD (nbdcopy)")
+    P("")
+    P(f"`nbdcopy -C N -T N URI null:` over a Unix socket, cold (page cache dropped, server restarted before "
+      f"each run), median of {meta.get('reps', '?')} runs, MiB/s of virtual size ({_fmt(size_mib)} MiB). "
+      "nbdcopy asks for block status and reads only the extents the server reports as data. "
+      f"{meta.get('nbdkit', '')}; {meta.get('libnbd', '')}.")
+    if meta.get("nbd_verify"):
+        P("")
+        P(f"Checked first: {meta['nbd_verify']}")
+    P("")
+    servers = [("chainfs", "nbdkit + chainfs plugin, `readonly=true` (VHD chain)"),
+               ("qemu", "`qemu-nbd -r -e 8` (qcow2 chain)")]
+    P("| server | 1 conn MiB/s | 2 conns MiB/s | 4 conns MiB/s | 4 vs 1 | runs (s) |")
+    P("|---|---|---|---|---|---|")
+    for srv, label in servers:
+        row, runs = [label], []
+        for c in (1, 2, 4):
+            v = vals.get(f"nbd.{srv}.c{c}.s", [])
+            xs = [_num(x) for x in v if _num(x) is not None]
+            if "FAILED" in v:
+                row.append("**FAILED**")
+            elif xs:
+                m = statistics.median(xs)
+                med[(srv, c)] = size_mib / m if m > 0 else None
+                row.append(_fmt(med[(srv, c)]))
+            else:
+                row.append("–")
+            runs.append(f"{c}: " + ", ".join(f"{x:.2f}" for x in xs))
+        a, b = med.get((srv, 4)), med.get((srv, 1))
+        row.append(f"{a / b:.2f}x" if a and b else "–")
+        row.append("; ".join(runs))
+        P("| " + " | ".join(row) + " |")
+    info = [f"{srv}: {vals[f'nbd.{srv}.info'][-1]}" for srv, _ in servers if vals.get(f"nbd.{srv}.info")]
+    if info:
+        P("")
+        P("What each server advertises (nbdinfo): " + "; ".join(info) + ".")
+    P("")
+    return med
+
+
 def cmd_report(results, report):
     meta, vals, cmds = {}, {}, []
     with open(results) as f:
@@ -985,6 +1031,7 @@ def cmd_report(results, report):
         P("")
 
     sections_extra(P, meta, vals, one, read_med)
+    nbd = nbd_section(P, meta, vals, size_mib)
 
     # Targets
     P("## Targets")
@@ -1029,6 +1076,14 @@ def cmd_report(results, report):
     else:
         P("| chainfs peak RSS <= cache + 32 MiB | not measured | – |")
     targets_extra(P, meta, vals, read_med, verdict)
+    if nbd.get(("chainfs", 1)) and nbd.get(("qemu", 1)):
+        for c in (1, 2, 4):
+            a, b = nbd.get(("chainfs", c)), nbd.get(("qemu", c))
+            if a and b:
+                P(f"| `nbdcopy` ({c} connection{'s' if c > 1 else ''}) from the chainfs plugin >= 1.0x qemu-nbd | "
+                  f"{a / b:.2f}x ({_fmt(a)} vs {_fmt(b)} MiB/s) | {verdict(a / b >= 1.0)} |")
+    elif any(k.startswith("nbd.") for k in vals):
+        P("| `nbdcopy` from the chainfs plugin >= 1.0x qemu-nbd | not measured | – |")
     P("")
     P("The read targets are judged on the 1-reader rows as the issue states them; the 4-reader rows are extra. "
       "Differences under about 1.5x between cold numbers can be host caching or noise "
@@ -1091,7 +1146,7 @@ def cmd_report(results, report):
     P("sudo scripts/bench.sh                 # full: 2 GiB, all sections, ~20-25 min, writes docs/BENCHMARKS.md")
     P("sudo BENCH_QUICK=1 scripts/bench.sh   # 256 MiB, short runs, report in $BENCH_DIR/BENCHMARKS.md")
     P("# BENCH_SIZE=1G  BENCH_DIR=/path/on/disk  BENCH_REPS=5  BENCH_MOUNT_OPTS=ro,cache=64M  CHAINFS=path/to/chainfs")
-    P("# BENCH_SECTIONS=export,read,merge,write,vhdx (any subset)  BENCH_KEEP=1 (keep the images)  BENCH_REPORT=file.md")
+    P("# BENCH_SECTIONS=export,read,merge,write,vhdx,nbd (any subset; nbd is not in the default)  BENCH_KEEP=1 (keep the images)  BENCH_REPORT=file.md")
     P("```")
     text = "\n".join(out) + "\n"
     with open(report, "w") as f:
