@@ -281,7 +281,8 @@ pub fn write_svg(
                 w(out, format!(
                     "<rect x=\"{:.2}\" y=\"{y:.1}\" width=\"{:.2}\" height=\"{:.1}\" fill=\"{fill}\" fill-opacity=\"{:.2}\"/>\n",
                     label_w + b as f64 * cell,
-                    (e - b) as f64 * cell,
+                    // At least 1.5 units wide, so one bin stays visible.
+                    ((e - b) as f64 * cell).max(1.5),
                     row_h - 4.0,
                     pct as f64 / 100.0
                 ))?;
@@ -290,11 +291,12 @@ pub fn write_svg(
         }
         w(out, "</g>\n".into())
     };
-    // A held fraction in steps of 10 %, at least 30 % so one sector shows.
+    // Opacity from the held fraction in steps of 10 %, at least 50 % so a
+    // bin holding one sector still shows.
     let shade = |held: u64, bin: usize| -> u32 {
         let span = bin_size.min(size - bin as u64 * bin_size).max(1);
         let pct = (held * 100).div_ceil(span).min(100) as u32;
-        30 + pct.div_ceil(10) * 7
+        50 + pct.div_ceil(10) * 5
     };
     row(out, top, "visible (supplier)", &|b| {
         let (depth, held) = (0..layers.len())
@@ -322,7 +324,7 @@ pub fn write_svg(
         let at = size / 4 * i;
         w(out, format!(
             "<line x1=\"{x:.1}\" y1=\"{:.1}\" x2=\"{x:.1}\" y2=\"{:.1}\" stroke=\"#555\"/>\n<text x=\"{x:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{}</text>\n",
-            top,
+            axis_y - 6.0,
             axis_y + 4.0,
             axis_y + 20.0,
             if i == 4 { human(size) } else { human(at) }
@@ -347,7 +349,7 @@ pub fn write_svg(
         x += 40.0 + 8.0 * (name.len() as f64 + 3.0);
     }
     w(out, format!(
-        "<text x=\"{x:.1}\" y=\"{legend_y:.1}\" fill=\"#555\">light = part of the bin held; grey = nothing stored (reads as zero or from below)</text>\n</svg>\n"
+        "<text x=\"{x:.1}\" y=\"{legend_y:.1}\" fill=\"#555\">paler = less of the bin stored; grey = nothing stored there</text>\n</svg>\n"
     ))?;
     Ok(SvgStats { bins, rows })
 }
