@@ -2,7 +2,7 @@
 # Install what chainfs's tests and benchmarks need on a Debian machine.
 # Idempotent: does nothing when every package is already there.
 set -euo pipefail
-PKGS=(fuse3 libvhdi-utils qemu-utils e2fsprogs fdisk util-linux fio)
+PKGS=(fuse3 libvhdi-utils qemu-utils e2fsprogs fdisk util-linux fio chromium)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
