@@ -134,6 +134,30 @@ fn layers_dir_has_one_read_only_view_per_layer_equal_to_its_export() {
 }
 
 #[test]
+fn layer_views_equal_vhdimounts_sub_chains() {
+    if !require_fuse() || !require("vhdimount", have("vhdimount")) {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let (leaf, _) = three_layers(t.path());
+    let mnt = t.path().join("mnt");
+    let _g = mount(&leaf, &mnt, &[]);
+    let vm = t.path().join("vhdi");
+    let _v = vhdimount(&leaf, &vm, 3);
+    // libvhdi numbers from the base: vhdi1 is base, vhdi3 the whole chain.
+    for (k, n) in ["0-leaf.vhd.raw", "1-mid.vhd.raw", "2-base.vhd.raw"]
+        .iter()
+        .enumerate()
+    {
+        assert_eq!(
+            sha256_file(&mnt.join("layers").join(n)),
+            sha256_file(&vm.join(format!("vhdi{}", 3 - k))),
+            "{n}"
+        );
+    }
+}
+
+#[test]
 fn a_view_is_narrowed_to_the_layers_it_reads() {
     if !require_fuse() {
         return;
