@@ -675,3 +675,64 @@ fn map_svg_of_a_2_tib_chain_is_quick_valid_and_renders() {
     let dark = px.iter().filter(|p| p.iter().all(|&c| c < 80)).count();
     assert!(dark > 500, "{dark} dark pixels: no text?");
 }
+
+#[test]
+fn views_a_running_merge_changes_cannot_be_opened() {
+    if !require_fuse() {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    // mid stores 256 MiB, so the merge into base runs long enough to
+    // try the opens while it copies.
+    chainfs_ok(&["create", p(&d.join("base.vhd")), "--size", "256M"]);
+    chainfs_ok(&[
+        "create",
+        p(&d.join("mid.vhd")),
+        "--parent",
+        p(&d.join("base.vhd")),
+    ]);
+    let zeros = d.join("zeros");
+    fs::File::create(&zeros)
+        .unwrap()
+        .set_len(256 << 20)
+        .unwrap();
+    chainfs_ok(&[
+        "write",
+        p(&d.join("mid.vhd")),
+        "--offset",
+        "0",
+        "--no-sparse",
+        "--input",
+        p(&zeros),
+    ]);
+    chainfs_ok(&[
+        "create",
+        p(&d.join("leaf.vhd")),
+        "--parent",
+        p(&d.join("mid.vhd")),
+    ]);
+    let mnt = d.join("mnt");
+    let _g = mount(&d.join("leaf.vhd"), &mnt, &["-o", "rw"]);
+    let layers = mnt.join("layers");
+
+    let (errno, reply) = control(&mnt, "merge mid.vhd base.vhd");
+    assert_eq!(errno, None, "{reply}");
+    let base = fs::File::open(layers.join("2-base.vhd.raw")).map(|_| ());
+    let mid = fs::File::open(layers.join("1-mid.vhd.raw")).map(|_| ());
+    let leaf = fs::File::open(layers.join("0-leaf.vhd.raw")).map(|_| ());
+    let state = fs::read_to_string(mnt.join("jobs/1")).unwrap();
+    assert!(
+        state.contains("JobState=4") || state.contains("JobState=3"),
+        "the merge ended before the opens were tried; make mid bigger: {state}"
+    );
+    for (n, r) in [("2-base", base), ("1-mid", mid)] {
+        let e = r.expect_err(n);
+        assert_eq!(e.raw_os_error(), Some(libc::EBUSY), "{n}: {e}");
+    }
+    leaf.expect("the leaf's view is not changed by the merge");
+    let j = wait_job(&mnt, "jobs/1");
+    assert_eq!(j.get("JobState").map(|s| s.as_str()), Some("7"), "{j:?}");
+    assert_eq!(names(&layers), ["0-leaf.vhd.raw", "1-base.vhd.raw"]);
+    fs::File::open(layers.join("1-base.vhd.raw")).expect("open after the merge");
+}
