@@ -324,6 +324,27 @@ enum Cmd {
         /// The folder to write them into (created if missing).
         dir: PathBuf,
     },
+    /// Show which layer holds each run of the virtual disk (like `qemu-img map`).
+    ///
+    /// One line per run: offset, length, depth of the layer holding it (0 =
+    /// IMAGE), where in that layer's file, and the file; runs no layer
+    /// stores say `zero`. With --svg, draws the chain instead: one row per
+    /// layer showing where it stores data, under a row coloured by the
+    /// layer each part of the disk is read from.
+    Map {
+        image: PathBuf,
+        /// Print the runs as a JSON array.
+        #[arg(long, conflicts_with = "svg")]
+        json: bool,
+        /// Write an SVG picture of the chain to FILE instead.
+        #[arg(long, value_name = "FILE")]
+        svg: Option<PathBuf>,
+        /// Columns of the picture (the virtual disk is cut into this many bins).
+        #[arg(long, default_value_t = 1000, requires = "svg")]
+        bins: usize,
+        #[command(flatten)]
+        chain: ChainArgs,
+    },
 }
 
 /// The clap definition of the whole command line, built in one place for
@@ -575,6 +596,35 @@ pub fn run() -> Result<i32> {
             for p in manual::write_manpages(command(), &dir)? {
                 println!("{}", p.display());
             }
+            Ok(0)
+        }
+        Cmd::Map {
+            image,
+            json,
+            svg,
+            bins,
+            chain,
+        } => {
+            let c = Chain::open(&image, &chain.options(false))?;
+            let flat = FlatImage::new(&c);
+            let layers = flat.layers();
+            if let Some(path) = svg {
+                let f = std::fs::File::create(&path).ctx(&path, "cannot create", None)?;
+                let mut w = std::io::BufWriter::new(f);
+                chainfs::map::write_svg(&layers, flat.size(), bins, &mut w)?;
+                std::io::Write::flush(&mut w).ctx(&path, "cannot write", None)?;
+                return Ok(0);
+            }
+            let stdout = std::io::stdout();
+            let mut w = std::io::BufWriter::new(stdout.lock());
+            if json {
+                chainfs::map::write_json(&layers, flat.size(), &mut w)?;
+            } else {
+                chainfs::map::write_text(&layers, flat.size(), &mut w)?;
+            }
+            std::io::Write::flush(&mut w).map_err(|e| {
+                Error::new(chainfs::ErrorKind::Io, format!("cannot write the map: {e}"))
+            })?;
             Ok(0)
         }
     }

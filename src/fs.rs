@@ -9,7 +9,21 @@
 //!   chain              ino 4  one layer per line, leaf first
 //!   jobs/              ino 5  one read-only file per merge job
 //!     N                ino 1000+N
+//!   layers/            ino 6  one read-only view per layer
+//!     K-NAME.raw       ino VIEW_BASE+id  the chain as it looked at layer K
 //! ```
+//!
+//! Layer views: `layers/K-NAME.raw` (K the depth, 0 = leaf) reads
+//! `layers[K..]`, the sub-chain with layer K as its leaf, i.e. what
+//! `chainfs export` of layer K's file shows. The names follow the current
+//! layer list (a merge renumbers them); the inode follows the layer *file*:
+//! each path gets an id the first time it is seen, so an inode never
+//! silently changes to another layer's bytes after a merge. Views are
+//! always read-only. The leaf's view changes with `-o rw` writes, so it is
+//! opened `direct_io` then; a parent's view changes only by a merge into it,
+//! and a merge that would change or retire a view is refused (32774, in
+//! use) while that view is open, and opening such a view while the merge
+//! runs is refused (EBUSY).
 //!
 //! Owner, group and modes come from the layer files (`crate::perms`):
 //! computed at mount and again whenever a merge changed the layer list.
@@ -21,6 +35,7 @@
 //! and job files change, so they are opened `direct_io` with zero TTL.
 
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -41,6 +56,10 @@ pub const CHAIN: u64 = 4;
 pub const JOBS: u64 = 5;
 /// `jobs/N` has inode `JOB_BASE + N`.
 pub const JOB_BASE: u64 = 1000;
+pub const LAYERS: u64 = 6;
+/// `layers/K-NAME.raw` has inode `VIEW_BASE + id`, id per layer file.
+/// Above every job inode a mount can reach.
+pub const VIEW_BASE: u64 = 1 << 40;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -100,6 +119,19 @@ pub struct ChainFs {
     jobs: Arc<Jobs>,
     /// The view's permissions and the layer list they were computed for.
     perms: Mutex<(Layers, ViewPerms)>,
+    /// Layer files seen so far; the index is the view's id.
+    view_ids: Mutex<Vec<PathBuf>>,
+    /// Layer files whose views the running merge changes or retires.
+    merging: Arc<Mutex<Vec<PathBuf>>>,
+}
+
+/// The name of the view of `layer` at `depth`.
+pub fn view_name(depth: usize, layer: &Path) -> String {
+    let name = layer
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    format!("{depth}-{name}.raw")
 }
 
 fn errno(e: i32, msg: &str) -> Error {
@@ -139,6 +171,8 @@ impl ChainFs {
             next_fh: AtomicU64::new(1),
             jobs: Arc::new(Jobs::default()),
             perms: Mutex::new((layers, perms)),
+            view_ids: Mutex::new(Vec::new()),
+            merging: Arc::new(Mutex::new(Vec::new())),
         })
     }
 
@@ -157,6 +191,57 @@ impl ChainFs {
             *p = (layers, v);
         }
         p.1
+    }
+
+    /// The inode of the view of `path` (assigning an id on first sight).
+    fn view_ino(&self, path: &Path) -> u64 {
+        let mut ids = self.view_ids.lock();
+        let id = match ids.iter().position(|p| p == path) {
+            Some(i) => i,
+            None => {
+                ids.push(path.to_path_buf());
+                ids.len() - 1
+            }
+        };
+        VIEW_BASE + id as u64
+    }
+
+    /// The current depth and layers of the view `ino`; ENOENT when its
+    /// layer left the chain (a merge retired it).
+    fn view(&self, ino: u64) -> Result<(usize, Layers)> {
+        let path = self
+            .view_ids
+            .lock()
+            .get((ino - VIEW_BASE) as usize)
+            .cloned()
+            .ok_or_else(|| errno(libc::ENOENT, "no such layer view"))?;
+        let layers = self.image.layers();
+        let depth = layers
+            .iter()
+            .position(|l| l.path() == path)
+            .ok_or_else(|| errno(libc::ENOENT, "this layer left the chain"))?;
+        Ok((depth, layers))
+    }
+
+    fn view_attr(&self, p: &ViewPerms, ino: u64) -> Result<Attr> {
+        let (depth, layers) = self.view(ino)?;
+        let paths: Vec<&Path> = layers[depth..].iter().map(|l| l.path()).collect();
+        // Read-only always; narrowed to what layers K..N grant.
+        let vp = crate::perms::of_layers(&paths, false, &self.cfg.perms);
+        let mut a = self.attr(p, ino, Kind::File, layers[depth].virtual_size(), vp.disk);
+        a.uid = vp.uid;
+        a.gid = vp.gid;
+        Ok(a)
+    }
+
+    /// Entries of `layers/`, leaf first.
+    fn views(&self) -> Vec<(u64, Kind, String)> {
+        self.image
+            .layers()
+            .iter()
+            .enumerate()
+            .map(|(k, l)| (self.view_ino(l.path()), Kind::File, view_name(k, l.path())))
+            .collect()
     }
 
     fn attr(&self, p: &ViewPerms, ino: u64, kind: Kind, size: u64, perm: u16) -> Attr {
@@ -186,6 +271,8 @@ impl ChainFs {
                 p.text,
             ),
             JOBS => self.attr(&p, JOBS, Kind::Dir, 0, p.dir),
+            LAYERS => self.attr(&p, LAYERS, Kind::Dir, 0, p.dir),
+            n if n >= VIEW_BASE => return self.view_attr(&p, n),
             n if n > JOB_BASE => match self.jobs.get(n - JOB_BASE) {
                 Some(j) => self.attr(&p, n, Kind::File, j.render().len() as u64, p.text),
                 None => return Err(errno(libc::ENOENT, "no such job")),
@@ -200,6 +287,11 @@ impl ChainFs {
             (ROOT, "control") => CONTROL,
             (ROOT, "chain") => CHAIN,
             (ROOT, "jobs") => JOBS,
+            (ROOT, "layers") => LAYERS,
+            (LAYERS, n) => match self.views().into_iter().find(|v| v.2 == n) {
+                Some(v) => v.0,
+                None => return Err(errno(libc::ENOENT, "no such layer view")),
+            },
             (JOBS, n) => match n.parse::<u64>() {
                 Ok(id) if self.jobs.get(id).is_some() => JOB_BASE + id,
                 _ => return Err(errno(libc::ENOENT, "no such job")),
@@ -217,7 +309,9 @@ impl ChainFs {
                 (CONTROL, Kind::File, "control".into()),
                 (CHAIN, Kind::File, "chain".into()),
                 (JOBS, Kind::Dir, "jobs".into()),
+                (LAYERS, Kind::Dir, "layers".into()),
             ]),
+            LAYERS => Ok(self.views()),
             JOBS => Ok(self
                 .jobs
                 .ids()
@@ -249,7 +343,15 @@ impl ChainFs {
                 *self.chain_text.lock() = t.clone();
                 (t.into_bytes(), false, true)
             }
-            ROOT | JOBS => return Err(errno(libc::EISDIR, "is a directory")),
+            ROOT | JOBS | LAYERS => return Err(errno(libc::EISDIR, "is a directory")),
+            n if n >= VIEW_BASE => {
+                if write {
+                    return Err(errno(libc::EROFS, "layer views are read-only"));
+                }
+                let (depth, _) = self.view(n)?;
+                // Only the leaf's view changes under us (-o rw writes).
+                (Vec::new(), false, depth == 0 && self.cfg.writable)
+            }
             n if n > JOB_BASE => {
                 if write {
                     return Err(errno(libc::EACCES, "job files are read-only"));
@@ -262,7 +364,27 @@ impl ChainFs {
             _ => return Err(errno(libc::ENOENT, "no such file")),
         };
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        self.handles.lock().insert(
+        let mut handles = self.handles.lock();
+        if ino >= VIEW_BASE {
+            // Checked under the handle lock, which a starting merge holds
+            // while it looks for open views: no open slips in between.
+            let (depth, layers) = self.view(ino)?;
+            if self
+                .merging
+                .lock()
+                .iter()
+                .any(|p| p == layers[depth].path())
+            {
+                return Err(Error::new(
+                    ErrorKind::Busy,
+                    format!(
+                        "a merge is changing {}",
+                        view_name(depth, layers[depth].path())
+                    ),
+                ));
+            }
+        }
+        handles.insert(
             fh,
             Handle {
                 ino,
@@ -293,6 +415,14 @@ impl ChainFs {
                     log::warn!("copy-on-read at {offset}: {e}");
                 }
             }
+            return Ok(buf);
+        }
+        if ino >= VIEW_BASE {
+            let (depth, layers) = self.view(ino)?;
+            let end = layers[depth].virtual_size();
+            let n = (size as u64).min(end.saturating_sub(offset)) as usize;
+            let mut buf = vec![0u8; n];
+            crate::image::read_layers(&layers, depth, offset, &mut buf)?;
             return Ok(buf);
         }
         let mut handles = self.handles.lock();
@@ -419,6 +549,30 @@ impl ChainFs {
                     parent_dirs: Vec::new(),
                 };
                 let plan = crate::merge::plan(self.image.layers(), &req, Some(caller))?;
+                // The merge changes DESTINATION's view and retires those of
+                // SOURCE and the layers between; views of the layers above
+                // SOURCE show the same bytes before and after.
+                let changed: Vec<PathBuf> = plan.layers[plan.s..=plan.d]
+                    .iter()
+                    .map(|l| l.path().to_path_buf())
+                    .collect();
+                {
+                    let handles = self.handles.lock();
+                    for h in handles.values().filter(|h| h.ino >= VIEW_BASE) {
+                        if let Ok((depth, layers)) = self.view(h.ino) {
+                            if changed.iter().any(|p| p == layers[depth].path()) {
+                                return Err(Error::new(
+                                    ErrorKind::Busy,
+                                    format!(
+                                        "layers/{} is open: the merge would change it; close it first",
+                                        view_name(depth, layers[depth].path())
+                                    ),
+                                ));
+                            }
+                        }
+                    }
+                    *self.merging.lock() = changed;
+                }
                 let command = format!(
                     "{}",
                     Command::Merge {
@@ -432,6 +586,8 @@ impl ChainFs {
                 let job = self.jobs.start(command, progress.clone());
                 let image = self.image.clone();
                 let j = job.clone();
+                let merging = self.merging.clone();
+                let merging2 = self.merging.clone();
                 std::thread::Builder::new()
                     .name(format!("merge-{}", job.id))
                     .spawn(move || {
@@ -440,9 +596,13 @@ impl ChainFs {
                         if let Err(e) = &r {
                             log::error!("job {}: {e}", j.id);
                         }
+                        merging.lock().clear();
                         j.finish(&r);
                     })
-                    .map_err(|e| Error::new(ErrorKind::Io, format!("cannot start job: {e}")))?;
+                    .map_err(|e| {
+                        merging2.lock().clear();
+                        Error::new(ErrorKind::Io, format!("cannot start job: {e}"))
+                    })?;
                 Ok(Reply {
                     return_value: RC_JOB_STARTED,
                     fields: vec![("Job".into(), format!("jobs/{}", job.id))],

@@ -13,7 +13,7 @@ use fuser::{
 };
 
 use crate::error::Error;
-use crate::fs::{Attr, ChainFs, Kind, CHAIN, CONTROL, DISK, JOBS, ROOT};
+use crate::fs::{Attr, ChainFs, Kind, CHAIN, CONTROL, DISK, JOBS, LAYERS, ROOT};
 use crate::perms::ViewPerms;
 
 /// Largest request the kernel may send (it caps this at its max_pages).
@@ -63,7 +63,7 @@ impl PermsWatch {
         };
         if self.last.is_some_and(|l| l != now) {
             log::info!("layers changed: modes now {now:?}");
-            for ino in [ROOT, DISK, CONTROL, CHAIN, JOBS] {
+            for ino in [ROOT, DISK, CONTROL, CHAIN, JOBS, LAYERS] {
                 // Offset -1: the attributes only, not the page cache.
                 if let Err(e) = self.notifier.inval_inode(INodeNo(ino), -1, 0) {
                     log::debug!("invalidate inode {ino}: {e}");

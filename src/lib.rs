@@ -10,6 +10,7 @@
 //! - [`cache`]: the bounded LRU that holds every layer's metadata.
 //! - [`image`]: the resolver; full-length reads, writes to the leaf.
 //! - [`export`], [`check`], [`info`], [`write`], [`compact`], [`relink`]: the offline operations behind the CLI.
+//! - [`map`]: which layer holds each run; the SVG picture of a chain.
 //! - [`perms`]: who may see and change a mount (owner, group, modes).
 //! - [`error`]: error kinds, errno and return codes, chosen in one place.
 
@@ -29,6 +30,7 @@ pub mod fuzzing;
 pub mod image;
 pub mod info;
 pub mod jobs;
+pub mod map;
 pub mod merge;
 pub mod mount;
 pub mod perms;

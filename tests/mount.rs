@@ -91,7 +91,7 @@ fn mount_shows_disk_chain_control_and_jobs() {
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .collect();
     names.sort();
-    assert_eq!(names, ["chain", "control", "disk.raw", "jobs"]);
+    assert_eq!(names, ["chain", "control", "disk.raw", "jobs", "layers"]);
     let md = std::fs::metadata(mnt.join("disk.raw")).unwrap();
     assert_eq!(md.len(), model.len() as u64);
     assert!(md.permissions().readonly(), "read-only by default");
