@@ -257,6 +257,7 @@ enum Cmd {
     /// a crash at any point leaves it readable with the same content.
     /// Dynamic and differencing VHD and VHDX; only IMAGE, not its parents.
     Compact {
+        /// The VHD or VHDX file to compact (only this file changes).
         image: PathBuf,
         /// Print the result as JSON.
         #[arg(long)]
@@ -270,7 +271,9 @@ enum Cmd {
     /// CHILD is rewritten for PARENT's location, crash-safely. Refused while
     /// CHILD is mounted or being merged (in use, exit 7).
     SetParent {
+        /// The differencing disk whose parent moved.
         child: PathBuf,
+        /// The parent's new location (must be the disk CHILD records).
         parent: PathBuf,
         /// Make PARENT the parent although its id differs, and record its id.
         #[arg(long)]
@@ -332,6 +335,7 @@ enum Cmd {
     /// layer showing where it stores data, under a row coloured by the
     /// layer each part of the disk is read from.
     Map {
+        /// The leaf of the chain to map.
         image: PathBuf,
         /// Print the runs as a JSON array.
         #[arg(long, conflicts_with = "svg")]
