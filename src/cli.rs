@@ -520,7 +520,7 @@ pub fn run() -> Result<i32> {
             if json {
                 println!("{}", serde_json::to_string(&r).expect("serialisable"));
             } else {
-                use chainfs::format::space::human;
+                use chainfs::size::human;
                 println!(
                     "{}: {} freed ({} blocks unallocated, {} ranges punched out); {} on disk, file size {} -> {}",
                     image.display(),

@@ -12,6 +12,7 @@
 use std::io::Read;
 
 use crate::error::{Error, ErrorKind, Result};
+use crate::format::space::is_zero;
 use crate::image::{FlatImage, Source};
 
 /// How much input is read and written at a time.
@@ -129,15 +130,6 @@ fn write_sparse(flat: &FlatImage, at: u64, data: &[u8], stats: &mut WriteStats) 
 fn piece(data: &[u8], at: u64, pos: u64, end: u64, ss: u64) -> &[u8] {
     let stop = (pos / ss + 1).saturating_mul(ss).min(end);
     &data[(pos - at) as usize..(stop - at) as usize]
-}
-
-fn is_zero(b: &[u8]) -> bool {
-    // Eight bytes at a time: this runs over every input byte.
-    let mut words = b.chunks_exact(8);
-    words
-        .by_ref()
-        .all(|w| u64::from_ne_bytes(w.try_into().expect("8 bytes")) == 0)
-        && words.remainder().iter().all(|&x| x == 0)
 }
 
 /// Does the chain read zeros over `[off, off+len)` now?

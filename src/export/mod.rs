@@ -37,6 +37,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use parking_lot::{Condvar, Mutex};
 
 use crate::error::{Error, ErrorKind, IoContext, Result};
+use crate::format::space::is_zero;
 use crate::format::Layer;
 use crate::image::{FlatImage, Source};
 use target::Target;
@@ -551,11 +552,4 @@ fn fill(image: &FlatImage, off: u64, buf: &mut [u8]) -> Result<u64> {
         }
     }
     Ok(read)
-}
-
-/// True when every byte is zero (word-at-a-time).
-pub fn is_zero(b: &[u8]) -> bool {
-    let mut chunks = b.chunks_exact(16);
-    chunks.all(|c| u128::from_ne_bytes(c.try_into().unwrap()) == 0)
-        && chunks.remainder().iter().all(|&x| x == 0)
 }

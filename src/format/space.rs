@@ -23,6 +23,7 @@ use std::path::Path;
 use serde::Serialize;
 
 use crate::error::{Error, IoContext, Result};
+use crate::size::human;
 
 /// Gaps holding less allocated space than this are not reported by `check`:
 /// alignment padding and the old footers a VHD writer leaves between
@@ -138,22 +139,6 @@ pub fn leak_report(
     Ok(out)
 }
 
-/// `1.5 MiB`-style sizes for messages.
-pub fn human(n: u64) -> String {
-    const UNITS: [&str; 5] = ["bytes", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u + 1 < UNITS.len() {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} bytes")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
-}
-
 /// Give back the space of `start..end`: punch a hole over its whole
 /// 4 KiB pages that hold data. Only for ranges nothing references (or
 /// that hold zeros): a hole reads as zeros. False when the file system
@@ -204,9 +189,14 @@ pub fn punch_zero_pages(file: &File, path: &Path, off: u64, len: u64) -> Result<
     Ok(punched)
 }
 
-/// Does `buf` hold only zeros?
+/// Does `buf` hold only zeros? Word at a time: export, `write` and
+/// `compact` run it over every byte they move.
 pub fn is_zero(buf: &[u8]) -> bool {
-    buf.iter().all(|&b| b == 0)
+    let mut words = buf.chunks_exact(16);
+    words
+        .by_ref()
+        .all(|w| u128::from_ne_bytes(w.try_into().expect("16 bytes")) == 0)
+        && words.remainder().iter().all(|&x| x == 0)
 }
 
 /// Bytes the file occupies on its file system (`st_blocks`).

@@ -579,7 +579,7 @@ fn preflight(
         dest.path().display()
     );
     if needed > free {
-        use crate::format::space::human;
+        use crate::size::human;
         return Err(Error::new(
             ErrorKind::NoSpace,
             format!(

@@ -133,7 +133,14 @@ impl VhdLayer {
         self.file.sync_all().ctx(p, "cannot fsync", None)?;
         let mut zero = j.stale.clone();
         zero.push((j.at, JOURNAL_SIZE));
-        for (off, len) in zero {
+        self.clear_and_sync(&zero)
+    }
+
+    /// Zero `ranges` (stale locator data, an old header, the journal:
+    /// nothing references them any more), then `fsync`.
+    fn clear_and_sync(&self, ranges: &[(u64, u64)]) -> Result<()> {
+        let p = &self.path;
+        for &(off, len) in ranges {
             crate::fault::point()?;
             self.file.write_all_at(&vec![0u8; len as usize], off).ctx(
                 p,
@@ -258,16 +265,7 @@ impl VhdLayer {
             crate::fault::point()?;
             self.file.sync_all().ctx(p, "cannot fsync", None)?;
             stale.push((ho, HEADER_SIZE as u64));
-            for &(off, len) in &stale {
-                crate::fault::point()?;
-                self.file.write_all_at(&vec![0u8; len as usize], off).ctx(
-                    p,
-                    "cannot clear stale relink data",
-                    Some(off),
-                )?;
-            }
-            crate::fault::point()?;
-            self.file.sync_all().ctx(p, "cannot fsync", None)?;
+            self.clear_and_sync(&stale)?;
             nf
         } else {
             // 2. The journal, durable after the locator data it names.
