@@ -33,10 +33,11 @@ const SHARDS: usize = 16;
 /// What a cached buffer is, for one layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Table {
-    /// A page of a block allocation table.
-    BatPage,
-    /// The sector bitmap of one block.
-    Bitmap,
+    /// A page of a layer's top-level map (the block or cluster table).
+    MapPage,
+    /// What a layer keeps about one block or table slice (a presence
+    /// bitmap, a second-level table).
+    Detail,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -47,21 +48,21 @@ pub struct Key {
 }
 
 impl Key {
-    /// Page `page` of a layer's block allocation table.
-    pub fn bat_page(layer: u64, page: u64) -> Key {
+    /// Page `page` of a layer's top-level map.
+    pub fn map_page(layer: u64, page: u64) -> Key {
         Key {
             layer,
-            table: Table::BatPage,
+            table: Table::MapPage,
             index: page,
         }
     }
 
-    /// The sector bitmap of a layer's block `block`.
-    pub fn bitmap(layer: u64, block: u64) -> Key {
+    /// The detail a layer keeps for its block or slice `index`.
+    pub fn detail(layer: u64, index: u64) -> Key {
         Key {
             layer,
-            table: Table::Bitmap,
-            index: block,
+            table: Table::Detail,
+            index,
         }
     }
 }
@@ -200,7 +201,7 @@ mod tests {
             c.insert(
                 Key {
                     layer: 1,
-                    table: Table::Bitmap,
+                    table: Table::Detail,
                     index: i,
                 },
                 vec![0u8; 512].into(),
@@ -217,7 +218,7 @@ mod tests {
             c.insert(
                 Key {
                     layer,
-                    table: Table::BatPage,
+                    table: Table::MapPage,
                     index: 0,
                 },
                 vec![1u8; 64].into(),
@@ -226,7 +227,7 @@ mod tests {
         c.forget_layer(1);
         let k = |layer| Key {
             layer,
-            table: Table::BatPage,
+            table: Table::MapPage,
             index: 0,
         };
         assert!(c.get(&k(1)).is_none());

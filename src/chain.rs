@@ -19,6 +19,7 @@ use serde::Serialize;
 use crate::cache::{MetaCache, DEFAULT_CACHE_BYTES};
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::{open_layer, Layer, LayerOptions, ParentHint, ParentLink};
+use crate::paths::{canonical, folder_of};
 
 /// The deepest chain chainfs opens.
 pub const MAX_DEPTH: usize = 256;
@@ -210,16 +211,11 @@ impl Chain {
     }
 }
 
-/// Absolute, symlinks resolved where possible.
-pub fn canonical(p: &Path) -> PathBuf {
-    std::fs::canonicalize(p).unwrap_or_else(|_| std::path::absolute(p).unwrap_or(p.to_path_buf()))
-}
-
 /// A layer that a merge has already retired (its record says `relinked`)
 /// must not be used: its content is now in the merge's destination.
 fn refuse_retired(path: &Path) -> Result<()> {
-    match crate::merge::intent::read(path)? {
-        Some(r) if r.phase == crate::merge::intent::Phase::Relinked => Err(Error::new(
+    match crate::intent::read(path)? {
+        Some(r) if r.phase == crate::intent::Phase::Relinked => Err(Error::new(
             ErrorKind::InvalidState,
             format!("{}: {r}", path.display()),
         )),
@@ -228,14 +224,6 @@ fn refuse_retired(path: &Path) -> Result<()> {
             Ok(())
         }
         None => Ok(()),
-    }
-}
-
-/// The folder a file is in (`.` for a bare file name).
-pub fn folder_of(p: &Path) -> &Path {
-    match p.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
     }
 }
 

@@ -7,8 +7,9 @@ use std::path::Path;
 use crate::cache::MetaCache;
 use std::path::PathBuf;
 
-use crate::chain::{canonical, folder_of, Chain, ChainOptions};
+use crate::chain::{Chain, ChainOptions};
 use crate::error::Result;
+use crate::paths::{canonical, folder_of};
 
 /// Problems found, one message each; empty when the chain is clean.
 pub fn check_chain(leaf: &Path, opts: &ChainOptions) -> Result<Vec<String>> {
@@ -32,7 +33,7 @@ pub fn check_chain(leaf: &Path, opts: &ChainOptions) -> Result<Vec<String>> {
     let mut problems = Vec::new();
     for l in &chain.layers {
         problems.extend(l.check()?);
-        if let Some(r) = crate::merge::intent::read(l.path())? {
+        if let Some(r) = crate::intent::read(l.path())? {
             problems.push(format!("{}: {r}", l.path().display()));
         }
     }
@@ -57,7 +58,7 @@ pub fn check_chain(leaf: &Path, opts: &ChainOptions) -> Result<Vec<String>> {
             if members.contains(&canonical(&source)) {
                 continue; // reported with its layer above
             }
-            match crate::merge::intent::read(&source) {
+            match crate::intent::read(&source) {
                 Ok(Some(r)) => {
                     let involved = std::iter::once(&r.destination)
                         .chain(r.children.iter())

@@ -643,7 +643,8 @@ fn merge(
     json: bool,
     chain: &ChainArgs,
 ) -> Result<i32> {
-    use chainfs::merge::{intent, MergeRequest, Progress};
+    use chainfs::intent;
+    use chainfs::merge::{MergeRequest, Progress};
     let record = intent::read(&source)?;
     if status {
         let text = record.as_ref().map(|r| r.to_string());
@@ -675,7 +676,7 @@ fn merge(
         }
     };
     if let Some(r) = record.filter(|r| r.phase == intent::Phase::Relinked) {
-        if chainfs::chain::canonical(&r.destination) != chainfs::chain::canonical(&destination) {
+        if chainfs::paths::canonical(&r.destination) != chainfs::paths::canonical(&destination) {
             return Err(Error::invalid(format!(
                 "{r}; it merged into another destination"
             )));
@@ -695,7 +696,7 @@ fn merge(
     let flat = FlatImage::new(&c);
     drop(c);
     let req = MergeRequest {
-        source: chainfs::chain::canonical(&source).display().to_string(),
+        source: chainfs::paths::canonical(&source).display().to_string(),
         destination: destination.display().to_string(),
         keep,
         force,
@@ -744,7 +745,7 @@ fn swapped_hint(e: Error, source: &Path, destination: &Path, chain: &ChainArgs) 
     // working folder or next to SOURCE.
     let Some(dst) = [
         destination.to_path_buf(),
-        chainfs::chain::folder_of(source).join(destination),
+        chainfs::paths::folder_of(source).join(destination),
     ]
     .into_iter()
     .find(|p| p.is_file()) else {
@@ -753,11 +754,11 @@ fn swapped_hint(e: Error, source: &Path, destination: &Path, chain: &ChainArgs) 
     let Ok(dc) = Chain::open(&dst, &chain.options(false)) else {
         return e;
     };
-    let src = chainfs::chain::canonical(source);
+    let src = chainfs::paths::canonical(source);
     if !dc
         .layers
         .iter()
-        .any(|l| chainfs::chain::canonical(l.path()) == src)
+        .any(|l| chainfs::paths::canonical(l.path()) == src)
     {
         return e;
     }

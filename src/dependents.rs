@@ -20,9 +20,9 @@ use std::path::{Path, PathBuf};
 
 use uuid::Uuid;
 
-use crate::chain::{canonical, folder_of};
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::peek_ids;
+use crate::paths::{canonical, folder_of};
 
 /// An image file found in a searched folder, with its identities.
 #[derive(Debug, Clone)]

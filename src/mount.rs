@@ -14,10 +14,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::chain::{canonical, Chain, ChainOptions};
+use crate::chain::{Chain, ChainOptions};
 use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::fs::{ChainFs, MountConfig};
 use crate::image::FlatImage;
+use crate::paths::canonical;
 use crate::perms::Overrides;
 use crate::size::parse_size;
 

@@ -16,9 +16,9 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use crate::cache::MetaCache;
-use crate::chain::canonical;
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::{open_layer, LayerOptions};
+use crate::paths::canonical;
 
 /// What `set-parent` did.
 #[derive(Debug, Clone, Serialize)]
@@ -39,7 +39,7 @@ pub fn set_parent(
     parent: &Path,
     ignore_id_mismatch: bool,
 ) -> Result<SetParentReport> {
-    if let Some(r) = crate::merge::intent::read(child)? {
+    if let Some(r) = crate::intent::read(child)? {
         return Err(Error::new(
             ErrorKind::Busy,
             format!("{}: in use: {r}", child.display()),

@@ -133,7 +133,7 @@ fn to_file(
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let tmp =
-        crate::chain::folder_of(out).join(format!(".{name}.chainfs-export-{}", std::process::id()));
+        crate::paths::folder_of(out).join(format!(".{name}.chainfs-export-{}", std::process::id()));
     let f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)

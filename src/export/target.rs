@@ -24,8 +24,8 @@ use std::io::IsTerminal;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
-use crate::chain::folder_of;
 use crate::error::{Error, ErrorKind, IoContext, Result};
+use crate::paths::folder_of;
 
 /// Where an export writes, and so how.
 #[derive(Debug, Clone, PartialEq, Eq)]

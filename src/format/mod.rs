@@ -14,6 +14,7 @@
 //! turns a partial-sector write into a read-modify-write before calling
 //! [`Layer::write_sectors`].
 
+pub mod fileio;
 pub mod hint;
 pub mod pending;
 pub mod probe;

@@ -150,7 +150,7 @@ pub fn punch_range(file: &File, path: &Path, start: u64, end: u64) -> Result<boo
         return Ok(false);
     }
     crate::fault::point()?;
-    match super::pending::punch_hole(file, s, e - s) {
+    match super::fileio::punch_hole(file, s, e - s) {
         Ok(()) => Ok(true),
         Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => Ok(false),
         Err(err) => Err(Error::io(path, "cannot punch a hole", Some(s), err)),

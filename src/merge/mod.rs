@@ -30,20 +30,18 @@
 //! A crash in 5 leaves the merged chain complete; rerunning finishes the
 //! cleanup from the record, and opening a retired SOURCE is refused.
 
-pub mod intent;
-
 use std::collections::HashSet;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use crate::chain::{canonical, folder_of};
 use crate::dependents;
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::{open_layer, peek_ids, Layer, LayerOptions, LockMode};
 use crate::image::{resolve_span, FlatImage, Layers, Span};
-use intent::{Phase, Record};
+use crate::intent::{self, Phase, Record};
+use crate::paths::{canonical, folder_of};
 
 /// What was asked.
 #[derive(Debug, Clone, PartialEq, Eq)]

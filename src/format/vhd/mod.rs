@@ -53,7 +53,7 @@ use parking_lot::{Mutex, RwLock};
 use crate::cache::{new_layer_key, Key, MetaCache};
 use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::format::hint;
-use crate::format::pending::{self, Pending};
+use crate::format::pending::Pending;
 use crate::format::{
     lock_file, DiskType, Extent, Format, Layer, LayerInfo, LayerOptions, LockMode, ParentHint,
     ParentLink,
@@ -352,7 +352,7 @@ impl VhdLayer {
     /// Candidate parent locations in the documented order: W2ru, W2ku,
     /// MacX, Wi2r, Wi2k, then the header's parent name.
     fn parent_link(&self, h: &DynamicHeader, tail_off: u64) -> ParentLink {
-        let dir = crate::chain::folder_of(&self.path);
+        let dir = crate::paths::folder_of(&self.path);
         let mut hints = Vec::new();
         for code in [PLAT_W2RU, PLAT_W2KU, PLAT_MACX, PLAT_WI2R, PLAT_WI2K] {
             for l in h.locators.iter().filter(|l| l.code == code) {
@@ -409,11 +409,11 @@ impl VhdLayer {
     }
 
     fn bat_key(&self, page: u64) -> Key {
-        Key::bat_page(self.key, page)
+        Key::map_page(self.key, page)
     }
 
     fn bitmap_key(&self, block: u64) -> Key {
-        Key::bitmap(self.key, block)
+        Key::detail(self.key, block)
     }
 
     fn load_bat_page(&self, h: &DynamicHeader, page: u64) -> Result<Vec<u8>> {
@@ -653,7 +653,7 @@ impl VhdLayer {
     /// space where the file system can (a hole), else writing zeros.
     fn punch(&self, off: u64, len: u64) -> Result<()> {
         crate::fault::point()?;
-        let Err(e) = pending::punch_hole(&self.file, off, len) else {
+        let Err(e) = crate::format::fileio::punch_hole(&self.file, off, len) else {
             return Ok(());
         };
         if e.raw_os_error() != Some(libc::EOPNOTSUPP) {
@@ -798,7 +798,7 @@ impl Layer for VhdLayer {
     }
 
     fn will_need(&self, file_offset: u64, len: u64) {
-        pending::will_need(&self.file, file_offset, len);
+        crate::format::fileio::will_need(&self.file, file_offset, len);
     }
 
     fn read_data(&self, file_offset: u64, buf: &mut [u8]) -> Result<()> {

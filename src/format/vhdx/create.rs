@@ -26,7 +26,7 @@ pub fn create(path: &Path, spec: &VhdxSpec<'_>) -> Result<()> {
                 return Err(Error::unsupported(pp, "a VHDX child needs a VHDX parent"));
             }
             let abs = std::fs::canonicalize(pp).ctx(pp, "cannot resolve", None)?;
-            let dir = std::fs::canonicalize(crate::chain::folder_of(path)).ctx(
+            let dir = std::fs::canonicalize(crate::paths::folder_of(path)).ctx(
                 path,
                 "cannot resolve folder",
                 None,

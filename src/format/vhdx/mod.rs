@@ -240,7 +240,7 @@ impl VhdxLayer {
         let alt_id = get("parent_linkage2")
             .and_then(|v| parse_guid_text(&v))
             .filter(|u| !u.is_nil());
-        let dir = crate::chain::folder_of(&self.path);
+        let dir = crate::paths::folder_of(&self.path);
         let mut hints = Vec::new();
         for key in ["relative_path", "absolute_win32_path", "volume_path"] {
             if let Some(v) = get(key) {
@@ -256,11 +256,11 @@ impl VhdxLayer {
     }
 
     fn bat_key(&self, page: u64) -> Key {
-        Key::bat_page(self.key, page)
+        Key::map_page(self.key, page)
     }
 
     fn bitmap_key(&self, block: u64) -> Key {
-        Key::bitmap(self.key, block)
+        Key::detail(self.key, block)
     }
 
     /// BAT entry number `idx` (payload and bitmap entries interleaved).
@@ -768,7 +768,7 @@ impl Layer for VhdxLayer {
     }
 
     fn will_need(&self, file_offset: u64, len: u64) {
-        crate::format::pending::will_need(&self.file, file_offset, len);
+        crate::format::fileio::will_need(&self.file, file_offset, len);
     }
 
     fn read_data(&self, file_offset: u64, buf: &mut [u8]) -> Result<()> {

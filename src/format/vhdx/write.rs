@@ -304,7 +304,7 @@ impl VhdxLayer {
 
     fn punch(&self, off: u64, len: u64) -> Result<()> {
         crate::fault::point()?;
-        if let Err(e) = crate::format::pending::punch_hole(&self.file, off, len) {
+        if let Err(e) = crate::format::fileio::punch_hole(&self.file, off, len) {
             // Not freeing space is fine: the BAT no longer points here.
             ::log::debug!("{}: punch hole at {off:#x}: {e}", self.path.display());
         }
@@ -490,7 +490,7 @@ impl VhdxLayer {
         let pairs = match target {
             Some((parent, id)) => {
                 let abs = std::fs::canonicalize(parent).ctx(parent, "cannot resolve", None)?;
-                let dir = std::fs::canonicalize(crate::chain::folder_of(&self.path)).ctx(
+                let dir = std::fs::canonicalize(crate::paths::folder_of(&self.path)).ctx(
                     &self.path,
                     "cannot resolve folder",
                     None,

@@ -47,7 +47,7 @@ pub struct Record {
 
 /// Where the record of a merge out of `source` lives.
 pub fn path_for(source: &Path) -> PathBuf {
-    let dir = crate::chain::folder_of(source);
+    let dir = crate::paths::folder_of(source);
     let name = source
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -121,7 +121,7 @@ pub fn remove(source: &Path) -> Result<()> {
 
 /// fsync the folder holding `path`, so a rename or unlink in it is durable.
 pub fn sync_dir(path: &Path) -> Result<()> {
-    let dir = crate::chain::folder_of(path);
+    let dir = crate::paths::folder_of(path);
     crate::fault::point()?;
     std::fs::File::open(dir)
         .and_then(|f| f.sync_all())
