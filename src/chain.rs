@@ -1,14 +1,24 @@
 //! Opening a chain: the leaf, then each parent found from the child's own
-//! hints, verified by identity, bounded in depth, free of cycles.
+//! hints, verified by identity where the format records one, bounded in
+//! depth, free of cycles, in a format the child's format allows.
 //!
-//! Candidate order for each link: every stored hint that names a local path
-//! (VHD: `W2ru` relative to the child's folder, `W2ku`, `MacX`, `Wi2r`,
-//! `Wi2k`, the header's parent name), then the basename of every hint in the
-//! child's folder, then the basename in each `--parent-dir`. `--parent
-//! CHILD=PATH` replaces the search for one child. The first candidate that
-//! exists and carries the expected identity wins; a candidate with another
-//! identity is remembered for the error message (or used, with
-//! `--ignore-id-mismatch`, when nothing better exists).
+//! Drivers report hints as stored; the chain alone decides which files
+//! they mean. Candidate order for each link: every stored hint that names
+//! a local path (`crate::paths::hint_path`: relative to the child's folder,
+//! absolute, Windows shapes, `file://` URLs), in the driver's order, then
+//! the basename of every hint in the child's folder, then the basename in
+//! each `--parent-dir`. `--parent CHILD=PATH` replaces the search for one
+//! child.
+//!
+//! Where the link records identities ([`ParentLink::ids`]), the first
+//! candidate that exists and carries one of them wins; a candidate with
+//! another identity is remembered for the error message (or used, with
+//! `--ignore-id-mismatch`, when nothing better exists). Where it records
+//! none (a format that names its parent by file name only), the first
+//! candidate that opens in an allowed format wins, and `info`/`check` say
+//! the link is by name only. Either way the chain refuses cycles (by path,
+//! and by identity where there is one), more than [`MAX_DEPTH`] layers and
+//! a parent whose virtual size differs.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -18,8 +28,9 @@ use serde::Serialize;
 
 use crate::cache::{MetaCache, DEFAULT_CACHE_BYTES};
 use crate::error::{Error, ErrorKind, Result};
+use crate::format::registry::{may_have_parent, mixed_error};
 use crate::format::{open_layer, Layer, LayerOptions, ParentHint, ParentLink};
-use crate::paths::{canonical, folder_of};
+use crate::paths::{canonical, folder_of, hint_path, stored_basename};
 
 /// The deepest chain chainfs opens.
 pub const MAX_DEPTH: usize = 256;
@@ -57,6 +68,9 @@ pub struct Link {
     /// Found only through `--parent-dir` or `--parent`: the child's own
     /// hints no longer lead to it (`check` suggests `set-parent`).
     pub by_search: bool,
+    /// The child records no identity for its parent: the link was
+    /// verified by name, cycle, depth and size only.
+    pub by_name_only: bool,
 }
 
 /// An open chain, leaf first.
@@ -125,11 +139,11 @@ impl Chain {
         let mut seen_paths: HashSet<PathBuf> = HashSet::new();
         let mut seen_ids = HashSet::new();
         seen_paths.insert(canonical(leaf));
-        seen_ids.insert(chain.layers[0].info().unique_id);
+        seen_ids.extend(chain.layers[0].info().unique_id);
         loop {
             let child = chain.layers.last().unwrap().clone();
             let Some(link) = child.parent() else { break };
-            if link.id.is_nil() {
+            if link.detached {
                 let e = Error::new(
                     ErrorKind::BadChain,
                     format!(
@@ -152,11 +166,13 @@ impl Chain {
                 let (parent, found) = find_parent(child.as_ref(), &link, opts, &ro, &seen_paths)?;
                 let canon = canonical(&found.resolved);
                 let pid = parent.info().unique_id;
-                if !seen_paths.insert(canon) || (!found.id_mismatch && !seen_ids.insert(pid)) {
+                let id_seen = pid.is_some_and(|id| !found.id_mismatch && !seen_ids.insert(id));
+                if !seen_paths.insert(canon) || id_seen {
+                    let id = pid.map(|u| format!(" ({u})")).unwrap_or_default();
                     return Err(Error::new(
                         ErrorKind::BadChain,
                         format!(
-                            "{}: the chain loops: its parent {} ({pid}) is already in the chain",
+                            "{}: the chain loops: its parent {}{id} is already in the chain",
                             child.path().display(),
                             found.resolved.display()
                         ),
@@ -173,17 +189,9 @@ impl Chain {
                         ),
                     ));
                 }
-                if child.info().format != parent.info().format {
-                    return Err(Error::new(
-                        ErrorKind::Unsupported,
-                        format!(
-                            "{}: a {} child of a {} parent ({}) is not supported",
-                            child.path().display(),
-                            child.info().format,
-                            parent.info().format,
-                            found.resolved.display()
-                        ),
-                    ));
+                let (cf, pf) = (child.info().format, parent.info().format);
+                if !may_have_parent(cf, pf) {
+                    return Err(mixed_error(child.path(), cf, pf, &found.resolved));
                 }
                 Ok((parent, found))
             })();
@@ -227,12 +235,9 @@ fn refuse_retired(path: &Path) -> Result<()> {
     }
 }
 
-fn basename_of(stored: &str) -> Option<String> {
-    let b = stored.rsplit(['\\', '/']).next()?;
-    (!b.is_empty()).then(|| b.to_string())
-}
-
-fn candidates(child: &Path, hints: &[ParentHint], opts: &ChainOptions) -> Vec<PathBuf> {
+/// Where to look for the parent a child at `child` names with `hints`, in
+/// order (see the module docs); `parent_dirs` are the `--parent-dir`s.
+pub fn candidates(child: &Path, hints: &[ParentHint], parent_dirs: &[PathBuf]) -> Vec<PathBuf> {
     let dir = folder_of(child);
     let mut out: Vec<PathBuf> = Vec::new();
     let mut push = |p: PathBuf| {
@@ -242,16 +247,16 @@ fn candidates(child: &Path, hints: &[ParentHint], opts: &ChainOptions) -> Vec<Pa
     };
     hints
         .iter()
-        .filter_map(|h| h.path.clone())
+        .filter_map(|h| hint_path(dir, &h.stored))
         .for_each(&mut push);
     let names: Vec<String> = hints
         .iter()
-        .filter_map(|h| basename_of(&h.stored))
+        .filter_map(|h| stored_basename(&h.stored))
         .collect();
     for n in &names {
         push(dir.join(n));
     }
-    for d in &opts.parent_dirs {
+    for d in parent_dirs {
         for n in &names {
             push(d.join(n));
         }
@@ -266,7 +271,7 @@ fn find_parent(
     ro: &LayerOptions,
     seen: &HashSet<PathBuf>,
 ) -> Result<(Arc<dyn Layer>, Link)> {
-    let (hints, want, alt) = (&link.hints[..], link.id, link.alt_id);
+    let hints = &link.hints[..];
     let cpath = canonical(child.path());
     let over = opts
         .overrides
@@ -275,16 +280,28 @@ fn find_parent(
         .map(|(_, p)| p.clone());
     let list = match &over {
         Some(p) => vec![p.clone()],
-        None => candidates(child.path(), hints, opts),
+        None => candidates(child.path(), hints, &opts.parent_dirs),
     };
     let mut tried = Vec::new();
     let mut looped: Option<PathBuf> = None;
     let mut unusable: Option<Error> = None;
     let mut mixed: Option<Error> = None;
     let cname = child.path().display();
-    let mut mismatch: Option<(PathBuf, Arc<dyn Layer>, uuid::Uuid)> = None;
+    let mut mismatch: Option<(PathBuf, Arc<dyn Layer>, Option<uuid::Uuid>)> = None;
     // The candidates the child's own hints give, without any option.
-    let own = candidates(child.path(), hints, &ChainOptions::default());
+    let own = candidates(child.path(), hints, &[]);
+    let want = || match &link.ids[..] {
+        [] => "a parent".to_string(),
+        [one] => format!("a parent with id {one}"),
+        ids => {
+            let all: Vec<String> = ids.iter().map(|u| u.to_string()).collect();
+            format!("a parent with id {}", all.join(" or "))
+        }
+    };
+    let show = |id: Option<uuid::Uuid>| match id {
+        Some(u) => format!("id {u}"),
+        None => "no id".to_string(),
+    };
     let by_search = |cand: &PathBuf| over.is_some() || !own.contains(cand);
     for cand in list {
         tried.push(cand.clone());
@@ -306,26 +323,19 @@ fn find_parent(
                 continue;
             }
         };
-        log::debug!(
-            "{cname}: candidate parent {} has id {}",
-            cand.display(),
-            layer.info().unique_id
-        );
         let got = layer.info().unique_id;
-        if layer.info().format != child.info().format {
-            // A VHD cannot have a VHDX parent nor the reverse.
-            mixed.get_or_insert(Error::new(
-                ErrorKind::Unsupported,
-                format!(
-                    "{cname}: a {} child of a {} parent ({}) is not supported",
-                    child.info().format,
-                    layer.info().format,
-                    cand.display()
-                ),
-            ));
+        log::debug!(
+            "{cname}: candidate parent {} has {}",
+            cand.display(),
+            show(got)
+        );
+        let (cf, pf) = (child.info().format, layer.info().format);
+        if !may_have_parent(cf, pf) {
+            // E.g. a VHD cannot have a VHDX parent nor the reverse.
+            mixed.get_or_insert(mixed_error(child.path(), cf, pf, &cand));
             continue;
         }
-        if got == want || alt == Some(got) {
+        if link.accepts(got) {
             return Ok((
                 layer,
                 Link {
@@ -334,6 +344,7 @@ fn find_parent(
                     resolved: cand,
                     tried,
                     id_mismatch: false,
+                    by_name_only: link.by_name_only(),
                 },
             ));
         }
@@ -344,8 +355,10 @@ fn find_parent(
     if let Some((cand, layer, got)) = mismatch {
         if opts.ignore_id_mismatch {
             log::warn!(
-                "{cname}: parent {} has id {got}, expected {want}; used anyway (--ignore-id-mismatch)",
-                cand.display()
+                "{cname}: parent {} has {}, expected {}; used anyway (--ignore-id-mismatch)",
+                cand.display(),
+                show(got),
+                want()
             );
             return Ok((
                 layer,
@@ -355,15 +368,18 @@ fn find_parent(
                     resolved: cand,
                     tried,
                     id_mismatch: true,
+                    by_name_only: false,
                 },
             ));
         }
         return Err(Error::new(
             ErrorKind::IdMismatch,
             format!(
-                "{cname} expects a parent with id {want}, but {} has id {got} \
+                "{cname} expects {}, but {} has {} \
                  (pass --ignore-id-mismatch to use it anyway, or --parent CHILD=PATH)",
-                cand.display()
+                want(),
+                cand.display(),
+                show(got)
             ),
         ));
     }
@@ -387,8 +403,12 @@ fn find_parent(
     Err(Error::new(
         ErrorKind::NotFound,
         format!(
-            "{cname}: parent {want} not found; locators [{}]; tried [{}] \
+            "{cname}: parent{} not found; locators [{}]; tried [{}] \
              (add --parent-dir DIR or --parent CHILD=PATH)",
+            link.ids
+                .first()
+                .map(|u| format!(" {u}"))
+                .unwrap_or_default(),
             stored.join(", "),
             tried_s.join(", ")
         ),

@@ -1,6 +1,8 @@
 //! `chainfs check`: every layer's own structure, then every link (parent
 //! found, identity, size). Opens everything read-only; reports one line per
-//! problem and keeps going as far as the chain can be opened.
+//! problem and keeps going as far as the chain can be opened. Notes say
+//! what is worth knowing but not wrong, such as a link a format records by
+//! file name only (no identity to verify).
 
 use std::path::Path;
 
@@ -11,8 +13,17 @@ use crate::chain::{Chain, ChainOptions};
 use crate::error::Result;
 use crate::paths::{canonical, folder_of};
 
-/// Problems found, one message each; empty when the chain is clean.
-pub fn check_chain(leaf: &Path, opts: &ChainOptions) -> Result<Vec<String>> {
+/// What `check` found.
+#[derive(Debug, Default)]
+pub struct Findings {
+    /// One message per problem; empty when the chain is clean.
+    pub problems: Vec<String>,
+    /// Not problems: what the user should know about the chain.
+    pub notes: Vec<String>,
+}
+
+/// Check the chain of `leaf`; see the module docs.
+pub fn check_chain(leaf: &Path, opts: &ChainOptions) -> Result<Findings> {
     let opts = ChainOptions {
         writable: false,
         ..opts.clone()
@@ -26,11 +37,15 @@ pub fn check_chain(leaf: &Path, opts: &ChainOptions) -> Result<Vec<String>> {
         Ok(r) => r,
         // A leaf a merge retired: that is a finding, not a failure to check.
         Err(e) if e.kind == crate::error::ErrorKind::InvalidState => {
-            return Ok(vec![e.to_string()])
+            return Ok(Findings {
+                problems: vec![e.to_string()],
+                notes: Vec::new(),
+            })
         }
         Err(e) => return Err(e),
     };
     let mut problems = Vec::new();
+    let mut notes = Vec::new();
     for l in &chain.layers {
         problems.extend(l.check()?);
         if let Some(r) = crate::intent::read(l.path())? {
@@ -73,6 +88,13 @@ pub fn check_chain(leaf: &Path, opts: &ChainOptions) -> Result<Vec<String>> {
         }
     }
     for (i, link) in chain.links.iter().enumerate() {
+        if link.by_name_only {
+            notes.push(format!(
+                "{}: linked to its parent {} by name only (the format records no parent id to verify)",
+                chain.layers[i].path().display(),
+                link.resolved.display()
+            ));
+        }
         if link.by_search && !link.id_mismatch {
             let child = chain.layers[i].path().display();
             problems.push(format!(
@@ -92,5 +114,5 @@ pub fn check_chain(leaf: &Path, opts: &ChainOptions) -> Result<Vec<String>> {
     if let Some(e) = err {
         problems.push(e.to_string());
     }
-    Ok(problems)
+    Ok(Findings { problems, notes })
 }

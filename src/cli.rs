@@ -425,7 +425,7 @@ pub fn run() -> Result<i32> {
             }
         }
         Cmd::Check { image, chain, json } => {
-            let problems = match chainfs::check::check_chain(&image, &chain.options(false)) {
+            let found = match chainfs::check::check_chain(&image, &chain.options(false)) {
                 Ok(p) => p,
                 // Scripts that asked for JSON get JSON on failure too; the
                 // message also goes to stderr and the exit code is the error's.
@@ -434,6 +434,7 @@ pub fn run() -> Result<i32> {
                         "image": image,
                         "clean": false,
                         "problems": [],
+                        "notes": [],
                         "error": { "message": e.to_string(), "exit_code": e.exit_code() },
                     });
                     println!(
@@ -445,15 +446,25 @@ pub fn run() -> Result<i32> {
                 }
                 Err(e) => return Err(e),
             };
+            let (problems, notes) = (found.problems, found.notes);
             if json {
-                let v = serde_json::json!({ "image": image, "clean": problems.is_empty(), "problems": problems });
+                let v = serde_json::json!({
+                    "image": image,
+                    "clean": problems.is_empty(),
+                    "problems": problems,
+                    "notes": notes,
+                });
                 println!(
                     "{}",
                     serde_json::to_string_pretty(&v).expect("serialisable")
                 );
-            } else if problems.is_empty() {
-                println!("{}: clean", image.display());
             } else {
+                for n in &notes {
+                    println!("note: {n}");
+                }
+                if problems.is_empty() {
+                    println!("{}: clean", image.display());
+                }
                 for p in &problems {
                     println!("{p}");
                 }
@@ -548,12 +559,18 @@ pub fn run() -> Result<i32> {
             if json {
                 println!("{}", serde_json::to_string(&r).expect("serialisable"));
             } else {
-                println!(
-                    "{}: parent is now {} ({})",
-                    child.display(),
-                    parent.display(),
-                    r.parent_id
-                );
+                match r.parent_id {
+                    Some(id) => println!(
+                        "{}: parent is now {} ({id})",
+                        child.display(),
+                        parent.display()
+                    ),
+                    None => println!(
+                        "{}: parent is now {} (by name)",
+                        child.display(),
+                        parent.display()
+                    ),
+                }
             }
             Ok(0)
         }

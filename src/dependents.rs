@@ -3,43 +3,59 @@
 //! `mount -o rw`) and by merges to find children to relink and bystanders a
 //! merge would break.
 //!
-//! There is no back-link from a parent to its children in either format, so
+//! There is no back-link from a parent to its children in any format, so
 //! children are found the way Hyper-V's tools find them: by looking. The
 //! folders searched are the layer's own folder and every `--parent-dir`
 //! (where `Chain::open` looks for parents, so where children that resolve to
-//! this layer live). A file is a child when its recorded parent id is the
-//! layer's id: VHD parent UUID = the parent's footer unique id; VHDX
-//! `parent_linkage` = the parent's DataWriteGuid, which is what
-//! `peek_ids` and `LayerInfo::unique_id` report for a VHDX (not the
-//! FileWriteGuid, which changes on every writable open).
+//! this layer live). Every file a driver reads there is asked for its parent
+//! link (`format::peek`). It is a child of the layer when the link records
+//! identities and one of them is the layer's (VHD: parent UUID = footer
+//! unique id; VHDX: `parent_linkage` = DataWriteGuid), or, for a format that
+//! names its parent by file name only, when the chain's own candidate rule
+//! (`chain::candidates`) leads from it to the layer's file.
 //!
-//! Cost: `peek_ids` reads a footer or the VHDX headers and metadata of each
+//! Cost: each driver's `peek` reads a footer or headers and metadata of each
 //! image file in those folders; nothing is locked or changed.
 
 use std::path::{Path, PathBuf};
 
 use uuid::Uuid;
 
+use crate::chain::candidates;
 use crate::error::{Error, ErrorKind, Result};
-use crate::format::peek_ids;
+use crate::format::registry::{is_image_name, peek};
+use crate::format::ParentLink;
 use crate::paths::{canonical, folder_of};
 
-/// An image file found in a searched folder, with its identities.
+/// An image file found in a searched folder, with its parent link.
 #[derive(Debug, Clone)]
 pub struct Found {
     pub path: PathBuf,
-    pub id: Uuid,
-    /// The id its parent link records (None for a base disk).
-    pub parent: Option<Uuid>,
+    /// Its identity, where its format has one.
+    pub id: Option<Uuid>,
+    /// Its parent link (`None` for a base disk).
+    pub parent: Option<ParentLink>,
 }
 
-/// Does the name end like a VHD or VHDX image?
-fn is_image_name(p: &Path) -> bool {
-    let ext = p
-        .extension()
-        .map(|x| x.to_string_lossy().to_ascii_lowercase())
-        .unwrap_or_default();
-    matches!(ext.as_str(), "vhd" | "avhd" | "vhdx" | "avhdx")
+impl Found {
+    /// Does this file name the layer at `path` (identity `id`) as its
+    /// parent? `dirs`: the `--parent-dir`s its chain would be opened with.
+    pub fn is_child_of(&self, path: &Path, id: Option<Uuid>, dirs: &[PathBuf]) -> bool {
+        let Some(link) = &self.parent else {
+            return false;
+        };
+        if link.detached {
+            return false;
+        }
+        if !link.by_name_only() {
+            return id.is_some_and(|id| link.ids.contains(&id));
+        }
+        let me = canonical(path);
+        candidates(&self.path, &link.hints, dirs)
+            .iter()
+            .find(|c| c.is_file())
+            .is_some_and(|c| canonical(c) == me)
+    }
 }
 
 /// The folders to search for the children of `layers`: their own folders,
@@ -58,7 +74,7 @@ pub fn folders<'a>(layers: impl IntoIterator<Item = &'a Path>, extra: &[PathBuf]
     dirs
 }
 
-/// Every readable VHD/VHDX file in `dirs` (unreadable folders and files
+/// Every image file a driver reads in `dirs` (unreadable folders and files
 /// that do not parse are skipped: they cannot be anyone's child).
 pub fn scan(dirs: &[PathBuf]) -> Vec<Found> {
     let mut out = Vec::new();
@@ -74,21 +90,25 @@ pub fn scan(dirs: &[PathBuf]) -> Vec<Found> {
         // Stable order, so messages name the same child every time.
         names.sort();
         for path in names {
-            if let Some((id, parent)) = peek_ids(&path) {
-                out.push(Found { path, id, parent });
+            if let Some(p) = peek(&path) {
+                out.push(Found {
+                    path,
+                    id: p.id,
+                    parent: p.parent,
+                });
             }
         }
     }
     out
 }
 
-/// The children of the layer `path` (whose id is `id`) in its folder and
-/// `extra` folders.
-pub fn children(path: &Path, id: Uuid, extra: &[PathBuf]) -> Vec<PathBuf> {
+/// The children of the layer `path` (whose id is `id`, if any) in its
+/// folder and `extra` folders.
+pub fn children(path: &Path, id: Option<Uuid>, extra: &[PathBuf]) -> Vec<PathBuf> {
     let me = canonical(path);
     scan(&folders([path], extra))
         .into_iter()
-        .filter(|f| f.parent == Some(id) && canonical(&f.path) != me)
+        .filter(|f| canonical(&f.path) != me && f.is_child_of(path, id, extra))
         .map(|f| f.path)
         .collect()
 }
@@ -97,11 +117,11 @@ pub fn children(path: &Path, id: Uuid, extra: &[PathBuf]) -> Vec<PathBuf> {
 /// `force_hint` is how the user overrides where they are (`--force`,
 /// `-o rw,force`).
 pub fn refuse_if_parent(path: &Path, extra: &[PathBuf], force_hint: &str) -> Result<()> {
-    let Some((id, _)) = peek_ids(path) else {
+    let Some(me) = peek(path) else {
         // Not an image we can read: the open that follows says why.
         return Ok(());
     };
-    let kids = children(path, id, extra);
+    let kids = children(path, me.id, extra);
     let Some(first) = kids.first() else {
         return Ok(());
     };

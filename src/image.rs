@@ -27,8 +27,25 @@ pub type Layers = Arc<[Arc<dyn Layer>]>;
 pub enum Source {
     /// Stored in `layers[depth]` at `file_offset`.
     Data { depth: usize, file_offset: u64 },
+    /// Held by `layers[depth]` in a form it decodes (`Layer::read_encoded`).
+    Encoded { depth: usize },
     /// No layer holds it, or a layer declares it zero.
     Zero,
+}
+
+impl Source {
+    /// Fill `buf` with the run's bytes at virtual `offset` (the run's
+    /// start, or a point inside it with `file_offset` advanced alike).
+    pub fn read(&self, layers: &[Arc<dyn Layer>], offset: u64, buf: &mut [u8]) -> Result<()> {
+        match *self {
+            Source::Data { depth, file_offset } => layers[depth].read_data(file_offset, buf),
+            Source::Encoded { depth } => layers[depth].read_encoded(offset, buf),
+            Source::Zero => {
+                buf.fill(0);
+                Ok(())
+            }
+        }
+    }
 }
 
 /// Where a run comes from when only `layers[from..to]` are asked.
@@ -37,6 +54,9 @@ pub enum Span {
     Data {
         depth: usize,
         file_offset: u64,
+    },
+    Encoded {
+        depth: usize,
     },
     Zero,
     /// None of the asked layers holds it: it comes from `layers[to..]`.
@@ -58,6 +78,7 @@ pub fn resolve_span(
             Extent::Data { file_offset, len } => {
                 return Ok((Span::Data { depth, file_offset }, len))
             }
+            Extent::Encoded { len } => return Ok((Span::Encoded { depth }, len)),
             Extent::Zero { len } => return Ok((Span::Zero, len)),
             Extent::Parent { len: l } => len = l,
         }
@@ -76,7 +97,8 @@ pub fn resolve(
     Ok(
         match resolve_span(layers, from, layers.len(), offset, len)? {
             (Span::Data { depth, file_offset }, n) => (Source::Data { depth, file_offset }, n),
-            (_, n) => (Source::Zero, n),
+            (Span::Encoded { depth }, n) => (Source::Encoded { depth }, n),
+            (Span::Zero | Span::Below, n) => (Source::Zero, n),
         },
     )
 }
@@ -93,11 +115,7 @@ pub fn read_layers(
         let want = (buf.len() - done) as u64;
         let (src, n) = resolve(layers, from, offset + done as u64, want)?;
         let n = n.min(want) as usize;
-        let part = &mut buf[done..done + n];
-        match src {
-            Source::Data { depth, file_offset } => layers[depth].read_data(file_offset, part)?,
-            Source::Zero => part.fill(0),
-        }
+        src.read(layers, offset + done as u64, &mut buf[done..done + n])?;
         done += n;
     }
     Ok(())

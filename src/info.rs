@@ -14,29 +14,45 @@ use serde::Serialize;
 use crate::cache::{MetaCache, DEFAULT_CACHE_BYTES};
 use crate::chain::{Chain, ChainOptions};
 use crate::error::{Error, Result};
-use crate::format::{DiskType, Format, Layer, ParentHint};
+use crate::format::Layer;
+use crate::paths::{folder_of, hint_path};
 use crate::size::human;
+
+/// One parent name as stored, and the local path it stands for.
+#[derive(Debug, Clone, Serialize)]
+pub struct Locator {
+    pub source: String,
+    pub stored: String,
+    pub path: Option<PathBuf>,
+}
 
 #[derive(Debug, Clone, Serialize)]
 pub struct LayerReport {
     pub depth: usize,
     pub path: PathBuf,
-    pub format: Format,
-    pub disk_type: DiskType,
+    pub format: &'static str,
+    pub disk_type: &'static str,
     pub virtual_size: u64,
     pub block_size: Option<u64>,
     pub allocated_bytes: u64,
-    pub unique_id: String,
+    /// `None` where the format has no identity (raw).
+    pub unique_id: Option<String>,
     pub parent_id: Option<String>,
+    /// How the layer names its parent: `id` (an identity the parent must
+    /// carry, plus locators) or `name` (a file name only); `None` for a
+    /// base.
+    pub parent_link: Option<&'static str>,
     pub creator: String,
     /// The parent hints as stored in the file.
-    pub parent_locators: Vec<ParentHint>,
+    pub parent_locators: Vec<Locator>,
     /// Where the parent was found.
     pub parent_resolved: Option<PathBuf>,
 }
 
 pub fn layer_report(depth: usize, l: &dyn Layer, resolved: Option<PathBuf>) -> Result<LayerReport> {
     let i = l.info();
+    let link = l.parent();
+    let dir = folder_of(l.path());
     Ok(LayerReport {
         depth,
         path: l.path().to_path_buf(),
@@ -45,10 +61,25 @@ pub fn layer_report(depth: usize, l: &dyn Layer, resolved: Option<PathBuf>) -> R
         virtual_size: i.virtual_size,
         block_size: i.block_size,
         allocated_bytes: l.allocated_bytes()?,
-        unique_id: i.unique_id.to_string(),
-        parent_id: i.parent_id.map(|u| u.to_string()),
+        unique_id: i.unique_id.map(|u| u.to_string()),
+        parent_id: link
+            .as_ref()
+            .and_then(|k| k.ids.first())
+            .map(|u| u.to_string()),
+        parent_link: link
+            .as_ref()
+            .map(|k| if k.by_name_only() { "name" } else { "id" }),
         creator: i.creator,
-        parent_locators: l.parent().map(|p| p.hints).unwrap_or_default(),
+        parent_locators: link
+            .map(|k| k.hints)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|h| Locator {
+                path: hint_path(dir, &h.stored),
+                source: h.source,
+                stored: h.stored,
+            })
+            .collect(),
         parent_resolved: resolved,
     })
 }
@@ -102,10 +133,20 @@ pub fn render(reports: &[LayerReport]) -> String {
             r.allocated_bytes,
             human(r.allocated_bytes)
         );
-        s += &format!("    unique id:     {}\n", r.unique_id);
-        s += &format!("    creator:       {}\n", r.creator);
-        if let Some(p) = &r.parent_id {
-            s += &format!("    parent id:     {p}\n");
+        s += &format!(
+            "    unique id:     {}\n",
+            r.unique_id.as_deref().unwrap_or("- (the format has none)")
+        );
+        if !r.creator.is_empty() {
+            s += &format!("    creator:       {}\n", r.creator);
+        }
+        if let Some(how) = r.parent_link {
+            match &r.parent_id {
+                Some(p) => s += &format!("    parent id:     {p}\n"),
+                None if how == "name" => s +=
+                    "    parent id:     - (linked by name only: the format records no parent id)\n",
+                None => s += "    parent id:     -\n",
+            }
             for h in &r.parent_locators {
                 s += &format!("    locator {:5} {}\n", h.source, h.stored);
             }
@@ -134,7 +175,7 @@ pub fn chain_lines(reports: &[LayerReport]) -> String {
                 r.disk_type,
                 r.virtual_size,
                 r.allocated_bytes,
-                r.unique_id,
+                r.unique_id.as_deref().unwrap_or("-"),
                 r.parent_id.as_deref().unwrap_or("-")
             )
         })

@@ -33,8 +33,20 @@ use crate::size::human;
 pub enum Held {
     /// Stored in `layers[depth]` at `file_offset`.
     Data { depth: usize, file_offset: u64 },
+    /// Held by `layers[depth]` in a form it decodes (compressed).
+    Encoded { depth: usize },
     /// No layer stores it (or one declares it zero): reads as zeros.
     Zero,
+}
+
+impl Held {
+    /// The layer that supplies the bytes, if any.
+    pub fn depth(&self) -> Option<usize> {
+        match *self {
+            Held::Data { depth, .. } | Held::Encoded { depth } => Some(depth),
+            Held::Zero => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,6 +95,7 @@ pub fn runs(
         }
         let held = match span {
             Span::Data { depth, file_offset } => Held::Data { depth, file_offset },
+            Span::Encoded { depth } => Held::Encoded { depth },
             Span::Zero | Span::Below => Held::Zero,
         };
         let run = Run {
@@ -126,6 +139,11 @@ pub fn write_text(layers: &[Arc<dyn Layer>], size: u64, out: &mut dyn Write) -> 
                 format!("{file_offset:#x}"),
                 layers[depth].path().display().to_string(),
             ),
+            Held::Encoded { depth } => (
+                depth.to_string(),
+                "encoded".into(),
+                layers[depth].path().display().to_string(),
+            ),
             Held::Zero => ("-".into(), "-".into(), "zero".into()),
         };
         writeln!(
@@ -148,6 +166,11 @@ pub fn write_json(layers: &[Arc<dyn Layer>], size: u64, out: &mut dyn Write) -> 
                 "start": r.start, "length": r.length, "depth": depth,
                 "file": layers[depth].path().display().to_string(),
                 "offset": file_offset, "zero": false, "data": true,
+            }),
+            Held::Encoded { depth } => serde_json::json!({
+                "start": r.start, "length": r.length, "depth": depth,
+                "file": layers[depth].path().display().to_string(),
+                "offset": null, "zero": false, "data": true, "encoded": true,
             }),
             Held::Zero => serde_json::json!({
                 "start": r.start, "length": r.length, "depth": null,
@@ -218,7 +241,7 @@ pub fn write_svg(
                     format!("{}: empty extent at offset {off}", layer.path().display()),
                 ));
             }
-            if let Extent::Data { .. } = e {
+            if let Extent::Data { .. } | Extent::Encoded { .. } = e {
                 add_to_bins(&mut stored[depth], bin_size, off, n);
             }
             off += n;
@@ -227,7 +250,7 @@ pub fn write_svg(
     // What the chain shows: bytes per bin per supplying layer.
     let mut visible = vec![vec![0u64; bins]; layers.len()];
     runs(layers, size, |r| {
-        if let Held::Data { depth, .. } = r.held {
+        if let Some(depth) = r.held.depth() {
             add_to_bins(&mut visible[depth], bin_size, r.start, r.length);
         }
         Ok(())

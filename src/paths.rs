@@ -18,3 +18,96 @@ pub fn folder_of(p: &Path) -> &Path {
 pub fn canonical(p: &Path) -> PathBuf {
     std::fs::canonicalize(p).unwrap_or_else(|_| std::path::absolute(p).unwrap_or(p.to_path_buf()))
 }
+
+/// The local path a parent name stored in a child stands for, seen from
+/// the child's folder `dir`; `None` when it cannot name a file here.
+///
+/// Every shape any writer uses is accepted: `/` or `\` separators,
+/// absolute POSIX or rooted Windows paths (`\vms\b\p.vhd`), relative
+/// forms (`p.vhd`, `.\p.vhd`, `../b/p.vhd`, `..\b\p.vhd`) resolved from the
+/// child's folder, and `file://host/path` URLs (VHD `MacX`). Drive-letter
+/// and UNC paths (`C:\…`, `\\?\…`) do not name a local file; the chain
+/// search still tries their file name.
+pub fn hint_path(dir: &Path, stored: &str) -> Option<PathBuf> {
+    let s = stored.trim_end_matches('\0');
+    if let Some(rest) = s.strip_prefix("file://") {
+        return file_url_path(rest);
+    }
+    if s.is_empty() || s.starts_with("\\\\") || s.starts_with("//") {
+        return None;
+    }
+    let b = s.as_bytes();
+    if b.len() >= 2 && b[1] == b':' && b[0].is_ascii_alphabetic() {
+        return None; // C:\… or C:…
+    }
+    let s = s.replace('\\', "/");
+    if s.starts_with('/') {
+        return Some(PathBuf::from(s));
+    }
+    let mut rest = s.as_str();
+    while let Some(r) = rest.strip_prefix("./") {
+        rest = r.trim_start_matches('/');
+    }
+    (!rest.is_empty() && rest != ".").then(|| dir.join(rest))
+}
+
+/// `host/dir/x.vhd` (after `file://`) to `/dir/x.vhd`, percent-decoded.
+fn file_url_path(rest: &str) -> Option<PathBuf> {
+    let path = &rest[rest.find('/')?..];
+    let bytes = path.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            if let Some(v) = std::str::from_utf8(&bytes[i + 1..i + 3])
+                .ok()
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+            {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    Some(PathBuf::from(String::from_utf8_lossy(&out).into_owned()))
+}
+
+/// The last part of a stored parent name (either separator), if any.
+pub fn stored_basename(stored: &str) -> Option<String> {
+    let b = stored.trim_end_matches('\0').rsplit(['\\', '/']).next()?;
+    (!b.is_empty()).then(|| b.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_every_shape() {
+        let d = Path::new("/vms/a");
+        let cases = [
+            ("p.vhd", Some("/vms/a/p.vhd")),
+            (".\\p.vhd", Some("/vms/a/p.vhd")),
+            ("./p.vhd", Some("/vms/a/p.vhd")),
+            ("../b/p.vhd", Some("/vms/a/../b/p.vhd")),
+            ("..\\b\\p.vhd", Some("/vms/a/../b/p.vhd")),
+            (".\\sub\\p.vhd", Some("/vms/a/sub/p.vhd")),
+            ("/vms/b/p.vhd", Some("/vms/b/p.vhd")),
+            ("\\vms\\b\\p.vhd", Some("/vms/b/p.vhd")),
+            ("p.vhd\0\0", Some("/vms/a/p.vhd")),
+            ("C:\\Hyper-V\\p.vhd", None),
+            ("c:p.vhd", None),
+            ("\\\\?\\C:\\p.vhd", None),
+            ("\\\\server\\share\\p.vhd", None),
+            ("", None),
+            ("file://localhost/a%20b/p.vhd", Some("/a b/p.vhd")),
+            ("file:///x.vhd", Some("/x.vhd")),
+            (".\\", None),
+        ];
+        for (stored, want) in cases {
+            assert_eq!(hint_path(d, stored), want.map(PathBuf::from), "{stored:?}");
+        }
+    }
+}

@@ -3,13 +3,13 @@
 //!
 //! CHILD is opened for writing (its exclusive lock refuses the command
 //! while a mount, merge or write holds the chain: *in use*, exit 7), PARENT
-//! read-only. PARENT's identity must be the one CHILD records (VHD: footer
-//! unique id; VHDX: DataWriteGuid, `parent_linkage` or `parent_linkage2`);
-//! another disk is refused naming both ids, unless `ignore_id_mismatch`,
-//! which records PARENT's id. Sizes and formats must match. Then the
-//! layer's own crash-safe relink ([`Layer::set_parent`]) rewrites every
-//! locator and hint for the new location; this module knows no format's
-//! bytes.
+//! read-only. Where CHILD's format records its parent's identity (VHD:
+//! footer unique id; VHDX: DataWriteGuid, `parent_linkage` or
+//! `parent_linkage2`), PARENT must carry it; another disk is refused naming
+//! both ids, unless `ignore_id_mismatch`, which records PARENT's id. Sizes
+//! must match and CHILD's format must allow PARENT's. Then the layer's own
+//! crash-safe relink ([`Layer::relink`]) rewrites every locator and hint
+//! for the new location; this module knows no format's bytes.
 
 use std::path::{Path, PathBuf};
 
@@ -17,7 +17,8 @@ use serde::Serialize;
 
 use crate::cache::MetaCache;
 use crate::error::{Error, ErrorKind, Result};
-use crate::format::{open_layer, LayerOptions};
+use crate::format::registry::{may_have_parent, mixed_error};
+use crate::format::{open_layer, LayerOptions, ParentChange};
 use crate::paths::canonical;
 
 /// What `set-parent` did.
@@ -25,10 +26,10 @@ use crate::paths::canonical;
 pub struct SetParentReport {
     pub child: PathBuf,
     pub parent: PathBuf,
-    /// The parent id CHILD recorded before.
-    pub old_parent_id: uuid::Uuid,
-    /// The parent id it records now (PARENT's id).
-    pub parent_id: uuid::Uuid,
+    /// The parent id CHILD recorded before (none: linked by name only).
+    pub old_parent_id: Option<uuid::Uuid>,
+    /// The parent id it records now (PARENT's id, where there is one).
+    pub parent_id: Option<uuid::Uuid>,
     /// The locators CHILD had before, as stored.
     pub old_locators: Vec<String>,
 }
@@ -60,7 +61,7 @@ pub fn set_parent(
             ),
         ));
     };
-    if link.id.is_nil() {
+    if link.detached {
         return Err(Error::new(
             ErrorKind::InvalidState,
             format!(
@@ -77,26 +78,16 @@ pub fn set_parent(
     }
     let p = open_layer(parent, &opts(false))?;
     let (ci, pi) = (c.info(), p.info());
-    if ci.format != pi.format {
-        return Err(Error::new(
-            ErrorKind::Unsupported,
-            format!(
-                "{}: a {} child of a {} parent ({}) is not supported",
-                child.display(),
-                ci.format,
-                pi.format,
-                parent.display()
-            ),
-        ));
+    if !may_have_parent(ci.format, pi.format) {
+        return Err(mixed_error(child, ci.format, pi.format, parent));
     }
-    if pi.unique_id == ci.unique_id {
+    if let Some(id) = pi.unique_id.filter(|id| ci.unique_id == Some(*id)) {
         return Err(Error::new(
             ErrorKind::BadChain,
             format!(
-                "{}: {} has the child's own id {}: the chain would loop",
+                "{}: {} has the child's own id {id}: the chain would loop",
                 child.display(),
                 parent.display(),
-                ci.unique_id
             ),
         ));
     }
@@ -112,35 +103,37 @@ pub fn set_parent(
             ),
         ));
     }
-    let matches = pi.unique_id == link.id || link.alt_id == Some(pi.unique_id);
+    let old_id = link.ids.first().copied();
+    let show = |id: Option<uuid::Uuid>| id.map_or("no id".to_string(), |u| format!("id {u}"));
+    let matches = link.accepts(pi.unique_id);
     if !matches && !ignore_id_mismatch {
         return Err(Error::new(
             ErrorKind::IdMismatch,
             format!(
-                "{} expects a parent with id {}, but {} has id {}: not the same disk \
+                "{} expects a parent with {}, but {} has {}: not the same disk \
                  (pass --ignore-id-mismatch to make it the parent anyway and record its id)",
                 child.display(),
-                link.id,
+                show(old_id),
                 parent.display(),
-                pi.unique_id
+                show(pi.unique_id)
             ),
         ));
     }
     if !matches {
         log::warn!(
-            "{}: recording parent {} with id {} instead of {} (--ignore-id-mismatch)",
+            "{}: recording parent {} with {} instead of {} (--ignore-id-mismatch)",
             child.display(),
             parent.display(),
-            pi.unique_id,
-            link.id
+            show(pi.unique_id),
+            show(old_id)
         );
     }
-    c.set_parent(p.as_ref())?;
+    c.relink(ParentChange::Set(p.as_ref()))?;
     c.flush()?;
     Ok(SetParentReport {
         child: child.to_path_buf(),
         parent: parent.to_path_buf(),
-        old_parent_id: link.id,
+        old_parent_id: old_id,
         parent_id: pi.unique_id,
         old_locators: link
             .hints

@@ -140,13 +140,20 @@ fn reads_zero(flat: &FlatImage, off: u64, len: u64) -> Result<bool> {
     while pos < off + len {
         let (src, n) = crate::image::resolve(&layers, 0, pos, off + len - pos)?;
         let n = n.min(off + len - pos);
-        if let Source::Data { depth, file_offset } = src {
+        if src != Source::Zero {
             // Data that may be zeros: look, a bounded piece at a time.
             let mut done = 0;
             while done < n {
                 let k = (n - done).min(1 << 20);
                 buf.resize(k as usize, 0);
-                layers[depth].read_data(file_offset + done, &mut buf)?;
+                let part = match src {
+                    Source::Data { depth, file_offset } => Source::Data {
+                        depth,
+                        file_offset: file_offset + done,
+                    },
+                    other => other,
+                };
+                part.read(&layers, pos + done, &mut buf)?;
                 if !is_zero(&buf) {
                     return Ok(false);
                 }

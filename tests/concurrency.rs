@@ -68,7 +68,7 @@ fn new_child(parent: &Path, child: &Path, block_size: u32) {
     let c = Chain::open(parent, &ChainOptions::default()).unwrap();
     let spec = ParentSpec {
         path: parent,
-        unique_id: c.leaf().info().unique_id,
+        unique_id: c.leaf().info().unique_id.unwrap(),
         virtual_size: c.virtual_size(),
     };
     drop(c);

@@ -9,7 +9,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{chainfs, code, have, require, text};
+use common::{chainfs, chainfs_ok, code, have, require, sha256_file, text};
 use tempfile::TempDir;
 
 const MIB: u64 = 1 << 20;
@@ -77,7 +77,7 @@ fn qcow2_is_named_with_its_version_and_a_conversion() {
         &v3,
         &[
             "a qcow2 image (version 3)",
-            "VHD and VHDX only",
+            "VHD, VHDX and raw images",
             "qemu-img convert -O vhdx",
         ],
     );
@@ -128,11 +128,23 @@ fn luks_is_named() {
     assert_refused(&luks, &["a LUKS1 encrypted volume", "cryptsetup"]);
 }
 
+/// Raw disks (a file system, swap or a partition table at the start) are
+/// read by the raw driver whatever they are named: `info` says raw and
+/// `export` gives the file's bytes back.
+fn assert_raw(img: &Path) {
+    let s = img.to_str().unwrap();
+    let j: serde_json::Value = serde_json::from_str(&chainfs_ok(&["info", "--json", s])).unwrap();
+    assert_eq!(j[0]["format"], "raw", "{}: {j}", img.display());
+    let out = img.with_extension("exported");
+    chainfs_ok(&["export", s, out.to_str().unwrap()]);
+    assert_eq!(sha256_file(&out), sha256_file(img), "{}", img.display());
+}
+
 #[test]
-fn raw_ext4_swap_and_mbr_are_raw_disks() {
+fn raw_ext4_swap_and_mbr_open_as_raw_disks() {
     let d = TempDir::new().unwrap();
     if require("mkfs.ext4", have("mkfs.ext4")) {
-        let ext4 = d.path().join("fs.img");
+        let ext4 = d.path().join("fs.ext4");
         std::fs::File::create(&ext4)
             .unwrap()
             .set_len(16 * MIB)
@@ -143,27 +155,21 @@ fn raw_ext4_swap_and_mbr_are_raw_disks() {
             .output()
             .unwrap();
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        assert_refused(
-            &ext4,
-            &[
-                "looks like a raw disk (an ext4 file system)",
-                "VHD and VHDX only",
-            ],
-        );
+        assert_raw(&ext4);
     }
     if require("mkswap", have("mkswap")) {
-        let swap = d.path().join("swap.img");
+        let swap = d.path().join("swap.part");
         std::fs::File::create(&swap)
             .unwrap()
             .set_len(16 * MIB)
             .unwrap();
         let o = Command::new("mkswap").arg(&swap).output().unwrap();
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        assert_refused(&swap, &["looks like a raw disk (a Linux swap area)"]);
+        assert_raw(&swap);
     }
-    // sfdisk is not installed here: the MBR is written by hand, one Linux
-    // partition from sector 2048 to the end, as sfdisk would.
-    let mbr = d.path().join("disk.raw");
+    // The MBR is written by hand, one Linux partition from sector 2048 to
+    // the end, as sfdisk would.
+    let mbr = d.path().join("disk.bin");
     let mut b = vec![0u8; (16 * MIB) as usize];
     let e = &mut b[446..462];
     e[4] = 0x83;
@@ -172,10 +178,7 @@ fn raw_ext4_swap_and_mbr_are_raw_disks() {
     b[510] = 0x55;
     b[511] = 0xaa;
     std::fs::write(&mbr, &b).unwrap();
-    assert_refused(
-        &mbr,
-        &["looks like a raw disk (MBR partition table)", "losetup -P"],
-    );
+    assert_raw(&mbr);
 }
 
 #[test]

@@ -225,7 +225,7 @@ fn run(plan: &Plan) -> Result<(), TestCaseError> {
             let (pc, _) = open(parent, false, false)?;
             let spec = ParentSpec {
                 path: parent,
-                unique_id: pc.leaf().info().unique_id,
+                unique_id: pc.leaf().info().unique_id.unwrap(),
                 virtual_size: pc.virtual_size(),
             };
             drop(pc);
@@ -352,7 +352,9 @@ fn run(plan: &Plan) -> Result<(), TestCaseError> {
     }
     drop(img);
     drop(chain);
-    let problems = chainfs::check::check_chain(leaf, &ChainOptions::default()).map_err(fail)?;
+    let problems = chainfs::check::check_chain(leaf, &ChainOptions::default())
+        .map_err(fail)?
+        .problems;
     prop_assert!(problems.is_empty(), "check_chain: {:?}", problems);
 
     // Writes never touched a parent; read-only work never touched the leaf.
@@ -638,7 +640,7 @@ fn writes_into_new_blocks_survive_a_close_without_flush() {
     let (pc, _) = open(&base, false, false).unwrap();
     let spec = ParentSpec {
         path: &base,
-        unique_id: pc.leaf().info().unique_id,
+        unique_id: pc.leaf().info().unique_id.unwrap(),
         virtual_size: 1 << 20,
     };
     drop(pc);

@@ -85,7 +85,7 @@ fn build() -> Fixture {
                 let c = Chain::open(parent, &ChainOptions::default()).unwrap();
                 let spec = ParentSpec {
                     path: parent,
-                    unique_id: c.leaf().info().unique_id,
+                    unique_id: c.leaf().info().unique_id.unwrap(),
                     virtual_size: c.virtual_size(),
                 };
                 drop(c);

@@ -241,7 +241,7 @@ impl Server for Conn {
             }
             let n = n.min(end - off);
             let kind = match src {
-                Source::Data { .. } => ExtentType::Allocated,
+                Source::Data { .. } | Source::Encoded { .. } => ExtentType::Allocated,
                 Source::Zero => ExtentType::HoleZero,
             };
             eh.add(off, n, kind)?;

@@ -400,13 +400,13 @@ fn copy_chunk(
     };
     for r in runs {
         let data = match r.src {
-            Source::Data { depth, file_offset } => {
+            Source::Zero => None,
+            src => {
                 let part = &mut buf[..r.len as usize];
-                layers[depth].read_data(file_offset, part)?;
+                src.read(&layers, r.off, part)?;
                 read += r.len;
                 (!is_zero(part)).then_some(part)
             }
-            Source::Zero => None,
         };
         match data {
             Some(part) => {
@@ -543,12 +543,9 @@ fn fill(image: &FlatImage, off: u64, buf: &mut [u8]) -> Result<u64> {
     let mut read = 0;
     for r in plan(&layers, off, buf.len() as u64, buf.len() as u64)? {
         let part = &mut buf[(r.off - off) as usize..(r.off - off + r.len) as usize];
-        match r.src {
-            Source::Data { depth, file_offset } => {
-                layers[depth].read_data(file_offset, part)?;
-                read += r.len;
-            }
-            Source::Zero => part.fill(0),
+        r.src.read(&layers, r.off, part)?;
+        if r.src != Source::Zero {
+            read += r.len;
         }
     }
     Ok(read)

@@ -18,9 +18,13 @@ pub mod fileio;
 pub mod hint;
 pub mod pending;
 pub mod probe;
+pub mod raw;
+pub mod registry;
 pub mod space;
 pub mod vhd;
 pub mod vhdx;
+
+pub use registry::{create, open_layer, peek, Driver, Peek, DRIVERS};
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -35,8 +39,11 @@ use crate::error::{Error, ErrorKind, IoContext, Result};
 /// Where one run of virtual bytes lives in a layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Extent {
-    /// `len` bytes stored in this layer's file at `file_offset`.
+    /// `len` bytes stored as they are in this layer's file at `file_offset`.
     Data { file_offset: u64, len: u64 },
+    /// `len` bytes this layer holds in a form that must be decoded (e.g.
+    /// compressed clusters): read them with [`Layer::read_encoded`].
+    Encoded { len: u64 },
     /// `len` bytes that read as zeros, whatever lies below.
     Zero { len: u64 },
     /// `len` bytes this layer does not hold: read them from the parent.
@@ -46,7 +53,10 @@ pub enum Extent {
 impl Extent {
     pub fn len(&self) -> u64 {
         match *self {
-            Extent::Data { len, .. } | Extent::Zero { len } | Extent::Parent { len } => len,
+            Extent::Data { len, .. }
+            | Extent::Encoded { len }
+            | Extent::Zero { len }
+            | Extent::Parent { len } => len,
         }
     }
 
@@ -55,77 +65,81 @@ impl Extent {
     }
 }
 
-/// The formats chainfs knows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Format {
-    Vhd,
-    Vhdx,
-}
-
-impl std::fmt::Display for Format {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Format::Vhd => "vhd",
-            Format::Vhdx => "vhdx",
-        })
-    }
-}
-
-/// How a layer stores its data.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum DiskType {
-    Fixed,
-    Dynamic,
-    Differencing,
-}
-
-impl std::fmt::Display for DiskType {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            DiskType::Fixed => "fixed",
-            DiskType::Dynamic => "dynamic",
-            DiskType::Differencing => "differencing",
-        })
-    }
-}
-
-/// One way a child names its parent, as stored in the file.
+/// One way a child names its parent, as stored in the file: where the
+/// name came from (`W2ru`, `relative_path`, `backing file`, ...) and the
+/// text. Which local file it means is the chain's decision
+/// (`crate::paths::hint_path`), not the driver's.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ParentHint {
-    /// Where the hint came from: `W2ru`, `W2ku`, `MacX`, `name`, ...
     pub source: String,
-    /// The text as stored.
     pub stored: String,
-    /// The local path it stands for, if it can stand for one.
-    pub path: Option<PathBuf>,
 }
 
 /// What a differencing layer says about its parent.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ParentLink {
-    /// The identity the parent must carry (VHD: footer unique id; VHDX:
-    /// the parent's DataWriteGuid, `parent_linkage`).
-    pub id: uuid::Uuid,
-    /// A second accepted identity (VHDX `parent_linkage2`, used while a
-    /// merge changes the parent).
-    pub alt_id: Option<uuid::Uuid>,
-    /// Candidate locations in the order they are tried.
+    /// The identities the parent may carry, as the format records them
+    /// (VHD: the parent's unique id; VHDX: `parent_linkage`, and
+    /// `parent_linkage2` while a merge changes the parent). Empty: the
+    /// format names its parent by file name only, and the chain verifies
+    /// the link by its own rules (no cycle, depth, size).
+    pub ids: Vec<uuid::Uuid>,
+    /// Candidate names in the order they are tried.
     pub hints: Vec<ParentHint>,
+    /// A merge consumed this layer's parent chain: it no longer opens as
+    /// a chain.
+    pub detached: bool,
+}
+
+impl ParentLink {
+    /// Does a layer carrying `id` (if any) match this link's identity?
+    /// A link without ids matches any layer; the chain checks the rest.
+    pub fn accepts(&self, id: Option<uuid::Uuid>) -> bool {
+        self.ids.is_empty() || id.is_some_and(|id| self.ids.contains(&id))
+    }
+
+    /// The link names its parent by file name only.
+    pub fn by_name_only(&self) -> bool {
+        self.ids.is_empty()
+    }
 }
 
 /// A summary of one layer, for `info`, `chain` and checks.
 #[derive(Debug, Clone, Serialize)]
 pub struct LayerInfo {
-    pub format: Format,
-    pub disk_type: DiskType,
+    /// The driver's registry name ([`Driver::name`]).
+    pub format: &'static str,
+    /// The format's own word for how the layer stores data (VHD and VHDX:
+    /// fixed, dynamic, differencing; raw: raw).
+    pub disk_type: &'static str,
     pub virtual_size: u64,
     pub block_size: Option<u64>,
     pub sector_size: u32,
-    pub unique_id: uuid::Uuid,
-    pub parent_id: Option<uuid::Uuid>,
+    /// The identity children record for this layer, where the format has
+    /// one.
+    pub unique_id: Option<uuid::Uuid>,
+    /// The identity changes when the data does (VHDX DataWriteGuid): a
+    /// merge prepares the child above before writing into this layer
+    /// ([`ParentChange::Expect`]).
+    pub id_follows_data: bool,
     pub creator: String,
+}
+
+/// A change to what a differencing layer records as its parent, made
+/// crash-safely in the format's own way ([`Layer::relink`]).
+#[derive(Clone, Copy)]
+pub enum ParentChange<'a> {
+    /// The parent is about to change its data (a merge writes into it):
+    /// keep accepting it before, during and after (VHDX records the
+    /// parent's next identity in `parent_linkage2`; nothing to do in
+    /// formats whose identity does not follow the data).
+    Expect(&'a dyn Layer),
+    /// Record this layer as the parent: its identity and every name the
+    /// format stores for its location.
+    Set(&'a dyn Layer),
+    /// Record that the parent chain was merged away: the layer no longer
+    /// opens as a chain.
+    Detach,
 }
 
 /// One file of a chain. Implementations are `Send + Sync` and take `&self`:
@@ -153,6 +167,18 @@ pub trait Layer: Send + Sync {
     /// Read `buf.len()` bytes of this layer's file at `file_offset` (an
     /// offset returned in `Extent::Data`).
     fn read_data(&self, file_offset: u64, buf: &mut [u8]) -> Result<()>;
+
+    /// Decode the virtual bytes at `offset` (a run `map` returned as
+    /// `Extent::Encoded`) into `buf`.
+    fn read_encoded(&self, offset: u64, _buf: &mut [u8]) -> Result<()> {
+        Err(Error::new(
+            ErrorKind::Corrupt,
+            format!(
+                "{}: offset {offset}: no encoded data in this format",
+                self.path().display()
+            ),
+        ))
+    }
 
     /// Start reading the tables that `map()` (and, in a layer open for
     /// writing, `write_sectors`) will need for this range (best effort,
@@ -204,31 +230,18 @@ pub trait Layer: Send + Sync {
     /// Change this process's advisory lock on the file.
     fn set_lock(&self, mode: LockMode) -> Result<()>;
 
-    /// Make this differencing layer's parent `parent` (merges), crash-safely.
-    fn set_parent(&self, parent: &dyn Layer) -> Result<()>;
-
-    /// Mark this differencing layer as detached from any parent (a merge
-    /// consumed its parent chain): it will no longer open as a chain.
-    fn detach(&self) -> Result<()>;
-
-    /// The identity this layer will take at its next user-visible change,
-    /// when that changes it (VHDX DataWriteGuid); `None` when writes keep
-    /// the identity (VHD). A merge tells the children before writing.
-    fn next_identity(&self) -> Option<uuid::Uuid> {
-        None
+    /// Change what this differencing layer records as its parent (merges,
+    /// `set-parent`), crash-safely; needs the layer open for writing.
+    fn relink(&self, _change: ParentChange<'_>) -> Result<()> {
+        Err(Error::new(
+            ErrorKind::InvalidState,
+            format!("{}: not a differencing disk", self.path().display()),
+        ))
     }
 
-    /// Accept a parent carrying `id` as well as the recorded one (VHDX
-    /// `parent_linkage2`); nothing to do for formats without it.
-    fn accept_parent_id(&self, _id: uuid::Uuid) -> Result<()> {
-        Ok(())
-    }
-}
-
-/// `(unique id, parent id)` of an image file without locking or fully
-/// opening it; `None` when it is not an image chainfs reads.
-pub fn peek_ids(path: &Path) -> Option<(uuid::Uuid, Option<uuid::Uuid>)> {
-    vhdx::peek_ids(path).or_else(|| vhd::peek_ids(path))
+    /// The layer as `Any`, so a driver can see its own type behind a
+    /// `dyn Layer` it is given (a child looking at a parent of its format).
+    fn as_any(&self) -> &dyn std::any::Any;
 }
 
 /// `(is_set, count)`: the run of equal bits of sector bitmap `bm` from bit
@@ -333,129 +346,6 @@ pub struct CreateOptions {
     pub logical_sector: u32,
     /// Make a differencing child of this parent.
     pub parent: Option<PathBuf>,
-}
-
-/// The format a new file's name asks for.
-pub fn format_for(path: &Path) -> Result<Format> {
-    let ext = path
-        .extension()
-        .map(|e| e.to_string_lossy().to_ascii_lowercase())
-        .unwrap_or_default();
-    match ext.as_str() {
-        "vhd" | "avhd" => Ok(Format::Vhd),
-        "vhdx" | "avhdx" => Ok(Format::Vhdx),
-        _ => Err(Error::invalid(format!(
-            "{}: name it .vhd/.avhd (VHD) or .vhdx/.avhdx (VHDX)",
-            path.display()
-        ))),
-    }
-}
-
-/// Create a new image (never replacing a file).
-pub fn create(path: &Path, o: &CreateOptions) -> Result<()> {
-    let format = format_for(path)?;
-    let parent = match &o.parent {
-        Some(p) => Some(open_layer(
-            p,
-            &LayerOptions {
-                writable: false,
-                ignore_checksums: false,
-                cache: MetaCache::new(1 << 20),
-            },
-        )?),
-        None => None,
-    };
-    if let Some(pl) = &parent {
-        if pl.info().format != format {
-            return Err(Error::new(
-                ErrorKind::Unsupported,
-                format!(
-                    "{}: a {format} child of a {} parent is not supported",
-                    path.display(),
-                    pl.info().format
-                ),
-            ));
-        }
-    }
-    let size = || {
-        o.size
-            .ok_or_else(|| Error::invalid("--size is required for a base disk"))
-    };
-    match format {
-        Format::Vhd => {
-            // A VHD child takes its parent's block size: readers that work in
-            // whole blocks (vhd-lib) read a chain of mixed sizes wrong.
-            let inherited = parent.as_ref().and_then(|p| p.info().block_size);
-            let bs = u32::try_from(o.block_size.or(inherited).unwrap_or(2 << 20))
-                .map_err(|_| Error::invalid("block size too large for VHD"))?;
-            match (&o.parent, &parent) {
-                (Some(pp), Some(pl)) => {
-                    let i = pl.info();
-                    vhd::create::create_child(
-                        path,
-                        &vhd::create::ParentSpec {
-                            path: pp,
-                            unique_id: i.unique_id,
-                            virtual_size: i.virtual_size,
-                        },
-                        bs,
-                    )
-                }
-                _ => vhd::create::create_base(path, size()?, o.fixed, bs),
-            }
-        }
-        Format::Vhdx => {
-            let default_bs = if o.fixed || parent.is_some() {
-                2 << 20
-            } else {
-                32 << 20
-            };
-            vhdx::create::create(
-                path,
-                &vhdx::create::VhdxSpec {
-                    size: if parent.is_some() { 0 } else { size()? },
-                    fixed: o.fixed,
-                    block_size: o.block_size.unwrap_or(default_bs),
-                    logical_sector: o.logical_sector,
-                    parent: o.parent.as_deref().zip(parent.as_deref()),
-                },
-            )
-        }
-    }
-}
-
-/// Open one file, detecting its format from its bytes.
-pub fn open_layer(path: &Path, opts: &LayerOptions) -> Result<Arc<dyn Layer>> {
-    let file = open_file(path, opts.writable)?;
-    if vhdx::probe(&file, path)? {
-        return Ok(Arc::new(vhdx::VhdxLayer::open(file, path, opts)?));
-    }
-    if vhd::probe(&file, path)? {
-        return Ok(Arc::new(vhd::VhdLayer::open(file, path, opts)?));
-    }
-    Err(not_vhd_error(&file, path))
-}
-
-/// The error for a file neither probe accepted: what it looks like instead
-/// (see [`probe`]), or the missing cookies when nothing is recognised.
-fn not_vhd_error(file: &File, path: &Path) -> Error {
-    use std::os::unix::fs::FileExt;
-    let len = match file.metadata() {
-        Ok(m) => m.len(),
-        Err(e) => return Error::io(path, "cannot stat", None, e),
-    };
-    let mut head = vec![0u8; probe::HEAD_LEN.min(usize::try_from(len).unwrap_or(usize::MAX))];
-    if let Err(e) = file.read_exact_at(&mut head, 0) {
-        return Error::io(path, "cannot read", Some(0), e);
-    }
-    match probe::identify(&head, len) {
-        Some(f) => Error::unsupported(path, format!("{f}; {}", f.advice())),
-        None => Error::unsupported(
-            path,
-            "not a disk image chainfs can read (no VHD footer `conectix` at offset 0 or at \
-             the end, no VHDX signature `vhdxfile` at offset 0, and no other known format)",
-        ),
-    }
 }
 
 /// Open a layer file and take its advisory lock: exclusive when writable,

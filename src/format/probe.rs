@@ -71,31 +71,40 @@ impl Foreign {
     /// What chainfs does with it, and what the user can do instead.
     pub fn advice(&self) -> &'static str {
         match self {
-            Foreign::Empty => "chainfs reads VHD and VHDX only",
+            Foreign::Empty => "chainfs reads VHD, VHDX and raw images",
             Foreign::Qcow { .. } => {
-                "chainfs reads VHD and VHDX only (qcow2 is planned); convert it with \
+                "chainfs reads VHD, VHDX and raw images (qcow2 is planned); convert it with \
                  `qemu-img convert -O vhdx`"
             }
             Foreign::VmdkSparse { .. } | Foreign::VmdkCowd | Foreign::VmdkDescriptor => {
-                "chainfs reads VHD and VHDX only; convert it with `qemu-img convert -O vhdx`"
+                "chainfs reads VHD, VHDX and raw images; convert it with `qemu-img convert -O vhdx`"
             }
             Foreign::Vdi => {
-                "chainfs reads VHD and VHDX only; convert it with `qemu-img convert -O vhdx` \
+                "chainfs reads VHD, VHDX and raw images; convert it with `qemu-img convert -O vhdx` \
                  or `VBoxManage clonemedium --format VHD`"
             }
             Foreign::Luks { .. } => {
-                "chainfs reads VHD and VHDX only; open it with `cryptsetup open` (a LUKS \
+                "chainfs reads VHD, VHDX and raw images; open it with `cryptsetup open` (a LUKS \
                  volume inside a VHD/VHDX is read through `chainfs mount`)"
             }
             Foreign::DamagedVhd => {
                 "the footer cannot be recovered by chainfs; restore the file from a copy"
             }
-            Foreign::Raw(_) => {
-                "chainfs reads VHD and VHDX only; a raw disk needs no flattening (use it \
-                 directly, e.g. `losetup -P`), or convert it with `qemu-img convert -f raw -O vhdx`"
-            }
+            Foreign::Raw(_) => "chainfs reads it as a raw image",
         }
     }
+}
+
+/// The first [`HEAD_LEN`] bytes of `file` (fewer when it is shorter) and
+/// its length.
+pub fn head(file: &std::fs::File, path: &std::path::Path) -> crate::Result<(Vec<u8>, u64)> {
+    use crate::error::IoContext;
+    use std::os::unix::fs::FileExt;
+    let len = file.metadata().ctx(path, "cannot stat", None)?.len();
+    let mut head = vec![0u8; HEAD_LEN.min(usize::try_from(len).unwrap_or(usize::MAX))];
+    file.read_exact_at(&mut head, 0)
+        .ctx(path, "cannot read", Some(0))?;
+    Ok((head, len))
 }
 
 /// Recognise `head` (the first bytes of a file of `len` bytes) as a format

@@ -13,7 +13,8 @@
 //!    the chain, so no reader of the chain sees a change. Then
 //!    DESTINATION is flushed (data, then tables, then fsync).
 //! 4. Either (a) SOURCE is not the leaf: each child of SOURCE is relinked
-//!    to DESTINATION (one atomic footer write each, see the VHD driver).
+//!    to DESTINATION (`Layer::relink`, crash-safe in each format's own way:
+//!    VHD through its relink journal, VHDX through its log).
 //!    Before: child -> SOURCE -> ... -> Ld, after: child -> Ld, and Ld now
 //!    holds what SOURCE..Ld-1 held: the same bytes either way. Or (b)
 //!    SOURCE is the leaf of a writable mount: writes were tracked since the
@@ -38,7 +39,8 @@ use std::sync::Arc;
 
 use crate::dependents;
 use crate::error::{Error, ErrorKind, Result};
-use crate::format::{open_layer, peek_ids, Layer, LayerOptions, LockMode};
+use crate::format::registry::{may_have_parent, mixed_error, peek};
+use crate::format::{open_layer, Layer, LayerOptions, LockMode, ParentChange};
 use crate::image::{resolve_span, FlatImage, Layers, Span};
 use crate::intent::{self, Phase, Record};
 use crate::paths::{canonical, folder_of};
@@ -181,22 +183,16 @@ pub fn plan(layers: Layers, req: &MergeRequest, caller: Option<Caller>) -> Resul
             layers[s].path().display()
         ))));
     }
-    let fmt = layers[s].info().format;
-    if let Some(l) = layers[s..=d].iter().find(|l| l.info().format != fmt) {
-        return Err(Error::new(
-            ErrorKind::Unsupported,
-            format!(
-                "{}: merging across formats ({} into {}) is not supported",
-                l.path().display(),
-                fmt,
-                l.info().format
-            ),
-        ));
+    // The child above SOURCE will have DESTINATION as its parent: its
+    // format must allow that (the chain already allows each link).
+    let df = layers[d].info().format;
+    if s > 0 && !may_have_parent(layers[s - 1].info().format, df) {
+        let c = &layers[s - 1];
+        return Err(mixed_error(c.path(), c.info().format, df, layers[d].path()));
     }
     // Who depends on the layers this merge changes or removes?
     let members: HashSet<PathBuf> = layers.iter().map(|l| canonical(l.path())).collect();
     let dirs = dependents::folders(layers.iter().map(|l| l.path()), &req.parent_dirs);
-    let src_id = layers[s].info().unique_id;
     // A rerun of an interrupted merge: children it already relinked point
     // at DESTINATION; they are this merge's children, not bystanders.
     let relinked: HashSet<PathBuf> = match intent::read(layers[s].path())? {
@@ -206,7 +202,7 @@ pub fn plan(layers: Layers, req: &MergeRequest, caller: Option<Caller>) -> Resul
         _ => HashSet::new(),
     };
     for c in &relinked {
-        if c.exists() && peek_ids(c).is_none() {
+        if c.exists() && peek(c).is_none() {
             return Err(Error::new(
                 ErrorKind::Corrupt,
                 format!(
@@ -216,10 +212,13 @@ pub fn plan(layers: Layers, req: &MergeRequest, caller: Option<Caller>) -> Resul
             ));
         }
     }
-    let changed: Vec<uuid::Uuid> = layers[s + 1..=d]
-        .iter()
-        .map(|l| l.info().unique_id)
-        .collect();
+    // Children of SOURCE outside the chain are relinked with it; children
+    // of the layers below it, down to DESTINATION, are bystanders the merge
+    // would break. Whether a file names a layer as its parent is the
+    // drivers' answer (identity, or name for formats without one).
+    let child_of = |f: &dependents::Found, l: &Arc<dyn Layer>| {
+        f.is_child_of(l.path(), l.info().unique_id, &req.parent_dirs)
+    };
     let mut extra_children = Vec::new();
     let mut siblings = Vec::new();
     for f in dependents::scan(&dirs) {
@@ -227,12 +226,17 @@ pub fn plan(layers: Layers, req: &MergeRequest, caller: Option<Caller>) -> Resul
         if members.contains(&canon) {
             continue;
         }
-        match f.parent {
-            Some(pid) if pid == src_id => extra_children.push(f.path),
-            _ if relinked.contains(&canon) => extra_children.push(f.path),
-            Some(pid) if changed.contains(&pid) => siblings.push(f.path),
-            _ => {}
+        if child_of(&f, &layers[s]) || relinked.contains(&canon) {
+            extra_children.push(f.path);
+        } else if layers[s + 1..=d].iter().any(|l| child_of(&f, l)) {
+            siblings.push(f.path);
         }
+    }
+    if let Some((c, cf)) = extra_children.iter().find_map(|c| {
+        let cf = peek(c)?.format;
+        (!may_have_parent(cf, df)).then_some((c, cf))
+    }) {
+        return Err(mixed_error(c, cf, df, layers[d].path()));
     }
     if !siblings.is_empty() && !req.force {
         let list: Vec<String> = siblings.iter().map(|p| p.display().to_string()).collect();
@@ -374,10 +378,17 @@ fn copy_ranges(
             };
             let read = |runs: Vec<Run>, batch: &mut Batch| -> Result<bool> {
                 for (off, span, n) in runs {
-                    if let Span::Data { depth, file_offset } = span {
-                        let at = batch.data.len();
-                        batch.data.resize(at + n as usize, 0);
-                        layers[depth].read_data(file_offset, &mut batch.data[at..])?;
+                    let at = batch.data.len();
+                    match span {
+                        Span::Data { depth, file_offset } => {
+                            batch.data.resize(at + n as usize, 0);
+                            layers[depth].read_data(file_offset, &mut batch.data[at..])?;
+                        }
+                        Span::Encoded { depth } => {
+                            batch.data.resize(at + n as usize, 0);
+                            layers[depth].read_encoded(off, &mut batch.data[at..])?;
+                        }
+                        Span::Zero | Span::Below => {}
                     }
                     batch.pieces.push((off, n, span == Span::Zero));
                     if batch.data.len() as u64 >= BATCH || batch.pieces.len() >= 1024 {
@@ -526,7 +537,7 @@ fn share(l: &Arc<dyn Layer>, opts: &LayerOptions) -> Arc<dyn Layer> {
 fn retire(layers: &[Arc<dyn Layer>], keep: bool, opts: &LayerOptions) -> Result<()> {
     for l in layers {
         if keep {
-            reopen_writable(l, opts)?.detach()?;
+            reopen_writable(l, opts)?.relink(ParentChange::Detach)?;
         } else {
             crate::fault::point()?;
             std::fs::remove_file(l.path())
@@ -638,15 +649,16 @@ pub fn execute(image: &FlatImage, plan: Plan, progress: &Progress) -> Result<()>
         // (Its reopening above gave back any tail an interrupted run left.)
         let size = image.size();
         let total = preflight(&layers, s, d, &dest, size)?;
-        // A format whose identity changes with the data (VHDX DataWriteGuid)
-        // tells the layer above DESTINATION the new identity first, so the
-        // chain keeps opening while DESTINATION changes ([MS-VHDX] note 12).
-        if let Some(id) = dest.next_identity() {
+        // A format whose identity follows the data (VHDX DataWriteGuid)
+        // has the layer above DESTINATION accept its next identity first, so
+        // the chain keeps opening while DESTINATION changes ([MS-VHDX] note
+        // 12).
+        if dest.info().id_follows_data {
             let above = reopen_writable(&layers[d - 1], &opts)?;
             if !layers[d - 1].writable() {
                 relock.push(layers[d - 1].clone());
             }
-            above.accept_parent_id(id)?;
+            above.relink(ParentChange::Expect(dest.as_ref()))?;
         }
 
         // 2. Intent.
@@ -664,7 +676,11 @@ pub fn execute(image: &FlatImage, plan: Plan, progress: &Progress) -> Result<()>
                 .map(|c| canonical(c.path()))
                 .collect(),
             keep,
-            destination_id: layers[d].info().unique_id.to_string(),
+            destination_id: layers[d]
+                .info()
+                .unique_id
+                .map(|u| u.to_string())
+                .unwrap_or_default(),
             crc32c: 0,
         };
         record.write()?;
@@ -700,7 +716,7 @@ pub fn execute(image: &FlatImage, plan: Plan, progress: &Progress) -> Result<()>
             dest.flush()?;
             image.track_writes(false);
             for c in &extra {
-                c.set_parent(dest.as_ref())?;
+                c.relink(ParentChange::Set(dest.as_ref()))?;
             }
             record.phase = Phase::Relinked;
             record.write()?;
@@ -715,7 +731,7 @@ pub fn execute(image: &FlatImage, plan: Plan, progress: &Progress) -> Result<()>
             record.write()?;
             phase = Some(Phase::Relinking);
             for c in child.iter().chain(extra.iter()) {
-                c.set_parent(dest.as_ref())?;
+                c.relink(ParentChange::Set(dest.as_ref()))?;
             }
             record.phase = Phase::Relinked;
             record.write()?;
@@ -778,8 +794,8 @@ pub fn finish(record: &Record, cache: &LayerOptions) -> Result<()> {
             // Also when already detached: the writable open finishes a
             // detach a crash cut short (a VHD relink journal), and
             // detaching a detached layer changes nothing.
-            if peek_ids(p).is_some_and(|(_, pid)| pid.is_some()) {
-                open_layer(p, cache)?.detach()?;
+            if peek(p).is_some_and(|k| k.parent.is_some()) {
+                open_layer(p, cache)?.relink(ParentChange::Detach)?;
             }
         } else {
             crate::fault::point()?;

@@ -59,12 +59,55 @@ use parking_lot::{Mutex, RwLock};
 
 use crate::cache::{new_layer_key, Key, MetaCache};
 use crate::error::{Error, ErrorKind, IoContext, Result};
-use crate::format::hint;
 use crate::format::pending::Pending;
+use crate::format::registry::{Driver, Peek};
 use crate::format::{
-    lock_file, DiskType, Extent, Format, Layer, LayerInfo, LayerOptions, LockMode, ParentHint,
-    ParentLink,
+    lock_file, CreateOptions, Extent, Layer, LayerInfo, LayerOptions, LockMode, ParentChange,
+    ParentHint, ParentLink,
 };
+
+/// The registry entry.
+pub static DRIVER: Driver = Driver {
+    name: "vhd",
+    extensions: &["vhd", "avhd"],
+    parents: &["vhd"],
+    probe,
+    open: |file, path, opts| Ok(Arc::new(VhdLayer::open(file, path, opts)?)),
+    create: create_file,
+    peek,
+};
+
+/// `chainfs create` for a VHD: a base (`--size`, `--fixed`) or a child of
+/// `parent`, which it takes its block size from (readers that work in whole
+/// blocks, such as vhd-lib, read a chain of mixed sizes wrong).
+fn create_file(path: &Path, o: &CreateOptions, parent: Option<&dyn Layer>) -> Result<()> {
+    let inherited = parent.and_then(|p| p.info().block_size);
+    let bs = u32::try_from(o.block_size.or(inherited).unwrap_or(2 << 20))
+        .map_err(|_| Error::invalid("block size too large for VHD"))?;
+    match parent {
+        Some(pl) => {
+            let i = pl.info();
+            let unique_id = i.unique_id.ok_or_else(|| {
+                Error::unsupported(pl.path(), "a VHD parent must be a VHD with an id")
+            })?;
+            create::create_child(
+                path,
+                &create::ParentSpec {
+                    path: pl.path(),
+                    unique_id,
+                    virtual_size: i.virtual_size,
+                },
+                bs,
+            )
+        }
+        None => {
+            let size = o
+                .size
+                .ok_or_else(|| Error::invalid("--size is required for a base disk"))?;
+            create::create_base(path, size, o.fixed, bs)
+        }
+    }
+}
 
 /// BAT entries per cached page (4 KiB of table).
 const BAT_PAGE_ENTRIES: u64 = 1024;
@@ -73,7 +116,7 @@ const MAX_LOCATOR_LEN: u32 = 64 * 1024;
 
 /// The unique id and (for a differencing disk) the parent id of a VHD file,
 /// read without taking any lock (for finding the children of a layer).
-pub fn peek_ids(path: &Path) -> Option<(uuid::Uuid, Option<uuid::Uuid>)> {
+fn peek(path: &Path) -> Option<Peek> {
     let file = File::open(path).ok()?;
     let len = file.metadata().ok()?.len();
     if len < FOOTER_SIZE as u64 {
@@ -85,8 +128,13 @@ pub fn peek_ids(path: &Path) -> Option<(uuid::Uuid, Option<uuid::Uuid>)> {
         file.read_exact_at(&mut b, 0).ok()?;
         Footer::parse(&b, true).ok()
     })?;
+    let id = Some(footer.unique_id);
     if footer.disk_type != TYPE_DIFFERENCING {
-        return Some((footer.unique_id, None));
+        return Some(Peek {
+            format: DRIVER.name,
+            id,
+            parent: None,
+        });
     }
     let mut hb = [0u8; HEADER_SIZE];
     match relink::find_journal(&file, len - FOOTER_SIZE as u64, &footer) {
@@ -94,7 +142,16 @@ pub fn peek_ids(path: &Path) -> Option<(uuid::Uuid, Option<uuid::Uuid>)> {
         None => file.read_exact_at(&mut hb, footer.data_offset).ok()?,
     }
     let h = DynamicHeader::parse(&hb, true).ok()?;
-    Some((footer.unique_id, Some(h.parent_id)))
+    Some(Peek {
+        format: DRIVER.name,
+        id,
+        // The id is what children are matched by; hints are not read here.
+        parent: Some(ParentLink {
+            ids: vec![h.parent_id],
+            hints: Vec::new(),
+            detached: h.parent_id.is_nil(),
+        }),
+    })
 }
 
 /// Does this file look like a VHD (footer cookie at its end or at offset 0)?
@@ -390,17 +447,17 @@ impl Layer for VhdLayer {
 
     fn info(&self) -> LayerInfo {
         LayerInfo {
-            format: Format::Vhd,
+            format: DRIVER.name,
             disk_type: match self.disk_type {
-                TYPE_FIXED => DiskType::Fixed,
-                TYPE_DYNAMIC => DiskType::Dynamic,
-                _ => DiskType::Differencing,
+                TYPE_FIXED => "fixed",
+                TYPE_DYNAMIC => "dynamic",
+                _ => "differencing",
             },
             virtual_size: self.size,
             block_size: self.header.as_ref().map(|h| h.block_size as u64),
             sector_size: SECTOR as u32,
-            unique_id: self.unique_id,
-            parent_id: self.parent.read().as_ref().map(|p| p.id),
+            unique_id: Some(self.unique_id),
+            id_follows_data: false,
             creator: self.creator.clone(),
         }
     }
@@ -599,7 +656,10 @@ impl Layer for VhdLayer {
         lock_file(&self.file, &self.path, mode)
     }
 
-    fn set_parent(&self, parent: &dyn Layer) -> Result<()> {
+    /// Relinks go through the relink journal (`relink.rs`): the header
+    /// and footer change together or not at all. The identity of a VHD
+    /// does not follow its data, so `Expect` has nothing to do.
+    fn relink(&self, change: ParentChange<'_>) -> Result<()> {
         if self.disk_type != TYPE_DIFFERENCING || !self.writable {
             return Err(Error::new(
                 ErrorKind::InvalidState,
@@ -609,29 +669,30 @@ impl Layer for VhdLayer {
                 ),
             ));
         }
-        if parent.info().format != Format::Vhd {
-            return Err(Error::unsupported(
-                &self.path,
-                "a VHD can only have a VHD parent",
-            ));
+        match change {
+            ParentChange::Expect(_) => Ok(()),
+            ParentChange::Set(parent) => {
+                let (Some(id), true) =
+                    (parent.info().unique_id, parent.info().format == DRIVER.name)
+                else {
+                    return Err(Error::unsupported(
+                        &self.path,
+                        "a VHD can only have a VHD parent",
+                    ));
+                };
+                self.relink_to(Some((parent.path(), id)))
+            }
+            ParentChange::Detach => {
+                if self.parent.read().as_ref().is_some_and(|l| l.detached) {
+                    return Ok(()); // detached already
+                }
+                self.relink_to(None)
+            }
         }
-        self.relink(Some((parent.path(), parent.info().unique_id)))
     }
 
-    fn detach(&self) -> Result<()> {
-        if self.disk_type != TYPE_DIFFERENCING || !self.writable {
-            return Err(Error::new(
-                ErrorKind::InvalidState,
-                format!(
-                    "{}: only a differencing disk open for writing can be detached",
-                    self.path.display()
-                ),
-            ));
-        }
-        if self.parent.read().as_ref().is_some_and(|l| l.id.is_nil()) {
-            return Ok(()); // detached already
-        }
-        self.relink(None)
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
     }
 
     fn check(&self) -> Result<Vec<String>> {

@@ -167,7 +167,7 @@ impl VhdLayer {
 
     /// Point this differencing layer at a new parent, or detach it (`None`:
     /// parent id nil, locators kept). See the module docs for the order.
-    pub(super) fn relink(&self, target: Option<(&Path, uuid::Uuid)>) -> Result<()> {
+    pub(super) fn relink_to(&self, target: Option<(&Path, uuid::Uuid)>) -> Result<()> {
         let p = &self.path;
         let _a = self.alloc.lock();
         self.flush_locked()?;

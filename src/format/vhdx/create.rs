@@ -7,6 +7,7 @@ use std::path::Path;
 use uuid::Uuid;
 
 use super::*;
+use crate::format::CreateOptions;
 
 /// What to create.
 pub struct VhdxSpec<'a> {
@@ -18,13 +19,41 @@ pub struct VhdxSpec<'a> {
     pub parent: Option<(&'a Path, &'a dyn Layer)>,
 }
 
+/// `chainfs create` for a VHDX: a base (`--size`, `--fixed`, 32 MiB
+/// blocks when dynamic as Hyper-V makes them) or a child of `parent`
+/// (2 MiB blocks, as Hyper-V makes checkpoints).
+pub fn create_file(path: &Path, o: &CreateOptions, parent: Option<&dyn Layer>) -> Result<()> {
+    let default_bs = if o.fixed || parent.is_some() {
+        2 << 20
+    } else {
+        32 << 20
+    };
+    let size = match parent {
+        Some(_) => 0,
+        None => o
+            .size
+            .ok_or_else(|| Error::invalid("--size is required for a base disk"))?,
+    };
+    create(
+        path,
+        &VhdxSpec {
+            size,
+            fixed: o.fixed,
+            block_size: o.block_size.unwrap_or(default_bs),
+            logical_sector: o.logical_sector,
+            parent: parent.map(|p| (p.path(), p)),
+        },
+    )
+}
+
 pub fn create(path: &Path, spec: &VhdxSpec<'_>) -> Result<()> {
     let (size, lss, pss, disk_id, locator) = match spec.parent {
         Some((pp, pl)) => {
             let i = pl.info();
-            if i.format != Format::Vhdx {
-                return Err(Error::unsupported(pp, "a VHDX child needs a VHDX parent"));
-            }
+            let unique_id = match (i.format == DRIVER.name, i.unique_id) {
+                (true, Some(id)) => id,
+                _ => return Err(Error::unsupported(pp, "a VHDX child needs a VHDX parent")),
+            };
             let abs = std::fs::canonicalize(pp).ctx(pp, "cannot resolve", None)?;
             let dir = std::fs::canonicalize(crate::paths::folder_of(path)).ctx(
                 path,
@@ -32,7 +61,7 @@ pub fn create(path: &Path, spec: &VhdxSpec<'_>) -> Result<()> {
                 None,
             )?;
             let pairs = vec![
-                ("parent_linkage".to_string(), guid_text(&i.unique_id)),
+                ("parent_linkage".to_string(), guid_text(&unique_id)),
                 (
                     "relative_path".to_string(),
                     crate::format::hint::windows_relative(&dir, &abs),

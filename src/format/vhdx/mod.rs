@@ -44,9 +44,21 @@ use uuid::Uuid;
 use crate::cache::{new_layer_key, Key, MetaCache};
 use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::format::pending::Pending;
+use crate::format::registry::{Driver, Peek};
 use crate::format::{
-    lock_file, DiskType, Extent, Format, Layer, LayerInfo, LayerOptions, LockMode, ParentHint,
+    lock_file, Extent, Layer, LayerInfo, LayerOptions, LockMode, ParentChange, ParentHint,
     ParentLink,
+};
+
+/// The registry entry.
+pub static DRIVER: Driver = Driver {
+    name: "vhdx",
+    extensions: &["vhdx", "avhdx"],
+    parents: &["vhdx"],
+    probe,
+    open: |file, path, opts| Ok(Arc::new(VhdxLayer::open(file, path, opts)?)),
+    create: create::create_file,
+    peek,
 };
 
 const BAT_PAGE_ENTRIES: u64 = 512;
@@ -240,19 +252,21 @@ impl VhdxLayer {
         let alt_id = get("parent_linkage2")
             .and_then(|v| parse_guid_text(&v))
             .filter(|u| !u.is_nil());
-        let dir = crate::paths::folder_of(&self.path);
         let mut hints = Vec::new();
         for key in ["relative_path", "absolute_win32_path", "volume_path"] {
             if let Some(v) = get(key) {
-                let path = crate::format::hint::local_path(dir, &v);
                 hints.push(ParentHint {
                     source: key.to_string(),
                     stored: v,
-                    path,
                 });
             }
         }
-        Some(ParentLink { id, alt_id, hints })
+        Some(ParentLink {
+            // A merge detaches a kept layer by recording the nil id.
+            detached: id.is_nil(),
+            ids: std::iter::once(id).chain(alt_id).collect(),
+            hints,
+        })
     }
 
     fn bat_key(&self, page: u64) -> Key {
@@ -657,8 +671,8 @@ fn read_layout(src: &MetaSource, header: Header, slot: usize) -> Result<Layout> 
     })
 }
 
-/// `(DataWriteGuid, parent_linkage)` of a VHDX file, without locking it.
-pub fn peek_ids(path: &Path) -> Option<(Uuid, Option<Uuid>)> {
+/// DataWriteGuid and parent link of a VHDX file, without locking it.
+fn peek(path: &Path) -> Option<Peek> {
     let file = File::open(path).ok()?;
     if !probe(&file, path).ok()? {
         return None;
@@ -670,8 +684,11 @@ pub fn peek_ids(path: &Path) -> Option<(Uuid, Option<Uuid>)> {
     };
     // Opening without `open_file` takes no lock.
     let l = VhdxLayer::open(file, path, &opts).ok()?;
-    let i = l.info();
-    Some((i.unique_id, l.parent().map(|p| p.id)))
+    Some(Peek {
+        format: DRIVER.name,
+        id: l.info().unique_id,
+        parent: l.parent(),
+    })
 }
 
 impl Layer for VhdxLayer {
@@ -682,19 +699,19 @@ impl Layer for VhdxLayer {
     fn info(&self) -> LayerInfo {
         let l = self.layout.read();
         LayerInfo {
-            format: Format::Vhdx,
+            format: DRIVER.name,
             disk_type: if l.has_parent {
-                DiskType::Differencing
+                "differencing"
             } else if l.leave_allocated {
-                DiskType::Fixed
+                "fixed"
             } else {
-                DiskType::Dynamic
+                "dynamic"
             },
             virtual_size: l.virtual_size,
             block_size: Some(l.block_size),
             sector_size: l.logical_sector,
-            unique_id: l.header.data_write_guid,
-            parent_id: self.parent.read().as_ref().map(|p| p.id),
+            unique_id: Some(l.header.data_write_guid),
+            id_follows_data: true,
             creator: l.creator.clone(),
         }
     }
@@ -850,29 +867,38 @@ impl Layer for VhdxLayer {
         lock_file(&self.file, &self.path, mode)
     }
 
-    fn set_parent(&self, parent: &dyn Layer) -> Result<()> {
-        if parent.info().format != Format::Vhdx {
-            return Err(Error::unsupported(
-                &self.path,
-                "a VHDX can only have a VHDX parent",
-            ));
+    /// `Set` and `Detach` rewrite the parent locator through the log;
+    /// `Expect` records the parent's next DataWriteGuid as
+    /// `parent_linkage2`, so this child accepts the parent before and after
+    /// the parent's first write ([MS-VHDX] note 12).
+    fn relink(&self, change: ParentChange<'_>) -> Result<()> {
+        fn vhdx_parent<'a>(me: &Path, p: &'a dyn Layer) -> Result<&'a VhdxLayer> {
+            p.as_any()
+                .downcast_ref::<VhdxLayer>()
+                .ok_or_else(|| Error::unsupported(me, "a VHDX can only have a VHDX parent"))
         }
-        self.relink(Some((parent.path(), parent.info().unique_id)))
-    }
-
-    fn detach(&self) -> Result<()> {
-        if self.parent.read().as_ref().is_some_and(|l| l.id.is_nil()) {
-            return Ok(()); // detached already
+        match change {
+            ParentChange::Expect(parent) => {
+                match vhdx_parent(&self.path, parent)?.next_identity_impl() {
+                    Some(id) => self.accept_parent_impl(id),
+                    None => Ok(()), // its identity changed already this session
+                }
+            }
+            ParentChange::Set(parent) => {
+                let p = vhdx_parent(&self.path, parent)?;
+                self.relink_to(Some((p.path(), p.layout.read().header.data_write_guid)))
+            }
+            ParentChange::Detach => {
+                if self.parent.read().as_ref().is_some_and(|l| l.detached) {
+                    return Ok(()); // detached already
+                }
+                self.relink_to(None)
+            }
         }
-        self.relink(None)
     }
 
-    fn next_identity(&self) -> Option<Uuid> {
-        self.next_identity_impl()
-    }
-
-    fn accept_parent_id(&self, id: Uuid) -> Result<()> {
-        self.accept_parent_impl(id)
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
     }
 }
 

@@ -476,7 +476,7 @@ impl VhdxLayer {
     }
 
     /// Point at a new parent (`Some`) or detach (`None`: nil linkage).
-    pub(super) fn relink(&self, target: Option<(&Path, Uuid)>) -> Result<()> {
+    pub(super) fn relink_to(&self, target: Option<(&Path, Uuid)>) -> Result<()> {
         let l = self.layout();
         if !l.has_parent || !self.writable {
             return Err(Error::new(

@@ -1,0 +1,163 @@
+//! The format registry: every driver chainfs has, and the only place above
+//! a driver's own folder that names one. Adding a format is a new folder
+//! under `src/format/` with a [`Driver`] value, plus one line in
+//! [`DRIVERS`] (docs/ARCHITECTURE.md, "Adding a format").
+//!
+//! Opening a file asks each driver's `probe` in [`DRIVERS`] order; the
+//! first that claims the file opens it. Formats with a signature come
+//! first; `raw`, which has none, comes last and claims only what nothing
+//! else recognises (see `raw::probe`). A file no driver claims gets an
+//! error that says what it looks like instead (`probe::identify`).
+
+use std::fs::File;
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::cache::MetaCache;
+use crate::error::{Error, ErrorKind, Result};
+
+use super::{open_file, probe, raw, vhd, vhdx, CreateOptions, Layer, LayerOptions, ParentLink};
+
+/// What a driver tells about a file without locking or fully opening it
+/// (finding the children of a layer reads every image in a folder).
+#[derive(Debug, Clone)]
+pub struct Peek {
+    pub format: &'static str,
+    /// The identity children record for it, where the format has one.
+    pub id: Option<uuid::Uuid>,
+    /// Its parent link (`None` for a base). Drivers whose links carry ids
+    /// may leave the hints out.
+    pub parent: Option<ParentLink>,
+}
+
+/// One format.
+pub struct Driver {
+    /// The name `info` shows and `LayerInfo::format` carries.
+    pub name: &'static str,
+    /// File name endings (lowercase, no dot) of this format; the first is
+    /// the usual one. `create` picks the driver by them.
+    pub extensions: &'static [&'static str],
+    /// The formats a child of this format may have as its parent.
+    pub parents: &'static [&'static str],
+    /// Is this file in this format? (Reads only; `Err` only for I/O.)
+    pub probe: fn(&File, &Path) -> Result<bool>,
+    /// Open a file `probe` accepted.
+    pub open: fn(File, &Path, &LayerOptions) -> Result<Arc<dyn Layer>>,
+    /// Create a new file (never replacing one); `parent` is open read-only
+    /// and of a format in `parents`.
+    pub create: fn(&Path, &CreateOptions, Option<&dyn Layer>) -> Result<()>,
+    /// Identity and parent link, without locks; `None` when not this format.
+    pub peek: fn(&Path) -> Option<Peek>,
+}
+
+/// Every driver, in probe order.
+pub static DRIVERS: &[&Driver] = &[&vhdx::DRIVER, &vhd::DRIVER, &raw::DRIVER];
+
+/// The driver called `name`.
+pub fn driver(name: &str) -> Option<&'static Driver> {
+    DRIVERS.iter().copied().find(|d| d.name == name)
+}
+
+fn extension(path: &Path) -> String {
+    path.extension()
+        .map(|e| e.to_string_lossy().to_ascii_lowercase())
+        .unwrap_or_default()
+}
+
+/// Does the name end like an image of some format?
+pub fn is_image_name(path: &Path) -> bool {
+    let ext = extension(path);
+    DRIVERS.iter().any(|d| d.extensions.contains(&ext.as_str()))
+}
+
+/// The driver a new file's name asks for.
+pub fn driver_for_name(path: &Path) -> Result<&'static Driver> {
+    let ext = extension(path);
+    DRIVERS
+        .iter()
+        .copied()
+        .find(|d| d.extensions.contains(&ext.as_str()))
+        .ok_or_else(|| {
+            let names: Vec<String> = DRIVERS
+                .iter()
+                .map(|d| {
+                    let e: Vec<String> = d.extensions.iter().map(|e| format!(".{e}")).collect();
+                    format!("{} ({})", e.join("/"), d.name)
+                })
+                .collect();
+            Error::invalid(format!("{}: name it {}", path.display(), names.join(", ")))
+        })
+}
+
+/// May a `child` layer have a `parent` layer (format names)?
+pub fn may_have_parent(child: &str, parent: &str) -> bool {
+    driver(child).is_some_and(|d| d.parents.contains(&parent))
+}
+
+/// The refusal for a child over a parent its format does not allow.
+pub fn mixed_error(child: &Path, cf: &str, pf: &str, parent: &Path) -> Error {
+    Error::new(
+        ErrorKind::Unsupported,
+        format!(
+            "{}: a {cf} child of a {pf} parent ({}) is not supported",
+            child.display(),
+            parent.display()
+        ),
+    )
+}
+
+/// Identity and parent link of `path`, if some driver reads it.
+pub fn peek(path: &Path) -> Option<Peek> {
+    DRIVERS.iter().find_map(|d| (d.peek)(path))
+}
+
+/// Create a new image, in the format its name asks for.
+pub fn create(path: &Path, o: &CreateOptions) -> Result<()> {
+    let d = driver_for_name(path)?;
+    let parent = match &o.parent {
+        Some(p) => Some(open_layer(
+            p,
+            &LayerOptions {
+                writable: false,
+                ignore_checksums: false,
+                cache: MetaCache::new(1 << 20),
+            },
+        )?),
+        None => None,
+    };
+    if let Some(pl) = &parent {
+        let pf = pl.info().format;
+        if !d.parents.contains(&pf) {
+            return Err(mixed_error(path, d.name, pf, pl.path()));
+        }
+    }
+    (d.create)(path, o, parent.as_deref())
+}
+
+/// Open one file, detecting its format from its bytes.
+pub fn open_layer(path: &Path, opts: &LayerOptions) -> Result<Arc<dyn Layer>> {
+    let file = open_file(path, opts.writable)?;
+    for d in DRIVERS {
+        if (d.probe)(&file, path)? {
+            return (d.open)(file, path, opts);
+        }
+    }
+    Err(unknown_error(&file, path))
+}
+
+/// The error for a file no driver claimed: what it looks like instead
+/// (see [`probe`]), or what each format would have needed.
+fn unknown_error(file: &File, path: &Path) -> Error {
+    match probe::head(file, path) {
+        Err(e) => e,
+        Ok((head, len)) => match probe::identify(&head, len) {
+            Some(f) => Error::unsupported(path, format!("{f}; {}", f.advice())),
+            None => Error::unsupported(
+                path,
+                "not a disk image chainfs can read (no VHD footer `conectix` at offset 0 or at \
+                 the end, no VHDX signature `vhdxfile` at offset 0, no other known format; \
+                 name a raw disk image .raw, .img or .dd to read it as one)",
+            ),
+        },
+    }
+}
