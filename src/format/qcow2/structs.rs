@@ -683,17 +683,25 @@ impl Header {
                 ),
             ));
         }
+        let mut data_end = out.len();
         for e in &self.extensions {
             let d = e.data();
             out.extend_from_slice(&e.kind().to_be_bytes());
             out.extend_from_slice(&(d.len() as u32).to_be_bytes());
             out.extend_from_slice(&d);
+            data_end = out.len();
             out.resize(pad8(out.len()), 0);
         }
         let limit = match &self.backing_file {
             Some(_) => self.backing_file_offset,
             None => self.cluster_size(),
         };
+        // A backing name at an offset that is not a multiple of 8 may start
+        // inside the last extension's padding (qemu accepts that): the
+        // padding gives way to the name.
+        if out.len() as u64 > limit && data_end as u64 <= limit {
+            out.truncate(limit as usize);
+        }
         if out.len() as u64 > limit {
             return Err(Error::new(
                 ErrorKind::InvalidArgument,
@@ -816,11 +824,14 @@ impl Header {
             .collect()
     }
 
-    /// Autoclear bits this code does not maintain: a writer clears them
-    /// (all of them, since it maintains neither bitmaps nor raw data files
-    /// in sync) before its first write, as the spec requires.
+    /// Autoclear bits a writer must clear before its first write, as the
+    /// spec requires of one that does not maintain what they guard: the
+    /// bitmaps bit (persistent dirty bitmaps would go stale; qemu then
+    /// treats them as inconsistent) and every unknown bit. Raw external
+    /// data (bit 1) is kept: a writer honours it by storing every guest
+    /// byte, zeros included, in the data file at its guest offset.
     pub fn autoclear_to_clear(&self) -> u64 {
-        self.autoclear_features
+        self.autoclear_features & !AUTOCLEAR_DATA_FILE_RAW
     }
 
     /// Can chainfs open this image? Refuses encryption (naming the method)

@@ -872,3 +872,40 @@ fn fuzz_header_survives_mutations() {
         fuzz_header(&b);
     }
 }
+
+#[test]
+fn autoclear_bits_a_writer_clears() {
+    let mut b = v3();
+    put64(&mut b, 72, INCOMPAT_DATA_FILE);
+    put64(&mut b, 88, AUTOCLEAR_DATA_FILE_RAW | (1 << 7));
+    let h = Header::parse(&b).unwrap();
+    assert!(h.data_file_raw());
+    assert_eq!(h.autoclear_to_clear(), 1 << 7);
+    let mut b = v3();
+    put64(&mut b, 88, AUTOCLEAR_BITMAPS);
+    let mut bm = [0u8; 24];
+    put32(&mut bm, 0, 1);
+    put64(&mut bm, 16, 0x40000);
+    put_ext(&mut b, 112, EXT_BITMAPS, &bm);
+    assert_eq!(
+        Header::parse(&b).unwrap().autoclear_to_clear(),
+        AUTOCLEAR_BITMAPS
+    );
+}
+
+/// Found by fuzzing: a backing name at an offset that is not a multiple of
+/// 8, inside the padding of the last extension. qemu reads it; the header
+/// must survive `to_bytes` (the padding gives way to the name).
+#[test]
+fn backing_name_inside_last_extension_padding() {
+    let mut b = v3();
+    put_ext(&mut b, 112, EXT_BACKING_FORMAT, b"raw");
+    put64(&mut b, 8, 123); // extension data ends at 123, padding to 128
+    put32(&mut b, 16, 4);
+    b[123..127].copy_from_slice(b"base");
+    let h = Header::parse(&b).unwrap();
+    assert_eq!(h.backing_format(), Some(&b"raw"[..]));
+    assert_eq!(h.backing_file.as_deref(), Some(&b"base"[..]));
+    assert_eq!(h.to_bytes().unwrap(), b[..127].to_vec());
+    fuzz_header(&b);
+}
