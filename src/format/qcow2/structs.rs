@@ -5,6 +5,27 @@
 //! table offsets and sizes, extension lengths), so the driver can do offset
 //! arithmetic on it without further checks. Errors carry the absolute file
 //! offset and the field name.
+//!
+//! Where the spec and qemu differ, we do what qemu does with the images it
+//! writes and opens:
+//! * the L2 zero flag (bit 0) is honoured in version 2 images too (the spec
+//!   says v2 never sets it; qemu reads it as zero) and ignored with
+//!   extended L2, where the subcluster bitmaps say what is zero;
+//! * reserved bits in L1/L2 entries are ignored on reading (qemu's `check`
+//!   reports them); misaligned offsets are corruption;
+//! * the extension area ends at the backing file name, which may start
+//!   inside the padding of the last extension; a file shorter than its
+//!   first cluster reads as zeros (an end marker) past its end;
+//! * a bitmaps extension is only validated when autoclear bit 0 marks it
+//!   consistent; an odd-length feature name table is kept raw.
+//!
+//! Stricter than qemu: a known extension type that appears twice is refused
+//! (the spec allows each once; qemu lets the last one win), and so is a
+//! compressed L2 entry with host offset 0.
+//!
+//! Spec slip worth knowing: the text of autoclear bit 1 (raw external data)
+//! says it needs "incompatible feature bit 1"; the external data file is
+//! incompatible bit 2, which is what qemu checks and what we check.
 
 use crate::error::{Error, ErrorKind, Result};
 
@@ -188,33 +209,40 @@ impl Extension {
 
     /// Decode the data of an extension of type `kind` found at file offset
     /// `at` (the start of its data) in an image with the given cluster size.
-    fn parse(kind: u32, d: &[u8], at: u64, cluster_size: u64) -> Result<Extension> {
+    /// Like qemu, a bitmaps extension is only checked when the autoclear
+    /// bitmaps bit says it is consistent; otherwise it is kept raw, as is a
+    /// feature name table of odd length (qemu never refuses one: it is
+    /// only there for error messages).
+    fn parse(
+        kind: u32,
+        d: &[u8],
+        at: u64,
+        cluster_size: u64,
+        bitmaps_valid: bool,
+    ) -> Result<Extension> {
         let aligned = |o: u64| o % cluster_size == 0;
+        let raw = || Extension::Unknown {
+            kind,
+            data: d.to_vec(),
+        };
         Ok(match kind {
             EXT_BACKING_FORMAT => Extension::BackingFormat(d.to_vec()),
             EXT_DATA_FILE => Extension::DataFile(d.to_vec()),
-            EXT_FEATURE_NAMES => {
-                if d.len() % FEATURE_NAME_ENTRY != 0 {
-                    return Err(corrupt(
-                        at,
-                        "feature name table",
-                        format!("length {} is not a multiple of 48", d.len()),
-                    ));
-                }
-                Extension::FeatureNames(
-                    d.chunks_exact(FEATURE_NAME_ENTRY)
-                        .map(|e| {
-                            let name = &e[2..];
-                            let n = name.iter().rposition(|&c| c != 0).map_or(0, |p| p + 1);
-                            FeatureName {
-                                kind: e[0],
-                                bit: e[1],
-                                name: name[..n].to_vec(),
-                            }
-                        })
-                        .collect(),
-                )
-            }
+            EXT_FEATURE_NAMES if d.len() % FEATURE_NAME_ENTRY != 0 => raw(),
+            EXT_BITMAPS if !bitmaps_valid => raw(),
+            EXT_FEATURE_NAMES => Extension::FeatureNames(
+                d.chunks_exact(FEATURE_NAME_ENTRY)
+                    .map(|e| {
+                        let name = &e[2..];
+                        let n = name.iter().rposition(|&c| c != 0).map_or(0, |p| p + 1);
+                        FeatureName {
+                            kind: e[0],
+                            bit: e[1],
+                            name: name[..n].to_vec(),
+                        }
+                    })
+                    .collect(),
+            ),
             EXT_BITMAPS => {
                 if d.len() != 24 {
                     return Err(corrupt(
@@ -614,7 +642,8 @@ impl Header {
                 return Err(corrupt(at + 4, "header extension", format!("type {kind:#010x}: length {len} runs past the extension area (ends at {end:#x})")));
             }
             let data = &b[(at + 8) as usize..(at + 8 + len) as usize];
-            let ext = Extension::parse(kind, data, at + 8, cs)?;
+            let bitmaps_valid = self.autoclear_features & AUTOCLEAR_BITMAPS != 0;
+            let ext = Extension::parse(kind, data, at + 8, cs, bitmaps_valid)?;
             if !matches!(ext, Extension::Unknown { .. })
                 && self.extensions.iter().any(|e| e.kind() == kind)
             {

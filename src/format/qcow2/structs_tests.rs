@@ -504,11 +504,28 @@ fn bad_extensions() {
     assert_err(&b, ErrorKind::Corrupt, at as u64, "twice");
     // Wrong fixed lengths.
     let mut b = v3();
+    put64(&mut b, 88, AUTOCLEAR_BITMAPS);
     put_ext(&mut b, 112, EXT_BITMAPS, &[0; 16]);
     assert_err(&b, ErrorKind::Corrupt, 120, "bitmaps");
+    // ...unless the bitmaps are marked inconsistent (autoclear bit clear):
+    // then qemu ignores them, and we keep them raw.
+    put64(&mut b, 88, 0);
+    let h = Header::parse(&b).unwrap();
+    assert_eq!(h.bitmaps(), None);
+    assert_eq!(
+        h.extensions,
+        [Extension::Unknown {
+            kind: EXT_BITMAPS,
+            data: vec![0; 16]
+        }]
+    );
+    assert_eq!(h.to_bytes().unwrap(), b[..112 + 8 + 16 + 8].to_vec());
+    // A feature name table of odd length is kept raw, not refused.
     let mut b = v3();
-    put_ext(&mut b, 112, EXT_FEATURE_NAMES, &[0; 50]);
-    assert_err(&b, ErrorKind::Corrupt, 120, "feature name table");
+    put_ext(&mut b, 112, EXT_FEATURE_NAMES, &[1; 50]);
+    let h = Header::parse(&b).unwrap();
+    assert!(h.feature_names().is_empty());
+    assert_eq!(h.extensions[0].data(), vec![1; 50]);
     // A file that ends inside the extension area reads as an end marker.
     let b = v3();
     let h = Header::parse(&b[..116]).unwrap();
