@@ -18,6 +18,7 @@ pub mod fileio;
 pub mod hint;
 pub mod pending;
 pub mod probe;
+pub mod qcow2;
 pub mod raw;
 pub mod registry;
 pub mod space;
