@@ -5,7 +5,8 @@
 #   scripts/fuzz.sh build                   only build the targets
 #   scripts/fuzz.sh seed                    regenerate fuzz/corpus/* from our own writer
 #
-# Targets: vhd_footer, vhd_header, vhd_image (fuzz/fuzz_targets/). Their
+# Targets: vhd_footer, vhd_header, vhd_image, vhdx_meta, control_command,
+# intent_record (fuzz/fuzz_targets/). Their
 # bodies live in src/fuzzing.rs so that tests/fuzz_replay.rs replays the
 # corpus and every regression on plain `cargo test`.
 #
@@ -26,7 +27,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 export RUSTC_BOOTSTRAP=1
-ALL_TARGETS=(vhd_footer vhd_header vhd_image vhdx_meta)
+ALL_TARGETS=(vhd_footer vhd_header vhd_image vhdx_meta control_command intent_record)
 
 need_cargo_fuzz() {
   command -v cargo-fuzz >/dev/null 2>&1 || cargo install --locked cargo-fuzz
@@ -40,7 +41,8 @@ seed() {
   trap 'rm -rf "$tmp"' RETURN
   local c=fuzz/corpus
   mkdir -p "$c/vhd_footer" "$c/vhd_header" "$c/vhd_image"
-  rm -f "$c"/vhd_footer/* "$c"/vhd_header/* "$c"/vhd_image/*
+  # Only what this function writes: vhd_image also holds VHDX seeds.
+  rm -f "$c"/vhd_footer/* "$c"/vhd_header/* "$c"/vhd_image/*.vhd
   # Data with a recognisable, non-zero pattern.
   python3 -c 'import sys; sys.stdout.buffer.write(bytes((i * 7 + 1) % 251 for i in range(6000)))' >"$tmp/data"
   (
@@ -73,7 +75,52 @@ seed() {
   local real=tests/fixtures/real/libvhdi-structs
   install -m 644 "$real/file_footer.1" "$c/vhd_footer/libvhdi-file_footer.1"
   install -m 644 "$real/dynamic_disk_header.1" "$c/vhd_header/libvhdi-dynamic_disk_header.1"
+  seed_control "$c/control_command"
+  seed_records "$bin" "$tmp" "$c/intent_record"
   du -sh "$c"
+}
+
+# Control commands as a user writes them: each form, quoting, a write of
+# several lines.
+seed_control() {
+  local d=$1
+  mkdir -p "$d"
+  rm -f "$d"/*
+  printf 'help\n' >"$d/help"
+  printf 'cancel 7\n' >"$d/cancel"
+  printf 'cancel jobs/3\n' >"$d/cancel-jobs-path"
+  printf 'merge leaf.vhdx base.vhdx\n' >"$d/merge"
+  printf 'merge "my disk.avhd" /x/base.vhd keep force\n' >"$d/merge-quoted-flags"
+  printf 'merge "a \\"b\\" \\\\c" base.vhd keep\n' >"$d/merge-escapes"
+  printf 'help\r\ncancel 2\nmerge a.vhd b.vhd force\n' >"$d/several-lines"
+}
+
+# Merge records from our own writer: a real merge of diff.vhd (with a
+# child, so there is a relink) into dyn.vhd, stopped by fault injection
+# (CHAINFS_FAULT_AFTER, src/fault.rs) at each write point; the first
+# record of each phase is kept.
+seed_records() {
+  local bin=$1 tmp=$2 d=$3
+  mkdir -p "$d"
+  rm -f "$d"/*
+  local w="$tmp/records" p="$tmp/records-pristine"
+  mkdir -p "$w" "$p"
+  cp "$tmp/dyn.vhd" "$tmp/diff.vhd" "$p/"
+  (cd "$p" && "$bin" create top.vhd --parent diff.vhd --block-size 4K >/dev/null)
+  for k in $(seq 1 200); do
+    rm -rf "$w"
+    cp -r "$p" "$w"
+    local rc=0
+    (cd "$w" && CHAINFS_FAULT_AFTER=$k "$bin" merge diff.vhd dyn.vhd >/dev/null 2>&1) || rc=$?
+    local rec="$w/.diff.vhd.chainfs-merge"
+    if [ -f "$rec" ]; then
+      local phase
+      phase=$(sed -n 's/^ *"phase": "\(.*\)",*$/\1/p' "$rec")
+      [ -f "$d/$phase" ] || cp "$rec" "$d/$phase"
+    fi
+    [ "$rc" -ne 0 ] || break
+  done
+  [ -n "$(ls "$d")" ] || { echo "no merge record was left by any fault point" >&2; exit 1; }
 }
 
 build() {

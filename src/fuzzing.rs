@@ -305,3 +305,54 @@ pub fn vhdx_meta(data: &[u8]) {
         }
     }
 }
+
+/// The control-file command parser, on the whole input as one line (as
+/// `FromStr` sees it) and on each line of it (as a write to the control
+/// file is split). A command that parses must print (`Display`) as one
+/// line that the control file passes through unsplit and that parses back
+/// to the same command.
+pub fn control_command(data: &[u8]) {
+    use crate::control::Command;
+    let text = String::from_utf8_lossy(data);
+    for line in std::iter::once(&*text).chain(text.lines()) {
+        let Ok(cmd) = line.parse::<Command>() else {
+            continue;
+        };
+        let printed = cmd.to_string();
+        let again = printed
+            .parse::<Command>()
+            .unwrap_or_else(|e| panic!("{cmd:?} prints as {printed:?}, which does not parse: {e}"));
+        assert_eq!(
+            again, cmd,
+            "{cmd:?} does not round-trip through {printed:?}"
+        );
+        if !line.contains('\n') {
+            assert_eq!(
+                printed.lines().collect::<Vec<_>>(),
+                [printed.as_str()],
+                "{cmd:?} from one line prints as more than one"
+            );
+        }
+    }
+}
+
+/// The merge intent record. A record that `Record::from_bytes` accepts
+/// must survive `to_bytes()` and parse back equal. Past the checksum (which
+/// a fuzzer rarely forges): any JSON of a record's shape, sealed by
+/// `to_bytes()` at the current version, must parse back to itself.
+pub fn intent_record(data: &[u8]) {
+    use crate::intent::{Record, VERSION};
+    if let Ok(r) = Record::from_bytes(data) {
+        let again = Record::from_bytes(&r.to_bytes()).expect("to_bytes() of a parsed record");
+        assert_eq!(again, r, "merge record does not round-trip");
+        let _ = r.to_string();
+    }
+    if let Ok(mut r) = serde_json::from_slice::<Record>(data) {
+        r.version = VERSION;
+        let sealed = r.to_bytes();
+        let back = Record::from_bytes(&sealed).expect("to_bytes() of a record");
+        r.crc32c = back.crc32c;
+        assert_eq!(back, r, "a sealed record does not parse back to itself");
+        assert_eq!(back.to_bytes(), sealed, "sealing is not stable");
+    }
+}

@@ -13,12 +13,19 @@
 //!
 //! Written with the usual atomic-replace: temp file, fsync, rename, fsync of
 //! the folder, so a reader sees the old record or the new one, never a mix.
+//!
+//! The bytes are parsed and checked (JSON shape, version, checksum) in one
+//! place, [`Record::from_bytes`], which [`read`] wraps with the file's path
+//! and which the `intent_record` fuzz target drives directly.
 
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, ErrorKind, IoContext, Result};
+use crate::error::{Error, FormatError, IoContext, Result};
+
+/// The record layout this code writes and reads.
+pub const VERSION: u32 = 1;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -61,13 +68,56 @@ fn checksum(r: &Record) -> u32 {
     crc32c::crc32c(&serde_json::to_vec(&c).expect("serialisable"))
 }
 
+/// The byte offset of a JSON error's line and column in `bytes`.
+fn json_offset(bytes: &[u8], e: &serde_json::Error) -> u64 {
+    let line_start: usize = bytes
+        .split(|&b| b == b'\n')
+        .take(e.line().saturating_sub(1))
+        .map(|l| l.len() + 1)
+        .sum();
+    (line_start + e.column().saturating_sub(1)).min(bytes.len()) as u64
+}
+
 impl Record {
+    /// Parse a stored record and check it: its JSON shape, `version` and
+    /// checksum. An error's offset is where the JSON breaks, or 0 when the
+    /// record as a whole is refused.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Record, FormatError> {
+        let r: Record = serde_json::from_slice(bytes).map_err(|e| {
+            FormatError::new(json_offset(bytes, &e), format!("not a valid record: {e}"))
+        })?;
+        if r.version != VERSION {
+            return Err(FormatError::new(
+                0,
+                format!("version {} is not {VERSION}", r.version),
+            ));
+        }
+        let computed = checksum(&r);
+        if computed != r.crc32c {
+            return Err(FormatError::new(
+                0,
+                format!(
+                    "checksum {:#010x} does not match computed {computed:#010x}",
+                    r.crc32c
+                ),
+            ));
+        }
+        Ok(r)
+    }
+
+    /// The stored form: pretty JSON whose `crc32c` is the checksum of the
+    /// rest (whatever `self.crc32c` holds), so `from_bytes` accepts it.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut sealed = self.clone();
+        sealed.crc32c = checksum(self);
+        serde_json::to_vec_pretty(&sealed).expect("serialisable")
+    }
+
     pub fn write(&mut self) -> Result<()> {
-        self.crc32c = 0;
         self.crc32c = checksum(self);
         let path = path_for(&self.source);
         let tmp = path.with_extension("chainfs-merge.tmp");
-        let bytes = serde_json::to_vec_pretty(self).expect("serialisable");
+        let bytes = self.to_bytes();
         crate::fault::point()?;
         std::fs::write(&tmp, &bytes).ctx(&tmp, "cannot write merge record", None)?;
         crate::fault::point()?;
@@ -90,22 +140,9 @@ pub fn read(source: &Path) -> Result<Option<Record>> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(Error::io(&path, "cannot read merge record", None, e)),
     };
-    let r: Record = serde_json::from_slice(&bytes).map_err(|e| {
-        Error::new(
-            ErrorKind::Corrupt,
-            format!("{}: merge record is not valid: {e}", path.display()),
-        )
-    })?;
-    if r.version != 1 || checksum(&r) != r.crc32c {
-        return Err(Error::new(
-            ErrorKind::Corrupt,
-            format!(
-                "{}: merge record checksum or version is wrong",
-                path.display()
-            ),
-        ));
-    }
-    Ok(Some(r))
+    Record::from_bytes(&bytes)
+        .map(Some)
+        .map_err(|e| Error::format(&path, 0, "merge record", e))
 }
 
 /// Remove the record of a merge out of `source` (the merge is done).
@@ -144,5 +181,47 @@ impl std::fmt::Display for Record {
             self.source.display(),
             self.destination.display()
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record() -> Record {
+        Record {
+            version: VERSION,
+            phase: Phase::Relinking,
+            source: "/d/leaf.vhdx".into(),
+            destination: "/d/base.vhdx".into(),
+            removed: vec!["/d/leaf.vhdx".into()],
+            children: vec!["/d/child.vhdx".into()],
+            keep: false,
+            destination_id: "id".into(),
+            crc32c: 0,
+        }
+    }
+
+    #[test]
+    fn to_bytes_parses_back_and_from_bytes_refuses_damage() {
+        let bytes = record().to_bytes();
+        let r = Record::from_bytes(&bytes).unwrap();
+        assert_eq!(r.crc32c, checksum(&record()));
+        assert_eq!(Record { crc32c: 0, ..r }, record());
+
+        let text = String::from_utf8(bytes).unwrap();
+        let flipped = text.replace("relinking", "relinked");
+        let e = Record::from_bytes(flipped.as_bytes()).unwrap_err();
+        assert!(e.msg.contains("checksum"), "{e}");
+
+        let mut old = record();
+        old.version = 2;
+        let e = Record::from_bytes(&old.to_bytes()).unwrap_err();
+        assert!(e.msg.contains("version 2"), "{e}");
+
+        // A JSON error names where the bytes break: the stray `x` here.
+        let cut = format!("{}x", &text[..text.find("\"keep\"").unwrap()]);
+        let e = Record::from_bytes(cut.as_bytes()).unwrap_err();
+        assert_eq!(e.offset, cut.len() as u64 - 1, "{e}");
     }
 }

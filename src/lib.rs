@@ -1,18 +1,32 @@
-//! chainfs: chains of differencing virtual disks (VHD today; VHDX and qcow2
-//! fit behind the same [`format::Layer`] trait) as one flat image, with
-//! offline tools to inspect, check, export and write them.
+//! chainfs: chains of differencing virtual disks as one flat image, mounted
+//! through FUSE (read-only or writable, with merges while mounted), and
+//! offline tools to inspect, check, export, write, compact, relink and merge
+//! them. It reads and writes VHD and VHDX today, each a driver behind the
+//! [`format::Layer`] trait; the rest of the crate is being made to name no
+//! format, so that raw and qcow2 slot in as further drivers.
 //!
 //! Module map:
 //! - [`format`]: one driver per disk format, parsing bytes into structs and
-//!   answering "where do these bytes live".
+//!   answering "where do these bytes live"; shared file helpers.
+//! - [`paths`]: path rules: folders, canonical names, and turning a parent
+//!   name stored in an image into a local path.
 //! - [`chain`]: parent discovery, identity checks, depth and cycle bounds.
 //! - [`dependents`]: the children of a layer (parents are not written).
 //! - [`cache`]: the bounded LRU that holds every layer's metadata.
 //! - [`image`]: the resolver; full-length reads, writes to the leaf.
+//! - [`merge`]: folding layers into an ancestor while the chain reads the
+//!   same; [`intent`]: the checksummed record that makes an interrupted
+//!   merge a replay.
 //! - [`export`], [`check`], [`info`], [`write`], [`compact`], [`relink`]: the offline operations behind the CLI.
 //! - [`map`]: which layer holds each run; the SVG picture of a chain.
+//! - [`fs`]: the mounted directory without FUSE; [`fuse`]: the thin `fuser`
+//!   adapter; [`mount`]: mounting, daemon start-up, unmounting.
+//! - [`control`]: the control-file command parser and replies; [`jobs`]:
+//!   merge jobs as the mount shows them.
 //! - [`perms`]: who may see and change a mount (owner, group, modes).
 //! - [`error`]: error kinds, errno and return codes, chosen in one place.
+//! - [`size`]: human sizes; [`fault`]: fault injection for crash tests;
+//!   [`fuzzing`]: the bodies of the fuzz targets.
 
 pub mod cache;
 pub mod chain;

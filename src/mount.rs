@@ -214,7 +214,8 @@ pub fn mount(
         return serve(chain, &mnt, mo, None);
     }
     let mut fds = [0; 2];
-    // SAFETY: pipe() fills two fds we then own.
+    // SAFETY: `fds` is a live, writable array of two c_ints, which is what
+    // pipe() writes; no other memory is touched.
     if unsafe { libc::pipe(fds.as_mut_ptr()) } != 0 {
         return Err(Error::io(
             mnt.as_path(),
@@ -223,8 +224,15 @@ pub fn mount(
             std::io::Error::last_os_error(),
         ));
     }
+    // SAFETY: pipe() succeeded, so both fds are open, distinct and new to
+    // this process; nothing else holds them, so each gets exactly one owner
+    // (closed once, on drop).
     let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-    // SAFETY: no other thread exists yet in this process.
+    // SAFETY: the child goes on to allocate, lock and spawn threads, which
+    // is sound only if the parent had no other thread at fork time (no lock
+    // can be held by a thread that does not exist in the child). It has
+    // none: `chainfs mount` calls this from `main` before starting any
+    // thread, and `Chain::open` above starts none.
     match unsafe { libc::fork() } {
         -1 => Err(Error::io(
             mnt.as_path(),
@@ -234,6 +242,8 @@ pub fn mount(
         )),
         0 => {
             drop(rd);
+            // SAFETY: setsid() takes no arguments and touches no memory; a
+            // fresh fork child is never a group leader, so it cannot fail.
             unsafe { libc::setsid() };
             let code = match serve(chain, &mnt, mo, Some(wr)) {
                 Ok(()) => 0,
@@ -367,6 +377,8 @@ fn serve_inner(
 
     // Block the stop signals in every thread; the main thread waits for them.
     let sigs = stop_signals();
+    // SAFETY: `sigs` is an initialised sigset_t that outlives the call; a
+    // null old-set pointer is allowed and means "do not report it".
     unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &sigs, std::ptr::null_mut()) };
 
     let watched = Arc::downgrade(&fs);
@@ -407,6 +419,8 @@ fn serve_inner(
             tv_sec: 0,
             tv_nsec: 200_000_000,
         };
+        // SAFETY: `sigs` and `ts` are initialised and outlive the call; a
+        // null siginfo pointer is allowed and means "do not report it".
         let sig = unsafe { libc::sigtimedwait(&sigs, std::ptr::null_mut(), &ts) };
         if sig > 0 {
             log::info!("signal {sig}: unmounting {}", mnt.display());
@@ -438,10 +452,15 @@ fn serve_inner(
 
 fn parent_was_waiting() -> bool {
     // A daemon child runs in its own session (setsid), the foreground not.
+    // SAFETY: getsid(0) and getpid() only read ids of this process; no
+    // pointers are involved.
     unsafe { libc::getsid(0) == libc::getpid() }
 }
 
 fn stop_signals() -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data, for which all-zero bytes are a valid
+    // value; sigemptyset() then initialises it as POSIX requires before
+    // sigaddset(), and both only write through `&mut s`, a live local.
     unsafe {
         let mut s: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut s);
@@ -462,6 +481,12 @@ fn detach_stdio(log: Option<&Path>) {
         .open("/dev/null")
     {
         for fd in 0..3 {
+            // SAFETY: `null` is open for the whole call; dup2() makes 0, 1
+            // and 2 copies of it, closing what they were. No `File` or
+            // `OwnedFd` of ours is 0, 1 or 2 (std opens /dev/null on any of
+            // them that is closed at start-up, so no later open gets one;
+            // std's stdio uses them by number), so no owner is left with a
+            // closed or reused descriptor.
             unsafe { libc::dup2(null.as_raw_fd(), fd) };
         }
     }
@@ -471,6 +496,8 @@ fn detach_stdio(log: Option<&Path>) {
             .append(true)
             .open(p)
         {
+            // SAFETY: as above: `f` is open for the call, and fd 2 is used
+            // only by number, so replacing it breaks no owner.
             unsafe { libc::dup2(f.as_raw_fd(), 2) };
         }
     }
@@ -574,8 +601,10 @@ fn wait_unlocked(path: &Path, limit: Duration) {
     };
     let start = std::time::Instant::now();
     while start.elapsed() < limit {
-        // SAFETY: flock on our own descriptor.
+        // SAFETY: flock() on `f`'s descriptor, open while `f` lives (the
+        // whole loop); no memory is involved.
         if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            // SAFETY: as above, on the same open descriptor.
             unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_UN) };
             return;
         }

@@ -21,6 +21,8 @@ const TARGETS: &[(&str, Target)] = &[
     ("vhd_header", chainfs::fuzzing::vhd_header),
     ("vhd_image", chainfs::fuzzing::vhd_image),
     ("vhdx_meta", chainfs::fuzzing::vhdx_meta),
+    ("control_command", chainfs::fuzzing::control_command),
+    ("intent_record", chainfs::fuzzing::intent_record),
 ];
 
 fn fuzz_dir() -> PathBuf {
@@ -122,6 +124,18 @@ fn replay_vhd_image() {
     replay("regressions", "vhd_image");
 }
 
+#[test]
+fn replay_control_command() {
+    replay("corpus", "control_command");
+    replay("regressions", "control_command");
+}
+
+#[test]
+fn replay_intent_record() {
+    replay("corpus", "intent_record");
+    replay("regressions", "intent_record");
+}
+
 // ---------------------------------------------------------------------------
 // Deterministic mutation
 
@@ -205,11 +219,12 @@ fn put(data: &mut [u8], off: usize, width: usize, v: u64) {
 }
 
 /// Where the structures of `target` sit in an input of this length:
-/// footers and headers, as (offset, is_footer).
+/// footers and headers, as (offset, is_footer); none for the text targets.
 fn structures(target: &str, len: usize) -> Vec<(usize, bool)> {
     match target {
         "vhd_footer" => vec![(0, true)],
         "vhd_header" => vec![(0, false)],
+        "control_command" | "intent_record" => vec![],
         _ => {
             let mut v = vec![(0, true), (512, false)];
             if len >= 512 {
@@ -245,7 +260,7 @@ fn mutate(rng: &mut Rng, target: &str, seeds: &[Vec<u8>], data: &mut Vec<u8>) {
                 data[i] = rng.next() as u8;
             }
             // An interesting value into a known field of a structure.
-            2..=4 => {
+            2..=4 if !structures(target, len).is_empty() => {
                 let st = structures(target, len);
                 let (at, is_footer) = st[rng.below(st.len())];
                 let fields = if is_footer {
@@ -352,6 +367,16 @@ fn mutate_vhd_footer() {
 #[test]
 fn mutate_vhd_header() {
     mutation_loop("vhd_header", 0x004E_ADE4, 100_000);
+}
+
+#[test]
+fn mutate_control_command() {
+    mutation_loop("control_command", 0xC0_4D, 30_000);
+}
+
+#[test]
+fn mutate_intent_record() {
+    mutation_loop("intent_record", 0x1_4E47, 20_000);
 }
 
 #[test]

@@ -328,6 +328,8 @@ fn sigterm_unmounts_cleanly() {
             std::fs::read(mnt.join("disk.raw")).unwrap().len(),
             model.len()
         );
+        // SAFETY: kill() takes no pointers. `child` is not waited for yet,
+        // so its pid still names it (a zombie keeps it), not a stranger.
         unsafe { libc::kill(child.id() as i32, sig) };
         let start = Instant::now();
         let status = loop {

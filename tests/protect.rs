@@ -311,8 +311,10 @@ fn zeros_written_over_vhdx_data_read_as_zeros() {
 
 /// Peak resident memory of this process's waited-for children, in bytes.
 fn children_max_rss() -> u64 {
+    // SAFETY: rusage is plain data (integers and timevals), for which
+    // all-zero bytes are a valid value.
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: getrusage fills the struct we own.
+    // SAFETY: getrusage() writes only into `ru`, a live, writable rusage.
     unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru) };
     ru.ru_maxrss as u64 * 1024
 }

@@ -364,6 +364,8 @@ impl Daemon {
     fn kill9(&mut self) {
         let pid = self.child.id() as libc::pid_t;
         assert_eq!(
+            // SAFETY: kill() takes no pointers. The child is not waited for
+            // yet, so its pid still names it (a zombie keeps it).
             unsafe { libc::kill(pid, libc::SIGKILL) },
             0,
             "kill -9 {pid}"
@@ -919,6 +921,8 @@ fn daemon_dying_at_any_write_point_keeps_every_fsynced_write_and_a_clean_chain()
                 }
                 Op::Fallocate(mode, off, len) => {
                     latest[*off as usize..(*off + *len) as usize].fill(0);
+                    // SAFETY: fallocate() on `fd`, open while it is
+                    // borrowed here; no memory is involved.
                     let r =
                         unsafe { libc::fallocate(fd.as_raw_fd(), *mode, *off as i64, *len as i64) };
                     if r == 0 {
@@ -931,6 +935,9 @@ fn daemon_dying_at_any_write_point_keeps_every_fsynced_write_and_a_clean_chain()
                 Op::Close => {
                     // close(2) reports the flush's failure.
                     let fd = f.take().unwrap();
+                    // SAFETY: into_raw_fd() gives up `fd`'s ownership, so
+                    // this close() is the only one and nothing uses the
+                    // number afterwards.
                     let r = unsafe { libc::close(std::os::fd::IntoRawFd::into_raw_fd(fd)) };
                     if r == 0 {
                         OpenOptions::new()
@@ -1436,6 +1443,8 @@ fn read_only_mount_refuses_writes_and_fallocate() {
         }
         // Even on a descriptor the kernel let through, fallocate is refused.
         let f = File::open(&disk).unwrap();
+        // SAFETY: fallocate() on `f`, open for the call; no memory is
+        // involved.
         let r = unsafe {
             libc::fallocate(
                 f.as_raw_fd(),

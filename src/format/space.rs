@@ -212,9 +212,11 @@ pub fn free_space(path: &Path) -> Result<u64> {
     use std::os::unix::ffi::OsStrExt;
     let c = std::ffi::CString::new(path.as_os_str().as_bytes())
         .map_err(|_| Error::invalid(format!("{}: path has a NUL byte", path.display())))?;
-    // SAFETY: statvfs writes into the zeroed struct we pass; the path is a
-    // valid C string that outlives the call.
+    // SAFETY: statvfs is plain data (integers only), for which all-zero
+    // bytes are a valid value.
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a NUL-terminated string and `st` a live, writable
+    // statvfs; both outlive the call, which writes only into `st`.
     if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
         return Err(Error::io(
             path,

@@ -1,9 +1,13 @@
 //! VHD on-disk structures (Virtual Hard Disk Image Format Specification v1.0),
 //! parsed from and written to byte slices. All integers are big-endian.
 //!
-//! Every parser checks cookie, checksum, and the ranges the rest of the code
-//! relies on, so a value that leaves here can be used in offset arithmetic
-//! without further checks (see `validate` in `super`).
+//! Each parser checks what one structure can say about itself: cookie,
+//! checksum (unless told not to), version, disk type, the virtual size
+//! (sector multiple, at most 2040 GiB), the block size (a power of two,
+//! 512 bytes to 256 MiB) and the alignment of the offsets it holds. What
+//! needs the file or the other structure (the header and BAT inside the
+//! file, enough BAT entries for the virtual size) is checked where the
+//! layer is opened, in `super`.
 
 use uuid::Uuid;
 
