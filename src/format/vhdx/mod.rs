@@ -12,6 +12,8 @@
 //! overlay (`log::Overlay`) that every metadata read passes through, so a
 //! dirty image is read right and never changed; a writable open replays it
 //! into the file first (see `write`).
+//! Which header is current, the regions and the metadata items are
+//! decided by `layout`, a parser over bytes (fuzzable as [`fuzz_layout`]).
 //!
 //! Reading: payload block `n` has BAT entry `n + n / chunk_ratio`; its
 //! state decides: FULLY_PRESENT is data, NOT_PRESENT is the parent (zeros
@@ -25,11 +27,13 @@
 
 mod check;
 pub mod create;
+mod layout;
 pub(crate) mod log;
 mod space;
 pub mod structs;
 mod write;
 
+pub use layout::{fuzz_layout, Layout};
 pub use structs::*;
 
 use std::fs::File;
@@ -49,6 +53,8 @@ use crate::format::{
     lock_file, Extent, Layer, LayerInfo, LayerOptions, LockMode, ParentChange, ParentHint,
     ParentLink,
 };
+
+use layout::{MetaSource, RawFile, Source};
 
 /// The registry entry.
 pub static DRIVER: Driver = Driver {
@@ -73,31 +79,6 @@ pub fn probe(file: &File, path: &Path) -> Result<bool> {
     file.read_exact_at(&mut c, 0)
         .ctx(path, "cannot read file identifier", Some(0))?;
     Ok(&c == b"vhdxfile")
-}
-
-/// The parsed, validated layout of a VHDX file.
-#[derive(Debug, Clone)]
-pub struct Layout {
-    pub header: Header,
-    /// Which header slot (0 = 64 KiB, 1 = 128 KiB) is current.
-    pub slot: usize,
-    pub regions: Vec<RegionEntry>,
-    pub bat_offset: u64,
-    pub bat_length: u64,
-    pub metadata_offset: u64,
-    pub metadata_length: u64,
-    pub metadata: Vec<MetadataEntry>,
-    pub block_size: u64,
-    pub leave_allocated: bool,
-    pub has_parent: bool,
-    pub virtual_size: u64,
-    pub disk_id: Uuid,
-    pub logical_sector: u32,
-    pub physical_sector: u32,
-    pub locator: Vec<(String, String)>,
-    pub chunk_ratio: u64,
-    pub bat_entries: u64,
-    pub creator: String,
 }
 
 pub struct VhdxLayer {
@@ -136,56 +117,22 @@ impl VhdxLayer {
     pub fn open(file: File, path: &Path, opts: &LayerOptions) -> Result<VhdxLayer> {
         let len = file.metadata().ctx(path, "cannot stat", None)?.len();
         let raw = RawFile { file: &file, path };
-        let (header, slot) = read_headers(&raw, len, opts.ignore_checksums)?;
-        let mut overlay = log::Overlay::default();
-        let mut dirty_log = false;
-        if !header.log_guid.is_nil() {
-            let end = header.log_offset + header.log_length as u64;
-            if header.log_length as u64 > 256 * MIB || end > len {
-                return Err(Error::corrupt(
-                    path,
-                    if slot == 0 { HEADER1 } else { HEADER2 } + 68,
-                    format!(
-                        "log at {:#x}+{:#x} lies outside the file ({len} bytes)",
-                        header.log_offset, header.log_length
-                    ),
-                ));
-            }
-            let mut logb = vec![0u8; header.log_length as usize];
-            raw.read(header.log_offset, &mut logb)?;
-            let seq = log::active_sequence(&logb, header.log_guid)
-                .map_err(|e| Error::format(path, header.log_offset, "log", e))?;
-            if let Some(head) = seq.last() {
-                if len < head.flushed_file_offset {
-                    return Err(Error::corrupt(
-                        path,
-                        header.log_offset + head.pos as u64,
-                        format!(
-                            "file is truncated: {len} bytes, the log says at least {}",
-                            head.flushed_file_offset
-                        ),
-                    ));
-                }
-                overlay = log::Overlay::from_sequence(&seq);
-                dirty_log = true;
-                ::log::info!(
-                    "{}: replaying {} log entries ({} sectors){}",
-                    path.display(),
-                    seq.len(),
-                    overlay.sectors.len(),
-                    if opts.writable { "" } else { " in memory" }
-                );
-            }
+        let layout::Parsed {
+            layout,
+            overlay,
+            log_entries,
+            len: layer_len,
+        } = layout::parse_source(&raw, len, opts.ignore_checksums)?;
+        let dirty_log = log_entries > 0;
+        if dirty_log {
+            ::log::info!(
+                "{}: replaying {} log entries ({} sectors){}",
+                path.display(),
+                log_entries,
+                overlay.sectors.len(),
+                if opts.writable { "" } else { " in memory" }
+            );
         }
-        let layer_len = len.max(overlay.min_len);
-        let layout = {
-            let src = MetaSource {
-                raw: &raw,
-                overlay: &overlay,
-                len: layer_len,
-            };
-            read_layout(&src, header, slot)?
-        };
         let mut layer = VhdxLayer {
             path: path.to_path_buf(),
             file,
@@ -379,296 +326,6 @@ impl VhdxLayer {
 /// sector bitmaps: bit 0 of byte 0 is the first sector).
 pub fn bit_run_lsb(bm: &[u8], first: u64, max: u64) -> (bool, u64) {
     crate::format::bit_run(bm, first, max, false)
-}
-
-/// Positional reads of the file with errors that name it.
-struct RawFile<'a> {
-    file: &'a File,
-    path: &'a Path,
-}
-
-impl RawFile<'_> {
-    fn read(&self, off: u64, buf: &mut [u8]) -> Result<()> {
-        self.file
-            .read_exact_at(buf, off)
-            .ctx(self.path, "cannot read", Some(off))
-    }
-}
-
-/// The file as the log says it is: the overlay over the bytes, zeros
-/// between the end of the file and the length the log asks for.
-struct MetaSource<'a> {
-    raw: &'a RawFile<'a>,
-    overlay: &'a log::Overlay,
-    len: u64,
-}
-
-impl MetaSource<'_> {
-    fn read(&self, off: u64, buf: &mut [u8]) -> Result<()> {
-        let end = off + buf.len() as u64;
-        if end > self.len {
-            return Err(Error::corrupt(
-                self.raw.path,
-                off,
-                format!(
-                    "{} bytes of metadata lie past the end of the file",
-                    buf.len()
-                ),
-            ));
-        }
-        let flen = self
-            .raw
-            .file
-            .metadata()
-            .ctx(self.raw.path, "cannot stat", None)?
-            .len();
-        let n = flen.saturating_sub(off).min(buf.len() as u64) as usize;
-        self.raw.read(off, &mut buf[..n])?;
-        buf[n..].fill(0);
-        self.overlay.apply(off, buf);
-        Ok(())
-    }
-}
-
-fn read_headers(raw: &RawFile, len: u64, ignore: bool) -> Result<(Header, usize)> {
-    let (h, slot) = current_header(raw, len, ignore)?;
-    let at = [HEADER1, HEADER2][slot];
-    h.check_version()
-        .map_err(|e| Error::unsupported(raw.path, Error::format(raw.path, at, "header", e)))?;
-    Ok((h, slot))
-}
-
-fn current_header(raw: &RawFile, len: u64, _ignore: bool) -> Result<(Header, usize)> {
-    if len < MIB {
-        return Err(Error::corrupt(
-            raw.path,
-            0,
-            format!("file is {len} bytes, shorter than the 1 MiB VHDX header section"),
-        ));
-    }
-    let mut hs = Vec::new();
-    let mut errs = Vec::new();
-    for (slot, at) in [HEADER1, HEADER2].into_iter().enumerate() {
-        let mut b = vec![0u8; HEADER_SIZE];
-        raw.read(at, &mut b)?;
-        match Header::parse(&b) {
-            Ok(h) => hs.push((h, slot, b)),
-            Err(e) => errs.push(Error::format(raw.path, at, "header", e).to_string()),
-        }
-    }
-    match hs.len() {
-        0 => Err(Error::new(
-            ErrorKind::Corrupt,
-            format!("no valid VHDX header: {}", errs.join("; ")),
-        )),
-        1 => {
-            let (h, slot, _) = hs.pop().unwrap();
-            Ok((h, slot))
-        }
-        _ => {
-            let (b, a) = (hs.pop().unwrap(), hs.pop().unwrap());
-            if a.0.sequence == b.0.sequence && a.2 != b.2 {
-                return Err(Error::corrupt(
-                    raw.path,
-                    HEADER2 + 8,
-                    "both headers have the same sequence number but differ",
-                ));
-            }
-            Ok(if b.0.sequence > a.0.sequence {
-                (b.0, b.1)
-            } else {
-                (a.0, a.1)
-            })
-        }
-    }
-}
-
-fn read_layout(src: &MetaSource, header: Header, slot: usize) -> Result<Layout> {
-    let path = src.raw.path;
-    let mut rt = vec![0u8; REGION_SIZE];
-    src.read(REGION1, &mut rt)?;
-    let regions = match parse_region_table(&rt) {
-        Ok(r) => r,
-        Err(e1) => {
-            src.read(REGION2, &mut rt)?;
-            parse_region_table(&rt).map_err(|_| Error::format(path, REGION1, "region table", e1))?
-        }
-    };
-    let mut bat = None;
-    let mut meta = None;
-    for r in &regions {
-        match r.guid {
-            BAT_GUID => bat = Some((r.offset, r.length as u64)),
-            METADATA_GUID => meta = Some((r.offset, r.length as u64)),
-            g if r.required => {
-                return Err(Error::unsupported(
-                    path,
-                    format!("required region {g} is unknown to chainfs"),
-                ))
-            }
-            _ => {}
-        }
-    }
-    let (Some((bat_offset, bat_length)), Some((mo, ml))) = (bat, meta) else {
-        return Err(Error::corrupt(
-            path,
-            REGION1,
-            "the BAT or metadata region is missing",
-        ));
-    };
-    // Regions must not overlap each other or the log.
-    let mut spans = vec![
-        (
-            header.log_offset,
-            header.log_offset + header.log_length as u64,
-            "log",
-        ),
-        (bat_offset, bat_offset + bat_length, "BAT"),
-        (mo, mo + ml, "metadata"),
-    ];
-    spans.retain(|s| s.1 > s.0);
-    spans.sort();
-    for w in spans.windows(2) {
-        if w[1].0 < w[0].1 {
-            return Err(Error::corrupt(
-                path,
-                REGION1,
-                format!("the {} and {} regions overlap", w[0].2, w[1].2),
-            ));
-        }
-    }
-    let mut mt = vec![0u8; REGION_SIZE];
-    src.read(mo, &mut mt)?;
-    let metadata =
-        parse_metadata_table(&mt).map_err(|e| Error::format(path, mo, "metadata table", e))?;
-    let item = |id: Uuid, min: usize| -> Result<Option<Vec<u8>>> {
-        let Some(e) = metadata.iter().find(|e| e.item == id && !e.is_user) else {
-            return Ok(None);
-        };
-        if e.length as usize > MIB as usize
-            || (e.length as usize) < min
-            || e.offset as u64 + e.length as u64 > ml
-            || (e.length > 0 && (e.offset as u64) < 64 * KIB)
-        {
-            return Err(Error::corrupt(
-                path,
-                mo,
-                format!(
-                    "metadata item {id} at +{:#x} ({} bytes) is out of range",
-                    e.offset, e.length
-                ),
-            ));
-        }
-        let mut b = vec![0u8; e.length as usize];
-        src.read(mo + e.offset as u64, &mut b)?;
-        Ok(Some(b))
-    };
-    for e in &metadata {
-        let known = [
-            FILE_PARAMETERS,
-            VIRTUAL_DISK_SIZE,
-            VIRTUAL_DISK_ID,
-            LOGICAL_SECTOR_SIZE,
-            PHYSICAL_SECTOR_SIZE,
-            PARENT_LOCATOR,
-        ];
-        if e.required && (e.is_user || !known.contains(&e.item)) {
-            return Err(Error::unsupported(
-                path,
-                format!("required metadata item {} is unknown to chainfs", e.item),
-            ));
-        }
-    }
-    let missing = |what: &str| Error::corrupt(path, mo, format!("metadata item {what} is missing"));
-    let fp = item(FILE_PARAMETERS, 8)?.ok_or_else(|| missing("File Parameters"))?;
-    let block_size = le32(&fp, 0) as u64;
-    let flags = le32(&fp, 4);
-    if !block_size.is_power_of_two() || !(MIB..=256 * MIB).contains(&block_size) {
-        return Err(Error::corrupt(
-            path,
-            mo,
-            format!("block size {block_size} is not a power of two from 1 MiB to 256 MiB"),
-        ));
-    }
-    let vs = item(VIRTUAL_DISK_SIZE, 8)?.ok_or_else(|| missing("Virtual Disk Size"))?;
-    let virtual_size = le64(&vs, 0);
-    let lss = le32(
-        &item(LOGICAL_SECTOR_SIZE, 4)?.ok_or_else(|| missing("Logical Sector Size"))?,
-        0,
-    );
-    let pss = le32(
-        &item(PHYSICAL_SECTOR_SIZE, 4)?.ok_or_else(|| missing("Physical Sector Size"))?,
-        0,
-    );
-    let disk_id = item(VIRTUAL_DISK_ID, 16)?
-        .map(|b| guid(&b, 0))
-        .ok_or_else(|| missing("Virtual Disk ID"))?;
-    if !matches!(lss, 512 | 4096) || !matches!(pss, 512 | 4096) {
-        return Err(Error::corrupt(
-            path,
-            mo,
-            format!("sector sizes {lss}/{pss} are not 512 or 4096"),
-        ));
-    }
-    if virtual_size == 0 || virtual_size % lss as u64 != 0 || virtual_size > 64 << 40 {
-        return Err(Error::corrupt(
-            path,
-            mo,
-            format!("virtual size {virtual_size} is not a multiple of {lss} up to 64 TiB"),
-        ));
-    }
-    let has_parent = flags & 2 != 0;
-    let locator = if has_parent {
-        let b = item(PARENT_LOCATOR, 20)?.ok_or_else(|| missing("Parent Locator"))?;
-        parse_parent_locator(&b).map_err(|e| Error::format(path, mo, "parent locator", e))?
-    } else {
-        Vec::new()
-    };
-    let chunk_ratio = ((1u64 << 23) * lss as u64) / block_size;
-    let data_blocks = virtual_size.div_ceil(block_size);
-    let sb_blocks = data_blocks.div_ceil(chunk_ratio);
-    let bat_entries = if has_parent {
-        sb_blocks * (chunk_ratio + 1)
-    } else {
-        data_blocks + (data_blocks - 1) / chunk_ratio
-    };
-    if bat_entries * 8 > bat_length {
-        return Err(Error::corrupt(
-            path,
-            bat_offset,
-            format!(
-                "BAT region of {bat_length} bytes cannot hold the {bat_entries} entries the disk needs"
-            ),
-        ));
-    }
-    let mut ident = vec![0u8; 520];
-    src.read(0, &mut ident)?;
-    let units: Vec<u16> = ident[8..520]
-        .chunks_exact(2)
-        .map(|c| u16::from_le_bytes([c[0], c[1]]))
-        .take_while(|&u| u != 0)
-        .collect();
-    Ok(Layout {
-        header,
-        slot,
-        regions,
-        bat_offset,
-        bat_length,
-        metadata_offset: mo,
-        metadata_length: ml,
-        metadata,
-        block_size,
-        leave_allocated: flags & 1 != 0,
-        has_parent,
-        virtual_size,
-        disk_id,
-        logical_sector: lss,
-        physical_sector: pss,
-        locator,
-        chunk_ratio,
-        bat_entries,
-        creator: String::from_utf16_lossy(&units),
-    })
 }
 
 /// DataWriteGuid and parent link of a VHDX file, without locking it.
