@@ -293,3 +293,55 @@ fn merge_command_starts_a_job_file_and_keeps_the_bytes() {
     assert_eq!(errno_of(r), libc::EPERM);
     assert!(reply.starts_with("ReturnValue=32775\n"), "{reply}");
 }
+
+#[test]
+fn copy_on_read_moves_parent_data_into_the_leaf_without_changing_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    let specs = specs();
+    let layers = build(dir.path(), &specs, BS, |i| i == 0);
+    let image = Arc::new(FlatImage::new(&chain_of(&layers)));
+    let cfg = MountConfig {
+        writable: true,
+        copy_on_read: true,
+        perms: Overrides::default(),
+    };
+    let fs = ChainFs::new(image.clone(), cfg, Box::new(|| Ok(String::new()))).unwrap();
+    let fh = fs.open(DISK, false).unwrap().fh;
+    assert_eq!(fs.read(DISK, fh, 0, 1 << 20).unwrap(), model(&specs));
+    assert!(Calls::get(&layers[0].calls.write_sectors) > 0);
+    // Now the leaf holds every sector a parent held: the parents go unread.
+    let before: Vec<u64> = layers
+        .iter()
+        .map(|l| Calls::get(&l.calls.read_data))
+        .collect();
+    assert_eq!(fs.read(DISK, fh, 0, 1 << 20).unwrap(), model(&specs));
+    assert_eq!(Calls::get(&layers[1].calls.read_data), before[1]);
+    assert_eq!(Calls::get(&layers[2].calls.read_data), before[2]);
+}
+
+#[test]
+fn merge_is_refused_while_a_view_it_changes_is_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, fs) = mount(dir.path(), &specs(), true);
+    let view = fs.lookup(LAYERS, "2-l2.mem.raw").unwrap().ino;
+    let fh = fs.open(view, false).unwrap().fh;
+    let (r, reply) = control(&fs, "merge l1.mem l2.mem");
+    assert_eq!(errno_of(r), libc::EBUSY);
+    assert!(reply.starts_with("ReturnValue=32774\n"), "{reply}");
+    assert!(reply.contains("layers/2-l2.mem.raw is open"), "{reply}");
+    assert!(fs.readdir(JOBS).unwrap().is_empty());
+    // Closed, the same merge starts.
+    fs.release(fh);
+    let (r, reply) = control(&fs, "merge l1.mem l2.mem");
+    r.unwrap();
+    assert!(
+        reply.starts_with(&format!("ReturnValue={RC_JOB_STARTED}\n")),
+        "{reply}"
+    );
+    let job = fs.jobs().get(1).unwrap();
+    let t = Instant::now();
+    while !job.is_finished() {
+        assert!(t.elapsed() < Duration::from_secs(20), "merge job hangs");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}

@@ -265,3 +265,55 @@ proptest! {
         prop_assert_eq!(image.layers().len(), specs.len() - (d - s));
     }
 }
+
+#[test]
+fn merge_of_the_leaf_while_it_is_written_keeps_every_write() {
+    let dir = tempfile::tempdir().unwrap();
+    // 1 MiB, so that the copy takes a while next to the writer.
+    let n = 2048u64;
+    let pic = |every: u64| -> String {
+        (0..n)
+            .map(|k| if k % every == 0 { 'd' } else { '.' })
+            .collect()
+    };
+    let specs = [
+        Spec::of(&pic(3), 1),
+        Spec::of(&pic(2), 2),
+        Spec::of(&pic(1), 3),
+    ];
+    let ls = build(dir.path(), &specs, 8 * BS, |i| i <= 1);
+    let image = FlatImage::new(&chain_of(&ls));
+    let mut want = model(&specs);
+    let p = plan(image.layers(), &req("l0.mem", "l1.mem", false), None).unwrap();
+    // The writer keeps writing from before the merge starts until after it
+    // ended, so some writes land behind the copy and must be caught up.
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let started = std::sync::atomic::AtomicBool::new(false);
+    let writes = std::thread::scope(|sc| {
+        let w = sc.spawn(|| {
+            let mut log = Vec::new();
+            for i in 0u64.. {
+                let off = (i * 2_621) % (n * 512 - 700);
+                let (len, v) = (1 + (i as usize * 37) % 700, i as u8 | 1);
+                image.write_at(off, &vec![v; len]).unwrap();
+                log.push((off, len, v));
+                started.store(true, Ordering::Relaxed);
+                if done.load(Ordering::Relaxed) && i > 100 {
+                    break;
+                }
+            }
+            log
+        });
+        while !started.load(Ordering::Relaxed) {
+            std::thread::yield_now();
+        }
+        execute(&image, p, &Progress::default()).unwrap();
+        done.store(true, Ordering::Relaxed);
+        w.join().unwrap()
+    });
+    for &(off, len, v) in &writes {
+        want[off as usize..off as usize + len].fill(v);
+    }
+    assert_eq!(paths(&image.layers()), ["l1.mem", "l2.mem"]);
+    assert_eq!(read_all(&image), want);
+}
