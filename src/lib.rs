@@ -33,6 +33,8 @@ pub mod chain;
 pub mod check;
 pub mod compact;
 pub mod control;
+#[cfg(test)]
+mod core_tests;
 pub mod dependents;
 pub mod error;
 pub mod export;

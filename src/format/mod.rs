@@ -16,6 +16,8 @@
 
 pub mod fileio;
 pub mod hint;
+#[cfg(test)]
+pub mod mem;
 pub mod pending;
 pub mod probe;
 pub mod qcow2;
