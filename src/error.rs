@@ -121,6 +121,16 @@ impl Error {
         Error::new(ErrorKind::Unsupported, format!("{}: {msg}", path.display()))
     }
 
+    /// An operating-system error number with no kind of its own (ENOTDIR,
+    /// EISDIR, EBADF): [`Error::to_errno`] passes it through unchanged.
+    pub fn os(errno: i32, msg: impl Into<String>) -> Self {
+        Error {
+            kind: ErrorKind::Io,
+            msg: msg.into(),
+            source: Some(io::Error::from_raw_os_error(errno)),
+        }
+    }
+
     pub fn invalid(msg: impl Into<String>) -> Self {
         Error::new(ErrorKind::InvalidArgument, msg)
     }

@@ -141,7 +141,10 @@ fn errno(e: i32, msg: &str) -> Error {
         libc::EPERM => ErrorKind::InvalidState,
         libc::EROFS => ErrorKind::ReadOnly,
         libc::EOPNOTSUPP => ErrorKind::Unsupported,
-        _ => ErrorKind::InvalidArgument,
+        libc::EINVAL => ErrorKind::InvalidArgument,
+        // No kind of its own (ENOTDIR, EISDIR, EBADF): an OS error that
+        // `Error::to_errno` passes through as it is.
+        _ => return Error::os(e, msg),
     };
     Error::new(kind, msg)
 }

@@ -82,10 +82,8 @@ fn root_lookup_getattr_and_readdir() {
     assert_eq!(errno_of(fs.lookup(ROOT, "nope")), libc::ENOENT);
     assert_eq!(errno_of(fs.lookup(JOBS, "1")), libc::ENOENT);
     assert_eq!(errno_of(fs.getattr(JOB_BASE + 1)), libc::ENOENT);
-    // fs.rs means ENOTDIR and EISDIR here, but its `errno()` helper has no
-    // kind for them and they come out as EINVAL (reported to the lead).
-    assert!(fs.readdir(DISK).is_err());
-    assert!(fs.open(JOBS, false).is_err());
+    assert_eq!(errno_of(fs.readdir(DISK)), libc::ENOTDIR);
+    assert_eq!(errno_of(fs.open(JOBS, false)), libc::EISDIR);
     assert!(fs.readdir(JOBS).unwrap().is_empty());
 }
 

@@ -185,7 +185,7 @@ fn merge_below_the_leaf_keeps_the_bytes_and_relinks_the_child() {
     assert_eq!(read_all(&image), model(&specs));
     assert_eq!(paths(&image.layers()), ["l0.mem", "l3.mem", "l4.mem"]);
     // The child now names DESTINATION; the merged files are gone.
-    assert_eq!(ls[0].parent().unwrap().id, ls[3].id());
+    assert_eq!(ls[0].parent().unwrap().ids, vec![ls[3].id()]);
     assert_eq!(Calls::get(&ls[0].calls.set_parent), 1);
     assert!(!ls[1].path().exists() && !ls[2].path().exists());
     assert!(Calls::get(&ls[3].calls.flush) >= 1);
@@ -203,7 +203,7 @@ fn merge_with_keep_detaches_the_merged_layers() {
     for l in &ls[1..3] {
         assert!(l.path().exists());
         assert_eq!(Calls::get(&l.calls.detach), 1);
-        assert!(l.parent().unwrap().id.is_nil());
+        assert!(l.parent().unwrap().detached);
     }
 }
 

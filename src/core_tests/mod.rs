@@ -116,6 +116,7 @@ pub fn chain_of(layers: &[Arc<MemLayer>]) -> Chain {
                 tried: vec![w[1].path().to_path_buf()],
                 id_mismatch: false,
                 by_search: false,
+                by_name_only: false,
             })
             .collect(),
         cache: MetaCache::new(1 << 20),

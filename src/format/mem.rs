@@ -15,16 +15,18 @@
 //! The layer has a path (tests put a real, empty file there when the code
 //! under test touches it: merge records, deletes, permissions) and
 //! [`Calls`] counters to assert that a flush happened or a layer was not
-//! read. The parent-link methods (`set_parent`, `detach`) only record the
-//! new link; they are kept together at the end so they are easy to adapt
-//! when the trait's relink protocol changes.
+//! read. [`Layer::relink`] only records the new link and counts the change.
+//! The format is `mem`, registered in test builds only ([`DRIVER`]): a
+//! `mem` child may have a `mem` parent; nothing probes, opens or creates
+//! one from a file.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use parking_lot::Mutex;
 
-use super::{DiskType, Extent, Format, Layer, LayerInfo, LockMode, ParentHint, ParentLink};
+use super::registry::Driver;
+use super::{Extent, Layer, LayerInfo, LockMode, ParentChange, ParentHint, ParentLink};
 use crate::error::{Error, ErrorKind, Result};
 
 /// Where slot 0 starts in the invented file layout (a "header" before it).
@@ -46,8 +48,10 @@ pub struct Calls {
     pub write_sectors: AtomicU64,
     pub discard: AtomicU64,
     pub flush: AtomicU64,
+    /// `relink(Set)`, `relink(Detach)`, `relink(Expect)`.
     pub set_parent: AtomicU64,
     pub detach: AtomicU64,
+    pub expect: AtomicU64,
 }
 
 impl Calls {
@@ -182,16 +186,26 @@ impl MemLayer {
     }
 }
 
-/// The link a child of `parent` records.
+/// The registry entry (test builds only): nothing on disk is a `mem` file.
+pub static DRIVER: Driver = Driver {
+    name: "mem",
+    extensions: &[],
+    parents: &["mem"],
+    probe: |_, _| Ok(false),
+    open: |_, path, _| Err(bug(path, "a mem layer cannot be opened from a file".into())),
+    create: |path, _, _| Err(bug(path, "a mem layer cannot be created as a file".into())),
+    peek: |_| None,
+};
+
+/// The link a child of `parent` records: its id, and its path as the name.
 pub fn link_to(parent: &dyn Layer) -> ParentLink {
     ParentLink {
-        id: parent.info().unique_id,
-        alt_id: None,
+        ids: parent.info().unique_id.into_iter().collect(),
         hints: vec![ParentHint {
             source: "mem".into(),
             stored: parent.path().display().to_string(),
-            path: Some(parent.path().to_path_buf()),
         }],
+        detached: false,
     }
 }
 
@@ -201,18 +215,15 @@ impl Layer for MemLayer {
     }
 
     fn info(&self) -> LayerInfo {
-        let parent_id = self.state.lock().parent.as_ref().map(|p| p.id);
+        let child = self.state.lock().parent.is_some();
         LayerInfo {
-            format: Format::Vhd,
-            disk_type: match parent_id {
-                Some(_) => DiskType::Differencing,
-                None => DiskType::Dynamic,
-            },
+            format: "mem",
+            disk_type: if child { "differencing" } else { "dynamic" },
             virtual_size: self.size,
             block_size: Some(self.block),
             sector_size: self.sector,
-            unique_id: self.id,
-            parent_id,
+            unique_id: Some(self.id),
+            id_follows_data: false,
             creator: "mem".into(),
         }
     }
@@ -308,19 +319,27 @@ impl Layer for MemLayer {
         Ok(())
     }
 
-    // Parent-link changes: record the new link, nothing else.
-
-    fn set_parent(&self, parent: &dyn Layer) -> Result<()> {
-        self.calls.set_parent.fetch_add(1, Ordering::Relaxed);
-        self.state.lock().parent = Some(link_to(parent));
+    fn relink(&self, change: ParentChange<'_>) -> Result<()> {
+        let mut st = self.state.lock();
+        match change {
+            ParentChange::Expect(_) => {
+                self.calls.expect.fetch_add(1, Ordering::Relaxed);
+            }
+            ParentChange::Set(parent) => {
+                self.calls.set_parent.fetch_add(1, Ordering::Relaxed);
+                st.parent = Some(link_to(parent));
+            }
+            ParentChange::Detach => {
+                self.calls.detach.fetch_add(1, Ordering::Relaxed);
+                if let Some(p) = st.parent.as_mut() {
+                    p.detached = true;
+                }
+            }
+        }
         Ok(())
     }
 
-    fn detach(&self) -> Result<()> {
-        self.calls.detach.fetch_add(1, Ordering::Relaxed);
-        if let Some(p) = self.state.lock().parent.as_mut() {
-            p.id = uuid::Uuid::nil();
-        }
-        Ok(())
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
     }
 }

@@ -51,7 +51,16 @@ pub struct Driver {
 }
 
 /// Every driver, in probe order.
+#[cfg(not(test))]
 pub static DRIVERS: &[&Driver] = &[&vhdx::DRIVER, &vhd::DRIVER, &raw::DRIVER];
+/// Every driver, in probe order, and the in-memory test layer.
+#[cfg(test)]
+pub static DRIVERS: &[&Driver] = &[
+    &vhdx::DRIVER,
+    &vhd::DRIVER,
+    &raw::DRIVER,
+    &super::mem::DRIVER,
+];
 
 /// The driver called `name`.
 pub fn driver(name: &str) -> Option<&'static Driver> {
