@@ -40,39 +40,6 @@ const MIB: u64 = 1 << 20;
 // ---------------------------------------------------------------------------
 // Small helpers.
 
-fn p(path: &Path) -> &str {
-    path.to_str().expect("temp paths are UTF-8")
-}
-
-fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !cond() {
-        assert!(start.elapsed() < limit, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-/// Where two byte strings first differ, if they do (never prints them).
-fn first_diff(got: &[u8], want: &[u8]) -> Option<String> {
-    if got.len() != want.len() {
-        return Some(format!("length {} instead of {}", got.len(), want.len()));
-    }
-    const C: usize = 1 << 16;
-    for (i, (a, b)) in got.chunks(C).zip(want.chunks(C)).enumerate() {
-        if a != b {
-            let j = a.iter().zip(b).position(|(x, y)| x != y).unwrap();
-            return Some(format!("first difference at byte {:#x}", i * C + j));
-        }
-    }
-    None
-}
-
-fn assert_same(got: &[u8], want: &[u8], what: &str) {
-    if let Some(d) = first_diff(got, want) {
-        panic!("{what}: {d}");
-    }
-}
-
 /// sha256 of every file in `dir` (hidden ones too), by name.
 fn hashes(dir: &Path) -> BTreeMap<String, String> {
     let mut m = BTreeMap::new();
@@ -97,17 +64,6 @@ fn records(dir: &Path) -> Vec<String> {
         .collect();
     v.sort();
     v
-}
-
-/// Copy the regular files of `from` into a new folder `to`.
-fn copy_dir(from: &Path, to: &Path) {
-    fs::create_dir_all(to).unwrap();
-    for e in fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        if e.file_type().unwrap().is_file() {
-            fs::copy(e.path(), to.join(e.file_name())).unwrap();
-        }
-    }
 }
 
 fn drop_caches() {
@@ -242,22 +198,6 @@ fn sized_chain(
     build(dir, size, &specs, seed)
 }
 
-/// `chainfs export IMG` read back (the output file is removed).
-fn export(img: &Path, out: &Path) -> Result<Vec<u8>, String> {
-    let o = chainfs(&["export", p(img), p(out), "--force"]);
-    if !o.status.success() {
-        return Err(format!(
-            "chainfs export {} failed (exit {}): {}",
-            img.display(),
-            code(&o),
-            text(&o).trim()
-        ));
-    }
-    let b = fs::read(out).unwrap();
-    fs::remove_file(out).ok();
-    Ok(b)
-}
-
 /// One layer as `chainfs info --json` shows it.
 #[derive(Debug, Clone)]
 struct LayerInfo {
@@ -292,26 +232,6 @@ fn info(img: &Path) -> Result<Vec<LayerInfo>, (i32, String)> {
 
 fn names_of(layers: &[LayerInfo]) -> Vec<String> {
     layers.iter().map(|l| l.name.clone()).collect()
-}
-
-/// `chainfs check --json IMG`: exit status and problems.
-fn check(img: &Path) -> (i32, Vec<String>) {
-    let o = chainfs(&["check", "--json", p(img)]);
-    let c = code(&o);
-    match serde_json::from_slice::<Value>(&o.stdout) {
-        Ok(v) => (
-            c,
-            v["problems"]
-                .as_array()
-                .map(|a| {
-                    a.iter()
-                        .map(|x| x.as_str().unwrap_or_default().to_string())
-                        .collect()
-                })
-                .unwrap_or_default(),
-        ),
-        Err(_) => (c, vec![format!("(no JSON) {}", text(&o).trim())]),
-    }
 }
 
 /// A merge of `names[src]` into `names[dst]` (base-first indices, dst < src).
@@ -425,7 +345,7 @@ fn verify_final(
             e.trim()
         )),
     }
-    match export(&leaf, scratch) {
+    match take_export(&leaf, scratch) {
         Ok(b) => {
             if let Some(d) = first_diff(&b, model) {
                 bad.push(format!(
@@ -438,7 +358,7 @@ fn verify_final(
     }
     let dest = dir.join(m.dst_name());
     if dest != leaf {
-        match export(&dest, scratch) {
+        match take_export(&dest, scratch) {
             Ok(b) => {
                 if let Some(d) = first_diff(&b, dest_model) {
                     bad.push(format!(
@@ -560,7 +480,7 @@ fn verify_interrupted(
     } else {
         orig_leaf.clone()
     };
-    match export(&open_at, scratch) {
+    match take_export(&open_at, scratch) {
         Ok(b) => {
             if let Some(d) = first_diff(&b, model) {
                 bad.push(format!(
@@ -634,17 +554,6 @@ fn verify_interrupted(
 
 // ---------------------------------------------------------------------------
 // Mounts and the control file.
-
-/// `chainfs mount` in the background; the guard unmounts on drop.
-fn mount(leaf: &Path, mnt: &Path, opts: &[&str]) -> MountGuard {
-    fs::create_dir_all(mnt).unwrap();
-    let g = MountGuard::new(mnt);
-    let mut args = vec!["mount", p(leaf), p(mnt)];
-    args.extend_from_slice(opts);
-    chainfs_ok(&args);
-    assert!(is_mounted(mnt), "{} is not mounted", mnt.display());
-    g
-}
 
 fn unmount(mnt: &Path) {
     chainfs_ok(&["umount", p(mnt)]);
@@ -897,7 +806,7 @@ fn libvhdi_levels(leaf: &Path, n: usize, mnt: &Path) -> Option<Vec<Vec<u8>>> {
         .expect("vhdimount");
     assert!(o.status.success(), "vhdimount: {}", text(&o));
     let last = mnt.join(format!("vhdi{n}"));
-    wait_for("vhdimount", Duration::from_secs(15), || last.exists());
+    wait_for("vhdimount", || last.exists());
     let mut entries: Vec<String> = fs::read_dir(mnt)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -934,7 +843,7 @@ fn offline_merge(c: Case) {
     let b = small_chain(&dir, c.names, c.fixed_base, 6, c.seed);
     let m = Merge::new(&b.names, c.src, c.dst, c.keep);
     assert_same(
-        &export(&b.leaf(), &scratch).unwrap(),
+        &take_export(&b.leaf(), &scratch).unwrap(),
         b.model(),
         "export before the merge",
     );
@@ -987,7 +896,7 @@ fn offline_merge(c: Case) {
         want.extend(m.final_names()[..=m.dst].iter().rev().cloned());
         assert_eq!(names_of(&ls), want, "the other child of SOURCE is relinked");
         assert_same(
-            &export(&e, &scratch).unwrap(),
+            &take_export(&e, &scratch).unwrap(),
             &model,
             "the other child of SOURCE reads as before",
         );
@@ -1176,7 +1085,7 @@ fn refused_offline_merges_exit_with_their_codes_and_change_no_file() {
     assert!(bad.is_empty(), "--force merge:\n{}", bad.join("\n"));
     // The other chain was never touched.
     assert_same(
-        &export(&bdir.join("oleaf.vhd"), &scratch).unwrap(),
+        &take_export(&bdir.join("oleaf.vhd"), &scratch).unwrap(),
         cb.model(),
         "the other chain",
     );
@@ -1603,7 +1512,7 @@ fn readers_hash_identical_bytes_before_during_and_after_merges() {
     ] {
         // Let the readers get going between merges.
         let c0 = count.load(Ordering::SeqCst);
-        wait_for("reader passes", Duration::from_secs(60), || {
+        wait_for_within("reader passes", Duration::from_secs(60), || {
             count.load(Ordering::SeqCst) >= c0 + 2
         });
         let (s, e, _) = merge_via_control(&mnt, cmd);
@@ -1638,7 +1547,7 @@ fn readers_hash_identical_bytes_before_during_and_after_merges() {
     assert!(names.iter().skip(1).all(|n| !dir.join(n).exists()));
     assert_eq!(check(&dir.join("base.vhd")), (0, vec![]));
     assert_same(
-        &export(&dir.join("base.vhd"), &t.path().join("x.raw")).unwrap(),
+        &take_export(&dir.join("base.vhd"), &t.path().join("x.raw")).unwrap(),
         b.model(),
         "base after all merges",
     );
@@ -1768,7 +1677,7 @@ fn ext4_loop_mounted_from_disk_raw_reads_the_same_files_during_merges() {
             // Start while the reader is reading, not while it drops the
             // (large, at first) caches.
             let c0 = count.load(Ordering::SeqCst);
-            wait_for("guest reads", Duration::from_secs(60), || {
+            wait_for_within("guest reads", Duration::from_secs(60), || {
                 count.load(Ordering::SeqCst) >= c0 + 3
             });
             let (s, e, _) = merge_via_control(&mnt, cmd);
@@ -1820,7 +1729,7 @@ fn ext4_loop_mounted_from_disk_raw_reads_the_same_files_during_merges() {
     assert!(!dir.join("mid.vhd").exists() && !dir.join("leaf.vhd").exists());
     assert_eq!(check(&dir.join("base.vhd")), (0, vec![]));
     assert_same(
-        &export(&dir.join("base.vhd"), &t.path().join("x.raw")).unwrap(),
+        &take_export(&dir.join("base.vhd"), &t.path().join("x.raw")).unwrap(),
         &model,
         "base after the merges",
     );
@@ -1903,7 +1812,7 @@ fn writes_during_merges_are_never_lost_even_when_the_leaf_is_merged_into_base() 
     };
     let wait_writes = |n: u64| {
         let c0 = count.load(Ordering::SeqCst);
-        wait_for("the writer", Duration::from_secs(60), || {
+        wait_for_within("the writer", Duration::from_secs(60), || {
             count.load(Ordering::SeqCst) >= c0 + n
         });
     };
@@ -1942,7 +1851,7 @@ fn writes_during_merges_are_never_lost_even_when_the_leaf_is_merged_into_base() 
     assert!(records(&dir).is_empty());
     assert_eq!(check(&base), (0, vec![]));
     assert_same(
-        &export(&base, &t.path().join("x.raw")).unwrap(),
+        &take_export(&base, &t.path().join("x.raw")).unwrap(),
         &model,
         "export of base",
     );
@@ -1954,17 +1863,6 @@ fn writes_during_merges_are_never_lost_even_when_the_leaf_is_merged_into_base() 
 
 // ---------------------------------------------------------------------------
 // 6. Fault injection at every write/sync point.
-
-/// A temp folder on tmpfs when there is one: the fault tests run a merge
-/// per write/sync point, and fsync on a disk would dominate their runtime.
-fn fast_tempdir() -> tempfile::TempDir {
-    if Path::new("/dev/shm").is_dir() {
-        if let Ok(t) = tempfile::tempdir_in("/dev/shm") {
-            return t;
-        }
-    }
-    tempfile::tempdir().unwrap()
-}
 
 fn fault_at_every_point(names: &[&'static str], src: &str, dst: &str, keep: bool, seed: u64) {
     let t = fast_tempdir();
@@ -2120,9 +2018,7 @@ fn kill_9_of_the_daemon_during_merges_loses_nothing_and_the_merge_can_be_finishe
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        wait_for("the foreground mount", Duration::from_secs(10), || {
-            is_mounted(&mnt)
-        });
+        wait_for("the foreground mount", || is_mounted(&mnt));
         let id = start_merge(&mnt, &format!("merge {src} base.vhd"));
         assert_eq!(id, 1);
         let frac = (5 + rng.below(90)) as f64 / 100.0;

@@ -12,10 +12,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-fn p(path: &Path) -> &str {
-    path.to_str().unwrap()
-}
-
 /// base (dynamic) <- mid <- leaf, 32 MiB, data in every layer, some of it
 /// shadowed; returns (leaf, model of the flat disk).
 fn three_layers(dir: &Path) -> (PathBuf, Vec<u8>) {
@@ -48,32 +44,6 @@ fn three_layers(dir: &Path) -> (PathBuf, Vec<u8>) {
         }
     }
     (dir.join("leaf.vhd"), model)
-}
-
-/// `chainfs mount` in the background; the guard unmounts on drop.
-fn mount(leaf: &Path, mnt: &Path, opts: &[&str]) -> MountGuard {
-    std::fs::create_dir_all(mnt).unwrap();
-    let mut args = vec!["mount", p(leaf), p(mnt)];
-    args.extend_from_slice(opts);
-    let g = MountGuard::new(mnt);
-    chainfs_ok(&args);
-    assert!(
-        is_mounted(mnt),
-        "{} is not mounted after chainfs mount returned",
-        mnt.display()
-    );
-    g
-}
-
-fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !cond() {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "timed out waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 #[test]
@@ -343,17 +313,6 @@ fn sigterm_unmounts_cleanly() {
         assert!(status.success(), "daemon exit status {status}");
         assert!(!is_mounted(&mnt), "still mounted after signal {sig}");
     }
-}
-
-/// Run a command, insisting on success.
-fn run(cmd: &mut Command) -> String {
-    let o = cmd.output().unwrap();
-    assert!(
-        o.status.success(),
-        "{cmd:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
 /// Files written into the guest filesystem at each stage: (name, bytes).

@@ -14,60 +14,17 @@
 
 mod common;
 
-use common::Rng;
-
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use chainfs::format::vhd::{bitmap_bytes, DynamicHeader, Footer};
-use common::{chainfs_ok, chainfs_write_mirrored, vhdimount};
+use common::*;
 use tempfile::TempDir;
 
 const K4: u64 = 4096;
 const M2: u64 = 2 << 20;
 const SECTOR: usize = 512;
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("temp paths are UTF-8")
-}
-
-/// Index and description of the first differing byte, and the number of
-/// differing 512-byte sectors; `None` when equal.
-fn diff(a: &[u8], b: &[u8]) -> Option<String> {
-    if a.len() != b.len() {
-        return Some(format!("lengths {} and {}", a.len(), b.len()));
-    }
-    let first = a.iter().zip(b).position(|(x, y)| x != y)?;
-    let sectors = a
-        .chunks(SECTOR)
-        .zip(b.chunks(SECTOR))
-        .filter(|(x, y)| x != y)
-        .count();
-    Some(format!(
-        "first difference at byte {first:#x} (sector {}), {sectors} sectors differ",
-        first / SECTOR
-    ))
-}
-
-fn assert_same(got: &[u8], want: &[u8], what: &str) {
-    if let Some(d) = diff(got, want) {
-        panic!("{what}: {d}");
-    }
-}
-
-fn export(img: &Path, out: &Path) -> Vec<u8> {
-    chainfs_ok(&["export", s(img), s(out), "--force"]);
-    fs::read(out).unwrap()
-}
-
-fn have_vhdimount() -> bool {
-    common::require_fuse() && common::require("vhdimount (libvhdi)", common::have("vhdimount"))
-}
-
-fn have_qemu_img() -> bool {
-    common::require("qemu-img", common::have("qemu-img"))
-}
 
 // ---------------------------------------------------------------------------
 // (a) chains written by chainfs, read back by libvhdi.
@@ -102,7 +59,7 @@ fn build_chain(dir: &Path, size: u64, specs: &[LayerSpec], seed: u64) -> BuiltCh
                 let kind = if spec.fixed { "fixed" } else { "dynamic" };
                 chainfs_ok(&[
                     "create",
-                    s(&img),
+                    p(&img),
                     "--size",
                     &size.to_string(),
                     "--type",
@@ -115,9 +72,9 @@ fn build_chain(dir: &Path, size: u64, specs: &[LayerSpec], seed: u64) -> BuiltCh
                 assert!(!spec.fixed);
                 chainfs_ok(&[
                     "create",
-                    s(&img),
+                    p(&img),
                     "--parent",
-                    s(parent),
+                    p(parent),
                     "--block-size",
                     spec.block,
                 ]);
@@ -265,7 +222,7 @@ fn check_base_against_qemu(kind: &str, size: u64, block: &str, seed: u64) {
     let img = t.path().join("base.vhd");
     chainfs_ok(&[
         "create",
-        s(&img),
+        p(&img),
         "--type",
         kind,
         "--size",
@@ -363,13 +320,13 @@ fn known_libvhdi_bug_partial_bitmap_byte_reads_following_clear_sectors_from_chil
     let mut rng = Rng(42);
     let mut model = vec![0u8; size as usize];
 
-    chainfs_ok(&["create", s(&base), "--size", "4M"]);
+    chainfs_ok(&["create", p(&base), "--size", "4M"]);
     // Non-zero parent data in every byte around the write.
     let pdata: Vec<u8> = rng.bytes(64 << 10).iter().map(|b| b | 1).collect();
     chainfs_write_mirrored(&base, 0x10000, &pdata, &scratch, &mut model);
     let parent_model = model.clone();
 
-    chainfs_ok(&["create", s(&child), "--parent", s(&base)]);
+    chainfs_ok(&["create", p(&child), "--parent", p(&base)]);
     // Sector 0x80 + 3: bit 3 of bitmap byte 16.
     let sector: usize = (0x10000 / SECTOR) + 3;
     let wdata: Vec<u8> = rng.bytes(SECTOR).iter().map(|b| b | 0x80).collect();

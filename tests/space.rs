@@ -18,30 +18,6 @@ use common::*;
 
 const MIB: u64 = 1 << 20;
 
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-/// A temp folder on tmpfs when there is one (the fault loops fsync a lot).
-fn fast_tempdir() -> tempfile::TempDir {
-    if Path::new("/dev/shm").is_dir() {
-        if let Ok(t) = tempfile::tempdir_in("/dev/shm") {
-            return t;
-        }
-    }
-    tempfile::tempdir().unwrap()
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    fs::create_dir_all(to).unwrap();
-    for e in fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        if e.file_type().unwrap().is_file() {
-            fs::copy(e.path(), to.join(e.file_name())).unwrap();
-        }
-    }
-}
-
 fn len(p: &Path) -> u64 {
     fs::metadata(p).unwrap().len()
 }
@@ -54,25 +30,11 @@ fn on_disk(p: &Path) -> u64 {
 /// sha256 of the flattened chain at `img` (its export).
 fn flat_sha(img: &Path, scratch: &Path) -> Result<String, String> {
     let _ = fs::remove_file(scratch);
-    let o = chainfs(&["export", s(img), s(scratch), "--force"]);
+    let o = chainfs(&["export", p(img), p(scratch), "--force"]);
     if code(&o) != 0 {
         return Err(text(&o));
     }
     Ok(sha256_file(scratch))
-}
-
-/// `chainfs check --json IMG`: exit code and problems.
-fn check(img: &Path) -> (i32, Vec<String>) {
-    let o = chainfs(&["check", "--json", s(img)]);
-    let v: serde_json::Value =
-        serde_json::from_slice(&o.stdout).unwrap_or_else(|_| panic!("check --json: {}", text(&o)));
-    let probs = v["problems"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_str().unwrap().to_string())
-        .collect();
-    (code(&o), probs)
 }
 
 fn is_leak(p: &str) -> bool {
@@ -121,7 +83,7 @@ fn chain(dir: &Path, f: Fmt, size: u64, child_blocks: u64, seed: u64) -> (PathBu
     let mut rng = Rng(seed);
     chainfs_ok(&[
         "create",
-        s(&base),
+        p(&base),
         "--size",
         &size.to_string(),
         "--block-size",
@@ -133,18 +95,18 @@ fn chain(dir: &Path, f: Fmt, size: u64, child_blocks: u64, seed: u64) -> (PathBu
     std::fs::write(&scratch, vec![0u8; bs as usize]).unwrap();
     chainfs_ok(&[
         "write",
-        s(&base),
+        p(&base),
         "--offset",
         &(4 * bs).to_string(),
         "--input",
-        s(&scratch),
+        p(&scratch),
         "--no-sparse",
     ]);
     chainfs_ok(&[
         "create",
-        s(&child),
+        p(&child),
         "--parent",
-        s(&base),
+        p(&base),
         "--block-size",
         &bs.to_string(),
     ]);
@@ -175,7 +137,7 @@ fn interrupted_merges_reuse_space(f: Fmt, seed: u64) {
     let clean = t.path().join("clean");
     copy_dir(&pristine, &clean);
     let cb = clean.join(f.base());
-    chainfs_ok(&["merge", s(&clean.join(f.child())), s(&cb)]);
+    chainfs_ok(&["merge", p(&clean.join(f.child())), p(&cb)]);
     let (ref_len, ref_disk) = (len(&cb), on_disk(&cb));
     assert_eq!(flat_sha(&cb, &scratch).unwrap(), want);
     // One block of slack: its data, a VHD bitmap and alignment.
@@ -189,7 +151,7 @@ fn interrupted_merges_reuse_space(f: Fmt, seed: u64) {
         copy_dir(&pristine, &work);
         let (wb, wc) = (work.join(f.base()), work.join(f.child()));
         let o = Command::new(bin())
-            .args(["merge", s(&wc), s(&wb)])
+            .args(["merge", p(&wc), p(&wb)])
             .env("CHAINFS_FAULT_AFTER", k.to_string())
             .output()
             .unwrap();
@@ -207,7 +169,7 @@ fn interrupted_merges_reuse_space(f: Fmt, seed: u64) {
         }
         // A crash after the record was removed: the merge had finished.
         let finished = !wc.exists() && !work.join(format!(".{}.chainfs-merge", f.child())).exists();
-        let o = chainfs(&["merge", s(&wc), s(&wb)]);
+        let o = chainfs(&["merge", p(&wc), p(&wb)]);
         if !finished && code(&o) != 0 {
             bad.push(format!(
                 "k={k}: rerun exit {}: {}",
@@ -299,19 +261,19 @@ fn check_reports_planted_space(f: Fmt) {
     let (c, probs) = check(&child);
     assert_eq!(c, 3, "check exit with planted space: {probs:?}");
     assert_eq!(probs.len(), 1, "{probs:?}");
-    let p = &probs[0];
+    let finding = &probs[0];
     assert!(
-        p.starts_with(s(&base))
-            && is_leak(p)
-            && p.contains("3.0 MiB")
-            && p.contains(&format!("-{to:#x}"))
-            && p.contains("chainfs compact"),
-        "the finding names the file, the range {from:#x}-{to:#x}, the bytes and the cure: {p}"
+        finding.starts_with(p(&base))
+            && is_leak(finding)
+            && finding.contains("3.0 MiB")
+            && finding.contains(&format!("-{to:#x}"))
+            && finding.contains("chainfs compact"),
+        "the finding names the file, the range {from:#x}-{to:#x}, the bytes and the cure: {finding}"
     );
     // Reading is unaffected.
     assert_eq!(flat_sha(&child, &scratch).unwrap(), want);
     let before = on_disk(&base);
-    let out = chainfs_ok(&["compact", s(&base), "--json"]);
+    let out = chainfs_ok(&["compact", p(&base), "--json"]);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert!(
         v["bytes_freed"].as_u64().unwrap() >= 3 * MIB,
@@ -369,7 +331,7 @@ fn compact_at_every_point(f: Fmt, target_child: bool, seed: u64) {
         // Measured on the copy: copying need not keep holes.
         let before = on_disk(&wt);
         let o = Command::new(bin())
-            .args(["compact", s(&wt)])
+            .args(["compact", p(&wt)])
             .env("CHAINFS_FAULT_AFTER", k.to_string())
             .output()
             .unwrap();
@@ -397,7 +359,7 @@ fn compact_at_every_point(f: Fmt, target_child: bool, seed: u64) {
             ));
         } else {
             // A rerun finishes the job.
-            let o = chainfs(&["compact", s(&wt)]);
+            let o = chainfs(&["compact", p(&wt)]);
             if code(&o) != 0 || check(&wc).0 != 0 {
                 bad.push(format!("k={k}: rerun of compact: {}", text(&o).trim()));
             }
@@ -442,9 +404,9 @@ fn compact_unallocates_zero_blocks_of_a_base_but_not_zeros_hiding_a_parent() {
         let scratch = t.path().join("export.raw");
         let want = flat_sha(&child, &scratch).unwrap();
         let v: serde_json::Value =
-            serde_json::from_str(&chainfs_ok(&["compact", s(&base), "--json"])).unwrap();
+            serde_json::from_str(&chainfs_ok(&["compact", p(&base), "--json"])).unwrap();
         assert_eq!(v["blocks_freed"], 1, "the base's zero block: {v}");
-        chainfs_ok(&["compact", s(&child), "--json"]);
+        chainfs_ok(&["compact", p(&child), "--json"]);
         assert_eq!(flat_sha(&child, &scratch).unwrap(), want);
         assert_eq!(check(&child), (0, vec![]));
     }
@@ -461,10 +423,10 @@ fn compact_is_refused_while_a_mount_uses_the_chain() {
     fs::create_dir(&mnt).unwrap();
     let before = sha256_file(&base);
     let _g = MountGuard::new(&mnt);
-    chainfs_ok(&["mount", s(&child), s(&mnt), "-o", "rw"]);
+    chainfs_ok(&["mount", p(&child), p(&mnt), "-o", "rw"]);
     assert!(is_mounted(&mnt));
     for img in [&base, &child] {
-        let o = chainfs(&["compact", s(img)]);
+        let o = chainfs(&["compact", p(img)]);
         assert_eq!(code(&o), 7, "compact of a mounted layer: {}", text(&o));
         assert!(text(&o).contains("in use"), "{}", text(&o));
     }
@@ -475,8 +437,8 @@ fn compact_is_refused_while_a_mount_uses_the_chain() {
 fn compact_of_a_fixed_disk_is_unsupported() {
     let t = tempfile::tempdir().unwrap();
     let img = t.path().join("f.vhd");
-    chainfs_ok(&["create", s(&img), "--size", "8M", "--type", "fixed"]);
-    let o = chainfs(&["compact", s(&img)]);
+    chainfs_ok(&["create", p(&img), "--size", "8M", "--type", "fixed"]);
+    let o = chainfs(&["compact", p(&img)]);
     assert_eq!(code(&o), 6, "{}", text(&o));
     assert!(text(&o).contains("fixed"), "{}", text(&o));
 }
@@ -550,9 +512,9 @@ fn preflight_on_a_small_file_system(f: Fmt) {
     let child = dir.join(f.child());
     let scratch = t.path().join("scratch.bin");
     let mut rng = Rng(15);
-    chainfs_ok(&["create", s(&base), "--size", "1280M"]);
+    chainfs_ok(&["create", p(&base), "--size", "1280M"]);
     chainfs_write(&base, 0, &rng.bytes(40 << 20), &scratch);
-    chainfs_ok(&["create", s(&child), "--parent", s(&base)]);
+    chainfs_ok(&["create", p(&child), "--parent", p(&base)]);
     chainfs_write(&child, 1 << 30, &rng.bytes(120 << 20), &scratch);
     let want = flat_sha(&child, &t.path().join("a.raw")).unwrap();
     let _ = fs::remove_file(t.path().join("a.raw"));
@@ -562,12 +524,12 @@ fn preflight_on_a_small_file_system(f: Fmt) {
     fill_to(&fsdir, 100 * MIB);
     let base_sha = sha256_file(&base);
     let free_before = free(&fsdir);
-    let o = chainfs(&["merge", s(&child), s(&base)]);
+    let o = chainfs(&["merge", p(&child), p(&base)]);
     let msg = text(&o);
     assert_eq!(code(&o), 9, "merge that cannot fit: {msg}");
     assert!(
         msg.contains("not enough space")
-            && msg.contains(s(&base))
+            && msg.contains(p(&base))
             && msg.contains("needs")
             && msg.contains(&format!("{free_before} bytes")),
         "the refusal names DESTINATION, needed and free bytes: {msg}"
@@ -587,7 +549,7 @@ fn preflight_on_a_small_file_system(f: Fmt) {
     let mut k = 10;
     while free(&fsdir) >= 100 * MIB {
         let o = Command::new(bin())
-            .args(["merge", s(&child), s(&base)])
+            .args(["merge", p(&child), p(&base)])
             .env("CHAINFS_FAULT_AFTER", k.to_string())
             .output()
             .unwrap();
@@ -595,7 +557,7 @@ fn preflight_on_a_small_file_system(f: Fmt) {
         k += 5;
     }
     // 3. ... and the rerun fits, because it reuses them.
-    let o = chainfs(&["merge", s(&child), s(&base)]);
+    let o = chainfs(&["merge", p(&child), p(&base)]);
     assert_eq!(code(&o), 0, "rerun: {}", text(&o));
     assert!(!child.exists());
     assert_eq!(

@@ -37,19 +37,17 @@
 
 mod common;
 
-use common::Rng;
-
 use std::fs::{self, File};
 use std::io::Read;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::RecvTimeoutError;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use chainfs::cache::MetaCache;
 use chainfs::format::vhdx::{
@@ -59,12 +57,7 @@ use chainfs::format::vhdx::{
 };
 use chainfs::format::{open_layer, Extent, Layer, LayerOptions};
 use chainfs::{Chain, ChainOptions, FlatImage};
-use common::{
-    chainfs, chainfs_ok, chainfs_write_mirrored, code, have, hex, is_mounted, layer_from_snapshot,
-    partitioned_raw, require, require_fuse, require_loop, sha256_file, text, unpack_fixture,
-    vhdimount, KernelMount, LoopGuard, MountGuard, FAULT_EXIT,
-};
-use serde_json::Value;
+use common::*;
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
@@ -87,43 +80,6 @@ const GIB: u64 = 1 << 30;
 
 // ---------------------------------------------------------------------------
 // Helpers.
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("temp paths are UTF-8")
-}
-
-/// Run an external command, insisting on success.
-fn run_ok(cmd: &mut Command) -> Output {
-    let o = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    assert!(o.status.success(), "{cmd:?} failed: {}", text(&o));
-    o
-}
-
-/// Description of the first difference and the number of differing
-/// 512-byte sectors; `None` when equal.
-fn diff(got: &[u8], want: &[u8]) -> Option<String> {
-    if got.len() != want.len() {
-        return Some(format!("lengths {} and {}", got.len(), want.len()));
-    }
-    let first = got.iter().zip(want).position(|(a, b)| a != b)?;
-    let sectors = got
-        .chunks(512)
-        .zip(want.chunks(512))
-        .filter(|(a, b)| a != b)
-        .count();
-    Some(format!(
-        "first difference at byte {first:#x} (got {:#04x}, want {:#04x}), {sectors} sectors differ",
-        got[first], want[first]
-    ))
-}
-
-fn assert_same(got: &[u8], want: &[u8], what: &str) {
-    if let Some(d) = diff(got, want) {
-        panic!("{what}: {d}");
-    }
-}
 
 fn seek(f: &File, off: u64, whence: i32) -> Option<u64> {
     // SAFETY: lseek on a descriptor we own; no memory is involved.
@@ -221,42 +177,15 @@ fn file_diff(a: &Path, b: &Path) -> Option<String> {
     None
 }
 
-/// `chainfs export` into `out` (replaced), returning its bytes.
-fn export(img: &Path, out: &Path) -> Vec<u8> {
-    chainfs_ok(&["export", s(img), s(out), "--force"]);
-    fs::read(out).unwrap()
-}
-
-/// `chainfs export`, or its exit code and message.
-fn try_export(img: &Path, out: &Path) -> Result<Vec<u8>, String> {
-    let o = chainfs(&["export", s(img), s(out), "--force"]);
-    if code(&o) != 0 {
-        return Err(format!("export exit {}: {}", code(&o), text(&o).trim()));
-    }
-    Ok(fs::read(out).unwrap())
-}
-
-fn info_json(img: &Path) -> Value {
-    serde_json::from_str(&chainfs_ok(&["info", s(img), "--json"])).expect("info --json")
-}
-
 /// `chainfs check`: (exit code, output).
 fn check(img: &Path) -> (i32, String) {
-    let o = chainfs(&["check", s(img)]);
+    let o = chainfs(&["check", p(img)]);
     (code(&o), text(&o))
 }
 
 fn assert_clean(img: &Path) {
     let (c, out) = check(img);
     assert_eq!(c, 0, "chainfs check {}: {out}", img.display());
-}
-
-fn have_qemu() -> bool {
-    require("qemu-img", have("qemu-img"))
-}
-
-fn have_vhdimount() -> bool {
-    require_fuse() && require("vhdimount (libvhdi)", have("vhdimount"))
 }
 
 fn qemu_check(img: &Path) {
@@ -401,36 +330,6 @@ fn locator_value(pairs: &[(String, String)], key: &str) -> Option<String> {
     pairs.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone())
 }
 
-/// `chainfs mount` in the background; the guard unmounts on drop.
-fn mount(leaf: &Path, mnt: &Path, opts: &[&str]) -> MountGuard {
-    fs::create_dir_all(mnt).unwrap();
-    let g = MountGuard::new(mnt);
-    let mut args = vec!["mount", s(leaf), s(mnt)];
-    args.extend_from_slice(opts);
-    chainfs_ok(&args);
-    assert!(is_mounted(mnt), "{} is not mounted", mnt.display());
-    g
-}
-
-fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
-    let t0 = Instant::now();
-    while !cond() {
-        assert!(
-            t0.elapsed() < Duration::from_secs(15),
-            "timed out waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    fs::create_dir_all(to).unwrap();
-    for e in fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        fs::copy(e.path(), to.join(e.file_name())).unwrap();
-    }
-}
-
 // ---------------------------------------------------------------------------
 // Building chains with the CLI.
 
@@ -508,7 +407,7 @@ fn build(dir: &Path, size: u64, lss: u32, specs: &[Spec], writes: usize, seed: u
         if i == 0 {
             let mut args = vec![
                 "create".to_string(),
-                s(&path).to_string(),
+                p(&path).to_string(),
                 "--size".into(),
                 size.to_string(),
                 "--block-size".into(),
@@ -525,9 +424,9 @@ fn build(dir: &Path, size: u64, lss: u32, specs: &[Spec], writes: usize, seed: u
             let parent = dir.join(specs[i - 1].name);
             chainfs_ok(&[
                 "create",
-                s(&path),
+                p(&path),
                 "--parent",
-                s(&parent),
+                p(&parent),
                 "--block-size",
                 &bs,
             ]);
@@ -614,11 +513,11 @@ fn real_fixture(fx: &Fixture) {
     assert_clean(&img);
 
     let out = t.path().join("flat.raw");
-    chainfs_ok(&["export", s(&img), s(&out)]);
+    chainfs_ok(&["export", p(&img), p(&out)]);
     assert_eq!(fs::metadata(&out).unwrap().len(), fx.size);
     assert_eq!(sha256_sparse(&out), fx.flat, "{}: flattened", fx.rel);
 
-    if have_qemu() {
+    if have_qemu_img() {
         let q = t.path().join("qemu.raw");
         qemu_convert(&img, &q);
         if let Some(d) = file_diff(&out, &q) {
@@ -685,7 +584,7 @@ fn dirty_log_fixture_reads_replayed_through_export_info_and_check_without_changi
     );
 
     let flat = t.path().join("flat.raw");
-    chainfs_ok(&["export", s(&img), s(&flat)]);
+    chainfs_ok(&["export", p(&img), p(&flat)]);
     assert_eq!(fs::metadata(&flat).unwrap().len(), GIB);
     let got = sha256_sparse(&flat);
     assert_ne!(got, DIRTY_IGNORED, "the log was ignored");
@@ -705,14 +604,14 @@ fn dirty_log_fixture_mounts_read_only_replayed_where_libvhdi_shows_zeros() {
     let img = unpack_fixture(DIRTY_REL, t.path());
     assert_eq!(sha256_file(&img), DIRTY_RAW);
     let flat = t.path().join("flat.raw");
-    chainfs_ok(&["export", s(&img), s(&flat)]);
+    chainfs_ok(&["export", p(&img), p(&flat)]);
     {
         let mnt = t.path().join("mnt");
         let _g = mount(&img, &mnt, &[]);
         let f = File::open(mnt.join("disk.raw")).unwrap();
         assert_eq!(f.metadata().unwrap().len(), GIB);
         assert_eq!(sha256_stream(f), DIRTY_FLAT, "disk.raw of the dirty image");
-        chainfs_ok(&["umount", s(&mnt)]);
+        chainfs_ok(&["umount", p(&mnt)]);
     }
     // The oracle's limit, pinned: libvhdi 20210425 ignores the log and shows
     // zeros where the replayed BAT maps the data.
@@ -749,7 +648,7 @@ fn writable_open_of_a_dirty_copy_replays_the_log_into_the_file_and_qemu_accepts_
 
     // The flattened original, with the bytes about to be written patched in.
     let want = t.path().join("want.raw");
-    chainfs_ok(&["export", s(&orig), s(&want)]);
+    chainfs_ok(&["export", p(&orig), p(&want)]);
     let (off, bytes) = (33_554_432 + 1_000_003u64, b"VHDX!".to_vec());
     fs::OpenOptions::new()
         .write(true)
@@ -762,11 +661,11 @@ fn writable_open_of_a_dirty_copy_replays_the_log_into_the_file_and_qemu_accepts_
     fs::write(&scratch, &bytes).unwrap();
     chainfs_ok(&[
         "write",
-        s(&copy),
+        p(&copy),
         "--offset",
         &off.to_string(),
         "--input",
-        s(&scratch),
+        p(&scratch),
     ]);
 
     // The log is gone from both headers, which were updated by the two-step
@@ -786,11 +685,11 @@ fn writable_open_of_a_dirty_copy_replays_the_log_into_the_file_and_qemu_accepts_
     assert_clean(&copy);
 
     let got = t.path().join("got.raw");
-    chainfs_ok(&["export", s(&copy), s(&got)]);
+    chainfs_ok(&["export", p(&copy), p(&got)]);
     if let Some(d) = file_diff(&got, &want) {
         panic!("the replayed and written copy: {d}");
     }
-    if have_qemu() {
+    if have_qemu_img() {
         qemu_check(&copy);
         let q = t.path().join("qemu.raw");
         qemu_convert(&copy, &q);
@@ -809,7 +708,7 @@ fn hyperv_checkpoint_without_its_parent_fails_naming_its_locators() {
     let t = tempfile::tempdir().unwrap();
     let child = unpack_fixture("dissect-hypervisor/differencing.avhdx", t.path());
     let out = t.path().join("out.raw");
-    for args in [vec!["info", s(&child)], vec!["export", s(&child), s(&out)]] {
+    for args in [vec!["info", p(&child)], vec!["export", p(&child), p(&out)]] {
         let o = chainfs(&args);
         assert_eq!(code(&o), 4, "{args:?}: {}", text(&o));
         let msg = text(&o);
@@ -834,10 +733,10 @@ fn hyperv_checkpoint_over_a_synthetic_zero_parent_flattens_to_its_recorded_sha25
     let child = unpack_fixture("dissect-hypervisor/differencing.avhdx", t.path());
     let parent = t.path().join(HYPERV_PARENT);
     // `.avhdx` names a VHDX; without --parent it is a base (dynamic) disk.
-    chainfs_ok(&["create", s(&parent), "--size", "8G", "--block-size", "2M"]);
+    chainfs_ok(&["create", p(&parent), "--size", "8G", "--block-size", "2M"]);
     let linkage = Uuid::parse_str(HYPERV_PARENT_LINKAGE).unwrap();
     set_data_write_guid(&parent, linkage);
-    if have_qemu() {
+    if have_qemu_img() {
         qemu_check(&parent);
     }
 
@@ -854,7 +753,7 @@ fn hyperv_checkpoint_over_a_synthetic_zero_parent_flattens_to_its_recorded_sha25
     assert_eq!(v[0]["allocated_bytes"], 32u64 * (2 << 20), "{v}");
 
     let flat = t.path().join("flat.raw");
-    chainfs_ok(&["export", s(&child), s(&flat)]);
+    chainfs_ok(&["export", p(&child), p(&flat)]);
     assert_eq!(fs::metadata(&flat).unwrap().len(), 8 * GIB);
     assert_eq!(sha256_sparse(&flat), HYPERV_FLAT);
     assert_eq!(sha256_file(&child), HYPERV_RAW, "reading changed the child");
@@ -894,7 +793,7 @@ fn chain_reads_identically(size: u64, lss: u32, specs: &[Spec], seed: u64) {
     }
     assert_clean(&b.leaf());
 
-    if have_qemu() && qemu_reads(&b.path(0), lss) {
+    if have_qemu_img() && qemu_reads(&b.path(0), lss) {
         qemu_check(&b.path(0));
         let q = t.path().join("qemu.raw");
         qemu_convert(&b.path(0), &q);
@@ -1002,7 +901,7 @@ fn libvhdi_misreads_a_differencing_vhdx_chunk_without_a_sector_bitmap_block() {
     let data = Rng(42).bytes(64 * 512);
     chainfs_write_mirrored(&b.path(0), 0, &data, &t.path().join("x"), &mut model);
     let child = dir.join("empty.avhdx");
-    chainfs_ok(&["create", s(&child), "--parent", s(&b.path(0))]);
+    chainfs_ok(&["create", p(&child), "--parent", p(&b.path(0))]);
     let out = t.path().join("out.raw");
     assert_same(&export(&child, &out), &model, "chainfs: an empty child");
 
@@ -1158,7 +1057,7 @@ fn mounted_vhdx_chain_shows_the_model_and_rw_writes_land_in_the_leaf_and_survive
         let chain = fs::read_to_string(mnt.join("chain")).unwrap();
         assert_eq!(chain.lines().count(), 3, "{chain}");
         assert!(chain.lines().all(|l| l.contains("vhdx")), "{chain}");
-        chainfs_ok(&["umount", s(&mnt)]);
+        chainfs_ok(&["umount", p(&mnt)]);
     }
     let parents: Vec<String> = (0..2).map(|i| sha256_file(&b.path(i))).collect();
     let leaf_before = sha256_file(&b.leaf());
@@ -1193,7 +1092,7 @@ fn mounted_vhdx_chain_shows_the_model_and_rw_writes_land_in_the_leaf_and_survive
         f.read_exact_at(&mut back, 0).unwrap();
         assert_same(&back, &model, "disk.raw right after the writes");
         drop(f);
-        chainfs_ok(&["umount", s(&mnt)]);
+        chainfs_ok(&["umount", p(&mnt)]);
     }
     for (i, before) in parents.iter().enumerate() {
         assert_eq!(
@@ -1215,7 +1114,7 @@ fn mounted_vhdx_chain_shows_the_model_and_rw_writes_land_in_the_leaf_and_survive
             &model,
             "disk.raw after remount",
         );
-        chainfs_ok(&["umount", s(&mnt)]);
+        chainfs_ok(&["umount", p(&mnt)]);
     }
     assert_same(
         &export(&b.leaf(), &t.path().join("out.raw")),
@@ -1387,7 +1286,7 @@ fn offline_merge_of_mid_into_base_relinks_the_leaf_for_chainfs_and_libvhdi() {
     let b = merge_chain(&dir, 71);
     let (base, mid, leaf) = (b.path(0), b.path(1), b.leaf());
     let old_id = current_header(&base).data_write_guid;
-    chainfs_ok(&["merge", s(&mid), s(&base)]);
+    chainfs_ok(&["merge", p(&mid), p(&base)]);
     assert!(!mid.exists(), "MID was not deleted");
     assert!(!record_of(&mid).exists(), "the merge record was left");
     let out = t.path().join("out.raw");
@@ -1403,7 +1302,7 @@ fn offline_merge_of_mid_into_base_relinks_the_leaf_for_chainfs_and_libvhdi() {
     assert_eq!(v.as_array().unwrap().len(), 2, "{v}");
     assert_eq!(v[0]["parent_id"], v[1]["unique_id"], "{v}");
     assert_clean(&leaf);
-    if have_qemu() {
+    if have_qemu_img() {
         qemu_check(&base);
         let q = t.path().join("qemu.raw");
         qemu_convert(&base, &q);
@@ -1431,13 +1330,13 @@ fn offline_merge_of_leaf_into_base_leaves_a_base_qemu_reads_as_the_chain() {
     let dir = t.path().join("c");
     let b = merge_chain(&dir, 72);
     let (base, mid, leaf) = (b.path(0), b.path(1), b.leaf());
-    chainfs_ok(&["merge", s(&leaf), s(&base)]);
+    chainfs_ok(&["merge", p(&leaf), p(&base)]);
     assert!(!leaf.exists() && !mid.exists(), "merged layers left behind");
     assert!(!record_of(&leaf).exists());
     let out = t.path().join("out.raw");
     assert_same(&export(&base, &out), b.model(), "the merged base");
     assert_clean(&base);
-    if have_qemu() {
+    if have_qemu_img() {
         qemu_check(&base);
         let q = t.path().join("qemu.raw");
         qemu_convert(&base, &q);
@@ -1452,9 +1351,9 @@ fn offline_merges_with_keep_leave_detached_files_that_refuse_to_open() {
     let dir = t.path().join("a");
     let b = merge_chain(&dir, 73);
     let (base, mid, leaf) = (b.path(0), b.path(1), b.leaf());
-    chainfs_ok(&["merge", s(&mid), s(&base), "--keep"]);
+    chainfs_ok(&["merge", p(&mid), p(&base), "--keep"]);
     assert!(mid.exists());
-    let o = chainfs(&["info", s(&mid)]);
+    let o = chainfs(&["info", p(&mid)]);
     assert_eq!(
         code(&o),
         5,
@@ -1466,7 +1365,7 @@ fn offline_merges_with_keep_leave_detached_files_that_refuse_to_open() {
     assert_same(&export(&leaf, &out), b.model(), "the leaf after --keep");
     assert_linked(&leaf, &base);
     assert_clean(&leaf);
-    if have_qemu() {
+    if have_qemu_img() {
         qemu_check(&base);
     }
 
@@ -1474,15 +1373,15 @@ fn offline_merges_with_keep_leave_detached_files_that_refuse_to_open() {
     let dir = t.path().join("b");
     let b = merge_chain(&dir, 74);
     let (base, mid, leaf) = (b.path(0), b.path(1), b.leaf());
-    chainfs_ok(&["merge", s(&leaf), s(&base), "--keep"]);
-    for p in [&leaf, &mid] {
-        assert!(p.exists());
-        let o = chainfs(&["export", s(p), s(&out), "--force"]);
+    chainfs_ok(&["merge", p(&leaf), p(&base), "--keep"]);
+    for img in [&leaf, &mid] {
+        assert!(img.exists());
+        let o = chainfs(&["export", p(img), p(&out), "--force"]);
         assert_eq!(
             code(&o),
             5,
             "{} must refuse to open: {}",
-            p.display(),
+            img.display(),
             text(&o)
         );
     }
@@ -1491,7 +1390,7 @@ fn offline_merges_with_keep_leave_detached_files_that_refuse_to_open() {
         b.model(),
         "BASE after LEAF BASE --keep",
     );
-    if have_qemu() {
+    if have_qemu_img() {
         qemu_check(&base);
     }
 }
@@ -1501,8 +1400,8 @@ fn chains_mixing_vhd_and_vhdx_are_refused() {
     let t = tempfile::tempdir().unwrap();
     let px = t.path().join("p.vhdx");
     let pv = t.path().join("p.vhd");
-    chainfs_ok(&["create", s(&px), "--size", "8M"]);
-    chainfs_ok(&["create", s(&pv), "--size", "8M"]);
+    chainfs_ok(&["create", p(&px), "--size", "8M"]);
+    chainfs_ok(&["create", p(&pv), "--size", "8M"]);
     for (child, parent) in [
         ("c.vhd", &px),
         ("c.avhd", &px),
@@ -1510,7 +1409,7 @@ fn chains_mixing_vhd_and_vhdx_are_refused() {
         ("c.vhdx", &pv),
     ] {
         let c = t.path().join(child);
-        let o = chainfs(&["create", s(&c), "--parent", s(parent)]);
+        let o = chainfs(&["create", p(&c), "--parent", p(parent)]);
         assert_eq!(
             code(&o),
             6,
@@ -1538,7 +1437,7 @@ fn merge_finished(dir: &Path, model: &[u8], scratch: &Path) -> Vec<String> {
     }
     match try_export(&leaf, scratch) {
         Ok(got) => {
-            if let Some(d) = diff(&got, model) {
+            if let Some(d) = first_diff(&got, model) {
                 bad.push(format!("the merged chain reads differently: {d}"));
             }
         }
@@ -1588,7 +1487,7 @@ fn fault_injection_at_every_point_of_a_vhdx_merge_of_mid_into_base_loses_nothing
             w.join("leaf.avhdx"),
         );
         let o = Command::new(common::bin())
-            .args(["merge", s(&mid), s(&base)])
+            .args(["merge", p(&mid), p(&base)])
             .env("CHAINFS_FAULT_AFTER", k.to_string())
             .output()
             .unwrap();
@@ -1597,7 +1496,7 @@ fn fault_injection_at_every_point_of_a_vhdx_merge_of_mid_into_base_loses_nothing
                 // The chain opens from the leaf, unchanged.
                 match try_export(&leaf, &scratch) {
                     Ok(got) => {
-                        if let Some(d) = diff(&got, &model) {
+                        if let Some(d) = first_diff(&got, &model) {
                             violations.push(format!(
                                 "k={k}: after the crash the chain reads differently: {d}"
                             ));
@@ -1608,7 +1507,7 @@ fn fault_injection_at_every_point_of_a_vhdx_merge_of_mid_into_base_loses_nothing
                     )),
                 }
                 // Rerunning completes it (exit 4: it had finished, MID is gone).
-                let o = chainfs(&["merge", s(&mid), s(&base)]);
+                let o = chainfs(&["merge", p(&mid), p(&base)]);
                 let done_before = !mid.exists() && !record_of(&mid).exists();
                 if code(&o) != 0 && !(done_before && code(&o) == 4) {
                     violations.push(format!(
@@ -1994,7 +1893,7 @@ fn byte_flips_in_a_dirty_log_vhdx_never_make_a_reader_panic() {
         b.model(),
         "the hand-made dirty image",
     );
-    assert_eq!(code(&chainfs(&["check", s(&img)])), 3);
+    assert_eq!(code(&chainfs(&["check", p(&img)])), 3);
     assert_eq!(sha256_file(&img), before);
     fuzz(&img, 1500, 92);
 }
@@ -2025,12 +1924,12 @@ fn fault_injection_at_every_point_of_a_differencing_vhdx_write_keeps_the_chain_r
     fs::create_dir(&pristine).unwrap();
     let base = pristine.join("base.vhdx");
     let leaf = pristine.join("leaf.avhdx");
-    chainfs_ok(&["create", s(&base), "--size", "4M", "--block-size", "1M"]);
+    chainfs_ok(&["create", p(&base), "--size", "4M", "--block-size", "1M"]);
     let mut rng = Rng(0x5eed_f00d);
     let scratch = t.path().join("scratch");
     let mut model = vec![0u8; 4 << 20];
     chainfs_write_mirrored(&base, 0, &rng.bytes(3 << 20), &scratch, &mut model);
-    chainfs_ok(&["create", s(&leaf), "--parent", s(&base)]);
+    chainfs_ok(&["create", p(&leaf), "--parent", p(&base)]);
     let old = model.clone();
     // Two blocks: one partly written, one crossing into the next block.
     let data = rng.bytes(1 << 20);
@@ -2049,11 +1948,11 @@ fn fault_injection_at_every_point_of_a_differencing_vhdx_write_keeps_the_chain_r
         let o = Command::new(common::bin())
             .args([
                 "write",
-                s(&wleaf),
+                p(&wleaf),
                 "--offset",
                 &off.to_string(),
                 "--input",
-                s(&scratch),
+                p(&scratch),
             ])
             .env("CHAINFS_FAULT_AFTER", k.to_string())
             .output()

@@ -14,7 +14,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use chainfs::cache::MetaCache;
 use chainfs::format::{open_layer, Extent, LayerOptions};
@@ -53,56 +53,6 @@ impl Rng {
             }
         }
         v
-    }
-}
-
-fn p(path: &Path) -> &str {
-    path.to_str().expect("temp paths are UTF-8")
-}
-
-/// Equal bytes, or a panic naming the first difference and how many sectors differ.
-fn assert_same(got: &[u8], want: &[u8], what: &str) {
-    assert_eq!(got.len(), want.len(), "{what}: lengths differ");
-    if let Some(first) = got.iter().zip(want).position(|(a, b)| a != b) {
-        let sectors = got
-            .chunks(SECTOR as usize)
-            .zip(want.chunks(SECTOR as usize))
-            .filter(|(a, b)| a != b)
-            .count();
-        panic!(
-            "{what}: first difference at byte {first} ({first:#x}): got {:#04x}, want {:#04x}; {sectors} sectors differ",
-            got[first], want[first]
-        );
-    }
-}
-
-fn assert_zero(got: &[u8], what: &str) {
-    if let Some(i) = got.iter().position(|b| *b != 0) {
-        panic!("{what}: byte {i} is {:#04x}, not zero", got[i]);
-    }
-}
-
-/// Run a command, insisting on success; returns stdout.
-fn run(cmd: &mut Command) -> String {
-    let o = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        o.status.success(),
-        "{cmd:?} failed ({}): {}{}",
-        o.status,
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !cond() {
-        assert!(
-            start.elapsed() < Duration::from_secs(15),
-            "timed out waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -201,11 +151,6 @@ fn make_chain(
     }
 }
 
-fn export(leaf: &Path, out: &Path) -> Vec<u8> {
-    chainfs_ok(&["export", p(leaf), p(out), "--force"]);
-    std::fs::read(out).unwrap()
-}
-
 fn assert_check_clean(leaf: &Path) {
     let o = chainfs(&["check", p(leaf)]);
     assert_eq!(
@@ -275,54 +220,8 @@ fn assert_leaf_holds(leaf: &Path, ranges: &[(u64, u64)], zero_ok: bool) {
     }
 }
 
-/// A temporary folder on tmpfs when there is one: the crash tests fsync the
-/// leaf hundreds of times, and what they check is a dying process (the page
-/// cache survives), not a power cut, so tmpfs proves the same, faster.
-fn fast_tempdir() -> tempfile::TempDir {
-    let shm = Path::new("/dev/shm");
-    if shm.is_dir() {
-        if let Ok(t) = tempfile::tempdir_in(shm) {
-            return t;
-        }
-    }
-    tempfile::tempdir().unwrap()
-}
-
 // ---------------------------------------------------------------------------
 // Mounts, daemons, loop devices.
-
-/// `chainfs mount LEAF MNT OPTS` in the background; the guard unmounts.
-fn mount(leaf: &Path, mnt: &Path, opts: &[&str]) -> MountGuard {
-    std::fs::create_dir_all(mnt).unwrap();
-    let g = MountGuard::new(mnt);
-    let mut args = vec!["mount", p(leaf), p(mnt)];
-    args.extend_from_slice(opts);
-    chainfs_ok(&args);
-    assert!(is_mounted(mnt), "{} is not mounted", mnt.display());
-    g
-}
-
-/// `chainfs umount`, then the guard is spent. "Busy" (exit 7) is retried:
-/// a process another test thread forks holds a copy of our descriptors
-/// until it execs, so a just-closed disk.raw can still pin the mount.
-fn umount(g: MountGuard) {
-    let start = Instant::now();
-    loop {
-        let o = chainfs(&["umount", p(&g.dir)]);
-        if o.status.success() {
-            break;
-        }
-        assert!(
-            o.status.code() == Some(7) && start.elapsed() < Duration::from_secs(10),
-            "chainfs umount {}: {o:?}",
-            g.dir.display()
-        );
-        eprintln!("{} busy, unmounting again", g.dir.display());
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert!(!is_mounted(&g.dir));
-    drop(g);
-}
 
 /// A foreground daemon this test started: SIGKILLed and reaped on drop if
 /// it still runs (declare its `MountGuard` first, so the dead mount is

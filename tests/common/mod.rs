@@ -1,13 +1,23 @@
-//! Shared test support: the CLI binary and its writes (also of a raw
-//! disk's changed blocks into a chain layer), real fixtures, hashing,
-//! partitioned raw disks, and the rule for tests that need root, FUSE or
-//! loop devices (must run under CI=true, may skip elsewhere with a printed
-//! reason).
+//! Shared test support: the formats every suite runs over ([`Fmt`],
+//! [`FORMATS`], [`per_format!`]), the CLI binary and its writes (also of a
+//! raw disk's changed blocks into a chain layer), byte comparison, mounts
+//! with one timeout, real fixtures, hashing, partitioned raw disks, and the
+//! rule for tests that need root, FUSE or loop devices (must run under
+//! CI=true, may skip elsewhere with a printed reason).
+//!
+//! The suites are organised by concern (mount, oracle, writable, merge,
+//! space/crash) and each concern runs over every format: a case is a
+//! function taking a [`Fmt`], and [`per_format!`] stamps out one `#[test]`
+//! per format (`vhd::NAME`, `vhdx::NAME`), so nextest names the format that
+//! failed and runs them in parallel. Cases that only one format has (the
+//! VHDX log, 4 KiB sectors, `parent_linkage2`) sit in the same concern file
+//! as plain tests.
 #![allow(dead_code)]
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
@@ -79,8 +89,294 @@ pub fn text(o: &Output) -> String {
     )
 }
 
-fn utf8(p: &Path) -> &str {
-    p.to_str().expect("temp paths are UTF-8")
+/// A temp path as the `&str` the CLI takes.
+pub fn p(path: &Path) -> &str {
+    path.to_str().expect("temp paths are UTF-8")
+}
+
+fn utf8(path: &Path) -> &str {
+    p(path)
+}
+
+// ---------------------------------------------------------------------------
+// Formats.
+
+/// A disk format the concern suites run over. Adding a format is a variant
+/// here, its arms below, one entry in [`FORMATS`] and one line in
+/// [`per_format!`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fmt {
+    Vhd,
+    Vhdx,
+}
+
+/// Every format, in the order the matrix runs them.
+pub const FORMATS: &[Fmt] = &[Fmt::Vhd, Fmt::Vhdx];
+
+impl Fmt {
+    /// Lowercase name, as in test module names and messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            Fmt::Vhd => "vhd",
+            Fmt::Vhdx => "vhdx",
+        }
+    }
+
+    /// Extension of a base layer.
+    pub fn ext(self) -> &'static str {
+        self.name()
+    }
+
+    /// Extension of a differencing layer (Hyper-V names checkpoints
+    /// `.avhdx`).
+    pub fn child_ext(self) -> &'static str {
+        match self {
+            Fmt::Vhd => "vhd",
+            Fmt::Vhdx => "avhdx",
+        }
+    }
+
+    /// `STEM.EXT`, a base layer's file name.
+    pub fn base_name(self, stem: &str) -> String {
+        format!("{stem}.{}", self.ext())
+    }
+
+    /// `STEM.CHILD_EXT`, a differencing layer's file name.
+    pub fn child_name(self, stem: &str) -> String {
+        format!("{stem}.{}", self.child_ext())
+    }
+
+    /// The smallest block size the format allows: crash loops over few,
+    /// small blocks have tens of points, not thousands.
+    pub fn min_block(self) -> u64 {
+        match self {
+            Fmt::Vhd => 256 << 10,
+            Fmt::Vhdx => 1 << 20,
+        }
+    }
+
+    /// qemu-img's name for the format.
+    pub fn qemu(self) -> &'static str {
+        match self {
+            Fmt::Vhd => "vpc",
+            Fmt::Vhdx => "vhdx",
+        }
+    }
+
+    /// Position in [`FORMATS`]: offsets a seed so each format's case draws
+    /// its own data.
+    pub fn index(self) -> u64 {
+        FORMATS.iter().position(|f| *f == self).unwrap() as u64
+    }
+
+    /// `chainfs create PATH --size SIZE EXTRA...`: a base layer (the format
+    /// follows the extension).
+    pub fn create_base(self, path: &Path, size: u64, extra: &[&str]) {
+        let size = size.to_string();
+        let mut args = vec!["create", p(path), "--size", &size];
+        args.extend_from_slice(extra);
+        chainfs_ok(&args);
+    }
+
+    /// `chainfs create PATH --parent PARENT EXTRA...`: a differencing layer.
+    pub fn create_child(self, path: &Path, parent: &Path, extra: &[&str]) {
+        let mut args = vec!["create", p(path), "--parent", p(parent)];
+        args.extend_from_slice(extra);
+        chainfs_ok(&args);
+    }
+}
+
+/// One `#[test]` per format for each case: `per_format! { NAME(ARGS); }`
+/// makes `vhd::NAME` calling `NAME(Fmt::Vhd, ARGS)` and `vhdx::NAME`
+/// likewise, for functions `NAME` of the calling file.
+#[macro_export]
+macro_rules! per_format {
+    ($($name:ident($($arg:expr),* $(,)?);)*) => {
+        $crate::per_format!(@one vhd Vhd; $($name($($arg),*);)*);
+        $crate::per_format!(@one vhdx Vhdx; $($name($($arg),*);)*);
+    };
+    (@one $m:ident $v:ident; $($name:ident($($arg:expr),*);)*) => {
+        mod $m {
+            $(
+                #[test]
+                fn $name() {
+                    super::$name($crate::common::Fmt::$v $(, $arg)*);
+                }
+            )*
+        }
+    };
+}
+
+// ---------------------------------------------------------------------------
+// Comparing bytes, waiting, commands.
+
+/// How long a test waits for something another process does (a mount to
+/// appear, a job to end, a device node) before it fails.
+pub const WAIT: Duration = Duration::from_secs(15);
+
+/// Poll `cond` until it holds, failing after [`WAIT`].
+pub fn wait_for(what: &str, cond: impl FnMut() -> bool) {
+    wait_for_within(what, WAIT, cond);
+}
+
+/// Poll `cond` until it holds, failing after `limit` (for waits on work
+/// that takes longer than [`WAIT`] by design: a merge under load).
+pub fn wait_for_within(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(
+            start.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Where two byte strings first differ, with both bytes and how many
+/// 512-byte sectors differ; `None` when equal (never prints them whole).
+pub fn first_diff(got: &[u8], want: &[u8]) -> Option<String> {
+    if got.len() != want.len() {
+        return Some(format!("length {} instead of {}", got.len(), want.len()));
+    }
+    const C: usize = 1 << 16;
+    let (i, (a, b)) = got
+        .chunks(C)
+        .zip(want.chunks(C))
+        .enumerate()
+        .find(|(_, (a, b))| a != b)?;
+    let j = a.iter().zip(b).position(|(x, y)| x != y).unwrap();
+    let first = i * C + j;
+    let sectors = got
+        .chunks(512)
+        .zip(want.chunks(512))
+        .filter(|(a, b)| a != b)
+        .count();
+    Some(format!(
+        "first difference at byte {first:#x} (sector {}): got {:#04x}, want {:#04x}; {sectors} sectors differ",
+        first / 512,
+        got[first],
+        want[first]
+    ))
+}
+
+/// Equal bytes, or a panic saying `what` and [`first_diff`].
+pub fn assert_same(got: &[u8], want: &[u8], what: &str) {
+    if let Some(d) = first_diff(got, want) {
+        panic!("{what}: {d}");
+    }
+}
+
+/// All zero, or a panic naming the first byte that is not.
+pub fn assert_zero(got: &[u8], what: &str) {
+    if let Some(i) = got.iter().position(|b| *b != 0) {
+        panic!("{what}: byte {i} is {:#04x}, not zero", got[i]);
+    }
+}
+
+/// Run an external command, insisting on success; returns its stdout.
+pub fn run(cmd: &mut Command) -> String {
+    String::from_utf8_lossy(&run_ok(cmd).stdout).into_owned()
+}
+
+/// Run an external command, insisting on success; returns its output.
+pub fn run_ok(cmd: &mut Command) -> Output {
+    let o = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        o.status.success(),
+        "{cmd:?} failed ({}): {}",
+        o.status,
+        text(&o)
+    );
+    o
+}
+
+/// `chainfs export IMG OUT --force`, returning the bytes (OUT stays).
+pub fn export(img: &Path, out: &Path) -> Vec<u8> {
+    try_export(img, out).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// [`export`], or the exit status and message of a refusal.
+pub fn try_export(img: &Path, out: &Path) -> Result<Vec<u8>, String> {
+    let o = chainfs(&["export", p(img), p(out), "--force"]);
+    if !o.status.success() {
+        return Err(format!(
+            "chainfs export {} failed (exit {}): {}",
+            img.display(),
+            code(&o),
+            text(&o).trim()
+        ));
+    }
+    Ok(std::fs::read(out).unwrap())
+}
+
+/// [`try_export`], removing OUT once read (crash loops export hundreds of
+/// times into tmpfs).
+pub fn take_export(img: &Path, out: &Path) -> Result<Vec<u8>, String> {
+    let b = try_export(img, out)?;
+    std::fs::remove_file(out).ok();
+    Ok(b)
+}
+
+/// `chainfs check --json IMG`: exit status and problems (one "(no JSON)"
+/// problem holding the output when it printed none).
+pub fn check(img: &Path) -> (i32, Vec<String>) {
+    let o = chainfs(&["check", "--json", p(img)]);
+    let c = code(&o);
+    match serde_json::from_slice::<serde_json::Value>(&o.stdout) {
+        Ok(v) => (
+            c,
+            v["problems"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .map(|x| x.as_str().unwrap_or_default().to_string())
+                        .collect()
+                })
+                .unwrap_or_default(),
+        ),
+        Err(_) => (c, vec![format!("(no JSON) {}", text(&o).trim())]),
+    }
+}
+
+/// `chainfs info --json IMG`.
+pub fn info_json(img: &Path) -> serde_json::Value {
+    serde_json::from_str(&chainfs_ok(&["info", p(img), "--json"])).expect("info --json")
+}
+
+/// Copy the regular files of `from` into a new folder `to`.
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_file() {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+}
+
+/// A temp folder on tmpfs when there is one: crash loops fsync hundreds of
+/// times, and what they check is a dying process (the page cache
+/// survives), not a power cut, so tmpfs proves the same, faster.
+pub fn fast_tempdir() -> tempfile::TempDir {
+    let shm = Path::new("/dev/shm");
+    if shm.is_dir() {
+        if let Ok(t) = tempfile::tempdir_in(shm) {
+            return t;
+        }
+    }
+    tempfile::tempdir().unwrap()
+}
+
+/// libvhdi's vhdimount with FUSE (a skip or, under CI, a failure without).
+pub fn have_vhdimount() -> bool {
+    require_fuse() && require("vhdimount (libvhdi)", have("vhdimount"))
+}
+
+/// qemu-img (a skip or, under CI, a failure without).
+pub fn have_qemu_img() -> bool {
+    require("qemu-img", have("qemu-img"))
 }
 
 /// `chainfs write IMG --offset OFF --input SCRATCH`, `data` staged in the
@@ -261,6 +557,45 @@ pub fn unpack_fixture(rel: &str, dir: &Path) -> PathBuf {
     assert!(out.status.success(), "gunzip {}", src.display());
     std::fs::write(&dst, out.stdout).unwrap();
     dst
+}
+
+/// `chainfs mount LEAF MNT OPTS...` in the background; the guard unmounts
+/// on drop.
+pub fn mount(leaf: &Path, mnt: &Path, opts: &[&str]) -> MountGuard {
+    std::fs::create_dir_all(mnt).unwrap();
+    let g = MountGuard::new(mnt);
+    let mut args = vec!["mount", p(leaf), p(mnt)];
+    args.extend_from_slice(opts);
+    chainfs_ok(&args);
+    assert!(
+        is_mounted(mnt),
+        "{} is not mounted after chainfs mount returned",
+        mnt.display()
+    );
+    g
+}
+
+/// `chainfs umount`, then the guard is spent. "Busy" (exit 7) is retried
+/// for [`WAIT`]: a process another test thread forks holds a copy of our
+/// descriptors until it execs, so a just-closed file can still pin the
+/// mount. Returns when the daemon has let go of the leaf.
+pub fn umount(g: MountGuard) {
+    let start = Instant::now();
+    loop {
+        let o = chainfs(&["umount", p(&g.dir)]);
+        if o.status.success() {
+            break;
+        }
+        assert!(
+            code(&o) == 7 && start.elapsed() < WAIT,
+            "chainfs umount {}: {}",
+            g.dir.display(),
+            text(&o)
+        );
+        eprintln!("{} busy, unmounting again", g.dir.display());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(!is_mounted(&g.dir), "{} still mounted", g.dir.display());
 }
 
 /// A FUSE mount (ours or vhdimount's) that is unmounted on drop, even when
