@@ -16,6 +16,13 @@
 //!
 //! Chains are built with `chainfs create` / `chainfs write` from seeded
 //! random data, 4 KiB aligned, so libvhdi can serve as an oracle.
+//!
+//! The offline merges and the crash loops run once per format
+//! (`per_format!` at the end: `vhd::NAME`, `vhdx::NAME`); after every
+//! merge each child must name its parent by the parent's current identity
+//! in its own bytes (`common::link_problems`), and a merge down to the base
+//! leaves a base qemu reads as the chain did. The control-file, mount and
+//! kill -9 cases run on VHD.
 
 mod common;
 
@@ -171,7 +178,7 @@ fn scattered(rng: &mut Rng, size: u64, n: usize, max: u64, layer: u64) -> Vec<(u
 }
 
 /// A 16 MiB chain named `names` (base first); block sizes alternate
-/// 512 KiB and 2 MiB; `n` random writes per layer besides the shared spots.
+/// 512 KiB (VHDX: 1 MiB) and 2 MiB; `n` random writes per layer besides the shared spots.
 fn small_chain(dir: &Path, names: &[&'static str], fixed_base: bool, n: usize, seed: u64) -> Built {
     sized_chain(dir, 16 * MIB, names, fixed_base, n, seed)
 }
@@ -185,12 +192,18 @@ fn sized_chain(
     seed: u64,
 ) -> Built {
     let mut rng = Rng(seed ^ 0x5eed);
+    // VHDX blocks are 1 MiB at least.
+    let small = if names[0].ends_with(".vhdx") {
+        "1M"
+    } else {
+        "512K"
+    };
     let specs: Vec<Spec> = names
         .iter()
         .enumerate()
         .map(|(i, name)| Spec {
             name,
-            block: if i % 2 == 0 { "512K" } else { "2M" },
+            block: if i % 2 == 0 { small } else { "2M" },
             fixed: i == 0 && fixed_base,
             writes: scattered(&mut rng, size, n, 128 * 1024, i as u64),
         })
@@ -377,6 +390,11 @@ fn verify_final(
             leaf.display()
         ));
     }
+    // Each child names its parent by the parent's current identity in its
+    // own bytes (VHDX: parent_linkage = DataWriteGuid, the log empty).
+    for w in m.final_names().windows(2) {
+        bad.extend(common::link_problems(&dir.join(&w[1]), &dir.join(&w[0])));
+    }
     // Every VHD left has its dynamic header at 512, its footer copy at 0
     // and nothing stale (issue 14).
     for e in fs::read_dir(dir).unwrap().flatten() {
@@ -513,12 +531,15 @@ fn verify_interrupted(
     // stale footer copy at offset 0 (the relink switched the trailing
     // footer first, or moved a header back to 512; a writable open
     // rewrites the copy), an unfinished relink of a VHD (its journal holds
-    // the new header; a writable open finishes it), and DESTINATION blocks
-    // no BAT entry references yet (the rerun reuses them).
+    // the new header; a writable open finishes it), a VHDX log not yet
+    // applied (the same for VHDX: reads replay it, a writable open writes
+    // it through), and DESTINATION blocks no BAT entry references yet (the
+    // rerun reuses them).
     let only_merge = probs.iter().all(|x| {
         x.contains("interrupted merge")
             || x.contains("footer copy differs")
             || x.contains("interrupted relink")
+            || x.contains("the log is not empty")
             || x.contains("not referenced by the")
     });
     let consistent = (c == 0 && probs.is_empty()) || (c == 3 && !probs.is_empty());
@@ -825,8 +846,10 @@ fn libvhdi_levels(leaf: &Path, n: usize, mnt: &Path) -> Option<Vec<Vec<u8>>> {
 // ---------------------------------------------------------------------------
 // 1. Offline merges.
 
+/// One offline merge; layers are named by stem (`base`, `l1`, ...) and get
+/// the format's extensions.
 struct Case {
-    names: &'static [&'static str],
+    stems: &'static [&'static str],
     fixed_base: bool,
     src: &'static str,
     dst: &'static str,
@@ -836,12 +859,40 @@ struct Case {
     seed: u64,
 }
 
-fn offline_merge(c: Case) {
+/// `stems` as file names of format `f`: the first a base, the rest
+/// differencing layers.
+fn names_for(f: Fmt, stems: &[&str]) -> Vec<&'static str> {
+    stems
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let n = if i == 0 {
+                f.base_name(s)
+            } else {
+                f.child_name(s)
+            };
+            &*Box::leak(n.into_boxed_str())
+        })
+        .collect()
+}
+
+/// The file name of the layer with stem `stem` in `names`.
+fn named<'a>(names: &'a [&'static str], stem: &str) -> &'a str {
+    names
+        .iter()
+        .find(|n| n.strip_prefix(stem).is_some_and(|r| r.starts_with('.')))
+        .unwrap()
+}
+
+fn offline_merge(f: Fmt, c: Case) {
     let t = tempfile::tempdir().unwrap();
     let dir = t.path().join("chain");
     let scratch = t.path().join("export.raw");
-    let b = small_chain(&dir, c.names, c.fixed_base, 6, c.seed);
-    let m = Merge::new(&b.names, c.src, c.dst, c.keep);
+    let names = names_for(f, c.stems);
+    let seed = c.seed + 100 * f.index();
+    let b = small_chain(&dir, &names, c.fixed_base, 6, seed);
+    let m = Merge::new(&b.names, named(&names, c.src), named(&names, c.dst), c.keep);
+    let dst_id = (f == Fmt::Vhdx).then(|| current_header(&dir.join(m.dst_name())).data_write_guid);
     assert_same(
         &take_export(&b.leaf(), &scratch).unwrap(),
         b.model(),
@@ -850,10 +901,10 @@ fn offline_merge(c: Case) {
     assert_eq!(check(&b.leaf()), (0, vec![]), "check before the merge");
 
     let extra = if c.extra_child {
-        let e = dir.join("other-child.vhd");
-        chainfs_ok(&["create", p(&e), "--parent", p(&b.path(c.src))]);
+        let e = dir.join(f.child_name("other-child"));
+        chainfs_ok(&["create", p(&e), "--parent", p(&b.path(m.src_name()))]);
         let mut model = b.snaps[m.src].clone();
-        let mut rng = Rng(c.seed + 1);
+        let mut rng = Rng(seed + 1);
         for (off, len) in [(3 * MIB, 5 * K4), (2 * MIB - K4, 2 * K4)] {
             let data = rng.bytes(len as usize);
             chainfs_write(&e, off, &data, &t.path().join("x.bin"));
@@ -892,7 +943,7 @@ fn offline_merge(c: Case) {
     }
     if let Some((e, model)) = extra {
         let ls = info(&e).unwrap();
-        let mut want = vec!["other-child.vhd".to_string()];
+        let mut want = vec![f.child_name("other-child")];
         want.extend(m.final_names()[..=m.dst].iter().rev().cloned());
         assert_eq!(names_of(&ls), want, "the other child of SOURCE is relinked");
         assert_same(
@@ -903,6 +954,35 @@ fn offline_merge(c: Case) {
         assert_eq!(check(&e), (0, vec![]));
     }
 
+    // DESTINATION took new data: a format that versions its data says so
+    // (VHDX: a new DataWriteGuid, which its children now name).
+    if let Some(old) = dst_id {
+        assert_ne!(
+            current_header(&dir.join(m.dst_name())).data_write_guid,
+            old,
+            "{f:?}: DESTINATION kept its DataWriteGuid"
+        );
+    }
+    // A merge down to the base leaves a base qemu reads as the chain did.
+    if m.dst == 0 && have_qemu_img() {
+        let base = dir.join(m.dst_name());
+        if f == Fmt::Vhdx {
+            run(Command::new("qemu-img")
+                .args(["check", "-f", f.qemu()])
+                .arg(&base));
+        }
+        let q = t.path().join("qemu.raw");
+        run(Command::new("qemu-img")
+            .args(["convert", "-f", f.qemu(), "-O", "raw"])
+            .arg(&base)
+            .arg(&q));
+        assert_same(
+            &fs::read(&q).unwrap(),
+            &b.snaps[m.src],
+            &format!("{f:?}: qemu's view of the merged base"),
+        );
+    }
+
     let expect = m.final_snaps(&b.snaps);
     if let Some(levels) = libvhdi_levels(&leaf, expect.len(), &t.path().join("vhdi")) {
         for (k, (got, want)) in levels.iter().zip(&expect).enumerate() {
@@ -911,69 +991,94 @@ fn offline_merge(c: Case) {
     }
 }
 
-#[test]
-fn offline_merge_of_leaf_into_its_parent_makes_the_parent_the_leaf() {
-    offline_merge(Case {
-        names: &["base.vhd", "l1.vhd", "l2.vhd", "leaf.vhd"],
-        fixed_base: false,
-        src: "leaf.vhd",
-        dst: "l2.vhd",
-        keep: false,
-        extra_child: false,
-        seed: 11,
-    });
+fn offline_merge_of_leaf_into_its_parent_makes_the_parent_the_leaf(f: Fmt) {
+    offline_merge(
+        f,
+        Case {
+            stems: &["base", "l1", "l2", "leaf"],
+            fixed_base: false,
+            src: "leaf",
+            dst: "l2",
+            keep: false,
+            extra_child: false,
+            seed: 11,
+        },
+    );
 }
 
-#[test]
-fn offline_merge_into_grandparent_through_an_intermediate_relinks_the_leaf() {
-    offline_merge(Case {
-        names: &["base.vhd", "l1.vhd", "l2.vhd", "l3.vhd", "leaf.vhd"],
-        fixed_base: false,
-        src: "l3.vhd",
-        dst: "l1.vhd",
-        keep: false,
-        extra_child: false,
-        seed: 12,
-    });
+fn offline_merge_into_grandparent_through_an_intermediate_relinks_the_leaf(f: Fmt) {
+    offline_merge(
+        f,
+        Case {
+            stems: &["base", "l1", "l2", "l3", "leaf"],
+            fixed_base: false,
+            src: "l3",
+            dst: "l1",
+            keep: false,
+            extra_child: false,
+            seed: 12,
+        },
+    );
 }
 
-#[test]
-fn offline_merge_of_leaf_into_fixed_base_leaves_only_the_base() {
-    offline_merge(Case {
-        names: &["base.vhd", "l1.vhd", "l2.vhd", "leaf.vhd"],
-        fixed_base: true,
-        src: "leaf.vhd",
-        dst: "base.vhd",
-        keep: false,
-        extra_child: false,
-        seed: 13,
-    });
+fn offline_merge_of_leaf_into_fixed_base_leaves_only_the_base(f: Fmt) {
+    offline_merge(
+        f,
+        Case {
+            stems: &["base", "l1", "l2", "leaf"],
+            fixed_base: true,
+            src: "leaf",
+            dst: "base",
+            keep: false,
+            extra_child: false,
+            seed: 13,
+        },
+    );
 }
 
-#[test]
-fn offline_merge_of_middle_layer_into_base_relinks_the_leaf_and_other_children() {
-    offline_merge(Case {
-        names: &["base.vhd", "l1.vhd", "l2.vhd", "l3.vhd", "leaf.vhd"],
-        fixed_base: false,
-        src: "l3.vhd",
-        dst: "base.vhd",
-        keep: false,
-        extra_child: true,
-        seed: 14,
-    });
+fn offline_merge_of_middle_layer_into_base_relinks_the_leaf_and_other_children(f: Fmt) {
+    offline_merge(
+        f,
+        Case {
+            stems: &["base", "l1", "l2", "l3", "leaf"],
+            fixed_base: false,
+            src: "l3",
+            dst: "base",
+            keep: false,
+            extra_child: true,
+            seed: 14,
+        },
+    );
 }
 
-#[test]
-fn offline_merge_with_keep_leaves_the_merged_files_detached() {
-    offline_merge(Case {
-        names: &["base.vhd", "l1.vhd", "l2.vhd", "l3.vhd", "leaf.vhd"],
-        fixed_base: false,
-        src: "l3.vhd",
-        dst: "l1.vhd",
-        keep: true,
-        extra_child: false,
-        seed: 15,
-    });
+fn offline_merge_with_keep_leaves_the_merged_files_detached(f: Fmt) {
+    offline_merge(
+        f,
+        Case {
+            stems: &["base", "l1", "l2", "l3", "leaf"],
+            fixed_base: false,
+            src: "l3",
+            dst: "l1",
+            keep: true,
+            extra_child: false,
+            seed: 15,
+        },
+    );
+}
+
+fn offline_merge_of_leaf_into_base_with_keep_detaches_every_merged_layer(f: Fmt) {
+    offline_merge(
+        f,
+        Case {
+            stems: &["base", "mid", "leaf"],
+            fixed_base: false,
+            src: "leaf",
+            dst: "base",
+            keep: true,
+            extra_child: false,
+            seed: 16,
+        },
+    );
 }
 
 // ---------------------------------------------------------------------------
@@ -1864,11 +1969,16 @@ fn writes_during_merges_are_never_lost_even_when_the_leaf_is_merged_into_base() 
 // ---------------------------------------------------------------------------
 // 6. Fault injection at every write/sync point.
 
-fn fault_at_every_point(names: &[&'static str], src: &str, dst: &str, keep: bool, seed: u64) {
+fn fault_at_every_point(f: Fmt, stems: &[&str], src: &str, dst: &str, keep: bool, seed: u64) {
     let t = fast_tempdir();
     let built = t.path().join("pristine");
-    // Few blocks, so there are tens of points, not thousands.
-    let b = sized_chain(&built, 8 * MIB, names, false, 1, seed);
+    let names = names_for(f, stems);
+    let (src, dst) = (named(&names, src), named(&names, dst));
+    let seed = seed + 100 * f.index();
+    // Few blocks, so there are tens of points, not thousands (VHDX blocks
+    // are twice as large, and each of its points costs more: half the disk).
+    let size = if f == Fmt::Vhdx { 4 * MIB } else { 8 * MIB };
+    let b = sized_chain(&built, size, &names, false, 1, seed);
     // The copies' absolute locators name `pristine`, which must not resolve.
     let pristine = t.path().join("pristine.hidden");
     fs::rename(&built, &pristine).unwrap();
@@ -1933,37 +2043,16 @@ fn fault_at_every_point(names: &[&'static str], src: &str, dst: &str, keep: bool
     );
 }
 
-#[test]
-fn fault_injection_at_every_point_of_middle_into_base_merge_loses_nothing() {
-    fault_at_every_point(
-        &["base.vhd", "l1.vhd", "l2.vhd", "leaf.vhd"],
-        "l2.vhd",
-        "base.vhd",
-        false,
-        61,
-    );
+fn fault_injection_at_every_point_of_middle_into_base_merge_loses_nothing(f: Fmt) {
+    fault_at_every_point(f, &["base", "l1", "l2", "leaf"], "l2", "base", false, 61);
 }
 
-#[test]
-fn fault_injection_at_every_point_of_leaf_into_grandparent_merge_loses_nothing() {
-    fault_at_every_point(
-        &["base.vhd", "l1.vhd", "l2.vhd", "leaf.vhd"],
-        "leaf.vhd",
-        "l1.vhd",
-        false,
-        62,
-    );
+fn fault_injection_at_every_point_of_leaf_into_grandparent_merge_loses_nothing(f: Fmt) {
+    fault_at_every_point(f, &["base", "l1", "l2", "leaf"], "leaf", "l1", false, 62);
 }
 
-#[test]
-fn fault_injection_at_every_point_of_keep_merge_loses_nothing() {
-    fault_at_every_point(
-        &["base.vhd", "l1.vhd", "l2.vhd", "leaf.vhd"],
-        "l2.vhd",
-        "base.vhd",
-        true,
-        63,
-    );
+fn fault_injection_at_every_point_of_keep_merge_loses_nothing(f: Fmt) {
+    fault_at_every_point(f, &["base", "l1", "l2", "leaf"], "l2", "base", true, 63);
 }
 
 // ---------------------------------------------------------------------------
@@ -2049,4 +2138,19 @@ fn kill_9_of_the_daemon_during_merges_loses_nothing_and_the_merge_can_be_finishe
         "no kill landed inside a merge: {}",
         report.join("; ")
     );
+}
+
+// ---------------------------------------------------------------------------
+// The matrix: the offline merges and the crash loops, once per format.
+
+per_format! {
+    offline_merge_of_leaf_into_its_parent_makes_the_parent_the_leaf();
+    offline_merge_into_grandparent_through_an_intermediate_relinks_the_leaf();
+    offline_merge_of_leaf_into_fixed_base_leaves_only_the_base();
+    offline_merge_of_middle_layer_into_base_relinks_the_leaf_and_other_children();
+    offline_merge_with_keep_leaves_the_merged_files_detached();
+    offline_merge_of_leaf_into_base_with_keep_detaches_every_merged_layer();
+    fault_injection_at_every_point_of_middle_into_base_merge_loses_nothing();
+    fault_injection_at_every_point_of_leaf_into_grandparent_merge_loses_nothing();
+    fault_injection_at_every_point_of_keep_merge_loses_nothing();
 }

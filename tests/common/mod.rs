@@ -188,7 +188,8 @@ impl Fmt {
 
 /// One `#[test]` per format for each case: `per_format! { NAME(ARGS); }`
 /// makes `vhd::NAME` calling `NAME(Fmt::Vhd, ARGS)` and `vhdx::NAME`
-/// likewise, for functions `NAME` of the calling file.
+/// likewise, for functions `NAME` of the calling file. Use it once per
+/// file, listing every case (it defines the modules `vhd` and `vhdx`).
 #[macro_export]
 macro_rules! per_format {
     ($($name:ident($($arg:expr),* $(,)?);)*) => {
@@ -824,4 +825,161 @@ pub fn vhd_layout_problems(path: &Path) -> Vec<String> {
         }
     }
     bad
+}
+
+// ---------------------------------------------------------------------------
+// VHDX bytes, read without the reader under test.
+
+use chainfs::format::vhdx::{
+    parse_guid_text, parse_metadata_table, parse_parent_locator, parse_region_table, Header,
+    BAT_GUID, HEADER1, HEADER2, HEADER_SIZE, METADATA_GUID, PARENT_LOCATOR, REGION1, REGION_SIZE,
+};
+use std::fs::{self, File};
+use std::os::unix::fs::FileExt;
+use uuid::Uuid;
+
+/// Both headers of a VHDX file as the library parses them (`None` where a
+/// slot does not verify).
+pub fn headers(p: &Path) -> [Option<Header>; 2] {
+    let f = File::open(p).unwrap();
+    [HEADER1, HEADER2].map(|at| {
+        let mut b = vec![0u8; HEADER_SIZE];
+        f.read_exact_at(&mut b, at).unwrap();
+        Header::parse(&b).ok()
+    })
+}
+
+/// The current header: the valid one with the larger sequence number.
+pub fn current_header(p: &Path) -> Header {
+    let [a, b] = headers(p);
+    match (a, b) {
+        (Some(a), Some(b)) => {
+            if b.sequence > a.sequence {
+                b
+            } else {
+                a
+            }
+        }
+        (Some(h), None) | (None, Some(h)) => h,
+        (None, None) => panic!("{}: no valid header", p.display()),
+    }
+}
+
+/// Give both headers DataWriteGuid `id` (`to_bytes` recomputes the CRC).
+pub fn set_data_write_guid(p: &Path, id: Uuid) {
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(p)
+        .unwrap();
+    for at in [HEADER1, HEADER2] {
+        let mut b = vec![0u8; HEADER_SIZE];
+        f.read_exact_at(&mut b, at).unwrap();
+        let mut h = Header::parse(&b).expect("a header chainfs wrote");
+        h.data_write_guid = id;
+        f.write_all_at(&h.to_bytes(), at).unwrap();
+    }
+    f.sync_all().unwrap();
+    for h in headers(p) {
+        assert_eq!(h.expect("still valid").data_write_guid, id);
+    }
+}
+
+/// Where the regions of a (clean) VHDX lie, read straight from the bytes.
+pub struct RawLayout {
+    pub bat: (u64, u64),
+    pub metadata: (u64, u64),
+    pub log: (u64, u64),
+}
+
+pub fn raw_layout(b: &[u8]) -> RawLayout {
+    let regions = parse_region_table(&b[REGION1 as usize..REGION1 as usize + REGION_SIZE])
+        .expect("region table 1");
+    let find = |g: Uuid| {
+        let r = regions.iter().find(|r| r.guid == g).expect("known region");
+        (r.offset, r.length as u64)
+    };
+    let h = {
+        let h1 = Header::parse(&b[HEADER1 as usize..]).ok();
+        let h2 = Header::parse(&b[HEADER2 as usize..]).ok();
+        match (h1, h2) {
+            (Some(a), Some(b)) if b.sequence > a.sequence => b,
+            (Some(a), _) => a,
+            (None, Some(b)) => b,
+            (None, None) => panic!("no valid header"),
+        }
+    };
+    RawLayout {
+        bat: find(BAT_GUID),
+        metadata: find(METADATA_GUID),
+        log: (h.log_offset, h.log_length as u64),
+    }
+}
+
+/// The parent locator's key/value pairs, read from the file's bytes (the
+/// log must be clean: nothing is replayed here).
+pub fn raw_locator(p: &Path) -> Result<Vec<(String, String)>, String> {
+    let b = fs::read(p).unwrap();
+    let l = raw_layout(&b);
+    let mo = l.metadata.0 as usize;
+    let table = parse_metadata_table(&b[mo..mo + REGION_SIZE])
+        .map_err(|e| format!("metadata table: {e:?}"))?;
+    let e = table
+        .iter()
+        .find(|e| e.item == PARENT_LOCATOR && !e.is_user)
+        .ok_or("no parent locator")?;
+    let at = mo + e.offset as usize;
+    parse_parent_locator(&b[at..at + e.length as usize])
+        .map_err(|e| format!("parent locator: {e:?}"))
+}
+
+pub fn locator_value(pairs: &[(String, String)], key: &str) -> Option<String> {
+    pairs.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone())
+}
+
+/// `child` names `parent` by its current DataWriteGuid (and by nothing
+/// else), read from the file's bytes; the problem otherwise.
+pub fn vhdx_linkage_problem(child: &Path, parent: &Path) -> Option<String> {
+    if !current_header(child).log_guid.is_nil() {
+        return Some(format!("{}: the log is not empty", child.display()));
+    }
+    let loc = match raw_locator(child) {
+        Ok(l) => l,
+        Err(e) => return Some(format!("{}: {e}", child.display())),
+    };
+    let Some(linkage) = locator_value(&loc, "parent_linkage").and_then(|v| parse_guid_text(&v))
+    else {
+        return Some(format!("{}: no parent_linkage in {loc:?}", child.display()));
+    };
+    let id = current_header(parent).data_write_guid;
+    if linkage != id {
+        return Some(format!(
+            "{}'s parent_linkage {linkage} is not {}'s current DataWriteGuid {id} ({loc:?})",
+            child.display(),
+            parent.display()
+        ));
+    }
+    let name = parent.file_name().unwrap().to_string_lossy().into_owned();
+    match locator_value(&loc, "relative_path") {
+        Some(rel) if rel.ends_with(&name) => {}
+        other => return Some(format!("relative_path {other:?} does not name {name}")),
+    }
+    if let Some(l2) = locator_value(&loc, "parent_linkage2").and_then(|v| parse_guid_text(&v)) {
+        if !l2.is_nil() && l2 != linkage {
+            return Some(format!("a stale parent_linkage2 {l2} survived the relink"));
+        }
+    }
+    None
+}
+
+/// What is wrong with the link from `child` to `parent` by the format's own
+/// bytes: for VHDX [`vhdx_linkage_problem`]; VHD links are checked by
+/// `info`'s ids and [`vhd_layout_problems`]. Empty when right.
+pub fn link_problems(child: &Path, parent: &Path) -> Vec<String> {
+    let is_vhdx = |f: &Path| f.extension().is_some_and(|x| x == "vhdx" || x == "avhdx");
+    if is_vhdx(child) && is_vhdx(parent) {
+        vhdx_linkage_problem(child, parent).into_iter().collect()
+    } else {
+        Vec::new()
+    }
 }
