@@ -983,3 +983,280 @@ pub fn link_problems(child: &Path, parent: &Path) -> Vec<String> {
         Vec::new()
     }
 }
+
+// ---------------------------------------------------------------------------
+// Chains built with the CLI, sparse files, qemu.
+
+const K4: u64 = 4096;
+
+use std::io::Read;
+use std::os::fd::AsRawFd;
+
+pub fn seek(f: &File, off: u64, whence: i32) -> Option<u64> {
+    // SAFETY: lseek on a descriptor we own; no memory is involved.
+    let r = unsafe { libc::lseek(f.as_raw_fd(), off as libc::off_t, whence) };
+    (r >= 0).then_some(r as u64)
+}
+
+/// The next offset at or after `off` that holds data (`len` if none).
+pub fn next_data(f: &File, off: u64, len: u64) -> u64 {
+    seek(f, off, libc::SEEK_DATA).unwrap_or(len).min(len)
+}
+
+pub fn next_hole(f: &File, off: u64, len: u64) -> u64 {
+    seek(f, off, libc::SEEK_HOLE).unwrap_or(len).min(len)
+}
+
+/// sha256 of a (sparse) file: holes are hashed as zeros without reading
+/// them, so a 10 GiB export of a mostly empty disk hashes in seconds.
+pub fn sha256_sparse(p: &Path) -> String {
+    const C: usize = 1 << 20;
+    let f = File::open(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    let len = f.metadata().unwrap().len();
+    let zeros = vec![0u8; C];
+    let mut buf = vec![0u8; C];
+    let mut h = Sha256::new();
+    let mut off = 0;
+    while off < len {
+        let d = next_data(&f, off, len);
+        while off < d {
+            let n = ((d - off) as usize).min(C);
+            h.update(&zeros[..n]);
+            off += n as u64;
+        }
+        if off >= len {
+            break;
+        }
+        let e = next_hole(&f, off, len).max(off + 1);
+        while off < e {
+            let n = ((e - off) as usize).min(C);
+            f.read_exact_at(&mut buf[..n], off).unwrap();
+            h.update(&buf[..n]);
+            off += n as u64;
+        }
+    }
+    hex(&h.finalize())
+}
+
+/// sha256 of everything `r` yields, in 1 MiB reads (a FUSE file).
+pub fn sha256_stream(mut r: impl Read) -> String {
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = r.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    hex(&h.finalize())
+}
+
+/// The first difference between two equally long (sparse) files; regions
+/// that are holes in both are equal without being read.
+pub fn file_diff(a: &Path, b: &Path) -> Option<String> {
+    const C: u64 = 1 << 20;
+    let fa = File::open(a).unwrap();
+    let fb = File::open(b).unwrap();
+    let len = fa.metadata().unwrap().len();
+    let lb = fb.metadata().unwrap().len();
+    if len != lb {
+        return Some(format!("lengths {len} and {lb}"));
+    }
+    let mut ba = vec![0u8; C as usize];
+    let mut bb = vec![0u8; C as usize];
+    let mut off = 0;
+    while off < len {
+        let d = next_data(&fa, off, len).min(next_data(&fb, off, len));
+        if d >= len {
+            break;
+        }
+        let start = d - d % C;
+        let n = (len - start).min(C) as usize;
+        fa.read_exact_at(&mut ba[..n], start).unwrap();
+        fb.read_exact_at(&mut bb[..n], start).unwrap();
+        if let Some(i) = ba[..n].iter().zip(&bb[..n]).position(|(x, y)| x != y) {
+            return Some(format!(
+                "first difference at byte {:#x}: {:#04x} vs {:#04x}",
+                start + i as u64,
+                ba[i],
+                bb[i]
+            ));
+        }
+        off = start + n as u64;
+    }
+    None
+}
+
+/// Can qemu open this non-differencing VHDX? qemu (since 5.2) refuses
+/// logical sectors other than 512 bytes with "Operation not supported"; that
+/// refusal is accepted for 4096-byte images only.
+pub fn qemu_reads(img: &Path, lss: u32) -> bool {
+    let o = Command::new("qemu-img")
+        .args(["info", "-f", "vhdx"])
+        .arg(img)
+        .output()
+        .expect("qemu-img");
+    if o.status.success() {
+        return true;
+    }
+    assert!(
+        lss != 512 && text(&o).contains("not supported"),
+        "qemu-img info {}: {}",
+        img.display(),
+        text(&o)
+    );
+    eprintln!(
+        "qemu-img cannot read {}-byte logical sectors; libvhdi is the oracle there",
+        lss
+    );
+    false
+}
+
+/// `qemu-img convert -O raw` of a file of format `fmt` into `out`.
+pub fn qemu_convert(fmt: Fmt, img: &Path, out: &Path) {
+    let _ = fs::remove_file(out);
+    run_ok(
+        Command::new("qemu-img")
+            .args(["convert", "-f", fmt.qemu(), "-O", "raw"])
+            .arg(img)
+            .arg(out),
+    );
+}
+
+/// `qemu-img check` of a file of format `fmt`.
+pub fn qemu_check(fmt: Fmt, img: &Path) {
+    run_ok(
+        Command::new("qemu-img")
+            .args(["check", "-f", fmt.qemu()])
+            .arg(img),
+    );
+}
+
+/// `chainfs check IMG` exits 0 and reports nothing.
+pub fn assert_clean(img: &Path) {
+    let (c, probs) = check(img);
+    assert!(
+        c == 0 && probs.is_empty(),
+        "chainfs check {}: exit {c}, {probs:?}",
+        img.display()
+    );
+}
+
+/// One layer: file name, block size, and for the base its type.
+#[derive(Clone, Copy)]
+pub struct Spec {
+    pub name: &'static str,
+    pub block: u64,
+    pub fixed: bool,
+}
+
+pub const fn spec(name: &'static str, block: u64) -> Spec {
+    Spec {
+        name,
+        block,
+        fixed: false,
+    }
+}
+
+/// A chain built bottom-up: `snaps[i]` is the flattened content with layer
+/// `i` as the leaf (it never changes once layer `i + 1` exists).
+pub struct Built {
+    pub dir: PathBuf,
+    pub names: Vec<&'static str>,
+    pub snaps: Vec<Vec<u8>>,
+}
+
+impl Built {
+    pub fn path(&self, i: usize) -> PathBuf {
+        self.dir.join(self.names[i])
+    }
+
+    pub fn leaf(&self) -> PathBuf {
+        self.path(self.names.len() - 1)
+    }
+
+    pub fn model(&self) -> &[u8] {
+        self.snaps.last().unwrap()
+    }
+}
+
+/// 4 KiB aligned writes into layer `i` of block size `block`: some random,
+/// one straddling a block boundary, one at the very end of the disk.
+pub fn layer_writes(rng: &mut Rng, size: u64, block: u64, n: usize) -> Vec<(u64, u64)> {
+    let mut w = Vec::new();
+    let pages = size / K4;
+    for _ in 0..n {
+        let len = (1 + rng.below(48)) * K4;
+        let off = rng.below(pages - len / K4 + 1) * K4;
+        w.push((off, len));
+    }
+    // Straddle a block boundary of this layer (or the middle, for blocks
+    // as large as the disk).
+    let boundary = if block < size {
+        (1 + rng.below((size - 1) / block)) * block
+    } else {
+        size / 2 / K4 * K4
+    };
+    let before = (1 + rng.below(8)) * K4;
+    let after = ((1 + rng.below(8)) * K4).min(size - boundary);
+    w.push((boundary - before, before + after));
+    w.push((size - K4, K4));
+    w
+}
+
+/// Build the chain `specs` (base first) in `dir` bottom-up with `chainfs
+/// create` / `chainfs write`: `writes` random 4 KiB-aligned writes per
+/// layer plus one across a block boundary of the layer and one at the end
+/// of the disk ([`layer_writes`]); `lss` is the logical sector size of a
+/// VHDX base (VHD has 512 only).
+pub fn build(dir: &Path, size: u64, lss: u32, specs: &[Spec], writes: usize, seed: u64) -> Built {
+    fs::create_dir_all(dir).unwrap();
+    let mut rng = Rng(seed);
+    let mut model = vec![0u8; size as usize];
+    let mut snaps = Vec::new();
+    let scratch = dir.join("..").join(format!("scratch-{seed}"));
+    for (i, sp) in specs.iter().enumerate() {
+        let path = dir.join(sp.name);
+        let bs = format!("{}", sp.block);
+        if i == 0 {
+            let mut args = vec![
+                "create".to_string(),
+                p(&path).to_string(),
+                "--size".into(),
+                size.to_string(),
+                "--block-size".into(),
+                bs,
+            ];
+            if path.extension().is_some_and(|x| x == "vhdx") {
+                args.extend(["--logical-sector".into(), lss.to_string()]);
+            }
+            if sp.fixed {
+                args.extend(["--type".into(), "fixed".into()]);
+            }
+            let argv: Vec<&str> = args.iter().map(|a| a.as_str()).collect();
+            chainfs_ok(&argv);
+        } else {
+            let parent = dir.join(specs[i - 1].name);
+            chainfs_ok(&[
+                "create",
+                p(&path),
+                "--parent",
+                p(&parent),
+                "--block-size",
+                &bs,
+            ]);
+        }
+        for (off, len) in layer_writes(&mut rng, size, sp.block, writes) {
+            let data = rng.bytes(len as usize);
+            chainfs_write_mirrored(&path, off, &data, &scratch, &mut model);
+        }
+        snaps.push(model.clone());
+    }
+    let _ = fs::remove_file(&scratch);
+    Built {
+        dir: dir.to_path_buf(),
+        names: specs.iter().map(|s| s.name).collect(),
+        snaps,
+    }
+}
