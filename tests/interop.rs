@@ -678,3 +678,32 @@ fn a_torn_vhd_header_is_finished_from_the_relink_journal() {
     assert_eq!(code(&chainfs(&["check", p(&journaled)])), 0);
     assert_same(&export(&journaled, &[]), &model, "after the repair");
 }
+
+// ---------------------------------------------------------------------------
+// VHD and VHDX never mix in one chain.
+
+#[test]
+fn chains_mixing_vhd_and_vhdx_are_refused() {
+    let t = tempfile::tempdir().unwrap();
+    let px = t.path().join("p.vhdx");
+    let pv = t.path().join("p.vhd");
+    chainfs_ok(&["create", p(&px), "--size", "8M"]);
+    chainfs_ok(&["create", p(&pv), "--size", "8M"]);
+    for (child, parent) in [
+        ("c.vhd", &px),
+        ("c.avhd", &px),
+        ("c.avhdx", &pv),
+        ("c.vhdx", &pv),
+    ] {
+        let c = t.path().join(child);
+        let o = chainfs(&["create", p(&c), "--parent", p(parent)]);
+        assert_eq!(
+            code(&o),
+            6,
+            "create {child} over {}: {}",
+            parent.display(),
+            text(&o)
+        );
+        assert!(!c.exists(), "{child} was created anyway");
+    }
+}

@@ -343,7 +343,14 @@ pub fn check(img: &Path) -> (i32, Vec<String>) {
 
 /// `chainfs info --json IMG`.
 pub fn info_json(img: &Path) -> serde_json::Value {
-    serde_json::from_str(&chainfs_ok(&["info", p(img), "--json"])).expect("info --json")
+    info_json_with(img, &[])
+}
+
+/// `chainfs info IMG --json EXTRA...`.
+pub fn info_json_with(img: &Path, extra: &[&str]) -> serde_json::Value {
+    let mut args = vec!["info", p(img), "--json"];
+    args.extend_from_slice(extra);
+    serde_json::from_str(&chainfs_ok(&args)).expect("info --json prints JSON")
 }
 
 /// Copy the regular files of `from` into a new folder `to`.
