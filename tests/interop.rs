@@ -46,13 +46,6 @@ fn info(img: &Path) -> Value {
     serde_json::from_str(&chainfs_ok(&["info", "--json", p(img)])).unwrap()
 }
 
-fn assert_same(got: &[u8], want: &[u8], what: &str) {
-    assert_eq!(got.len(), want.len(), "{what}: lengths");
-    if let Some(i) = got.iter().zip(want).position(|(a, b)| a != b) {
-        panic!("{what}: first difference at byte {i:#x}");
-    }
-}
-
 fn assert_layout(paths: &[&Path]) {
     let bad: Vec<String> = paths
         .iter()
