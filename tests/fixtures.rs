@@ -15,8 +15,9 @@ use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use chainfs::format::vhd::{DynamicHeader, Footer};
-use common::{chainfs, chainfs_ok, sha256_file, unpack_fixture};
+use common::*;
 use tempfile::TempDir;
+use uuid::Uuid;
 
 const FIXED_FLAT: &str = "459325ab1fcd1d5ec9854cba790ee26378317cda177ffc1072008a1df88e6463";
 const DYNAMIC_FLAT: &str = "ecff2ef6615a3cddc6a6885f1c6d9cf13a232697e1dc6575f2c2f01f57247784";
@@ -28,14 +29,11 @@ const FAT_PARENT_ID: &str = "5fa21a55-f394-aa4d-9958-1951a67d5540";
 const IMAGE_ID: &str = "d49c5c80-350a-4a89-898a-5ad6d10f6578";
 
 const SECTOR: usize = 512;
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("temp paths are UTF-8")
-}
+const GIB: u64 = 1 << 30;
 
 /// `chainfs export IMG OUT EXTRA...`, then the sha256 of OUT.
 fn export_sha(img: &Path, out: &Path, extra: &[&str]) -> String {
-    let mut args = vec!["export", s(img), s(out)];
+    let mut args = vec!["export", p(img), p(out)];
     args.extend_from_slice(extra);
     chainfs_ok(&args);
     assert_eq!(
@@ -49,14 +47,8 @@ fn export_sha(img: &Path, out: &Path, extra: &[&str]) -> String {
 
 /// The leaf's virtual size as `chainfs info --json` reports it.
 fn virtual_size_of(img: &Path, extra: &[&str]) -> u64 {
-    let v = info_json(img, extra);
+    let v = info_json_with(img, extra);
     v[0]["virtual_size"].as_u64().expect("virtual_size")
-}
-
-fn info_json(img: &Path, extra: &[&str]) -> serde_json::Value {
-    let mut args = vec!["info", s(img), "--json"];
-    args.extend_from_slice(extra);
-    serde_json::from_str(&chainfs_ok(&args)).expect("info --json prints JSON")
 }
 
 fn be32(b: &[u8], o: usize) -> u32 {
@@ -99,7 +91,7 @@ impl RawVhd {
 /// note D1): a 4 MiB fixed VHD whose footer unique id is the one the child
 /// records, with the checksum recomputed by `Footer::to_bytes`.
 fn make_fat_parent(path: &Path) {
-    chainfs_ok(&["create", s(path), "--type", "fixed", "--size", "4M"]);
+    chainfs_ok(&["create", p(path), "--type", "fixed", "--size", "4M"]);
     set_footer_id(path, FAT_PARENT_ID);
 }
 
@@ -144,7 +136,7 @@ fn windows_fixed_vhd_without_footer_copy_exports_recorded_sha256() {
         "fixture should lack a footer copy"
     );
     assert_eq!(&bytes[bytes.len() - 512..bytes.len() - 504], b"conectix");
-    let info = info_json(&img, &[]);
+    let info = info_json_with(&img, &[]);
     assert_eq!(info[0]["disk_type"], "fixed");
     // current_size, not CHS 301/4/17 (10479616), and not the raw file length.
     assert_eq!(info[0]["virtual_size"], 10485760);
@@ -165,7 +157,7 @@ fn windows_dynamic_vhd_with_bat_out_of_file_order_exports_recorded_sha256() {
         vec![0, 3, 1],
         "fixture's BAT should not be in file order"
     );
-    let info = info_json(&img, &[]);
+    let info = info_json_with(&img, &[]);
     assert_eq!(info[0]["disk_type"], "dynamic");
     assert_eq!(info[0]["virtual_size"], 10485760);
     assert_eq!(
@@ -178,7 +170,7 @@ fn windows_dynamic_vhd_with_bat_out_of_file_order_exports_recorded_sha256() {
 fn qemu_ext2_dynamic_vhd_exports_recorded_sha256() {
     let t = TempDir::new().unwrap();
     let img = unpack_fixture("dfvfs/ext2.vhd", t.path());
-    let info = info_json(&img, &[]);
+    let info = info_json_with(&img, &[]);
     assert_eq!(info[0]["disk_type"], "dynamic");
     assert_eq!(info[0]["creator"], "qemu");
     assert_eq!(info[0]["virtual_size"], 4212736);
@@ -200,9 +192,9 @@ fn assert_refused_for_checksum(img: &Path, out: &Path) {
     let offsets = [format!("{tail:#x}"), format!("{:#x}", tail + 64)];
     let checksum = format!("{stored:#010x}");
     for args in [
-        vec!["export", s(img), s(out)],
-        vec!["info", s(img)],
-        vec!["check", s(img)],
+        vec!["export", p(img), p(out)],
+        vec!["info", p(img)],
+        vec!["check", p(img)],
     ] {
         let o = chainfs(&args);
         let err = stderr_of(&o);
@@ -256,7 +248,7 @@ fn image_differential_with_ignore_checksum_reads_as_libvhdi_parent_found_by_head
     assert_eq!(raw.header.parent_name, "image.vhd");
     assert_eq!(raw.header.parent_id.to_string(), IMAGE_ID);
 
-    let info = info_json(&img, &["--ignore-checksum"]);
+    let info = info_json_with(&img, &["--ignore-checksum"]);
     let layers = info.as_array().unwrap();
     assert_eq!(layers.len(), 2, "{info:#}");
     assert_eq!(layers[0]["disk_type"], "differencing");
@@ -286,8 +278,8 @@ fn fat_differential_without_parent_fails_exit_4_listing_locators_and_tried_paths
     let img = unpack_fixture("dfvfs/fat-differential.vhd", t.path());
     let tried = t.path().join("fat-parent.vhd");
     for args in [
-        vec!["info", s(&img)],
-        vec!["export", s(&img), s(&t.path().join("out.raw"))],
+        vec!["info", p(&img)],
+        vec!["export", p(&img), p(&t.path().join("out.raw"))],
     ] {
         let o = chainfs(&args);
         let err = stderr_of(&o);
@@ -297,7 +289,7 @@ fn fat_differential_without_parent_fails_exit_4_listing_locators_and_tried_paths
             assert!(err.contains(want), "{args:?}: locator text {want:?}: {err}");
         }
         assert!(
-            err.contains(s(&tried)),
+            err.contains(p(&tried)),
             "{args:?}: must list the path tried, {}: {err}",
             tried.display()
         );
@@ -311,7 +303,7 @@ fn fat_differential_over_synthetic_zero_parent_exports_d1_sha256() {
     let img = unpack_fixture("dfvfs/fat-differential.vhd", t.path());
     let parent = t.path().join("fat-parent.vhd");
     make_fat_parent(&parent);
-    let info = info_json(&img, &[]);
+    let info = info_json_with(&img, &[]);
     assert_eq!(info.as_array().unwrap().len(), 2, "{info:#}");
     assert_eq!(info[0]["parent_id"], FAT_PARENT_ID);
     assert_eq!(info[1]["unique_id"], FAT_PARENT_ID);
@@ -330,22 +322,22 @@ fn fat_differential_parent_in_other_folder_found_with_parent_dir_and_parent_over
     make_fat_parent(&b.join("fat-parent.vhd"));
 
     // Not next to the child: not found.
-    let o = chainfs(&["info", s(&img)]);
+    let o = chainfs(&["info", p(&img)]);
     assert_eq!(o.status.code(), Some(4), "{}", stderr_of(&o));
 
     // --parent-dir: found by the locators' basename.
-    let pd = ["--parent-dir", s(&b)];
-    assert_eq!(info_json(&img, &pd).as_array().unwrap().len(), 2);
+    let pd = ["--parent-dir", p(&b)];
+    assert_eq!(info_json_with(&img, &pd).as_array().unwrap().len(), 2);
     assert_eq!(export_sha(&img, &t.path().join("pd.raw"), &pd), FAT_FLAT);
 
     // --parent CHILD=PATH: a name no locator mentions.
     let renamed = b.join("renamed-base.vhd");
     fs::rename(b.join("fat-parent.vhd"), &renamed).unwrap();
-    let o = chainfs(&["info", s(&img), "--parent-dir", s(&b)]);
+    let o = chainfs(&["info", p(&img), "--parent-dir", p(&b)]);
     assert_eq!(o.status.code(), Some(4), "{}", stderr_of(&o));
-    let spec = format!("{}={}", s(&img), s(&renamed));
+    let spec = format!("{}={}", p(&img), p(&renamed));
     let ov = ["--parent", spec.as_str()];
-    let info = info_json(&img, &ov);
+    let info = info_json_with(&img, &ov);
     assert_eq!(
         fs::canonicalize(info[0]["parent_resolved"].as_str().unwrap()).unwrap(),
         fs::canonicalize(&renamed).unwrap()
@@ -359,8 +351,8 @@ fn fat_differential_with_parent_of_wrong_id_is_refused_exit_5() {
     let img = unpack_fixture("dfvfs/fat-differential.vhd", t.path());
     // A parent under the right name but with chainfs's random unique id.
     let parent = t.path().join("fat-parent.vhd");
-    chainfs_ok(&["create", s(&parent), "--type", "fixed", "--size", "4M"]);
-    let o = chainfs(&["export", s(&img), s(&t.path().join("out.raw"))]);
+    chainfs_ok(&["create", p(&parent), "--type", "fixed", "--size", "4M"]);
+    let o = chainfs(&["export", p(&img), p(&t.path().join("out.raw"))]);
     let err = stderr_of(&o);
     assert_eq!(o.status.code(), Some(5), "{err}");
     assert!(err.contains(FAT_PARENT_ID), "{err}");
@@ -461,11 +453,11 @@ fn fat_differential_bitmap_is_msb_first_and_chainfs_reads_it_so() {
     // here (which sectors come from the parent), so --force.
     chainfs_ok(&[
         "write",
-        s(&parent),
+        p(&parent),
         "--offset",
         "0",
         "--input",
-        s(&pfile),
+        p(&pfile),
         "--force",
     ]);
 
@@ -483,7 +475,7 @@ fn fat_differential_bitmap_is_msb_first_and_chainfs_reads_it_so() {
     }
     assert_ne!(msb_model, lsb_model);
     let out = t.path().join("out.raw");
-    chainfs_ok(&["export", s(&img), s(&out)]);
+    chainfs_ok(&["export", p(&img), p(&out)]);
     let got = fs::read(&out).unwrap();
     assert_eq!(got.len(), size);
     let bad: Vec<usize> = (0..size / SECTOR)
@@ -613,14 +605,14 @@ fn assert_read_only(
         "{}.raw",
         leaf.file_stem().unwrap().to_string_lossy()
     ));
-    let out_s = s(&out).to_string();
+    let out_s = p(&out).to_string();
     let runs: Vec<Vec<&str>> = vec![
-        vec!["info", s(leaf)],
-        vec!["info", s(leaf), "--json"],
-        vec!["check", s(leaf)],
-        vec!["check", s(leaf), "--json"],
-        vec!["export", s(leaf), out_s.as_str()],
-        vec!["export", s(leaf), out_s.as_str(), "--force"],
+        vec!["info", p(leaf)],
+        vec!["info", p(leaf), "--json"],
+        vec!["check", p(leaf)],
+        vec!["check", p(leaf), "--json"],
+        vec!["export", p(leaf), out_s.as_str()],
+        vec!["export", p(leaf), out_s.as_str(), "--force"],
     ];
     for mut args in runs {
         args.extend_from_slice(extra);
@@ -672,18 +664,195 @@ fn info_check_export_never_modify_any_file_of_the_chain() {
     let data = t.path().join("data.bin");
     fs::write(&data, vec![0x5Au8; 12288]).unwrap();
     // Each layer is written before its child exists (parents refuse writes).
-    chainfs_ok(&["create", s(&base), "--size", "8M", "--block-size", "512K"]);
-    chainfs_ok(&["write", s(&base), "--offset", "0", "--input", s(&data)]);
-    chainfs_ok(&["create", s(&mid), "--parent", s(&base)]);
-    chainfs_ok(&["write", s(&mid), "--offset", "520192", "--input", s(&data)]);
-    chainfs_ok(&["create", s(&leaf), "--parent", s(&mid)]);
+    chainfs_ok(&["create", p(&base), "--size", "8M", "--block-size", "512K"]);
+    chainfs_ok(&["write", p(&base), "--offset", "0", "--input", p(&data)]);
+    chainfs_ok(&["create", p(&mid), "--parent", p(&base)]);
+    chainfs_ok(&["write", p(&mid), "--offset", "520192", "--input", p(&data)]);
+    chainfs_ok(&["create", p(&leaf), "--parent", p(&mid)]);
     chainfs_ok(&[
         "write",
-        s(&leaf),
+        p(&leaf),
         "--offset",
         "2093056",
         "--input",
-        s(&data),
+        p(&data),
     ]);
     assert_read_only(&leaf, &[leaf.clone(), mid, base], &[], 0, &out);
+}
+
+// ---------------------------------------------------------------------------
+// VHDX: the real Windows-made fixtures (SOURCES.md) export to their recorded flat sha256 and equal qemu's and libvhdi's view; the Hyper-V checkpoint names its locators without its parent and flattens to its recorded sha256 over the synthetic all-zero parent of SOURCES.md note D2.
+
+/// The Hyper-V checkpoint's parent, by the name its `relative_path` gives.
+const HYPERV_PARENT: &str = "Generation 1_49C4BAF3-4B25-4406-8C4B-D39E65C32385.avhdx";
+
+const HYPERV_PARENT_LINKAGE: &str = "ff34003b-11ed-4cf8-a166-b2be05e20b80";
+
+const HYPERV_RAW: &str = "a4bf6f9ccaaf8f90b0e9a5b6f964e2b21ca3a9b1675c3a92e73206b04cfb1fbf";
+
+/// differencing.avhdx over an all-zero parent (SOURCES.md note D2).
+const HYPERV_FLAT: &str = "fc5c91bfd8f7ee388cf482dc7eb6cef64b39a7e1bd043516ee95887b839f2b78";
+
+struct Fixture {
+    rel: &'static str,
+    raw: &'static str,
+    flat: &'static str,
+    size: u64,
+    block: u64,
+    disk_type: &'static str,
+}
+
+const FIXED: Fixture = Fixture {
+    rel: "dissect-hypervisor/fixed.vhdx",
+    raw: "f2d743755f1872335fb1554116feecda67825719080ebb875b97dfacf7c1f590",
+    flat: "bc0be4623b15aa84216fb31ba24e3b621ec7f1c72d198c990ac0eced222d9f62",
+    size: 10 << 20,
+    block: 2 << 20,
+    disk_type: "fixed",
+};
+
+const DYNAMIC: Fixture = Fixture {
+    rel: "dissect-hypervisor/dynamic.vhdx",
+    raw: "72e9aa1af9cc53c84585a8017246f14f7c9f2dd54bb3f52e3b70919b2af600b9",
+    flat: "8e2b5e9265d694b42b81819e3bff29770eff4ed0f4f9f311693ff3dbdc93efac",
+    size: 10 << 20,
+    block: 32 << 20,
+    disk_type: "dynamic",
+};
+
+const SWAP: Fixture = Fixture {
+    rel: "discutils/swap.vhdx",
+    raw: "e5427cf8e9a9dfc28f2c1f24e2a7294e62b3e48bcff25b458f51871092540582",
+    flat: "60dd30b4c74361427d1089510cabb36e2eeda0cc4747f467ea43173acd358c49",
+    size: 10 * GIB,
+    block: 32 << 20,
+    disk_type: "dynamic",
+};
+
+const BTRFS: Fixture = Fixture {
+    rel: "discutils/btrfs.vhdx",
+    raw: "e1ec34ba6fea6a047e5b97f6b9355798f4bf22e5d9fb120013d912a41babf2a4",
+    flat: "0b959f9cb4e18348ad8b646f152178282542c8304f02fddf765e3fd1a1de6864",
+    size: GIB,
+    block: 32 << 20,
+    disk_type: "dynamic",
+};
+
+/// A clean real fixture: info, check, export to the recorded flat sha256,
+/// qemu's view, libvhdi's view (small disks), and its file unchanged.
+fn real_fixture(fx: &Fixture) {
+    let t = tempfile::tempdir().unwrap();
+    let img = unpack_fixture(fx.rel, t.path());
+    assert_eq!(sha256_file(&img), fx.raw, "{}: unpacked file", fx.rel);
+
+    let v = info_json(&img);
+    assert_eq!(v.as_array().unwrap().len(), 1, "{v}");
+    assert_eq!(v[0]["format"], "vhdx", "{v}");
+    assert_eq!(v[0]["disk_type"], fx.disk_type, "{v}");
+    assert_eq!(v[0]["virtual_size"], fx.size, "{v}");
+    assert_eq!(v[0]["block_size"], fx.block, "{v}");
+    assert!(v[0]["creator"]
+        .as_str()
+        .unwrap()
+        .starts_with("Microsoft Windows"));
+    assert_clean(&img);
+
+    let out = t.path().join("flat.raw");
+    chainfs_ok(&["export", p(&img), p(&out)]);
+    assert_eq!(fs::metadata(&out).unwrap().len(), fx.size);
+    assert_eq!(sha256_sparse(&out), fx.flat, "{}: flattened", fx.rel);
+
+    if have_qemu_img() {
+        let q = t.path().join("qemu.raw");
+        qemu_convert(Fmt::Vhdx, &img, &q);
+        if let Some(d) = file_diff(&out, &q) {
+            panic!("{}: chainfs and qemu-img convert differ: {d}", fx.rel);
+        }
+    }
+    if fx.size <= 64 << 20 && have_vhdimount() {
+        let mnt = t.path().join("vhdi");
+        let _g = vhdimount(&img, &mnt, 1);
+        assert_same(
+            &fs::read(mnt.join("vhdi1")).unwrap(),
+            &fs::read(&out).unwrap(),
+            &format!("{}: libvhdi vs chainfs", fx.rel),
+        );
+    }
+    assert_eq!(sha256_file(&img), fx.raw, "{}: reading changed it", fx.rel);
+}
+
+#[test]
+fn real_fixed_vhdx_exports_to_its_recorded_sha256_and_matches_qemu_and_libvhdi() {
+    real_fixture(&FIXED);
+}
+
+#[test]
+fn real_dynamic_vhdx_with_a_block_larger_than_the_disk_matches_sha256_qemu_and_libvhdi() {
+    real_fixture(&DYNAMIC);
+}
+
+#[test]
+fn real_swap_vhdx_with_a_zero_block_exports_to_its_recorded_sha256_and_matches_qemu() {
+    real_fixture(&SWAP);
+}
+
+#[test]
+fn real_btrfs_vhdx_exports_to_its_recorded_sha256_and_matches_qemu() {
+    real_fixture(&BTRFS);
+}
+
+#[test]
+fn hyperv_checkpoint_without_its_parent_fails_naming_its_locators() {
+    let t = tempfile::tempdir().unwrap();
+    let child = unpack_fixture("dissect-hypervisor/differencing.avhdx", t.path());
+    let out = t.path().join("out.raw");
+    for args in [vec!["info", p(&child)], vec!["export", p(&child), p(&out)]] {
+        let o = chainfs(&args);
+        assert_eq!(code(&o), 4, "{args:?}: {}", text(&o));
+        let msg = text(&o);
+        for want in [
+            "relative_path",
+            "absolute_win32_path",
+            HYPERV_PARENT,
+            HYPERV_PARENT_LINKAGE,
+        ] {
+            assert!(
+                msg.contains(want),
+                "{args:?} does not mention {want}: {msg}"
+            );
+        }
+    }
+    assert_eq!(sha256_file(&child), HYPERV_RAW);
+}
+
+#[test]
+fn hyperv_checkpoint_over_a_synthetic_zero_parent_flattens_to_its_recorded_sha256() {
+    let t = tempfile::tempdir().unwrap();
+    let child = unpack_fixture("dissect-hypervisor/differencing.avhdx", t.path());
+    let parent = t.path().join(HYPERV_PARENT);
+    // `.avhdx` names a VHDX; without --parent it is a base (dynamic) disk.
+    chainfs_ok(&["create", p(&parent), "--size", "8G", "--block-size", "2M"]);
+    let linkage = Uuid::parse_str(HYPERV_PARENT_LINKAGE).unwrap();
+    set_data_write_guid(&parent, linkage);
+    if have_qemu_img() {
+        qemu_check(Fmt::Vhdx, &parent);
+    }
+
+    let v = info_json(&child);
+    let layers = v.as_array().unwrap();
+    assert_eq!(layers.len(), 2, "{v}");
+    assert_eq!(v[0]["disk_type"], "differencing");
+    assert_eq!(v[0]["virtual_size"], 8 * GIB);
+    assert_eq!(v[0]["block_size"], 2u64 << 20);
+    assert_eq!(v[0]["parent_id"], HYPERV_PARENT_LINKAGE);
+    assert_eq!(v[1]["unique_id"], HYPERV_PARENT_LINKAGE);
+    assert!(v[1]["path"].as_str().unwrap().ends_with(HYPERV_PARENT));
+    // 32 PARTIALLY_PRESENT blocks of 2 MiB.
+    assert_eq!(v[0]["allocated_bytes"], 32u64 * (2 << 20), "{v}");
+
+    let flat = t.path().join("flat.raw");
+    chainfs_ok(&["export", p(&child), p(&flat)]);
+    assert_eq!(fs::metadata(&flat).unwrap().len(), 8 * GIB);
+    assert_eq!(sha256_sparse(&flat), HYPERV_FLAT);
+    assert_eq!(sha256_file(&child), HYPERV_RAW, "reading changed the child");
 }

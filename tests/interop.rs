@@ -24,10 +24,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use chainfs::format::vhd::{geometry, DynamicHeader, Footer, Locator};
-use common::{
-    bin, chainfs, chainfs_ok, chainfs_write_mirrored, code, have, require, require_fuse, text,
-    vhd_layout_problems, vhdimount, MountGuard, Rng,
-};
+use common::*;
 use serde_json::Value;
 use tempfile::TempDir;
 use uuid::Uuid;
@@ -35,13 +32,9 @@ use uuid::Uuid;
 const MIB: u64 = 1 << 20;
 const FAULT_EXIT: i32 = 86;
 
-fn s(p: &Path) -> &str {
-    p.to_str().expect("temp paths are UTF-8")
-}
-
 fn export(img: &Path, extra: &[&str]) -> Vec<u8> {
     let out = img.with_extension("export.raw");
-    let mut args = vec!["export", s(img), s(&out), "--force"];
+    let mut args = vec!["export", p(img), p(&out), "--force"];
     args.extend_from_slice(extra);
     chainfs_ok(&args);
     let b = fs::read(&out).unwrap();
@@ -50,14 +43,7 @@ fn export(img: &Path, extra: &[&str]) -> Vec<u8> {
 }
 
 fn info(img: &Path) -> Value {
-    serde_json::from_str(&chainfs_ok(&["info", "--json", s(img)])).unwrap()
-}
-
-fn assert_same(got: &[u8], want: &[u8], what: &str) {
-    assert_eq!(got.len(), want.len(), "{what}: lengths");
-    if let Some(i) = got.iter().zip(want).position(|(a, b)| a != b) {
-        panic!("{what}: first difference at byte {i:#x}");
-    }
+    serde_json::from_str(&chainfs_ok(&["info", "--json", p(img)])).unwrap()
 }
 
 fn assert_layout(paths: &[&Path]) {
@@ -78,10 +64,6 @@ fn scribble(img: &Path, model: &mut [u8], rng: &mut Rng, n: usize) {
         chainfs_write_mirrored(img, off, &rng.bytes(len as usize), &scratch, model);
     }
     fs::remove_file(&scratch).unwrap();
-}
-
-fn have_vhdimount() -> bool {
-    require_fuse() && require("vhdimount (libvhdi)", have("vhdimount"))
 }
 
 /// libvhdi's view of the whole chain at `leaf` (`layers` deep) equals
@@ -119,7 +101,7 @@ fn oracle_qemu(base: &Path, want: &[u8]) {
     let out = base.with_extension("qemu.raw");
     let o = Command::new("qemu-img")
         .current_dir("/")
-        .args(["convert", "-f", fmt, "-O", "raw", s(base), s(&out)])
+        .args(["convert", "-f", fmt, "-O", "raw", p(base), p(&out)])
         .output()
         .unwrap();
     assert!(o.status.success(), "qemu-img: {}", text(&o));
@@ -224,7 +206,7 @@ fn vhd_lib_chain_with_a_relative_parent_name_opens() {
             &model,
             &format!("export, parent name {name:?}"),
         );
-        let o = chainfs(&["check", s(&kid)]);
+        let o = chainfs(&["check", p(&kid)]);
         assert_eq!(code(&o), 0, "check, parent name {name:?}: {}", text(&o));
         if i == 0 {
             // libvhdi follows the `/` form too: both readers agree.
@@ -265,13 +247,13 @@ fn merge_relinking_a_vhd_child_keeps_its_header_at_512() {
         let size = 16 * MIB;
         let mut model = vec![0u8; size as usize];
         let (base, mid, leaf) = (d.join("base.vhd"), d.join("mid.vhd"), d.join("leaf.vhd"));
-        chainfs_ok(&["create", s(&base), "--size", "16M"]);
+        chainfs_ok(&["create", p(&base), "--size", "16M"]);
         scribble(&base, &mut model, &mut rng, 4);
-        chainfs_ok(&["create", s(&mid), "--parent", s(&base)]);
+        chainfs_ok(&["create", p(&mid), "--parent", p(&base)]);
         scribble(&mid, &mut model, &mut rng, 4);
-        chainfs_ok(&["create", s(&leaf), "--parent", s(&mid)]);
+        chainfs_ok(&["create", p(&leaf), "--parent", p(&mid)]);
         scribble(&leaf, &mut model, &mut rng, 4);
-        let mut args = vec!["merge", s(&mid), s(&base)];
+        let mut args = vec!["merge", p(&mid), p(&base)];
         if keep {
             args.push("--keep");
         }
@@ -282,13 +264,13 @@ fn merge_relinking_a_vhd_child_keeps_its_header_at_512() {
         }
         assert_eq!(info(&leaf).as_array().unwrap().len(), 2);
         assert_same(&export(&leaf, &[]), &model, "leaf after the merge");
-        let o = chainfs(&["check", s(&leaf)]);
+        let o = chainfs(&["check", p(&leaf)]);
         assert_eq!(code(&o), 0, "{}", text(&o));
         // A second relink of the same file (merging again) keeps it so.
         scribble(&leaf, &mut model, &mut rng, 2);
         let top = d.join("top.vhd");
-        chainfs_ok(&["create", s(&top), "--parent", s(&leaf)]);
-        chainfs_ok(&["merge", s(&leaf), s(&base)]);
+        chainfs_ok(&["create", p(&top), "--parent", p(&leaf)]);
+        chainfs_ok(&["merge", p(&leaf), p(&base)]);
         assert_layout(&[&base, &top]);
         assert_same(&export(&top, &[]), &model, "top after the second merge");
     }
@@ -318,7 +300,7 @@ fn windows_fields_hold_windows_paths_and_the_header_name_a_relative_one() {
     for ext in ["vhd", "vhdx"] {
         let base = d.join("base").join(format!("base.{ext}"));
         fs::create_dir_all(base.parent().unwrap()).unwrap();
-        chainfs_ok(&["create", s(&base), "--size", "8M"]);
+        chainfs_ok(&["create", p(&base), "--size", "8M"]);
         let same = d.join("base").join(format!("c.{ext}"));
         let other = d.join("vms").join(format!("c.{ext}"));
         fs::create_dir_all(other.parent().unwrap()).unwrap();
@@ -330,7 +312,7 @@ fn windows_fields_hold_windows_paths_and_the_header_name_a_relative_one() {
                 format!("../base/base.{ext}"),
             ),
         ] {
-            chainfs_ok(&["create", s(child), "--parent", s(&base)]);
+            chainfs_ok(&["create", p(child), "--parent", p(&base)]);
             let h = hints(child);
             let canon = fs::canonicalize(&base).unwrap();
             let win_abs = canon.to_str().unwrap().replace('/', "\\");
@@ -353,19 +335,19 @@ fn a_vhd_child_inherits_its_parents_block_size() {
     let t = TempDir::new().unwrap();
     let d = t.path();
     let base = d.join("base.vhd");
-    chainfs_ok(&["create", s(&base), "--size", "8M", "--block-size", "512K"]);
+    chainfs_ok(&["create", p(&base), "--size", "8M", "--block-size", "512K"]);
     let kid = d.join("kid.vhd");
-    chainfs_ok(&["create", s(&kid), "--parent", s(&base)]);
+    chainfs_ok(&["create", p(&kid), "--parent", p(&base)]);
     assert_eq!(info(&kid)[0]["block_size"], 512 << 10);
     // --block-size still chooses.
     let k2 = d.join("k2.vhd");
-    chainfs_ok(&["create", s(&k2), "--parent", s(&base), "--block-size", "1M"]);
+    chainfs_ok(&["create", p(&k2), "--parent", p(&base), "--block-size", "1M"]);
     assert_eq!(info(&k2)[0]["block_size"], 1 << 20);
     // VHDX keeps Hyper-V's convention: checkpoints use 2 MiB blocks.
     let xb = d.join("base.vhdx");
-    chainfs_ok(&["create", s(&xb), "--size", "64M"]);
+    chainfs_ok(&["create", p(&xb), "--size", "64M"]);
     let xk = d.join("kid.avhdx");
-    chainfs_ok(&["create", s(&xk), "--parent", s(&xb)]);
+    chainfs_ok(&["create", p(&xk), "--parent", p(&xb)]);
     assert_eq!(info(&xb)[0]["block_size"], 32 << 20);
     assert_eq!(info(&xk)[0]["block_size"], 2 << 20);
 }
@@ -391,11 +373,11 @@ fn oracle_case(ext: &str, other_folder: bool, seed: u64) {
     let base = bdir.join(format!("base.{ext}"));
     let mid = kdir.join(format!("mid.{child_ext}"));
     let leaf = kdir.join(format!("leaf.{child_ext}"));
-    chainfs_ok(&["create", s(&base), "--size", "12M", "--block-size", "1M"]);
+    chainfs_ok(&["create", p(&base), "--size", "12M", "--block-size", "1M"]);
     scribble(&base, &mut model, &mut rng, 4);
-    chainfs_ok(&["create", s(&mid), "--parent", s(&base)]);
+    chainfs_ok(&["create", p(&mid), "--parent", p(&base)]);
     scribble(&mid, &mut model, &mut rng, 4);
-    chainfs_ok(&["create", s(&leaf), "--parent", s(&mid)]);
+    chainfs_ok(&["create", p(&leaf), "--parent", p(&mid)]);
     scribble(&leaf, &mut model, &mut rng, 4);
     // libvhdi finds a VHDX parent only in the child's folder.
     let libvhdi = ext == "vhd" || !other_folder;
@@ -405,7 +387,7 @@ fn oracle_case(ext: &str, other_folder: bool, seed: u64) {
     assert_same(&export(&leaf, &[]), &model, "export of the new chain");
 
     // A merge that relinks the leaf.
-    chainfs_ok(&["merge", s(&mid), s(&base)]);
+    chainfs_ok(&["merge", p(&mid), p(&base)]);
     assert_layout(&[&base, &leaf]);
     if libvhdi {
         oracle_vhdimount(&leaf, 2, &model);
@@ -421,10 +403,10 @@ fn oracle_case(ext: &str, other_folder: bool, seed: u64) {
     fs::create_dir_all(&moved_dir).unwrap();
     let moved = moved_dir.join(format!("moved-base.{ext}"));
     fs::rename(&base, &moved).unwrap();
-    assert_eq!(code(&chainfs(&["info", s(&leaf)])), 4);
-    chainfs_ok(&["set-parent", s(&leaf), s(&moved)]);
+    assert_eq!(code(&chainfs(&["info", p(&leaf)])), 4);
+    chainfs_ok(&["set-parent", p(&leaf), p(&moved)]);
     assert_layout(&[&moved, &leaf]);
-    let o = chainfs(&["check", s(&leaf)]);
+    let o = chainfs(&["check", p(&leaf)]);
     assert_eq!(code(&o), 0, "{}", text(&o));
     if libvhdi {
         oracle_vhdimount(&leaf, 2, &model);
@@ -432,7 +414,7 @@ fn oracle_case(ext: &str, other_folder: bool, seed: u64) {
     assert_same(&export(&leaf, &[]), &model, "export after set-parent");
 
     // Everything into the base: qemu reads it too.
-    chainfs_ok(&["merge", s(&leaf), s(&moved)]);
+    chainfs_ok(&["merge", p(&leaf), p(&moved)]);
     assert_layout(&[&moved]);
     oracle_qemu(&moved, &model);
     if libvhdi {
@@ -472,9 +454,9 @@ fn two_layers(d: &Path, ext: &str, seed: u64) -> (PathBuf, PathBuf, Vec<u8>) {
     fs::create_dir_all(d.join("vm")).unwrap();
     let base = d.join("a").join(format!("base.{ext}"));
     let kid = d.join("vm").join(format!("kid.{ext}"));
-    chainfs_ok(&["create", s(&base), "--size", "8M", "--block-size", "1M"]);
+    chainfs_ok(&["create", p(&base), "--size", "8M", "--block-size", "1M"]);
     scribble(&base, &mut model, &mut rng, 3);
-    chainfs_ok(&["create", s(&kid), "--parent", s(&base)]);
+    chainfs_ok(&["create", p(&kid), "--parent", p(&base)]);
     scribble(&kid, &mut model, &mut rng, 3);
     (base, kid, model)
 }
@@ -487,17 +469,17 @@ fn set_parent_refusals(ext: &str) {
     let moved = d.join("b").join(format!("base.{ext}"));
     fs::create_dir_all(moved.parent().unwrap()).unwrap();
     fs::rename(&base, &moved).unwrap();
-    assert_eq!(code(&chainfs(&["export", s(&kid), s(&d.join("x.raw"))])), 4);
+    assert_eq!(code(&chainfs(&["export", p(&kid), p(&d.join("x.raw"))])), 4);
     // check finds it with --parent-dir and says how to repair.
-    let o = chainfs(&["check", s(&kid), "--parent-dir", s(moved.parent().unwrap())]);
+    let o = chainfs(&["check", p(&kid), "--parent-dir", p(moved.parent().unwrap())]);
     assert_eq!(code(&o), 3, "{}", text(&o));
     assert!(text(&o).contains("chainfs set-parent"), "{}", text(&o));
 
     // Another disk of the same size: refused, naming both ids.
     let other = d.join("b").join(format!("other.{ext}"));
-    chainfs_ok(&["create", s(&other), "--size", "8M"]);
+    chainfs_ok(&["create", p(&other), "--size", "8M"]);
     let got = info(&other)[0]["unique_id"].as_str().unwrap().to_string();
-    let o = chainfs(&["set-parent", s(&kid), s(&other)]);
+    let o = chainfs(&["set-parent", p(&kid), p(&other)]);
     assert_eq!(code(&o), 5, "{}", text(&o));
     assert!(
         text(&o).contains(&want) && text(&o).contains(&got),
@@ -505,7 +487,7 @@ fn set_parent_refusals(ext: &str) {
         text(&o)
     );
     assert_eq!(
-        code(&chainfs(&["info", s(&kid)])),
+        code(&chainfs(&["info", p(&kid)])),
         4,
         "the refusal changed nothing"
     );
@@ -517,34 +499,34 @@ fn set_parent_refusals(ext: &str) {
         let g = MountGuard::new(&mnt);
         chainfs_ok(&[
             "mount",
-            s(&kid),
-            s(&mnt),
+            p(&kid),
+            p(&mnt),
             "-o",
             "rw",
             "--parent-dir",
-            s(moved.parent().unwrap()),
+            p(moved.parent().unwrap()),
         ]);
-        let o = chainfs(&["set-parent", s(&kid), s(&moved)]);
+        let o = chainfs(&["set-parent", p(&kid), p(&moved)]);
         assert_eq!(code(&o), 7, "{}", text(&o));
-        chainfs_ok(&["umount", s(&mnt)]);
+        chainfs_ok(&["umount", p(&mnt)]);
         drop(g);
     }
 
     // The right one.
-    chainfs_ok(&["set-parent", s(&kid), s(&moved)]);
+    chainfs_ok(&["set-parent", p(&kid), p(&moved)]);
     assert_same(&export(&kid, &[]), &model, "after set-parent");
-    assert_eq!(code(&chainfs(&["check", s(&kid)])), 0);
+    assert_eq!(code(&chainfs(&["check", p(&kid)])), 0);
     assert_layout(&[&kid]);
 
     // --ignore-id-mismatch makes another disk the parent and records its id.
-    chainfs_ok(&["set-parent", s(&kid), s(&other), "--ignore-id-mismatch"]);
+    chainfs_ok(&["set-parent", p(&kid), p(&other), "--ignore-id-mismatch"]);
     let i = info(&kid);
     assert_eq!(i[0]["parent_id"].as_str(), Some(got.as_str()));
     assert_eq!(
         fs::canonicalize(i[1]["path"].as_str().unwrap()).unwrap(),
         fs::canonicalize(&other).unwrap()
     );
-    assert_eq!(code(&chainfs(&["check", s(&kid)])), 0);
+    assert_eq!(code(&chainfs(&["check", p(&kid)])), 0);
     assert_layout(&[&kid]);
 }
 
@@ -586,21 +568,21 @@ fn set_parent_faults(ext: &str) {
         let kid = w.join("vm").join(format!("kid.{ext}"));
         let moved = w.join("b").join(format!("base.{ext}"));
         let o = Command::new(bin())
-            .args(["set-parent", s(&kid), s(&moved)])
+            .args(["set-parent", p(&kid), p(&moved)])
             .env("CHAINFS_FAULT_AFTER", k.to_string())
             .output()
             .unwrap();
         match code(&o) {
             FAULT_EXIT => {
-                let pd = ["--parent-dir", s(moved.parent().unwrap())];
+                let pd = ["--parent-dir", p(moved.parent().unwrap())];
                 assert_same(
                     &export(&kid, &pd),
                     &model,
                     &format!("k={k}: after the crash"),
                 );
-                let c = chainfs(&["check", s(&kid), pd[0], pd[1]]);
+                let c = chainfs(&["check", p(&kid), pd[0], pd[1]]);
                 states.push(code(&c));
-                chainfs_ok(&["set-parent", s(&kid), s(&moved)]);
+                chainfs_ok(&["set-parent", p(&kid), p(&moved)]);
             }
             0 => done = Some(k),
             c => panic!("k={k}: exit {c}: {}", text(&o)),
@@ -610,7 +592,7 @@ fn set_parent_faults(ext: &str) {
             &model,
             &format!("k={k}: after set-parent"),
         );
-        let c = chainfs(&["check", s(&kid)]);
+        let c = chainfs(&["check", p(&kid)]);
         assert_eq!(code(&c), 0, "k={k}: {}", text(&c));
         assert_layout(&[&kid]);
         fs::remove_dir_all(&w).unwrap();
@@ -651,7 +633,7 @@ fn a_torn_vhd_header_is_finished_from_the_relink_journal() {
         let c = w.join("kid.vhd");
         fs::write(&c, &before).unwrap();
         let o = Command::new(bin())
-            .args(["set-parent", s(&c), s(&moved)])
+            .args(["set-parent", p(&c), p(&moved)])
             .env("CHAINFS_FAULT_AFTER", k.to_string())
             .output()
             .unwrap();
@@ -678,14 +660,43 @@ fn a_torn_vhd_header_is_finished_from_the_relink_journal() {
         &model,
         "read-only over a torn header",
     );
-    let o = chainfs(&["check", s(&journaled)]);
+    let o = chainfs(&["check", p(&journaled)]);
     assert_eq!(code(&o), 3, "{}", text(&o));
     assert!(text(&o).contains("interrupted relink"), "{}", text(&o));
     // A writable open finishes it.
     let same = d.join("same.bin");
     fs::write(&same, &model[..4096]).unwrap();
-    chainfs_ok(&["write", s(&journaled), "--offset", "0", "--input", s(&same)]);
+    chainfs_ok(&["write", p(&journaled), "--offset", "0", "--input", p(&same)]);
     assert_layout(&[&journaled]);
-    assert_eq!(code(&chainfs(&["check", s(&journaled)])), 0);
+    assert_eq!(code(&chainfs(&["check", p(&journaled)])), 0);
     assert_same(&export(&journaled, &[]), &model, "after the repair");
+}
+
+// ---------------------------------------------------------------------------
+// VHD and VHDX never mix in one chain.
+
+#[test]
+fn chains_mixing_vhd_and_vhdx_are_refused() {
+    let t = tempfile::tempdir().unwrap();
+    let px = t.path().join("p.vhdx");
+    let pv = t.path().join("p.vhd");
+    chainfs_ok(&["create", p(&px), "--size", "8M"]);
+    chainfs_ok(&["create", p(&pv), "--size", "8M"]);
+    for (child, parent) in [
+        ("c.vhd", &px),
+        ("c.avhd", &px),
+        ("c.avhdx", &pv),
+        ("c.vhdx", &pv),
+    ] {
+        let c = t.path().join(child);
+        let o = chainfs(&["create", p(&c), "--parent", p(parent)]);
+        assert_eq!(
+            code(&o),
+            6,
+            "create {child} over {}: {}",
+            parent.display(),
+            text(&o)
+        );
+        assert!(!c.exists(), "{child} was created anyway");
+    }
 }

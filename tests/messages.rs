@@ -12,10 +12,6 @@ use std::path::{Path, PathBuf};
 
 use common::*;
 
-fn p(path: &Path) -> &str {
-    path.to_str().expect("temp paths are UTF-8")
-}
-
 /// base.vhd <- mid.vhd <- leaf.vhd, and other.vhd, a second child of mid.
 fn chain_with_sibling(dir: &Path) -> PathBuf {
     let base = dir.join("base.vhd");
@@ -80,15 +76,6 @@ fn a_merge_refused_on_the_command_line_suggests_the_force_option() {
     assert!(!msg.contains("`force`"), "{msg}");
 }
 
-/// `chainfs mount LEAF MNT -o OPTS` in the background, unmounted on drop.
-fn mount(leaf: &Path, mnt: &Path, opts: &str) -> MountGuard {
-    std::fs::create_dir_all(mnt).unwrap();
-    let g = MountGuard::new(mnt);
-    chainfs_ok(&["mount", p(leaf), p(mnt), "-o", opts]);
-    assert!(is_mounted(mnt));
-    g
-}
-
 #[test]
 fn a_merge_refused_through_the_control_file_suggests_the_force_word_and_is_logged() {
     if !require_fuse() {
@@ -98,7 +85,7 @@ fn a_merge_refused_through_the_control_file_suggests_the_force_word_and_is_logge
     let leaf = chain_with_sibling(t.path());
     let mnt = t.path().join("mnt");
     let log = t.path().join("daemon.log");
-    let g = mount(&leaf, &mnt, &format!("rw,log={}", p(&log)));
+    let g = mount(&leaf, &mnt, &["-o", &format!("rw,log={}", p(&log))]);
     // As a shell's `exec 3<>control; echo … >&3; cat <&3`.
     let mut c = std::fs::OpenOptions::new()
         .read(true)
@@ -143,7 +130,7 @@ fn a_clean_mount_and_unmount_log_no_warning() {
     let mnt = t.path().join("mnt");
     for opts in ["ro", "rw"] {
         let log = t.path().join(format!("{opts}.log"));
-        let g = mount(&leaf, &mnt, &format!("{opts},log={}", p(&log)));
+        let g = mount(&leaf, &mnt, &["-o", &format!("{opts},log={}", p(&log))]);
         let mut buf = vec![0u8; 65536];
         std::fs::File::open(mnt.join("disk.raw"))
             .unwrap()
@@ -167,7 +154,7 @@ fn umount_names_the_loop_device_that_keeps_the_mount_busy() {
     let t = tempfile::tempdir().unwrap();
     let leaf = chain_with_sibling(t.path());
     let mnt = t.path().join("mnt");
-    let g = mount(&leaf, &mnt, "ro");
+    let g = mount(&leaf, &mnt, &["-o", "ro"]);
     let lo = LoopGuard::attach(&mnt.join("disk.raw"), true, false);
     let o = chainfs(&["umount", p(&mnt)]);
     let msg = text(&o);

@@ -17,10 +17,6 @@ use common::*;
 
 const M: u64 = 1 << 20;
 
-fn p(path: &Path) -> &str {
-    path.to_str().expect("temp paths are UTF-8")
-}
-
 /// The plugin's shared object, built next to the `chainfs` binary.
 fn plugin() -> PathBuf {
     static SO: OnceLock<PathBuf> = OnceLock::new();

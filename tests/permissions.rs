@@ -10,7 +10,7 @@ use std::io::{Read, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use chainfs::mount::MountOptions;
 use chainfs::ErrorKind;
@@ -20,10 +20,6 @@ const NOBODY: u32 = 65534;
 const NOGROUP: u32 = 65534;
 /// A uid and gid no account has: a plain "other" user.
 const STRANGER: u32 = 4242;
-
-fn p(path: &Path) -> &str {
-    path.to_str().unwrap()
-}
 
 /// The root tools this file needs: FUSE, root (chown, setpriv to any uid).
 fn ready() -> bool {
@@ -60,22 +56,6 @@ fn two_layers(dir: &Path, base_dir: &Path) -> (PathBuf, PathBuf) {
     chainfs_write(&leaf, 1 << 20, &Rng(2).bytes(200_000), &staged);
     std::fs::remove_file(&staged).unwrap();
     (leaf, base)
-}
-
-/// `chainfs mount` in the background; the guard unmounts on drop.
-fn mount(leaf: &Path, mnt: &Path, opts: &str) -> MountGuard {
-    std::fs::create_dir_all(mnt).unwrap();
-    chmod(mnt, 0o755);
-    let g = MountGuard::new(mnt);
-    chainfs_ok(&["mount", p(leaf), p(mnt), "-o", opts]);
-    assert!(is_mounted(mnt), "{} is not mounted", mnt.display());
-    g
-}
-
-/// Unmount with `chainfs umount`, which waits until the daemon has let go
-/// of the leaf, so the next mount of the same chain finds it unlocked.
-fn umount(g: MountGuard) {
-    chainfs_ok(&["umount", p(&g.dir)]);
 }
 
 /// `args` run as uid:gid with no supplementary groups, from `/`.
@@ -134,6 +114,13 @@ fn flat(leaf: &Path, dir: &Path) -> Vec<u8> {
     b
 }
 
+/// [`mount`] with `-o OPTS` on a folder everyone may enter.
+fn mount_o(leaf: &Path, mnt: &Path, opts: &str) -> MountGuard {
+    std::fs::create_dir_all(mnt).unwrap();
+    chmod(mnt, 0o755);
+    mount(leaf, mnt, &["-o", opts])
+}
+
 #[test]
 fn others_cannot_read_a_disk_whose_layers_are_private() {
     if !ready() {
@@ -145,7 +132,7 @@ fn others_cannot_read_a_disk_whose_layers_are_private() {
     chmod(&base, 0o600);
     let want = flat(&leaf, t.path());
     let mnt = t.path().join("mnt");
-    let _g = mount(&leaf, &mnt, "allow_other");
+    let _g = mount_o(&leaf, &mnt, "allow_other");
 
     assert_eq!(stat(&mnt.join("disk.raw")), (0o400, 0, 0));
     assert_eq!(stat(&mnt.join("chain")).0, 0o400);
@@ -167,7 +154,7 @@ fn others_read_a_disk_whose_layers_and_folders_are_open() {
     let (leaf, _) = two_layers(t.path(), t.path());
     let want = flat(&leaf, t.path());
     let mnt = t.path().join("mnt");
-    let _g = mount(&leaf, &mnt, "allow_other");
+    let _g = mount_o(&leaf, &mnt, "allow_other");
 
     assert_eq!(stat(&mnt.join("disk.raw")), (0o444, 0, 0));
     assert_eq!(stat(&mnt.join("control")).0, 0o644);
@@ -188,7 +175,7 @@ fn one_closed_parent_or_folder_keeps_others_out() {
     let (leaf, base) = two_layers(t.path(), t.path());
     chmod(&base, 0o640);
     let mnt = t.path().join("mnt");
-    let g = mount(&leaf, &mnt, "allow_other");
+    let g = mount_o(&leaf, &mnt, "allow_other");
     assert_eq!(stat(&mnt.join("disk.raw")).0, 0o440);
     assert_denied(NOBODY, NOGROUP, &mnt.join("disk.raw"));
     umount(g);
@@ -200,7 +187,7 @@ fn one_closed_parent_or_folder_keeps_others_out() {
     let (leaf, _) = two_layers(t.path(), &sub);
     chmod(&sub, 0o700);
     let mnt = t.path().join("mnt");
-    let _g = mount(&leaf, &mnt, "allow_other");
+    let _g = mount_o(&leaf, &mnt, "allow_other");
     assert_eq!(stat(&mnt.join("disk.raw")).0, 0o400);
     assert_denied(NOBODY, NOGROUP, &mnt.join("disk.raw"));
 }
@@ -218,7 +205,7 @@ fn the_view_belongs_to_the_leafs_owner_and_group() {
     }
     let want = flat(&leaf, t.path());
     let mnt = t.path().join("mnt");
-    let _g = mount(&leaf, &mnt, "allow_other");
+    let _g = mount_o(&leaf, &mnt, "allow_other");
 
     assert_eq!(stat(&mnt.join("disk.raw")), (0o400, NOBODY, NOGROUP));
     assert!(read_as(NOBODY, NOGROUP, &mnt.join("disk.raw")).unwrap() == want);
@@ -235,12 +222,12 @@ fn writes_need_rw_and_the_leafs_write_permission() {
     chown(&leaf, NOBODY, NOGROUP);
     let mnt = t.path().join("mnt");
     let disk = mnt.join("disk.raw");
-    let g = mount(&leaf, &mnt, "allow_other");
+    let g = mount_o(&leaf, &mnt, "allow_other");
     assert_eq!(stat(&disk), (0o444, NOBODY, NOGROUP));
     let o = write_as(NOBODY, NOGROUP, &disk, 4096, "HELLO");
     assert!(!o.status.success(), "nobody wrote a read-only mount");
     umount(g);
-    let _g = mount(&leaf, &mnt, "allow_other,rw");
+    let _g = mount_o(&leaf, &mnt, "allow_other,rw");
     assert_eq!(stat(&disk), (0o644, NOBODY, NOGROUP));
     let o = write_as(NOBODY, NOGROUP, &disk, 4096, "HELLO");
     assert!(o.status.success(), "the leaf's owner: {}", text(&o));
@@ -266,7 +253,7 @@ fn uid_gid_and_umask_change_what_stat_shows_and_what_is_enforced() {
     let disk = mnt.join("disk.raw");
 
     // umask= replaces the narrowed bits: the admin shares the disk.
-    let g = mount(&leaf, &mnt, "allow_other,umask=0222");
+    let g = mount_o(&leaf, &mnt, "allow_other,umask=0222");
     assert_eq!(stat(&disk), (0o444, 0, 0));
     assert_eq!(stat(&mnt).0, 0o555);
     assert_eq!(stat(&mnt.join("control")).0, 0o444);
@@ -274,14 +261,14 @@ fn uid_gid_and_umask_change_what_stat_shows_and_what_is_enforced() {
     umount(g);
 
     // uid= hands the owner class to nobody, and only to nobody.
-    let g = mount(&leaf, &mnt, "allow_other,uid=65534,umask=0277");
+    let g = mount_o(&leaf, &mnt, "allow_other,uid=65534,umask=0277");
     assert_eq!(stat(&disk), (0o400, NOBODY, 0));
     assert!(read_as(NOBODY, NOGROUP, &disk).unwrap() == want);
     assert_denied(STRANGER, STRANGER, &disk);
     umount(g);
 
     // gid= hands the group class to the members of nogroup.
-    let g = mount(&leaf, &mnt, "allow_other,gid=65534,umask=0227");
+    let g = mount_o(&leaf, &mnt, "allow_other,gid=65534,umask=0227");
     assert_eq!(stat(&disk), (0o440, 0, NOGROUP));
     assert!(read_as(STRANGER, NOGROUP, &disk).unwrap() == want);
     assert_denied(STRANGER, STRANGER, &disk);
@@ -289,7 +276,7 @@ fn uid_gid_and_umask_change_what_stat_shows_and_what_is_enforced() {
 
     // Without umask=, uid= alone does not widen: nobody may not read
     // root's 0600 layers, so the view it owns grants it nothing.
-    let _g = mount(&leaf, &mnt, "allow_other,uid=65534");
+    let _g = mount_o(&leaf, &mnt, "allow_other,uid=65534");
     assert_eq!(stat(&disk), (0o000, NOBODY, 0));
     assert_denied(NOBODY, NOGROUP, &disk);
 }
@@ -306,14 +293,6 @@ fn control(mnt: &Path, cmd: &str) -> String {
     let mut reply = String::new();
     f.read_to_string(&mut reply).unwrap();
     reply
-}
-
-fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !cond() {
-        assert!(start.elapsed() < limit, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 #[test]
@@ -335,7 +314,7 @@ fn a_merge_that_removes_the_closed_layer_opens_the_view_at_once() {
     let want = flat(&leaf, t.path());
     let mnt = t.path().join("mnt");
     let disk = mnt.join("disk.raw");
-    let _g = mount(&leaf, &mnt, "allow_other,rw");
+    let _g = mount_o(&leaf, &mnt, "allow_other,rw");
     // The kernel now caches these attributes (for an hour).
     assert_eq!(stat(&disk), (0o600, 0, 0));
     assert_eq!(stat(&mnt).0, 0o500);
@@ -343,13 +322,13 @@ fn a_merge_that_removes_the_closed_layer_opens_the_view_at_once() {
 
     let reply = control(&mnt, "merge mid.vhd base.vhd");
     assert!(reply.contains("Job=jobs/1"), "{reply}");
-    wait_until("job 1 to complete", Duration::from_secs(60), || {
+    wait_for_within("job 1 to complete", Duration::from_secs(60), || {
         std::fs::read_to_string(mnt.join("jobs/1"))
             .unwrap()
             .contains("JobState=7")
     });
     assert!(!mid.exists(), "the merge deletes mid.vhd");
-    wait_until("disk.raw to show 0644", Duration::from_secs(5), || {
+    wait_for_within("disk.raw to show 0644", Duration::from_secs(5), || {
         stat(&disk).0 == 0o644
     });
     assert_eq!(stat(&mnt).0, 0o555);
@@ -364,7 +343,7 @@ fn allow_root_keeps_other_users_out() {
     let t = open_scratch();
     let (leaf, _) = two_layers(t.path(), t.path());
     let mnt = t.path().join("mnt");
-    let _g = mount(&leaf, &mnt, "allow_root");
+    let _g = mount_o(&leaf, &mnt, "allow_root");
     assert_eq!(stat(&mnt.join("disk.raw")).0, 0o444);
     assert!(read_as(NOBODY, NOGROUP, &mnt.join("disk.raw")).is_err());
     assert!(std::fs::read(mnt.join("disk.raw")).is_ok());

@@ -21,10 +21,6 @@ use common::*;
 
 const M: u64 = 1 << 20;
 
-fn p(path: &Path) -> &str {
-    path.to_str().expect("temp paths are UTF-8")
-}
-
 /// A base of `size` with a little data in it (so writes have something to
 /// change), in `dir`, named `base.EXT`.
 fn base(dir: &Path, ext: &str, size: &str) -> PathBuf {

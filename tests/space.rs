@@ -18,30 +18,6 @@ use common::*;
 
 const MIB: u64 = 1 << 20;
 
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-/// A temp folder on tmpfs when there is one (the fault loops fsync a lot).
-fn fast_tempdir() -> tempfile::TempDir {
-    if Path::new("/dev/shm").is_dir() {
-        if let Ok(t) = tempfile::tempdir_in("/dev/shm") {
-            return t;
-        }
-    }
-    tempfile::tempdir().unwrap()
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    fs::create_dir_all(to).unwrap();
-    for e in fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        if e.file_type().unwrap().is_file() {
-            fs::copy(e.path(), to.join(e.file_name())).unwrap();
-        }
-    }
-}
-
 fn len(p: &Path) -> u64 {
     fs::metadata(p).unwrap().len()
 }
@@ -54,59 +30,15 @@ fn on_disk(p: &Path) -> u64 {
 /// sha256 of the flattened chain at `img` (its export).
 fn flat_sha(img: &Path, scratch: &Path) -> Result<String, String> {
     let _ = fs::remove_file(scratch);
-    let o = chainfs(&["export", s(img), s(scratch), "--force"]);
+    let o = chainfs(&["export", p(img), p(scratch), "--force"]);
     if code(&o) != 0 {
         return Err(text(&o));
     }
     Ok(sha256_file(scratch))
 }
 
-/// `chainfs check --json IMG`: exit code and problems.
-fn check(img: &Path) -> (i32, Vec<String>) {
-    let o = chainfs(&["check", "--json", s(img)]);
-    let v: serde_json::Value =
-        serde_json::from_slice(&o.stdout).unwrap_or_else(|_| panic!("check --json: {}", text(&o)));
-    let probs = v["problems"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_str().unwrap().to_string())
-        .collect();
-    (code(&o), probs)
-}
-
 fn is_leak(p: &str) -> bool {
     p.contains("not referenced by the")
-}
-
-/// The image formats: (base name, child name, block size for create).
-#[derive(Clone, Copy)]
-enum Fmt {
-    Vhd,
-    Vhdx,
-}
-
-impl Fmt {
-    fn base(self) -> &'static str {
-        match self {
-            Fmt::Vhd => "base.vhd",
-            Fmt::Vhdx => "base.vhdx",
-        }
-    }
-    fn child(self) -> &'static str {
-        match self {
-            Fmt::Vhd => "mid.vhd",
-            Fmt::Vhdx => "mid.avhdx",
-        }
-    }
-    /// The smallest blocks each format allows, so the fault loops have
-    /// tens of points, not thousands.
-    fn block(self) -> u64 {
-        match self {
-            Fmt::Vhd => 256 << 10,
-            Fmt::Vhdx => MIB,
-        }
-    }
 }
 
 /// base (data in a few blocks, one block of zeros) and a child holding
@@ -114,14 +46,14 @@ impl Fmt {
 /// block of zeros over base data, and one partly written block.
 fn chain(dir: &Path, f: Fmt, size: u64, child_blocks: u64, seed: u64) -> (PathBuf, PathBuf) {
     fs::create_dir_all(dir).unwrap();
-    let base = dir.join(f.base());
-    let child = dir.join(f.child());
-    let bs = f.block();
+    let base = dir.join(f.base_name("base"));
+    let child = dir.join(f.child_name("mid"));
+    let bs = f.min_block();
     let scratch = dir.join("scratch.bin");
     let mut rng = Rng(seed);
     chainfs_ok(&[
         "create",
-        s(&base),
+        p(&base),
         "--size",
         &size.to_string(),
         "--block-size",
@@ -133,18 +65,18 @@ fn chain(dir: &Path, f: Fmt, size: u64, child_blocks: u64, seed: u64) -> (PathBu
     std::fs::write(&scratch, vec![0u8; bs as usize]).unwrap();
     chainfs_ok(&[
         "write",
-        s(&base),
+        p(&base),
         "--offset",
         &(4 * bs).to_string(),
         "--input",
-        s(&scratch),
+        p(&scratch),
         "--no-sparse",
     ]);
     chainfs_ok(&[
         "create",
-        s(&child),
+        p(&child),
         "--parent",
-        s(&base),
+        p(&base),
         "--block-size",
         &bs.to_string(),
     ]);
@@ -164,7 +96,8 @@ fn chain(dir: &Path, f: Fmt, size: u64, child_blocks: u64, seed: u64) -> (PathBu
 // 1. An interrupted merge, rerun, takes no more space than one that ran
 //    through.
 
-fn interrupted_merges_reuse_space(f: Fmt, seed: u64) {
+fn merge_interrupted_at_every_point_and_rerun_is_within_one_block_of_a_clean_merge(f: Fmt) {
+    let seed = 1501 + f.index();
     let t = fast_tempdir();
     let pristine = t.path().join("pristine");
     let (base, child) = chain(&pristine, f, 64 * MIB, 12, seed);
@@ -174,12 +107,12 @@ fn interrupted_merges_reuse_space(f: Fmt, seed: u64) {
     // The reference: a merge that runs through.
     let clean = t.path().join("clean");
     copy_dir(&pristine, &clean);
-    let cb = clean.join(f.base());
-    chainfs_ok(&["merge", s(&clean.join(f.child())), s(&cb)]);
+    let cb = clean.join(f.base_name("base"));
+    chainfs_ok(&["merge", p(&clean.join(f.child_name("mid"))), p(&cb)]);
     let (ref_len, ref_disk) = (len(&cb), on_disk(&cb));
     assert_eq!(flat_sha(&cb, &scratch).unwrap(), want);
     // One block of slack: its data, a VHD bitmap and alignment.
-    let slack = f.block() + 8192;
+    let slack = f.min_block() + 8192;
 
     let mut bad = Vec::new();
     let mut points = None;
@@ -187,9 +120,12 @@ fn interrupted_merges_reuse_space(f: Fmt, seed: u64) {
     for k in 1..=2000u32 {
         let work = t.path().join(format!("k{k}"));
         copy_dir(&pristine, &work);
-        let (wb, wc) = (work.join(f.base()), work.join(f.child()));
+        let (wb, wc) = (
+            work.join(f.base_name("base")),
+            work.join(f.child_name("mid")),
+        );
         let o = Command::new(bin())
-            .args(["merge", s(&wc), s(&wb)])
+            .args(["merge", p(&wc), p(&wb)])
             .env("CHAINFS_FAULT_AFTER", k.to_string())
             .output()
             .unwrap();
@@ -206,8 +142,11 @@ fn interrupted_merges_reuse_space(f: Fmt, seed: u64) {
             }
         }
         // A crash after the record was removed: the merge had finished.
-        let finished = !wc.exists() && !work.join(format!(".{}.chainfs-merge", f.child())).exists();
-        let o = chainfs(&["merge", s(&wc), s(&wb)]);
+        let finished = !wc.exists()
+            && !work
+                .join(format!(".{}.chainfs-merge", f.child_name("mid")))
+                .exists();
+        let o = chainfs(&["merge", p(&wc), p(&wb)]);
         if !finished && code(&o) != 0 {
             bad.push(format!(
                 "k={k}: rerun exit {}: {}",
@@ -222,7 +161,7 @@ fn interrupted_merges_reuse_space(f: Fmt, seed: u64) {
             bad.push(format!(
                 "k={k}: after the rerun {} is {l} bytes long, {d} on disk; a merge that ran \
                  through: {ref_len} long, {ref_disk} on disk",
-                f.base()
+                f.base_name("base")
             ));
         }
         match flat_sha(&wb, &scratch) {
@@ -240,21 +179,11 @@ fn interrupted_merges_reuse_space(f: Fmt, seed: u64) {
     }
     eprintln!(
         "{}: {points:?} fault points; worst growth over a clean merge {worst} bytes",
-        f.base()
+        f.base_name("base")
     );
     assert!(bad.is_empty(), "{}", bad.join("\n"));
     assert!(points.expect("the merge never ran through") >= 10);
     let _ = (base, child);
-}
-
-#[test]
-fn vhd_merge_interrupted_at_every_point_and_rerun_is_within_one_block_of_a_clean_merge() {
-    interrupted_merges_reuse_space(Fmt::Vhd, 1501);
-}
-
-#[test]
-fn vhdx_merge_interrupted_at_every_point_and_rerun_is_within_one_block_of_a_clean_merge() {
-    interrupted_merges_reuse_space(Fmt::Vhdx, 1502);
 }
 
 // ---------------------------------------------------------------------------
@@ -288,7 +217,7 @@ fn plant_leak(img: &Path, f: Fmt, n: u64, seed: u64) -> (u64, u64) {
     }
 }
 
-fn check_reports_planted_space(f: Fmt) {
+fn check_reports_planted_unreferenced_space_and_compact_gives_it_back(f: Fmt) {
     let t = tempfile::tempdir().unwrap();
     let (base, child) = chain(t.path(), f, 64 * MIB, 4, 77);
     let scratch = t.path().join("export.raw");
@@ -299,19 +228,19 @@ fn check_reports_planted_space(f: Fmt) {
     let (c, probs) = check(&child);
     assert_eq!(c, 3, "check exit with planted space: {probs:?}");
     assert_eq!(probs.len(), 1, "{probs:?}");
-    let p = &probs[0];
+    let finding = &probs[0];
     assert!(
-        p.starts_with(s(&base))
-            && is_leak(p)
-            && p.contains("3.0 MiB")
-            && p.contains(&format!("-{to:#x}"))
-            && p.contains("chainfs compact"),
-        "the finding names the file, the range {from:#x}-{to:#x}, the bytes and the cure: {p}"
+        finding.starts_with(p(&base))
+            && is_leak(finding)
+            && finding.contains("3.0 MiB")
+            && finding.contains(&format!("-{to:#x}"))
+            && finding.contains("chainfs compact"),
+        "the finding names the file, the range {from:#x}-{to:#x}, the bytes and the cure: {finding}"
     );
     // Reading is unaffected.
     assert_eq!(flat_sha(&child, &scratch).unwrap(), want);
     let before = on_disk(&base);
-    let out = chainfs_ok(&["compact", s(&base), "--json"]);
+    let out = chainfs_ok(&["compact", p(&base), "--json"]);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert!(
         v["bytes_freed"].as_u64().unwrap() >= 3 * MIB,
@@ -320,16 +249,6 @@ fn check_reports_planted_space(f: Fmt) {
     assert!(on_disk(&base) + 3 * MIB <= before, "{out}");
     assert_eq!(check(&child), (0, vec![]), "check after compact");
     assert_eq!(flat_sha(&child, &scratch).unwrap(), want);
-}
-
-#[test]
-fn vhd_check_reports_planted_unreferenced_space_and_compact_gives_it_back() {
-    check_reports_planted_space(Fmt::Vhd);
-}
-
-#[test]
-fn vhdx_check_reports_planted_unreferenced_space_and_compact_gives_it_back() {
-    check_reports_planted_space(Fmt::Vhdx);
 }
 
 /// A hole is not a leak: a sparse gap past the last block is not reported.
@@ -355,7 +274,7 @@ fn compact_at_every_point(f: Fmt, target_child: bool, seed: u64) {
     let pristine = t.path().join("pristine");
     let (base, child) = chain(&pristine, f, 32 * MIB, 4, seed);
     let target = if target_child { &child } else { &base };
-    plant_leak(target, f, 2 * f.block(), seed + 1);
+    plant_leak(target, f, 2 * f.min_block(), seed + 1);
     let name = target.file_name().unwrap().to_owned();
     let scratch = t.path().join("export.raw");
     let want = flat_sha(&child, &scratch).unwrap();
@@ -365,11 +284,11 @@ fn compact_at_every_point(f: Fmt, target_child: bool, seed: u64) {
     for k in 1..=2000u32 {
         let work = t.path().join(format!("k{k}"));
         copy_dir(&pristine, &work);
-        let (wt, wc) = (work.join(&name), work.join(f.child()));
+        let (wt, wc) = (work.join(&name), work.join(f.child_name("mid")));
         // Measured on the copy: copying need not keep holes.
         let before = on_disk(&wt);
         let o = Command::new(bin())
-            .args(["compact", s(&wt)])
+            .args(["compact", p(&wt)])
             .env("CHAINFS_FAULT_AFTER", k.to_string())
             .output()
             .unwrap();
@@ -397,7 +316,7 @@ fn compact_at_every_point(f: Fmt, target_child: bool, seed: u64) {
             ));
         } else {
             // A rerun finishes the job.
-            let o = chainfs(&["compact", s(&wt)]);
+            let o = chainfs(&["compact", p(&wt)]);
             if code(&o) != 0 || check(&wc).0 != 0 {
                 bad.push(format!("k={k}: rerun of compact: {}", text(&o).trim()));
             }
@@ -412,71 +331,51 @@ fn compact_at_every_point(f: Fmt, target_child: bool, seed: u64) {
     assert!(points.expect("compact never ran through") >= 5);
 }
 
-#[test]
-fn vhd_compact_of_a_base_at_every_crash_point_keeps_the_content() {
-    compact_at_every_point(Fmt::Vhd, false, 31);
+fn compact_of_a_base_at_every_crash_point_keeps_the_content(f: Fmt) {
+    compact_at_every_point(f, false, 31 + 2 * f.index());
 }
 
-#[test]
-fn vhd_compact_of_a_child_at_every_crash_point_keeps_the_content() {
-    compact_at_every_point(Fmt::Vhd, true, 32);
-}
-
-#[test]
-fn vhdx_compact_of_a_base_at_every_crash_point_keeps_the_content() {
-    compact_at_every_point(Fmt::Vhdx, false, 33);
-}
-
-#[test]
-fn vhdx_compact_of_a_child_at_every_crash_point_keeps_the_content() {
-    compact_at_every_point(Fmt::Vhdx, true, 34);
+fn compact_of_a_child_at_every_crash_point_keeps_the_content(f: Fmt) {
+    compact_at_every_point(f, true, 32 + 2 * f.index());
 }
 
 /// Zero blocks of a base are unallocated; the child's zero block over base
 /// data stays (it hides the parent), and the chain reads the same.
-#[test]
-fn compact_unallocates_zero_blocks_of_a_base_but_not_zeros_hiding_a_parent() {
-    for f in [Fmt::Vhd, Fmt::Vhdx] {
-        let t = tempfile::tempdir().unwrap();
-        let (base, child) = chain(t.path(), f, 32 * MIB, 2, 9);
-        let scratch = t.path().join("export.raw");
-        let want = flat_sha(&child, &scratch).unwrap();
-        let v: serde_json::Value =
-            serde_json::from_str(&chainfs_ok(&["compact", s(&base), "--json"])).unwrap();
-        assert_eq!(v["blocks_freed"], 1, "the base's zero block: {v}");
-        chainfs_ok(&["compact", s(&child), "--json"]);
-        assert_eq!(flat_sha(&child, &scratch).unwrap(), want);
-        assert_eq!(check(&child), (0, vec![]));
-    }
+fn compact_unallocates_zero_blocks_of_a_base_but_not_zeros_hiding_a_parent(f: Fmt) {
+    let t = tempfile::tempdir().unwrap();
+    let (base, child) = chain(t.path(), f, 32 * MIB, 2, 9);
+    let scratch = t.path().join("export.raw");
+    let want = flat_sha(&child, &scratch).unwrap();
+    let v: serde_json::Value =
+        serde_json::from_str(&chainfs_ok(&["compact", p(&base), "--json"])).unwrap();
+    assert_eq!(v["blocks_freed"], 1, "{f:?}: the base's zero block: {v}");
+    chainfs_ok(&["compact", p(&child), "--json"]);
+    assert_eq!(flat_sha(&child, &scratch).unwrap(), want, "{f:?}");
+    assert_eq!(check(&child), (0, vec![]), "{f:?}");
 }
 
-#[test]
-fn compact_is_refused_while_a_mount_uses_the_chain() {
+fn compact_is_refused_while_a_mount_uses_the_chain(f: Fmt) {
     if !require_fuse() {
         return;
     }
     let t = tempfile::tempdir().unwrap();
-    let (base, child) = chain(t.path(), Fmt::Vhd, 32 * MIB, 2, 4);
+    let (base, child) = chain(t.path(), f, 32 * MIB, 2, 4);
     let mnt = t.path().join("mnt");
-    fs::create_dir(&mnt).unwrap();
     let before = sha256_file(&base);
-    let _g = MountGuard::new(&mnt);
-    chainfs_ok(&["mount", s(&child), s(&mnt), "-o", "rw"]);
-    assert!(is_mounted(&mnt));
+    let _g = mount(&child, &mnt, &["-o", "rw"]);
     for img in [&base, &child] {
-        let o = chainfs(&["compact", s(img)]);
+        let o = chainfs(&["compact", p(img)]);
         assert_eq!(code(&o), 7, "compact of a mounted layer: {}", text(&o));
         assert!(text(&o).contains("in use"), "{}", text(&o));
     }
     assert_eq!(sha256_file(&base), before);
 }
 
-#[test]
-fn compact_of_a_fixed_disk_is_unsupported() {
+fn compact_of_a_fixed_disk_is_unsupported(f: Fmt) {
     let t = tempfile::tempdir().unwrap();
-    let img = t.path().join("f.vhd");
-    chainfs_ok(&["create", s(&img), "--size", "8M", "--type", "fixed"]);
-    let o = chainfs(&["compact", s(&img)]);
+    let img = t.path().join(f.base_name("f"));
+    f.create_base(&img, 8 * MIB, &["--type", "fixed"]);
+    let o = chainfs(&["compact", p(&img)]);
     assert_eq!(code(&o), 6, "{}", text(&o));
     assert!(text(&o).contains("fixed"), "{}", text(&o));
 }
@@ -537,7 +436,7 @@ fn fill_to(dir: &Path, want: u64) {
     assert!(o.status.success(), "fallocate: {}", text(&o));
 }
 
-fn preflight_on_a_small_file_system(f: Fmt) {
+fn merge_that_cannot_fit_is_refused_before_writing_and_the_rerun_reuses_blocks(f: Fmt) {
     if !require("root (to mount a tmpfs)", is_root() && have("fallocate")) {
         return;
     }
@@ -546,13 +445,13 @@ fn preflight_on_a_small_file_system(f: Fmt) {
     let _m = Tmpfs::mount(&fsdir, "300m");
     let dir = fsdir.join("chain");
     fs::create_dir(&dir).unwrap();
-    let base = dir.join(f.base());
-    let child = dir.join(f.child());
+    let base = dir.join(f.base_name("base"));
+    let child = dir.join(f.child_name("mid"));
     let scratch = t.path().join("scratch.bin");
     let mut rng = Rng(15);
-    chainfs_ok(&["create", s(&base), "--size", "1280M"]);
+    chainfs_ok(&["create", p(&base), "--size", "1280M"]);
     chainfs_write(&base, 0, &rng.bytes(40 << 20), &scratch);
-    chainfs_ok(&["create", s(&child), "--parent", s(&base)]);
+    chainfs_ok(&["create", p(&child), "--parent", p(&base)]);
     chainfs_write(&child, 1 << 30, &rng.bytes(120 << 20), &scratch);
     let want = flat_sha(&child, &t.path().join("a.raw")).unwrap();
     let _ = fs::remove_file(t.path().join("a.raw"));
@@ -562,19 +461,20 @@ fn preflight_on_a_small_file_system(f: Fmt) {
     fill_to(&fsdir, 100 * MIB);
     let base_sha = sha256_file(&base);
     let free_before = free(&fsdir);
-    let o = chainfs(&["merge", s(&child), s(&base)]);
+    let o = chainfs(&["merge", p(&child), p(&base)]);
     let msg = text(&o);
     assert_eq!(code(&o), 9, "merge that cannot fit: {msg}");
     assert!(
         msg.contains("not enough space")
-            && msg.contains(s(&base))
+            && msg.contains(p(&base))
             && msg.contains("needs")
             && msg.contains(&format!("{free_before} bytes")),
         "the refusal names DESTINATION, needed and free bytes: {msg}"
     );
     assert_eq!(sha256_file(&base), base_sha, "DESTINATION changed");
     assert!(
-        !dir.join(format!(".{}.chainfs-merge", f.child())).exists(),
+        !dir.join(format!(".{}.chainfs-merge", f.child_name("mid")))
+            .exists(),
         "an intent record was written"
     );
     assert_eq!(free(&fsdir), free_before);
@@ -587,7 +487,7 @@ fn preflight_on_a_small_file_system(f: Fmt) {
     let mut k = 10;
     while free(&fsdir) >= 100 * MIB {
         let o = Command::new(bin())
-            .args(["merge", s(&child), s(&base)])
+            .args(["merge", p(&child), p(&base)])
             .env("CHAINFS_FAULT_AFTER", k.to_string())
             .output()
             .unwrap();
@@ -595,7 +495,7 @@ fn preflight_on_a_small_file_system(f: Fmt) {
         k += 5;
     }
     // 3. ... and the rerun fits, because it reuses them.
-    let o = chainfs(&["merge", s(&child), s(&base)]);
+    let o = chainfs(&["merge", p(&child), p(&base)]);
     assert_eq!(code(&o), 0, "rerun: {}", text(&o));
     assert!(!child.exists());
     assert_eq!(
@@ -606,12 +506,16 @@ fn preflight_on_a_small_file_system(f: Fmt) {
     assert_eq!(check(&base), (0, vec![]));
 }
 
-#[test]
-fn vhd_merge_that_cannot_fit_is_refused_before_writing_and_the_rerun_reuses_blocks() {
-    preflight_on_a_small_file_system(Fmt::Vhd);
-}
+// ---------------------------------------------------------------------------
+// The matrix: every case above that takes a format, once per format.
 
-#[test]
-fn vhdx_merge_that_cannot_fit_is_refused_before_writing_and_the_rerun_reuses_blocks() {
-    preflight_on_a_small_file_system(Fmt::Vhdx);
+per_format! {
+    merge_interrupted_at_every_point_and_rerun_is_within_one_block_of_a_clean_merge();
+    check_reports_planted_unreferenced_space_and_compact_gives_it_back();
+    compact_of_a_base_at_every_crash_point_keeps_the_content();
+    compact_of_a_child_at_every_crash_point_keeps_the_content();
+    compact_unallocates_zero_blocks_of_a_base_but_not_zeros_hiding_a_parent();
+    merge_that_cannot_fit_is_refused_before_writing_and_the_rerun_reuses_blocks();
+    compact_is_refused_while_a_mount_uses_the_chain();
+    compact_of_a_fixed_disk_is_unsupported();
 }

@@ -17,10 +17,6 @@ use std::process::Command;
 
 use common::*;
 
-fn p(path: &Path) -> &str {
-    path.to_str().expect("temp paths are UTF-8")
-}
-
 fn install_sh() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/install.sh")
 }

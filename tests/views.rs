@@ -14,10 +14,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-fn p(path: &Path) -> &str {
-    path.to_str().unwrap()
-}
-
 const NAMES: [&str; 3] = ["base.vhd", "mid.vhd", "leaf.vhd"];
 const SIZE: usize = 16 << 20;
 const BLOCK: usize = 512 << 10;
@@ -56,17 +52,6 @@ fn three_layers(dir: &Path) -> (PathBuf, Vec<Vec<usize>>) {
         }
     }
     (dir.join("leaf.vhd"), stored)
-}
-
-/// `chainfs mount` in the background; the guard unmounts on drop.
-fn mount(leaf: &Path, mnt: &Path, opts: &[&str]) -> MountGuard {
-    fs::create_dir_all(mnt).unwrap();
-    let mut args = vec!["mount", p(leaf), p(mnt)];
-    args.extend_from_slice(opts);
-    let g = MountGuard::new(mnt);
-    chainfs_ok(&args);
-    assert!(is_mounted(mnt), "{} is not mounted", mnt.display());
-    g
 }
 
 fn names(dir: &Path) -> Vec<String> {
@@ -294,16 +279,6 @@ fn a_merge_changing_an_open_view_is_refused_and_retired_views_disappear() {
     // base now holds what mid showed.
     assert_eq!(sha256_file(&layers.join("1-base.vhd.raw")), mid_view);
     assert_eq!(sha256_file(&layers.join("0-leaf.vhd.raw")), leaf_view);
-}
-
-fn run(cmd: &mut Command) -> String {
-    let o = cmd.output().unwrap();
-    assert!(
-        o.status.success(),
-        "{cmd:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
 #[test]

@@ -6,18 +6,25 @@
 //! Every test states its claim in its name. Parents are hashed before and
 //! after: they must never change. Mounts, loop devices and daemons are held
 //! by guards, so a failing assertion leaves nothing behind.
+//!
+//! Writes of every size through a rw mount and a `chainfs write` stopped at
+//! every write/sync point run once per format (`per_format!` at the end; a
+//! VHDX base there has 4096-byte logical sectors); library writes into
+//! 512 and 4096-byte-sector VHDX leaves are VHDX only; the loop-device,
+//! discard, kill -9 and copy-on-read cases run on VHD.
 
 mod common;
 
-use std::fs::{File, OpenOptions};
+use std::fs::{self, File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use chainfs::cache::MetaCache;
 use chainfs::format::{open_layer, Extent, LayerOptions};
+use chainfs::{Chain, ChainOptions, FlatImage};
 use common::*;
 
 const K: u64 = 1024;
@@ -53,56 +60,6 @@ impl Rng {
             }
         }
         v
-    }
-}
-
-fn p(path: &Path) -> &str {
-    path.to_str().expect("temp paths are UTF-8")
-}
-
-/// Equal bytes, or a panic naming the first difference and how many sectors differ.
-fn assert_same(got: &[u8], want: &[u8], what: &str) {
-    assert_eq!(got.len(), want.len(), "{what}: lengths differ");
-    if let Some(first) = got.iter().zip(want).position(|(a, b)| a != b) {
-        let sectors = got
-            .chunks(SECTOR as usize)
-            .zip(want.chunks(SECTOR as usize))
-            .filter(|(a, b)| a != b)
-            .count();
-        panic!(
-            "{what}: first difference at byte {first} ({first:#x}): got {:#04x}, want {:#04x}; {sectors} sectors differ",
-            got[first], want[first]
-        );
-    }
-}
-
-fn assert_zero(got: &[u8], what: &str) {
-    if let Some(i) = got.iter().position(|b| *b != 0) {
-        panic!("{what}: byte {i} is {:#04x}, not zero", got[i]);
-    }
-}
-
-/// Run a command, insisting on success; returns stdout.
-fn run(cmd: &mut Command) -> String {
-    let o = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        o.status.success(),
-        "{cmd:?} failed ({}): {}{}",
-        o.status,
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !cond() {
-        assert!(
-            start.elapsed() < Duration::from_secs(15),
-            "timed out waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -146,11 +103,15 @@ fn write_layer(layer: &Path, off: u64, data: &[u8], model: &mut [u8]) {
     model[off as usize..off as usize + data.len()].copy_from_slice(data);
 }
 
-/// base (dynamic) <- mid <- leaf (empty), `size` bytes, blocks of `bs`.
-/// With `full_base` the base holds random data everywhere; otherwise six
-/// extents. `mid` always gets six extents. With `aligned` every extent is
-/// 4 KiB aligned and sized (libvhdi's bitmap bug cannot show).
+/// base (dynamic) <- mid <- leaf (empty) of format `f`, `size` bytes,
+/// blocks of `bs`. With `full_base` the base holds random data everywhere;
+/// otherwise six extents. `mid` always gets six extents. With `aligned`
+/// every extent is 4 KiB aligned and sized (libvhdi's bitmap bug cannot
+/// show). A VHDX base has 4096-byte logical sectors, the harder case (every
+/// write below 4 KiB is a read-modify-write); 512-byte VHDX bases are in
+/// the oracle and library-write tests.
 fn make_chain(
+    f: Fmt,
     dir: &Path,
     size: u64,
     bs: &str,
@@ -160,17 +121,14 @@ fn make_chain(
 ) -> TestChain {
     let mut model = vec![0u8; size as usize];
     let mut rng = Rng(seed);
-    let base = dir.join("base.vhd");
-    let mid = dir.join("mid.vhd");
-    let leaf = dir.join("leaf.vhd");
-    chainfs_ok(&[
-        "create",
-        p(&base),
-        "--size",
-        &size.to_string(),
-        "--block-size",
-        bs,
-    ]);
+    let base = dir.join(f.base_name("base"));
+    let mid = dir.join(f.child_name("mid"));
+    let leaf = dir.join(f.child_name("leaf"));
+    let mut base_args = vec!["--block-size", bs];
+    if f == Fmt::Vhdx {
+        base_args.extend(["--logical-sector", "4096"]);
+    }
+    f.create_base(&base, size, &base_args);
     if full_base {
         let data = rng.bytes(size as usize);
         write_layer(&base, 0, &data, &mut model);
@@ -199,11 +157,6 @@ fn make_chain(
         layers: vec![base, mid, leaf],
         model,
     }
-}
-
-fn export(leaf: &Path, out: &Path) -> Vec<u8> {
-    chainfs_ok(&["export", p(leaf), p(out), "--force"]);
-    std::fs::read(out).unwrap()
 }
 
 fn assert_check_clean(leaf: &Path) {
@@ -275,54 +228,8 @@ fn assert_leaf_holds(leaf: &Path, ranges: &[(u64, u64)], zero_ok: bool) {
     }
 }
 
-/// A temporary folder on tmpfs when there is one: the crash tests fsync the
-/// leaf hundreds of times, and what they check is a dying process (the page
-/// cache survives), not a power cut, so tmpfs proves the same, faster.
-fn fast_tempdir() -> tempfile::TempDir {
-    let shm = Path::new("/dev/shm");
-    if shm.is_dir() {
-        if let Ok(t) = tempfile::tempdir_in(shm) {
-            return t;
-        }
-    }
-    tempfile::tempdir().unwrap()
-}
-
 // ---------------------------------------------------------------------------
 // Mounts, daemons, loop devices.
-
-/// `chainfs mount LEAF MNT OPTS` in the background; the guard unmounts.
-fn mount(leaf: &Path, mnt: &Path, opts: &[&str]) -> MountGuard {
-    std::fs::create_dir_all(mnt).unwrap();
-    let g = MountGuard::new(mnt);
-    let mut args = vec!["mount", p(leaf), p(mnt)];
-    args.extend_from_slice(opts);
-    chainfs_ok(&args);
-    assert!(is_mounted(mnt), "{} is not mounted", mnt.display());
-    g
-}
-
-/// `chainfs umount`, then the guard is spent. "Busy" (exit 7) is retried:
-/// a process another test thread forks holds a copy of our descriptors
-/// until it execs, so a just-closed disk.raw can still pin the mount.
-fn umount(g: MountGuard) {
-    let start = Instant::now();
-    loop {
-        let o = chainfs(&["umount", p(&g.dir)]);
-        if o.status.success() {
-            break;
-        }
-        assert!(
-            o.status.code() == Some(7) && start.elapsed() < Duration::from_secs(10),
-            "chainfs umount {}: {o:?}",
-            g.dir.display()
-        );
-        eprintln!("{} busy, unmounting again", g.dir.display());
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert!(!is_mounted(&g.dir));
-    drop(g);
-}
 
 /// A foreground daemon this test started: SIGKILLed and reaped on drop if
 /// it still runs (declare its `MountGuard` first, so the dead mount is
@@ -516,7 +423,7 @@ fn ext4_written_through_a_loop_device_survives_remount_fsck_and_matches_libvhdi(
         return;
     }
     let t = tempfile::tempdir().unwrap();
-    let c = make_chain(t.path(), 64 * M, "2M", false, true, 1);
+    let c = make_chain(Fmt::Vhd, t.path(), 64 * M, "2M", false, true, 1);
     let parents_before = c.parent_hashes();
     let mnt = t.path().join("mnt");
     let guest = t.path().join("guest");
@@ -586,14 +493,21 @@ fn ext4_written_through_a_loop_device_survives_remount_fsck_and_matches_libvhdi(
 // ---------------------------------------------------------------------------
 // 2. Writes of any size and alignment.
 
-#[test]
-fn writes_of_any_size_and_alignment_land_in_the_leaf_and_read_back_after_remount() {
+fn writes_of_any_size_and_alignment_land_in_the_leaf_and_read_back_after_remount(fmt: Fmt) {
     if !require_fuse() {
         return;
     }
     let t = tempfile::tempdir().unwrap();
     let size = 16 * M;
-    let c = make_chain(t.path(), size, "2M", false, false, 2);
+    let c = make_chain(
+        fmt,
+        t.path(),
+        size,
+        "2M",
+        false,
+        false,
+        2 + 100 * fmt.index(),
+    );
     let parents_before = c.parent_hashes();
     let mut model = c.model.clone();
     let mnt = t.path().join("mnt");
@@ -750,7 +664,7 @@ fn kill_9_after_fsync_or_close_loses_nothing_acknowledged_and_check_passes() {
     }
     let t = fast_tempdir();
     let size = 32 * M;
-    let c = make_chain(t.path(), size, "512K", false, false, 3);
+    let c = make_chain(Fmt::Vhd, t.path(), size, "512K", false, false, 3);
     let parents_before = c.parent_hashes();
     let mut model = c.model.clone();
     let mnt = t.path().join("mnt");
@@ -893,7 +807,7 @@ fn daemon_dying_at_any_write_point_keeps_every_fsynced_write_and_a_clean_chain()
     }
     let t = fast_tempdir();
     let size = 16 * M;
-    let c = make_chain(t.path(), size, "2M", true, false, 10);
+    let c = make_chain(Fmt::Vhd, t.path(), size, "2M", true, false, 10);
     let parents_before = c.parent_hashes();
     let pristine = t.path().join("leaf.orig");
     std::fs::copy(c.leaf(), &pristine).unwrap();
@@ -1025,7 +939,7 @@ fn punch_hole_and_zero_range_over_parent_data_read_zero_and_hide_the_parents() {
     let t = tempfile::tempdir().unwrap();
     let size = 24 * M;
     let b = 2 * M;
-    let c = make_chain(t.path(), size, "2M", true, false, 4);
+    let c = make_chain(Fmt::Vhd, t.path(), size, "2M", true, false, 4);
     let parents_before = c.parent_hashes();
     let mut model = c.model.clone();
     assert!(!model.contains(&0), "the base holds data everywhere");
@@ -1102,7 +1016,7 @@ fn blkdiscard_on_a_loop_device_zeroes_the_whole_disk() {
     }
     let t = tempfile::tempdir().unwrap();
     let size = 16 * M;
-    let c = make_chain(t.path(), size, "2M", true, false, 5);
+    let c = make_chain(Fmt::Vhd, t.path(), size, "2M", true, false, 5);
     let parents_before = c.parent_hashes();
     let mnt = t.path().join("mnt");
     let g = mount(c.leaf(), &mnt, &["-o", "rw"]);
@@ -1160,7 +1074,7 @@ fn fstrim_after_deleting_files_makes_their_blocks_read_zero() {
         return;
     }
     let t = tempfile::tempdir().unwrap();
-    let c = make_chain(t.path(), 64 * M, "2M", false, true, 6);
+    let c = make_chain(Fmt::Vhd, t.path(), 64 * M, "2M", false, true, 6);
     let parents_before = c.parent_hashes();
     let mnt = t.path().join("mnt");
     let guest = t.path().join("guest");
@@ -1321,7 +1235,7 @@ fn copy_on_read_is_opt_in_needs_rw_and_stores_what_is_read_in_the_leaf_without_c
     }
     let t = tempfile::tempdir().unwrap();
     let size = 16 * M;
-    let c = make_chain(t.path(), size, "2M", true, false, 8);
+    let c = make_chain(Fmt::Vhd, t.path(), size, "2M", true, false, 8);
     let parents_before = c.parent_hashes();
     let before = export(c.leaf(), &t.path().join("before.raw"));
     assert_same(&before, &c.model, "export before");
@@ -1411,7 +1325,7 @@ fn read_only_mount_refuses_writes_and_fallocate() {
         return;
     }
     let t = tempfile::tempdir().unwrap();
-    let c = make_chain(t.path(), 8 * M, "2M", false, false, 9);
+    let c = make_chain(Fmt::Vhd, t.path(), 8 * M, "2M", false, false, 9);
     let hashes = c.layers.iter().map(|l| sha256_file(l)).collect::<Vec<_>>();
     let mnt = t.path().join("mnt");
     for opts in [&[][..], &["-o", "ro"][..]] {
@@ -1465,4 +1379,195 @@ fn read_only_mount_refuses_writes_and_fallocate() {
     }
     let after = c.layers.iter().map(|l| sha256_file(l)).collect::<Vec<_>>();
     assert_eq!(after, hashes, "a layer changed under a read-only mount");
+}
+
+// ---------------------------------------------------------------------------
+// VHDX only: writes of any alignment through the library into 512 and 4096-byte logical sectors.
+
+fn library_writes_match_the_model(lss: u32, seed: u64) {
+    let t = tempfile::tempdir().unwrap();
+    let size: u64 = 12 << 20;
+    let b = build(
+        &t.path().join("c"),
+        size,
+        lss,
+        &[spec("base.vhdx", 1 << 20), spec("leaf.avhdx", 2 << 20)],
+        3,
+        seed,
+    );
+    let base_sha = sha256_file(&b.path(0));
+    let mut model = b.model().to_vec();
+    let bs: u64 = 2 << 20;
+    let ls = lss as u64;
+    let mut rng = Rng(seed ^ 0xABCD);
+    let mut cases: Vec<(u64, usize)> = vec![
+        (0, 1),
+        (1, 3),
+        (ls - 1, 2),
+        (ls + 5, 3 * ls as usize),
+        (bs - 3, 10),
+        (bs - ls, 2 * ls as usize),
+        (3 * bs - 100, (bs + 200) as usize),
+        (size - 1, 1),
+        (size - 7, 7),
+        (size - ls - 1, ls as usize + 1),
+    ];
+    for _ in 0..150 {
+        let off = rng.below(size);
+        let max = if rng.below(8) == 0 { 3 << 20 } else { 3 * ls };
+        let len = (1 + rng.below(max)).min(size - off) as usize;
+        cases.push((off, len));
+    }
+    {
+        let chain = Chain::open(
+            &b.leaf(),
+            &ChainOptions {
+                writable: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(chain.leaf().sector_size(), lss);
+        let flat = FlatImage::new(&chain);
+        for (i, &(off, len)) in cases.iter().enumerate() {
+            let data = rng.bytes(len);
+            flat.write_at(off, &data).unwrap_or_else(|e| {
+                panic!("write {i} of {len} bytes at {off}: {e}");
+            });
+            model[off as usize..off as usize + len].copy_from_slice(&data);
+            // The surroundings, sector-unaligned, read back right at once.
+            let a = off.saturating_sub(ls + 3);
+            let e = (off + len as u64 + ls + 3).min(size);
+            let mut buf = vec![0u8; (e - a) as usize];
+            assert_eq!(flat.read_at(a, &mut buf).unwrap(), buf.len());
+            assert_same(
+                &buf,
+                &model[a as usize..e as usize],
+                &format!("read back after write {i} ({len} bytes at {off})"),
+            );
+        }
+        // Writes past the end are refused and change nothing.
+        assert!(flat.write_at(size - 1, &[1, 2]).is_err());
+        flat.flush().unwrap();
+    }
+    // Reopened from disk, read-only.
+    let chain = Chain::open(&b.leaf(), &ChainOptions::default()).unwrap();
+    let flat = FlatImage::new(&chain);
+    let mut all = vec![0u8; size as usize];
+    assert_eq!(flat.read_at(0, &mut all).unwrap(), size as usize);
+    assert_same(&all, &model, "reopened from disk");
+    drop(flat);
+    drop(chain);
+    assert_same(
+        &export(&b.leaf(), &t.path().join("out.raw")),
+        &model,
+        "chainfs export after library writes",
+    );
+    assert_clean(&b.leaf());
+    assert_eq!(sha256_file(&b.path(0)), base_sha, "the parent changed");
+}
+
+#[test]
+fn library_writes_of_any_alignment_into_a_4096_sector_vhdx_leaf_match_the_model() {
+    library_writes_match_the_model(4096, 51);
+}
+
+#[test]
+fn library_writes_of_any_alignment_into_a_512_sector_vhdx_leaf_match_the_model() {
+    library_writes_match_the_model(512, 52);
+}
+
+// ---------------------------------------------------------------------------
+// A `chainfs write` into a differencing layer stopped at every write/sync point.
+
+/// A crash at any write or sync point of a write into a differencing VHDX
+/// leaf (new blocks, a new sector-bitmap block, their BAT entries, the
+/// header session) leaves the chain readable: every sector reads its old or
+/// its new content, and `check` finds nothing but maybe a log to replay.
+fn fault_injection_at_every_point_of_a_differencing_write_keeps_the_chain_readable(fmt: Fmt) {
+    let t = tempfile::tempdir().unwrap();
+    let pristine = t.path().join("pristine");
+    fs::create_dir(&pristine).unwrap();
+    let (base_name, leaf_name) = (fmt.base_name("base"), fmt.child_name("leaf"));
+    let base = pristine.join(&base_name);
+    let leaf = pristine.join(&leaf_name);
+    chainfs_ok(&["create", p(&base), "--size", "4M", "--block-size", "1M"]);
+    let mut rng = Rng(0x5eed_f00d);
+    let scratch = t.path().join("scratch");
+    let mut model = vec![0u8; 4 << 20];
+    chainfs_write_mirrored(&base, 0, &rng.bytes(3 << 20), &scratch, &mut model);
+    chainfs_ok(&["create", p(&leaf), "--parent", p(&base)]);
+    let old = model.clone();
+    // Two blocks: one partly written, one crossing into the next block.
+    let data = rng.bytes(1 << 20);
+    let off = (1 << 20) - 4096;
+    let mut new = old.clone();
+    new[off..off + data.len()].copy_from_slice(&data);
+    fs::write(&scratch, &data).unwrap();
+    let mut finished = false;
+    for k in 1..=200u32 {
+        let work = t.path().join(format!("k{k}"));
+        fs::create_dir(&work).unwrap();
+        for f in [&base_name, &leaf_name] {
+            fs::copy(pristine.join(f), work.join(f)).unwrap();
+        }
+        let wleaf = work.join(&leaf_name);
+        let o = Command::new(common::bin())
+            .args([
+                "write",
+                p(&wleaf),
+                "--offset",
+                &off.to_string(),
+                "--input",
+                p(&scratch),
+            ])
+            .env("CHAINFS_FAULT_AFTER", k.to_string())
+            .output()
+            .unwrap();
+        let got = try_export(&wleaf, &work.join("out.raw"))
+            .unwrap_or_else(|e| panic!("k={k}: the chain does not read after the crash: {e}"));
+        match code(&o) {
+            86 => {
+                for (i, (g, (a, b))) in got
+                    .chunks(512)
+                    .zip(old.chunks(512).zip(new.chunks(512)))
+                    .enumerate()
+                {
+                    assert!(g == a || g == b, "k={k}: sector {i} is neither old nor new");
+                }
+                let (c, probs) = check(&wleaf);
+                let other = probs
+                    .iter()
+                    .filter(|l| {
+                        !l.contains("log is not empty") && !l.contains("not referenced by the")
+                    })
+                    .count();
+                assert!(
+                    c == 0 || other == 0,
+                    "k={k}: check reports more than a log and leaks: {probs:?}"
+                );
+            }
+            0 => {
+                assert!(got == new, "k={k}: the completed write reads back wrong");
+                eprintln!("the write has {} fault points", k - 1);
+                assert!(k > 10, "too few fault points ({k}) to mean anything");
+                finished = true;
+                break;
+            }
+            c => panic!("k={k}: exit {c}: {}", text(&o)),
+        }
+        fs::remove_dir_all(&work).unwrap();
+    }
+    assert!(
+        finished,
+        "the write never completed within 200 fault points"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// The matrix.
+
+per_format! {
+    writes_of_any_size_and_alignment_land_in_the_leaf_and_read_back_after_remount();
+    fault_injection_at_every_point_of_a_differencing_write_keeps_the_chain_readable();
 }

@@ -1,13 +1,23 @@
-//! Shared test support: the CLI binary and its writes (also of a raw
-//! disk's changed blocks into a chain layer), real fixtures, hashing,
-//! partitioned raw disks, and the rule for tests that need root, FUSE or
-//! loop devices (must run under CI=true, may skip elsewhere with a printed
-//! reason).
+//! Shared test support: the formats every suite runs over ([`Fmt`],
+//! [`FORMATS`], [`per_format!`]), the CLI binary and its writes (also of a
+//! raw disk's changed blocks into a chain layer), byte comparison, mounts
+//! with one timeout, real fixtures, hashing, partitioned raw disks, and the
+//! rule for tests that need root, FUSE or loop devices (must run under
+//! CI=true, may skip elsewhere with a printed reason).
+//!
+//! The suites are organised by concern (mount, oracle, writable, merge,
+//! space/crash) and each concern runs over every format: a case is a
+//! function taking a [`Fmt`], and [`per_format!`] stamps out one `#[test]`
+//! per format (`vhd::NAME`, `vhdx::NAME`), so nextest names the format that
+//! failed and runs them in parallel. Cases that only one format has (the
+//! VHDX log, 4 KiB sectors, `parent_linkage2`) sit in the same concern file
+//! as plain tests.
 #![allow(dead_code)]
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
@@ -79,8 +89,302 @@ pub fn text(o: &Output) -> String {
     )
 }
 
-fn utf8(p: &Path) -> &str {
-    p.to_str().expect("temp paths are UTF-8")
+/// A temp path as the `&str` the CLI takes.
+pub fn p(path: &Path) -> &str {
+    path.to_str().expect("temp paths are UTF-8")
+}
+
+fn utf8(path: &Path) -> &str {
+    p(path)
+}
+
+// ---------------------------------------------------------------------------
+// Formats.
+
+/// A disk format the concern suites run over. Adding a format is a variant
+/// here, its arms below, one entry in [`FORMATS`] and one line in
+/// [`per_format!`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fmt {
+    Vhd,
+    Vhdx,
+}
+
+/// Every format, in the order the matrix runs them.
+pub const FORMATS: &[Fmt] = &[Fmt::Vhd, Fmt::Vhdx];
+
+impl Fmt {
+    /// Lowercase name, as in test module names and messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            Fmt::Vhd => "vhd",
+            Fmt::Vhdx => "vhdx",
+        }
+    }
+
+    /// Extension of a base layer.
+    pub fn ext(self) -> &'static str {
+        self.name()
+    }
+
+    /// Extension of a differencing layer (Hyper-V names checkpoints
+    /// `.avhdx`).
+    pub fn child_ext(self) -> &'static str {
+        match self {
+            Fmt::Vhd => "vhd",
+            Fmt::Vhdx => "avhdx",
+        }
+    }
+
+    /// `STEM.EXT`, a base layer's file name.
+    pub fn base_name(self, stem: &str) -> String {
+        format!("{stem}.{}", self.ext())
+    }
+
+    /// `STEM.CHILD_EXT`, a differencing layer's file name.
+    pub fn child_name(self, stem: &str) -> String {
+        format!("{stem}.{}", self.child_ext())
+    }
+
+    /// The smallest block size the format allows: crash loops over few,
+    /// small blocks have tens of points, not thousands.
+    pub fn min_block(self) -> u64 {
+        match self {
+            Fmt::Vhd => 256 << 10,
+            Fmt::Vhdx => 1 << 20,
+        }
+    }
+
+    /// qemu-img's name for the format.
+    pub fn qemu(self) -> &'static str {
+        match self {
+            Fmt::Vhd => "vpc",
+            Fmt::Vhdx => "vhdx",
+        }
+    }
+
+    /// Position in [`FORMATS`]: offsets a seed so each format's case draws
+    /// its own data.
+    pub fn index(self) -> u64 {
+        FORMATS.iter().position(|f| *f == self).unwrap() as u64
+    }
+
+    /// `chainfs create PATH --size SIZE EXTRA...`: a base layer (the format
+    /// follows the extension).
+    pub fn create_base(self, path: &Path, size: u64, extra: &[&str]) {
+        let size = size.to_string();
+        let mut args = vec!["create", p(path), "--size", &size];
+        args.extend_from_slice(extra);
+        chainfs_ok(&args);
+    }
+
+    /// `chainfs create PATH --parent PARENT EXTRA...`: a differencing layer.
+    pub fn create_child(self, path: &Path, parent: &Path, extra: &[&str]) {
+        let mut args = vec!["create", p(path), "--parent", p(parent)];
+        args.extend_from_slice(extra);
+        chainfs_ok(&args);
+    }
+}
+
+/// One `#[test]` per format for each case: `per_format! { NAME(ARGS); }`
+/// makes `vhd::NAME` calling `NAME(Fmt::Vhd, ARGS)` and `vhdx::NAME`
+/// likewise, for functions `NAME` of the calling file. Use it once per
+/// file, listing every case (it defines the modules `vhd` and `vhdx`).
+#[macro_export]
+macro_rules! per_format {
+    ($($name:ident($($arg:expr),* $(,)?);)*) => {
+        $crate::per_format!(@one vhd Vhd; $($name($($arg),*);)*);
+        $crate::per_format!(@one vhdx Vhdx; $($name($($arg),*);)*);
+    };
+    (@one $m:ident $v:ident; $($name:ident($($arg:expr),*);)*) => {
+        mod $m {
+            $(
+                #[test]
+                fn $name() {
+                    super::$name($crate::common::Fmt::$v $(, $arg)*);
+                }
+            )*
+        }
+    };
+}
+
+// ---------------------------------------------------------------------------
+// Comparing bytes, waiting, commands.
+
+/// How long a test waits for something another process does (a mount to
+/// appear, a job to end, a device node) before it fails.
+pub const WAIT: Duration = Duration::from_secs(15);
+
+/// Poll `cond` until it holds, failing after [`WAIT`].
+pub fn wait_for(what: &str, cond: impl FnMut() -> bool) {
+    wait_for_within(what, WAIT, cond);
+}
+
+/// Poll `cond` until it holds, failing after `limit` (for waits on work
+/// that takes longer than [`WAIT`] by design: a merge under load).
+pub fn wait_for_within(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(
+            start.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Where two byte strings first differ, with both bytes and how many
+/// 512-byte sectors differ; `None` when equal (never prints them whole).
+pub fn first_diff(got: &[u8], want: &[u8]) -> Option<String> {
+    if got.len() != want.len() {
+        return Some(format!("length {} instead of {}", got.len(), want.len()));
+    }
+    const C: usize = 1 << 16;
+    let (i, (a, b)) = got
+        .chunks(C)
+        .zip(want.chunks(C))
+        .enumerate()
+        .find(|(_, (a, b))| a != b)?;
+    let j = a.iter().zip(b).position(|(x, y)| x != y).unwrap();
+    let first = i * C + j;
+    let sectors = got
+        .chunks(512)
+        .zip(want.chunks(512))
+        .filter(|(a, b)| a != b)
+        .count();
+    Some(format!(
+        "first difference at byte {first:#x} (sector {}): got {:#04x}, want {:#04x}; {sectors} sectors differ",
+        first / 512,
+        got[first],
+        want[first]
+    ))
+}
+
+/// Equal bytes, or a panic saying `what` and [`first_diff`].
+pub fn assert_same(got: &[u8], want: &[u8], what: &str) {
+    if let Some(d) = first_diff(got, want) {
+        panic!("{what}: {d}");
+    }
+}
+
+/// All zero, or a panic naming the first byte that is not.
+pub fn assert_zero(got: &[u8], what: &str) {
+    if let Some(i) = got.iter().position(|b| *b != 0) {
+        panic!("{what}: byte {i} is {:#04x}, not zero", got[i]);
+    }
+}
+
+/// Run an external command, insisting on success; returns its stdout.
+pub fn run(cmd: &mut Command) -> String {
+    String::from_utf8_lossy(&run_ok(cmd).stdout).into_owned()
+}
+
+/// Run an external command, insisting on success; returns its output.
+pub fn run_ok(cmd: &mut Command) -> Output {
+    let o = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        o.status.success(),
+        "{cmd:?} failed ({}): {}",
+        o.status,
+        text(&o)
+    );
+    o
+}
+
+/// `chainfs export IMG OUT --force`, returning the bytes (OUT stays).
+pub fn export(img: &Path, out: &Path) -> Vec<u8> {
+    try_export(img, out).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// [`export`], or the exit status and message of a refusal.
+pub fn try_export(img: &Path, out: &Path) -> Result<Vec<u8>, String> {
+    let o = chainfs(&["export", p(img), p(out), "--force"]);
+    if !o.status.success() {
+        return Err(format!(
+            "chainfs export {} failed (exit {}): {}",
+            img.display(),
+            code(&o),
+            text(&o).trim()
+        ));
+    }
+    Ok(std::fs::read(out).unwrap())
+}
+
+/// [`try_export`], removing OUT once read (crash loops export hundreds of
+/// times into tmpfs).
+pub fn take_export(img: &Path, out: &Path) -> Result<Vec<u8>, String> {
+    let b = try_export(img, out)?;
+    std::fs::remove_file(out).ok();
+    Ok(b)
+}
+
+/// `chainfs check --json IMG`: exit status and problems (one "(no JSON)"
+/// problem holding the output when it printed none).
+pub fn check(img: &Path) -> (i32, Vec<String>) {
+    let o = chainfs(&["check", "--json", p(img)]);
+    let c = code(&o);
+    match serde_json::from_slice::<serde_json::Value>(&o.stdout) {
+        Ok(v) => (
+            c,
+            v["problems"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .map(|x| x.as_str().unwrap_or_default().to_string())
+                        .collect()
+                })
+                .unwrap_or_default(),
+        ),
+        Err(_) => (c, vec![format!("(no JSON) {}", text(&o).trim())]),
+    }
+}
+
+/// `chainfs info --json IMG`.
+pub fn info_json(img: &Path) -> serde_json::Value {
+    info_json_with(img, &[])
+}
+
+/// `chainfs info IMG --json EXTRA...`.
+pub fn info_json_with(img: &Path, extra: &[&str]) -> serde_json::Value {
+    let mut args = vec!["info", p(img), "--json"];
+    args.extend_from_slice(extra);
+    serde_json::from_str(&chainfs_ok(&args)).expect("info --json prints JSON")
+}
+
+/// Copy the regular files of `from` into a new folder `to`.
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_file() {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+}
+
+/// A temp folder on tmpfs when there is one: crash loops fsync hundreds of
+/// times, and what they check is a dying process (the page cache
+/// survives), not a power cut, so tmpfs proves the same, faster.
+pub fn fast_tempdir() -> tempfile::TempDir {
+    let shm = Path::new("/dev/shm");
+    if shm.is_dir() {
+        if let Ok(t) = tempfile::tempdir_in(shm) {
+            return t;
+        }
+    }
+    tempfile::tempdir().unwrap()
+}
+
+/// libvhdi's vhdimount with FUSE (a skip or, under CI, a failure without).
+pub fn have_vhdimount() -> bool {
+    require_fuse() && require("vhdimount (libvhdi)", have("vhdimount"))
+}
+
+/// qemu-img (a skip or, under CI, a failure without).
+pub fn have_qemu_img() -> bool {
+    require("qemu-img", have("qemu-img"))
 }
 
 /// `chainfs write IMG --offset OFF --input SCRATCH`, `data` staged in the
@@ -263,6 +567,45 @@ pub fn unpack_fixture(rel: &str, dir: &Path) -> PathBuf {
     assert!(out.status.success(), "gunzip {}", src.display());
     std::fs::write(&dst, out.stdout).unwrap();
     dst
+}
+
+/// `chainfs mount LEAF MNT OPTS...` in the background; the guard unmounts
+/// on drop.
+pub fn mount(leaf: &Path, mnt: &Path, opts: &[&str]) -> MountGuard {
+    std::fs::create_dir_all(mnt).unwrap();
+    let g = MountGuard::new(mnt);
+    let mut args = vec!["mount", p(leaf), p(mnt)];
+    args.extend_from_slice(opts);
+    chainfs_ok(&args);
+    assert!(
+        is_mounted(mnt),
+        "{} is not mounted after chainfs mount returned",
+        mnt.display()
+    );
+    g
+}
+
+/// `chainfs umount`, then the guard is spent. "Busy" (exit 7) is retried
+/// for [`WAIT`]: a process another test thread forks holds a copy of our
+/// descriptors until it execs, so a just-closed file can still pin the
+/// mount. Returns when the daemon has let go of the leaf.
+pub fn umount(g: MountGuard) {
+    let start = Instant::now();
+    loop {
+        let o = chainfs(&["umount", p(&g.dir)]);
+        if o.status.success() {
+            break;
+        }
+        assert!(
+            code(&o) == 7 && start.elapsed() < WAIT,
+            "chainfs umount {}: {}",
+            g.dir.display(),
+            text(&o)
+        );
+        eprintln!("{} busy, unmounting again", g.dir.display());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(!is_mounted(&g.dir), "{} still mounted", g.dir.display());
 }
 
 /// A FUSE mount (ours or vhdimount's) that is unmounted on drop, even when
@@ -491,4 +834,438 @@ pub fn vhd_layout_problems(path: &Path) -> Vec<String> {
         }
     }
     bad
+}
+
+// ---------------------------------------------------------------------------
+// VHDX bytes, read without the reader under test.
+
+use chainfs::format::vhdx::{
+    parse_guid_text, parse_metadata_table, parse_parent_locator, parse_region_table, Header,
+    BAT_GUID, HEADER1, HEADER2, HEADER_SIZE, METADATA_GUID, PARENT_LOCATOR, REGION1, REGION_SIZE,
+};
+use std::fs::{self, File};
+use std::os::unix::fs::FileExt;
+use uuid::Uuid;
+
+/// Both headers of a VHDX file as the library parses them (`None` where a
+/// slot does not verify).
+pub fn headers(p: &Path) -> [Option<Header>; 2] {
+    let f = File::open(p).unwrap();
+    [HEADER1, HEADER2].map(|at| {
+        let mut b = vec![0u8; HEADER_SIZE];
+        f.read_exact_at(&mut b, at).unwrap();
+        Header::parse(&b).ok()
+    })
+}
+
+/// The current header: the valid one with the larger sequence number.
+pub fn current_header(p: &Path) -> Header {
+    let [a, b] = headers(p);
+    match (a, b) {
+        (Some(a), Some(b)) => {
+            if b.sequence > a.sequence {
+                b
+            } else {
+                a
+            }
+        }
+        (Some(h), None) | (None, Some(h)) => h,
+        (None, None) => panic!("{}: no valid header", p.display()),
+    }
+}
+
+/// Give both headers DataWriteGuid `id` (`to_bytes` recomputes the CRC).
+pub fn set_data_write_guid(p: &Path, id: Uuid) {
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(p)
+        .unwrap();
+    for at in [HEADER1, HEADER2] {
+        let mut b = vec![0u8; HEADER_SIZE];
+        f.read_exact_at(&mut b, at).unwrap();
+        let mut h = Header::parse(&b).expect("a header chainfs wrote");
+        h.data_write_guid = id;
+        f.write_all_at(&h.to_bytes(), at).unwrap();
+    }
+    f.sync_all().unwrap();
+    for h in headers(p) {
+        assert_eq!(h.expect("still valid").data_write_guid, id);
+    }
+}
+
+/// Where the regions of a (clean) VHDX lie, read straight from the bytes.
+pub struct RawLayout {
+    pub bat: (u64, u64),
+    pub metadata: (u64, u64),
+    pub log: (u64, u64),
+}
+
+pub fn raw_layout(b: &[u8]) -> RawLayout {
+    let regions = parse_region_table(&b[REGION1 as usize..REGION1 as usize + REGION_SIZE])
+        .expect("region table 1");
+    let find = |g: Uuid| {
+        let r = regions.iter().find(|r| r.guid == g).expect("known region");
+        (r.offset, r.length as u64)
+    };
+    let h = {
+        let h1 = Header::parse(&b[HEADER1 as usize..]).ok();
+        let h2 = Header::parse(&b[HEADER2 as usize..]).ok();
+        match (h1, h2) {
+            (Some(a), Some(b)) if b.sequence > a.sequence => b,
+            (Some(a), _) => a,
+            (None, Some(b)) => b,
+            (None, None) => panic!("no valid header"),
+        }
+    };
+    RawLayout {
+        bat: find(BAT_GUID),
+        metadata: find(METADATA_GUID),
+        log: (h.log_offset, h.log_length as u64),
+    }
+}
+
+/// The parent locator's key/value pairs, read from the file's bytes (the
+/// log must be clean: nothing is replayed here).
+pub fn raw_locator(p: &Path) -> Result<Vec<(String, String)>, String> {
+    let b = fs::read(p).unwrap();
+    let l = raw_layout(&b);
+    let mo = l.metadata.0 as usize;
+    let table = parse_metadata_table(&b[mo..mo + REGION_SIZE])
+        .map_err(|e| format!("metadata table: {e:?}"))?;
+    let e = table
+        .iter()
+        .find(|e| e.item == PARENT_LOCATOR && !e.is_user)
+        .ok_or("no parent locator")?;
+    let at = mo + e.offset as usize;
+    parse_parent_locator(&b[at..at + e.length as usize])
+        .map_err(|e| format!("parent locator: {e:?}"))
+}
+
+pub fn locator_value(pairs: &[(String, String)], key: &str) -> Option<String> {
+    pairs.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone())
+}
+
+/// `child` names `parent` by its current DataWriteGuid (and by nothing
+/// else), read from the file's bytes; the problem otherwise.
+pub fn vhdx_linkage_problem(child: &Path, parent: &Path) -> Option<String> {
+    if !current_header(child).log_guid.is_nil() {
+        return Some(format!("{}: the log is not empty", child.display()));
+    }
+    let loc = match raw_locator(child) {
+        Ok(l) => l,
+        Err(e) => return Some(format!("{}: {e}", child.display())),
+    };
+    let Some(linkage) = locator_value(&loc, "parent_linkage").and_then(|v| parse_guid_text(&v))
+    else {
+        return Some(format!("{}: no parent_linkage in {loc:?}", child.display()));
+    };
+    let id = current_header(parent).data_write_guid;
+    if linkage != id {
+        return Some(format!(
+            "{}'s parent_linkage {linkage} is not {}'s current DataWriteGuid {id} ({loc:?})",
+            child.display(),
+            parent.display()
+        ));
+    }
+    let name = parent.file_name().unwrap().to_string_lossy().into_owned();
+    match locator_value(&loc, "relative_path") {
+        Some(rel) if rel.ends_with(&name) => {}
+        other => return Some(format!("relative_path {other:?} does not name {name}")),
+    }
+    if let Some(l2) = locator_value(&loc, "parent_linkage2").and_then(|v| parse_guid_text(&v)) {
+        if !l2.is_nil() && l2 != linkage {
+            return Some(format!("a stale parent_linkage2 {l2} survived the relink"));
+        }
+    }
+    None
+}
+
+/// What is wrong with the link from `child` to `parent` by the format's own
+/// bytes: for VHDX [`vhdx_linkage_problem`]; VHD links are checked by
+/// `info`'s ids and [`vhd_layout_problems`]. Empty when right.
+pub fn link_problems(child: &Path, parent: &Path) -> Vec<String> {
+    let is_vhdx = |f: &Path| f.extension().is_some_and(|x| x == "vhdx" || x == "avhdx");
+    if is_vhdx(child) && is_vhdx(parent) {
+        vhdx_linkage_problem(child, parent).into_iter().collect()
+    } else {
+        Vec::new()
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Chains built with the CLI, sparse files, qemu.
+
+const K4: u64 = 4096;
+
+use std::io::Read;
+use std::os::fd::AsRawFd;
+
+pub fn seek(f: &File, off: u64, whence: i32) -> Option<u64> {
+    // SAFETY: lseek on a descriptor we own; no memory is involved.
+    let r = unsafe { libc::lseek(f.as_raw_fd(), off as libc::off_t, whence) };
+    (r >= 0).then_some(r as u64)
+}
+
+/// The next offset at or after `off` that holds data (`len` if none).
+pub fn next_data(f: &File, off: u64, len: u64) -> u64 {
+    seek(f, off, libc::SEEK_DATA).unwrap_or(len).min(len)
+}
+
+pub fn next_hole(f: &File, off: u64, len: u64) -> u64 {
+    seek(f, off, libc::SEEK_HOLE).unwrap_or(len).min(len)
+}
+
+/// sha256 of a (sparse) file: holes are hashed as zeros without reading
+/// them, so a 10 GiB export of a mostly empty disk hashes in seconds.
+pub fn sha256_sparse(p: &Path) -> String {
+    const C: usize = 1 << 20;
+    let f = File::open(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    let len = f.metadata().unwrap().len();
+    let zeros = vec![0u8; C];
+    let mut buf = vec![0u8; C];
+    let mut h = Sha256::new();
+    let mut off = 0;
+    while off < len {
+        let d = next_data(&f, off, len);
+        while off < d {
+            let n = ((d - off) as usize).min(C);
+            h.update(&zeros[..n]);
+            off += n as u64;
+        }
+        if off >= len {
+            break;
+        }
+        let e = next_hole(&f, off, len).max(off + 1);
+        while off < e {
+            let n = ((e - off) as usize).min(C);
+            f.read_exact_at(&mut buf[..n], off).unwrap();
+            h.update(&buf[..n]);
+            off += n as u64;
+        }
+    }
+    hex(&h.finalize())
+}
+
+/// sha256 of everything `r` yields, in 1 MiB reads (a FUSE file).
+pub fn sha256_stream(mut r: impl Read) -> String {
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = r.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    hex(&h.finalize())
+}
+
+/// The first difference between two equally long (sparse) files; regions
+/// that are holes in both are equal without being read.
+pub fn file_diff(a: &Path, b: &Path) -> Option<String> {
+    const C: u64 = 1 << 20;
+    let fa = File::open(a).unwrap();
+    let fb = File::open(b).unwrap();
+    let len = fa.metadata().unwrap().len();
+    let lb = fb.metadata().unwrap().len();
+    if len != lb {
+        return Some(format!("lengths {len} and {lb}"));
+    }
+    let mut ba = vec![0u8; C as usize];
+    let mut bb = vec![0u8; C as usize];
+    let mut off = 0;
+    while off < len {
+        let d = next_data(&fa, off, len).min(next_data(&fb, off, len));
+        if d >= len {
+            break;
+        }
+        let start = d - d % C;
+        let n = (len - start).min(C) as usize;
+        fa.read_exact_at(&mut ba[..n], start).unwrap();
+        fb.read_exact_at(&mut bb[..n], start).unwrap();
+        if let Some(i) = ba[..n].iter().zip(&bb[..n]).position(|(x, y)| x != y) {
+            return Some(format!(
+                "first difference at byte {:#x}: {:#04x} vs {:#04x}",
+                start + i as u64,
+                ba[i],
+                bb[i]
+            ));
+        }
+        off = start + n as u64;
+    }
+    None
+}
+
+/// Can qemu open this non-differencing VHDX? qemu (since 5.2) refuses
+/// logical sectors other than 512 bytes with "Operation not supported"; that
+/// refusal is accepted for 4096-byte images only.
+pub fn qemu_reads(img: &Path, lss: u32) -> bool {
+    let o = Command::new("qemu-img")
+        .args(["info", "-f", "vhdx"])
+        .arg(img)
+        .output()
+        .expect("qemu-img");
+    if o.status.success() {
+        return true;
+    }
+    assert!(
+        lss != 512 && text(&o).contains("not supported"),
+        "qemu-img info {}: {}",
+        img.display(),
+        text(&o)
+    );
+    eprintln!(
+        "qemu-img cannot read {}-byte logical sectors; libvhdi is the oracle there",
+        lss
+    );
+    false
+}
+
+/// `qemu-img convert -O raw` of a file of format `fmt` into `out`.
+pub fn qemu_convert(fmt: Fmt, img: &Path, out: &Path) {
+    let _ = fs::remove_file(out);
+    run_ok(
+        Command::new("qemu-img")
+            .args(["convert", "-f", fmt.qemu(), "-O", "raw"])
+            .arg(img)
+            .arg(out),
+    );
+}
+
+/// `qemu-img check` of a file of format `fmt`.
+pub fn qemu_check(fmt: Fmt, img: &Path) {
+    run_ok(
+        Command::new("qemu-img")
+            .args(["check", "-f", fmt.qemu()])
+            .arg(img),
+    );
+}
+
+/// `chainfs check IMG` exits 0 and reports nothing.
+pub fn assert_clean(img: &Path) {
+    let (c, probs) = check(img);
+    assert!(
+        c == 0 && probs.is_empty(),
+        "chainfs check {}: exit {c}, {probs:?}",
+        img.display()
+    );
+}
+
+/// One layer: file name, block size, and for the base its type.
+#[derive(Clone, Copy)]
+pub struct Spec {
+    pub name: &'static str,
+    pub block: u64,
+    pub fixed: bool,
+}
+
+pub const fn spec(name: &'static str, block: u64) -> Spec {
+    Spec {
+        name,
+        block,
+        fixed: false,
+    }
+}
+
+/// A chain built bottom-up: `snaps[i]` is the flattened content with layer
+/// `i` as the leaf (it never changes once layer `i + 1` exists).
+pub struct Built {
+    pub dir: PathBuf,
+    pub names: Vec<&'static str>,
+    pub snaps: Vec<Vec<u8>>,
+}
+
+impl Built {
+    pub fn path(&self, i: usize) -> PathBuf {
+        self.dir.join(self.names[i])
+    }
+
+    pub fn leaf(&self) -> PathBuf {
+        self.path(self.names.len() - 1)
+    }
+
+    pub fn model(&self) -> &[u8] {
+        self.snaps.last().unwrap()
+    }
+}
+
+/// 4 KiB aligned writes into layer `i` of block size `block`: some random,
+/// one straddling a block boundary, one at the very end of the disk.
+pub fn layer_writes(rng: &mut Rng, size: u64, block: u64, n: usize) -> Vec<(u64, u64)> {
+    let mut w = Vec::new();
+    let pages = size / K4;
+    for _ in 0..n {
+        let len = (1 + rng.below(48)) * K4;
+        let off = rng.below(pages - len / K4 + 1) * K4;
+        w.push((off, len));
+    }
+    // Straddle a block boundary of this layer (or the middle, for blocks
+    // as large as the disk).
+    let boundary = if block < size {
+        (1 + rng.below((size - 1) / block)) * block
+    } else {
+        size / 2 / K4 * K4
+    };
+    let before = (1 + rng.below(8)) * K4;
+    let after = ((1 + rng.below(8)) * K4).min(size - boundary);
+    w.push((boundary - before, before + after));
+    w.push((size - K4, K4));
+    w
+}
+
+/// Build the chain `specs` (base first) in `dir` bottom-up with `chainfs
+/// create` / `chainfs write`: `writes` random 4 KiB-aligned writes per
+/// layer plus one across a block boundary of the layer and one at the end
+/// of the disk ([`layer_writes`]); `lss` is the logical sector size of a
+/// VHDX base (VHD has 512 only).
+pub fn build(dir: &Path, size: u64, lss: u32, specs: &[Spec], writes: usize, seed: u64) -> Built {
+    fs::create_dir_all(dir).unwrap();
+    let mut rng = Rng(seed);
+    let mut model = vec![0u8; size as usize];
+    let mut snaps = Vec::new();
+    let scratch = dir.join("..").join(format!("scratch-{seed}"));
+    for (i, sp) in specs.iter().enumerate() {
+        let path = dir.join(sp.name);
+        let bs = format!("{}", sp.block);
+        if i == 0 {
+            let mut args = vec![
+                "create".to_string(),
+                p(&path).to_string(),
+                "--size".into(),
+                size.to_string(),
+                "--block-size".into(),
+                bs,
+            ];
+            if path.extension().is_some_and(|x| x == "vhdx") {
+                args.extend(["--logical-sector".into(), lss.to_string()]);
+            }
+            if sp.fixed {
+                args.extend(["--type".into(), "fixed".into()]);
+            }
+            let argv: Vec<&str> = args.iter().map(|a| a.as_str()).collect();
+            chainfs_ok(&argv);
+        } else {
+            let parent = dir.join(specs[i - 1].name);
+            chainfs_ok(&[
+                "create",
+                p(&path),
+                "--parent",
+                p(&parent),
+                "--block-size",
+                &bs,
+            ]);
+        }
+        for (off, len) in layer_writes(&mut rng, size, sp.block, writes) {
+            let data = rng.bytes(len as usize);
+            chainfs_write_mirrored(&path, off, &data, &scratch, &mut model);
+        }
+        snaps.push(model.clone());
+    }
+    let _ = fs::remove_file(&scratch);
+    Built {
+        dir: dir.to_path_buf(),
+        names: specs.iter().map(|s| s.name).collect(),
+        snaps,
+    }
 }
