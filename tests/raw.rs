@@ -12,10 +12,6 @@ use std::process::Command;
 
 use common::*;
 
-fn p(x: &Path) -> &str {
-    x.to_str().unwrap()
-}
-
 /// A sparse raw file: `size` bytes with data at a few offsets, holes
 /// elsewhere; returns its content.
 fn sparse_raw(path: &Path, size: u64, rng: &mut Rng) -> Vec<u8> {
@@ -30,20 +26,6 @@ fn sparse_raw(path: &Path, size: u64, rng: &mut Rng) -> Vec<u8> {
         model[off as usize..(off + len) as usize].copy_from_slice(&data);
     }
     model
-}
-
-fn info_json(img: &Path) -> serde_json::Value {
-    serde_json::from_str(&chainfs_ok(&["info", "--json", p(img)])).unwrap()
-}
-
-fn mount(leaf: &Path, mnt: &Path, opts: &[&str]) -> MountGuard {
-    fs::create_dir_all(mnt).unwrap();
-    let mut args = vec!["mount", p(leaf), p(mnt)];
-    args.extend_from_slice(opts);
-    let g = MountGuard::new(mnt);
-    chainfs_ok(&args);
-    assert!(is_mounted(mnt), "{} is not mounted", mnt.display());
-    g
 }
 
 /// Bytes of `path` holding data, by SEEK_DATA/SEEK_HOLE, as `du` would
