@@ -30,7 +30,7 @@ use crate::cache::{MetaCache, DEFAULT_CACHE_BYTES};
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::registry::{may_have_parent, mixed_error};
 use crate::format::{open_layer, Layer, LayerOptions, ParentHint, ParentLink};
-use crate::paths::{canonical, folder_of, hint_path, stored_basename};
+use crate::paths::{candidates, canonical};
 
 /// The deepest chain chainfs opens.
 pub const MAX_DEPTH: usize = 256;
@@ -235,35 +235,6 @@ fn refuse_retired(path: &Path) -> Result<()> {
     }
 }
 
-/// Where to look for the parent a child at `child` names with `hints`, in
-/// order (see the module docs); `parent_dirs` are the `--parent-dir`s.
-pub fn candidates(child: &Path, hints: &[ParentHint], parent_dirs: &[PathBuf]) -> Vec<PathBuf> {
-    let dir = folder_of(child);
-    let mut out: Vec<PathBuf> = Vec::new();
-    let mut push = |p: PathBuf| {
-        if !out.contains(&p) {
-            out.push(p);
-        }
-    };
-    hints
-        .iter()
-        .filter_map(|h| hint_path(dir, &h.stored))
-        .for_each(&mut push);
-    let names: Vec<String> = hints
-        .iter()
-        .filter_map(|h| stored_basename(&h.stored))
-        .collect();
-    for n in &names {
-        push(dir.join(n));
-    }
-    for d in parent_dirs {
-        for n in &names {
-            push(d.join(n));
-        }
-    }
-    out
-}
-
 fn find_parent(
     child: &dyn Layer,
     link: &ParentLink,
@@ -280,7 +251,7 @@ fn find_parent(
         .map(|(_, p)| p.clone());
     let list = match &over {
         Some(p) => vec![p.clone()],
-        None => candidates(child.path(), hints, &opts.parent_dirs),
+        None => candidates(child.path(), &link.stored_names(), &opts.parent_dirs),
     };
     let mut tried = Vec::new();
     let mut looped: Option<PathBuf> = None;
@@ -289,7 +260,7 @@ fn find_parent(
     let cname = child.path().display();
     let mut mismatch: Option<(PathBuf, Arc<dyn Layer>, Option<uuid::Uuid>)> = None;
     // The candidates the child's own hints give, without any option.
-    let own = candidates(child.path(), hints, &[]);
+    let own = candidates(child.path(), &link.stored_names(), &[]);
     let want = || match &link.ids[..] {
         [] => "a parent".to_string(),
         [one] => format!("a parent with id {one}"),
@@ -331,7 +302,7 @@ fn find_parent(
         );
         let (cf, pf) = (child.info().format, layer.info().format);
         if !may_have_parent(cf, pf) {
-            // E.g. a VHD cannot have a VHDX parent nor the reverse.
+            // The child's driver does not list the parent's format.
             mixed.get_or_insert(mixed_error(child.path(), cf, pf, &cand));
             continue;
         }

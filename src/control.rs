@@ -4,7 +4,7 @@
 //!
 //! Commands: `merge SOURCE DESTINATION [keep] [force]`, `cancel JOB`, `help`.
 //! Words are separated by blanks; a word with blanks is written in double
-//! quotes (`"my disk.vhd"`), with `\"` and `\\` escapes inside.
+//! quotes (`"my disk"`), with `\"` and `\\` escapes inside.
 
 use std::fmt;
 use std::str::FromStr;
@@ -15,12 +15,12 @@ use crate::error::{Error, Result, RC_COMPLETED, RC_INVALID_PARAMETER};
 ///
 /// ```
 /// use chainfs::control::Command;
-/// let c: Command = r#"merge "my leaf.vhdx" base.vhdx keep"#.parse().unwrap();
+/// let c: Command = r#"merge "my leaf" base keep"#.parse().unwrap();
 /// assert_eq!(
 ///     c,
 ///     Command::Merge {
-///         source: "my leaf.vhdx".into(),
-///         destination: "base.vhdx".into(),
+///         source: "my leaf".into(),
+///         destination: "base".into(),
 ///         keep: true,
 ///         force: false,
 ///     }
@@ -165,7 +165,7 @@ Commands (one per line, written to this file):
   cancel JOB
   help
 SOURCE and DESTINATION are paths or the file names shown in `chain`;
-quote names with blanks: merge \"my disk.avhd\" base.vhd
+quote names with blanks: merge \"my disk\" base
 A read on the same open file returns the reply to its last command.
 ";
 
@@ -216,8 +216,8 @@ mod tests {
     #[test]
     fn parses_and_prints_round_trip() {
         for line in [
-            "merge a.vhd b.vhd",
-            "merge \"my disk.vhd\" /x/base.vhd keep force",
+            "merge a b",
+            "merge \"my disk\" /x/base keep force",
             "cancel 7",
             "help",
         ] {

@@ -12,7 +12,7 @@
 //! identities and one of them is the layer's (VHD: parent UUID = footer
 //! unique id; VHDX: `parent_linkage` = DataWriteGuid), or, for a format that
 //! names its parent by file name only, when the chain's own candidate rule
-//! (`chain::candidates`) leads from it to the layer's file.
+//! (`paths::candidates`) leads from it to the layer's file.
 //!
 //! Cost: each driver's `peek` reads a footer or headers and metadata of each
 //! image file in those folders; nothing is locked or changed.
@@ -21,7 +21,6 @@ use std::path::{Path, PathBuf};
 
 use uuid::Uuid;
 
-use crate::chain::candidates;
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::registry::{is_image_name, peek};
 use crate::format::ParentLink;
@@ -51,7 +50,7 @@ impl Found {
             return id.is_some_and(|id| link.ids.contains(&id));
         }
         let me = canonical(path);
-        candidates(&self.path, &link.hints, dirs)
+        crate::paths::candidates(&self.path, &link.stored_names(), dirs)
             .iter()
             .find(|c| c.is_file())
             .is_some_and(|c| canonical(c) == me)

@@ -80,6 +80,34 @@ pub fn stored_basename(stored: &str) -> Option<String> {
     (!b.is_empty()).then(|| b.to_string())
 }
 
+/// Where to look for the parent a child at `child` names with the `stored`
+/// parent names of its link, in order: each name as a path (relative to
+/// the child's folder, absolute, Windows forms), then each base name in the
+/// child's folder, then in each of `parent_dirs` (the `--parent-dir`s).
+pub fn candidates(child: &Path, stored: &[&str], parent_dirs: &[PathBuf]) -> Vec<PathBuf> {
+    let dir = folder_of(child);
+    let mut out: Vec<PathBuf> = Vec::new();
+    let mut push = |p: PathBuf| {
+        if !out.contains(&p) {
+            out.push(p);
+        }
+    };
+    stored
+        .iter()
+        .filter_map(|s| hint_path(dir, s))
+        .for_each(&mut push);
+    let names: Vec<String> = stored.iter().filter_map(|s| stored_basename(s)).collect();
+    for n in &names {
+        push(dir.join(n));
+    }
+    for d in parent_dirs {
+        for n in &names {
+            push(d.join(n));
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

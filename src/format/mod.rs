@@ -105,6 +105,11 @@ impl ParentLink {
     pub fn by_name_only(&self) -> bool {
         self.ids.is_empty()
     }
+
+    /// The parent's names as stored, in the order they are tried.
+    pub fn stored_names(&self) -> Vec<&str> {
+        self.hints.iter().map(|h| h.stored.as_str()).collect()
+    }
 }
 
 /// A summary of one layer, for `info`, `chain` and checks.

@@ -14,7 +14,7 @@
 //!    DESTINATION is flushed (data, then tables, then fsync).
 //! 4. Either (a) SOURCE is not the leaf: each child of SOURCE is relinked
 //!    to DESTINATION (`Layer::relink`, crash-safe in each format's own way:
-//!    VHD through its relink journal, VHDX through its log).
+//!    each driver documents its relink order).
 //!    Before: child -> SOURCE -> ... -> Ld, after: child -> Ld, and Ld now
 //!    holds what SOURCE..Ld-1 held: the same bytes either way. Or (b)
 //!    SOURCE is the leaf of a writable mount: writes were tracked since the
@@ -141,7 +141,7 @@ pub fn find_layer(layers: &[Arc<dyn Layer>], name: &str) -> Result<usize> {
     }
 }
 
-/// The chain as file names, leaf first: `leaf.vhd -> mid.vhd -> base.vhd`.
+/// The chain as file names, leaf first: `leaf -> mid -> base`.
 pub fn chain_order(layers: &[Arc<dyn Layer>]) -> String {
     let names: Vec<String> = layers
         .iter()
@@ -649,10 +649,9 @@ pub fn execute(image: &FlatImage, plan: Plan, progress: &Progress) -> Result<()>
         // (Its reopening above gave back any tail an interrupted run left.)
         let size = image.size();
         let total = preflight(&layers, s, d, &dest, size)?;
-        // A format whose identity follows the data (VHDX DataWriteGuid)
+        // A format whose identity follows the data (`id_follows_data`)
         // has the layer above DESTINATION accept its next identity first, so
-        // the chain keeps opening while DESTINATION changes ([MS-VHDX] note
-        // 12).
+        // the chain keeps opening while DESTINATION changes.
         if dest.info().id_follows_data {
             let above = reopen_writable(&layers[d - 1], &opts)?;
             if !layers[d - 1].writable() {
@@ -792,7 +791,7 @@ pub fn finish(record: &Record, cache: &LayerOptions) -> Result<()> {
         }
         if record.keep {
             // Also when already detached: the writable open finishes a
-            // detach a crash cut short (a VHD relink journal), and
+            // detach a crash cut short (the driver's relink recovery), and
             // detaching a detached layer changes nothing.
             if peek(p).is_some_and(|k| k.parent.is_some()) {
                 open_layer(p, cache)?.relink(ParentChange::Detach)?;
