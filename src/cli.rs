@@ -19,7 +19,7 @@ mod manual;
 #[command(
     name = "chainfs",
     version,
-    about = "Mount, flatten, check and merge chains of differencing virtual disks (VHD, VHDX)",
+    about = "Mount, flatten, check and merge chains of differencing virtual disks (VHD, VHDX, raw)",
     long_about = "chainfs reads a chain of differencing disks (a leaf, its parent, ... down to a base) \
 as one flat disk image.\n\nParents are found from the locators stored in each child, verified by \
 their unique id, and opened read-only. Set RUST_LOG=debug for a trace of what is opened and why.\n\n\
@@ -257,7 +257,7 @@ enum Cmd {
     /// a crash at any point leaves it readable with the same content.
     /// Dynamic and differencing VHD and VHDX; only IMAGE, not its parents.
     Compact {
-        /// The VHD or VHDX file to compact (only this file changes).
+        /// The image file to compact (only this file changes).
         image: PathBuf,
         /// Print the result as JSON.
         #[arg(long)]

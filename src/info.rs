@@ -119,7 +119,12 @@ pub fn render(reports: &[LayerReport]) -> String {
     let mut s = String::new();
     for r in reports {
         s += &format!("[{}] {}\n", r.depth, r.path.display());
-        s += &format!("    format:        {} {}\n", r.format, r.disk_type);
+        // "vhd dynamic"; a format whose only type is itself ("raw") once.
+        if r.disk_type == r.format {
+            s += &format!("    format:        {}\n", r.format);
+        } else {
+            s += &format!("    format:        {} {}\n", r.format, r.disk_type);
+        }
         s += &format!(
             "    virtual size:  {} ({})\n",
             r.virtual_size,

@@ -104,6 +104,32 @@ fn create_makes_raw_files_and_refuses_raw_parents() {
         let t = text(&o);
         assert!(t.contains("raw"), "{child}: {t}");
     }
+    // Options a raw file cannot honour are refused, not ignored.
+    for (name, args, want) in [
+        (
+            "b.raw",
+            &["--size", "4M", "--block-size", "64K"][..],
+            "no blocks",
+        ),
+        ("s.raw", &["--size", "1000"][..], "multiple of 512"),
+    ] {
+        let f = d.path().join(name);
+        let mut argv = vec!["create", p(&f)];
+        argv.extend_from_slice(args);
+        let o = chainfs(&argv);
+        assert_eq!(code(&o), 9, "{name}: {}", text(&o));
+        assert!(text(&o).contains(want), "{name}: {}", text(&o));
+        assert!(!f.exists(), "{name} left behind");
+    }
+    // --type fixed allocates every byte (as unwritten extents: SEEK_DATA
+    // may call them holes, st_blocks counts them).
+    let fixed = d.path().join("fixed.raw");
+    chainfs_ok(&["create", p(&fixed), "--size", "4M", "--type", "fixed"]);
+    use std::os::unix::fs::MetadataExt;
+    assert!(
+        fs::metadata(&fixed).unwrap().blocks() * 512 >= 4 << 20,
+        "a fixed raw file is allocated"
+    );
 }
 
 #[test]

@@ -1,5 +1,5 @@
-//! What a file is when it is not a VHD or VHDX: the error a user sees for a
-//! qcow2, a VMDK or a raw disk should name what it found and what to do,
+//! What a file is when no driver claims it: the error a user sees for a
+//! qcow2, a VMDK or a LUKS volume should name what it found and what to do,
 //! not only which cookie was missing.
 //!
 //! [`identify`] is a pure function over the first bytes of the file (at

@@ -96,6 +96,18 @@ fn create(path: &Path, o: &CreateOptions, parent: Option<&dyn Layer>) -> Result<
     let size = o
         .size
         .ok_or_else(|| Error::invalid("--size is required for a base disk"))?;
+    if o.block_size.is_some() {
+        return Err(Error::invalid(format!(
+            "{}: a raw image has no blocks; drop --block-size",
+            path.display()
+        )));
+    }
+    if size == 0 || size % 512 != 0 {
+        return Err(Error::invalid(format!(
+            "{}: size {size} is not a positive multiple of 512",
+            path.display()
+        )));
+    }
     let f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
