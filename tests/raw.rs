@@ -284,3 +284,29 @@ fn raw_mount_rw_writes_and_discards_land_in_the_file() {
         String::from_utf8_lossy(&o.stdout)
     );
 }
+
+#[test]
+fn compact_of_a_raw_file_digs_holes_where_it_reads_zeros() {
+    let d = tempfile::tempdir().unwrap();
+    let img = d.path().join("disk.raw");
+    let mut data = Rng(5).bytes(4 << 20);
+    data[1 << 20..3 << 20].fill(0);
+    fs::write(&img, &data).unwrap();
+    let before = data_bytes(&img);
+    assert_eq!(before, 4 << 20, "written out in full");
+    let out = chainfs_ok(&["compact", "--json", p(&img)]);
+    let j: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        data_bytes(&img),
+        2 << 20,
+        "the zero MiBs became a hole: {j}"
+    );
+    assert_eq!(j["holes_punched"], 1, "{j}");
+    assert_eq!(fs::read(&img).unwrap(), data, "content unchanged");
+    assert_eq!(
+        fs::metadata(&img).unwrap().len(),
+        4 << 20,
+        "length unchanged"
+    );
+    assert_eq!(check(&img).0, 0);
+}

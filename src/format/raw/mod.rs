@@ -24,7 +24,9 @@ use crate::error::{Error, ErrorKind, IoContext, Result};
 
 use super::probe::{self, Foreign};
 use super::registry::{Driver, Peek};
-use super::{fileio, lock_file, CreateOptions, Extent, Layer, LayerInfo, LayerOptions, LockMode};
+use super::{
+    fileio, lock_file, space, CreateOptions, Extent, Layer, LayerInfo, LayerOptions, LockMode,
+};
 
 /// The registry entry.
 pub static DRIVER: Driver = Driver {
@@ -281,6 +283,41 @@ impl Layer for RawLayer {
             return Ok(());
         }
         self.file.sync_data().ctx(&self.path, "cannot fsync", None)
+    }
+
+    /// Dig holes: every whole 4 KiB page of data that reads as zeros
+    /// becomes a hole (what `fallocate --dig-holes` does). The content and
+    /// the length stay; only space goes back to the file system.
+    fn compact(&self) -> Result<space::CompactStats> {
+        self.require_writable()?;
+        let len = self
+            .file
+            .metadata()
+            .ctx(&self.path, "cannot stat", None)?
+            .len();
+        let mut stats = space::CompactStats {
+            file_size_before: len,
+            file_size_after: len,
+            ..Default::default()
+        };
+        let mut at = 0;
+        while at < self.size {
+            let Some(data) = self.seek(at, libc::SEEK_DATA)? else {
+                break;
+            };
+            if data >= self.size {
+                break;
+            }
+            let hole = self
+                .seek(data, libc::SEEK_HOLE)?
+                .unwrap_or(self.size)
+                .min(self.size);
+            stats.holes_punched +=
+                space::punch_zero_pages(&self.file, &self.path, data, hole - data)?;
+            at = hole.max(data + 1);
+        }
+        self.flush()?;
+        Ok(stats)
     }
 
     fn check(&self) -> Result<Vec<String>> {
