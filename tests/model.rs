@@ -672,15 +672,6 @@ fn random_chains_match_the_flat_model(fmt: Fmt) {
     random_plans(Formats::of(fmt));
 }
 
-/// A raw base: alone today (no driver lists `raw` among its parents), with
-/// children and merges once one does.
-mod raw {
-    #[test]
-    fn random_chains_match_the_flat_model() {
-        super::random_plans(super::Formats::over("raw"));
-    }
-}
-
 // ---------------------------------------------------------------------------
 // Hand-written scenarios: the edges the generator must reach, kept as named
 // tests so they run on every build even when the random cases miss them.
@@ -876,11 +867,19 @@ fn merges_keep_the_flat_content(fmt: Fmt) {
     });
 }
 
-/// The same steps on a raw base: alone today, so the merge is a no-op;
-/// over children once a format takes a raw parent.
-mod raw_steps {
+/// A raw base: alone today (no driver lists `raw` among its parents), with
+/// children and merges once one does.
+mod raw {
     use super::*;
 
+    #[test]
+    fn random_chains_match_the_flat_model() {
+        random_plans(Formats::over("raw"));
+    }
+
+    /// Writes, a discard, a reopen with a fresh-process export and merges
+    /// on a raw base: alone today, so the merges find nothing to do; over
+    /// children once a format takes a raw parent.
     #[test]
     fn writes_discards_merges_and_reopens_on_a_raw_base() {
         let formats = Formats::over("raw");
