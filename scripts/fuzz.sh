@@ -5,8 +5,8 @@
 #   scripts/fuzz.sh build                   only build the targets
 #   scripts/fuzz.sh seed                    regenerate fuzz/corpus/* from our own writer
 #
-# Targets: vhd_footer, vhd_header, vhd_image, vhdx_meta, control_command,
-# intent_record (fuzz/fuzz_targets/). Their
+# Targets: vhd_footer, vhd_header, vhd_image, vhdx_meta, vhdx_layout,
+# qcow2_header, control_command, intent_record (fuzz/fuzz_targets/). Their
 # bodies live in src/fuzzing.rs so that tests/fuzz_replay.rs replays the
 # corpus and every regression on plain `cargo test`.
 #
@@ -27,7 +27,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 export RUSTC_BOOTSTRAP=1
-ALL_TARGETS=(vhd_footer vhd_header vhd_image vhdx_meta control_command intent_record)
+ALL_TARGETS=(vhd_footer vhd_header vhd_image vhdx_meta vhdx_layout qcow2_header control_command intent_record)
 
 need_cargo_fuzz() {
   command -v cargo-fuzz >/dev/null 2>&1 || cargo install --locked cargo-fuzz
@@ -76,6 +76,8 @@ seed() {
   install -m 644 "$real/file_footer.1" "$c/vhd_footer/libvhdi-file_footer.1"
   install -m 644 "$real/dynamic_disk_header.1" "$c/vhd_header/libvhdi-dynamic_disk_header.1"
   seed_control "$c/control_command"
+  seed_vhdx_layout "$c/vhdx_layout"
+  seed_qcow2 "$tmp" "$c/qcow2_header"
   seed_records "$bin" "$tmp" "$c/intent_record"
   du -sh "$c"
 }
@@ -93,6 +95,67 @@ seed_control() {
   printf 'merge "my disk.avhd" /x/base.vhd keep force\n' >"$d/merge-quoted-flags"
   printf 'merge "a \\"b\\" \\\\c" base.vhd keep\n' >"$d/merge-escapes"
   printf 'help\r\ncancel 2\nmerge a.vhd b.vhd force\n' >"$d/several-lines"
+}
+
+# Patch lists over the writer's template images (the input format is in
+# src/fuzzing.rs, `vhdx_layout`): each template as it is, and a damaged
+# field of each structure the layout parser reads. A patch is: structure
+# (0 identifier, 1-2 headers, 3-4 region tables, 5 log, 6 metadata table,
+# 7 metadata items, 8 BAT), u16 LE offset in it, length, bytes.
+seed_vhdx_layout() {
+  local d=$1
+  mkdir -p "$d"
+  rm -f "$d"/*
+  printf '\x00' >"$d/dynamic"
+  printf '\x01' >"$d/fixed"
+  printf '\x02' >"$d/logical-4k"
+  printf '\x03' >"$d/differencing"
+  # Header 2 (the current one, sequence 2) names a log; CRCs recomputed.
+  printf '\x07\x02\x30\x00\x10ABCDEFGHIJKLMNOP' >"$d/log-guid-resealed"
+  # Region table 1: the BAT at an offset far past the end; resealed.
+  printf '\x04\x03\x20\x00\x08\x00\x00\x00\x00\x00\x10\x00\x00' >"$d/bat-offset-resealed"
+  # File parameters: a 3 MiB block size (no power of two).
+  printf '\x00\x07\x00\x00\x04\x00\x00\x30\x00' >"$d/block-size-3m"
+  # Metadata table: 65535 entries.
+  printf '\x00\x06\x0a\x00\x02\xff\xff' >"$d/metadata-count"
+  # Parent locator (the sixth item, at +20 KiB): 65535 key/value pairs.
+  printf '\x03\x07\x00\x50\x14\xff\xff' >"$d/locator-count"
+  # Cut at the metadata region.
+  printf '\x00\x06\x00\x00\x00' >"$d/cut-at-metadata"
+}
+
+# The first KiB of qcow2 images from qemu-img (header, extensions, backing
+# name): each version and feature the header parser knows. Skipped with a
+# message when qemu-img is missing.
+seed_qcow2() {
+  local tmp=$1 d
+  if ! command -v qemu-img >/dev/null 2>&1; then
+    echo "qemu-img missing: fuzz/corpus/qcow2_header left as it is" >&2
+    return
+  fi
+  mkdir -p "$2"
+  d=$(cd "$2" && pwd)
+  rm -f "$d"/*
+  local q="$tmp/qcow2"
+  mkdir -p "$q"
+  mk() {
+    local name=$1
+    shift
+    qemu-img create -q -f qcow2 "$@" "$q/$name.qcow2" 64M
+    head -c 1024 "$q/$name.qcow2" >"$d/$name"
+  }
+  mk v3
+  mk v2 -o compat=0.10
+  mk lazy-refcounts -o lazy_refcounts=on
+  mk refcount-1 -o refcount_bits=1
+  mk refcount-64 -o refcount_bits=64,cluster_size=2M
+  mk cluster-512 -o cluster_size=512
+  mk extended-l2 -o extended_l2=on,cluster_size=128k
+  mk zstd -o compression_type=zstd
+  truncate -s 64M "$q/base.raw"
+  (cd "$q" && mk backing-raw -b base.raw -F raw)
+  (cd "$q" && mk backing-qcow2 -b v3.qcow2 -F qcow2)
+  (cd "$q" && mk data-file -o data_file=data.raw,data_file_raw=on)
 }
 
 # Merge records from our own writer: a real merge of diff.vhd (with a

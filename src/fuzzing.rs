@@ -356,3 +356,219 @@ pub fn intent_record(data: &[u8]) {
         assert_eq!(back.to_bytes(), sealed, "sealing is not stable");
     }
 }
+
+/// The VHDX layout parser (`vhdx::fuzz_layout`: headers, log, region and
+/// metadata tables and items) on an image of at least 1 MiB, from a short
+/// input. An input of 1 MiB or more is a whole image as it is. A shorter
+/// one is a list of patches over a valid image from chainfs's own writer,
+/// built once per thread with fixed ids (the same bytes on every run):
+///
+/// ```text
+/// selector: u8   bits 0-1 the template (0 dynamic, 1 fixed, 2 dynamic with
+///                4 KiB logical sectors, 3 differencing with a locator);
+///                bit 2: after patching, recompute the CRC-32C of both
+///                headers and both region tables, so the fuzzer gets past
+///                them to the fields they protect
+/// patch*:  where: u8 (a structure, VHDX_BASES[where % 9]), off: u16 LE
+///          from its start, n: u8, then n bytes (fewer at the end of the
+///          input); n = 0 cuts the image at that offset instead
+/// ```
+///
+/// Each patch is undone after the call (also when it panics), so an input
+/// costs what it patches, not a copy of the image.
+pub fn vhdx_layout(data: &[u8]) {
+    use crate::format::vhdx::{fuzz_layout, MIB};
+    if data.len() as u64 >= MIB {
+        fuzz_layout(data);
+        return;
+    }
+    let Some((&sel, mut rest)) = data.split_first() else {
+        return;
+    };
+    VHDX_TEMPLATES.with(|t| {
+        let mut templates = t.borrow_mut();
+        let img = &mut templates[(sel & 3) as usize];
+        let mut patched = Patched {
+            img,
+            saved: Vec::new(),
+            len: 0,
+        };
+        patched.len = patched.img.len();
+        let mut count = 0;
+        while rest.len() >= 4 && count < 64 {
+            count += 1;
+            let base = VHDX_BASES[rest[0] as usize % VHDX_BASES.len()];
+            let at = base + u16::from_le_bytes([rest[1], rest[2]]) as usize;
+            let n = rest[3] as usize;
+            let bytes = &rest[4..(4 + n).min(rest.len())];
+            rest = &rest[(4 + n).min(rest.len())..];
+            if n == 0 {
+                patched.len = patched.len.min(at);
+            } else {
+                patched.put(at, bytes);
+            }
+        }
+        if sel & 4 != 0 {
+            patched.reseal();
+        }
+        let len = patched.len;
+        fuzz_layout(&patched.img[..len]);
+    });
+}
+
+/// Where the patches of [`vhdx_layout`] start: the file identifier, both
+/// headers, both region tables, the log, the metadata table, its items,
+/// and the BAT, as `vhdx::create` lays a new file out.
+const VHDX_BASES: [usize; 9] = {
+    use crate::format::vhdx::{HEADER1, HEADER2, KIB, MIB, REGION1, REGION2};
+    [
+        0,
+        HEADER1 as usize,
+        HEADER2 as usize,
+        REGION1 as usize,
+        REGION2 as usize,
+        MIB as usize,
+        2 * MIB as usize,
+        (2 * MIB + 64 * KIB) as usize,
+        3 * MIB as usize,
+    ]
+};
+
+thread_local! {
+    static VHDX_TEMPLATES: std::cell::RefCell<Vec<Vec<u8>>> =
+        std::cell::RefCell::new(vhdx_templates());
+}
+
+/// The four template images of [`vhdx_layout`], from the writer.
+fn vhdx_templates() -> Vec<Vec<u8>> {
+    use crate::format::vhdx::create::NewImage;
+    use crate::format::vhdx::{guid_text, MIB};
+    let id = |n: u128| uuid::Uuid::from_u128(0x6368_6169_6e66_735f_0000_0000_0000_0000 | n);
+    let new = |size, fixed, block_size, logical_sector, locator| NewImage {
+        size,
+        fixed,
+        block_size,
+        logical_sector,
+        disk_id: id(1),
+        file_write_guid: id(2),
+        data_write_guid: id(3),
+        locator,
+    };
+    let locator = vec![
+        ("parent_linkage".to_string(), guid_text(&id(4))),
+        ("relative_path".to_string(), ".\\base.vhdx".to_string()),
+        (
+            "absolute_win32_path".to_string(),
+            "C:\\vms\\base.vhdx".to_string(),
+        ),
+    ];
+    [
+        new((8 * MIB) + 512, false, MIB, 512, None),
+        new(2 * MIB, true, MIB, 512, None),
+        new(64 * MIB, false, 32 * MIB, 4096, None),
+        new(8 * MIB, false, 2 * MIB, 512, Some(locator)),
+    ]
+    .iter()
+    .map(|n| n.bytes().expect("a valid template").to_vec())
+    .collect()
+}
+
+/// A template with patches applied, undone on drop.
+struct Patched<'a> {
+    img: &'a mut Vec<u8>,
+    /// (offset, the bytes there before), in the order written.
+    saved: Vec<(usize, Vec<u8>)>,
+    /// How much of the image the parser sees.
+    len: usize,
+}
+
+impl Patched<'_> {
+    fn put(&mut self, at: usize, bytes: &[u8]) {
+        let end = (at + bytes.len()).min(self.img.len());
+        if at >= end {
+            return;
+        }
+        self.saved.push((at, self.img[at..end].to_vec()));
+        self.img[at..end].copy_from_slice(&bytes[..end - at]);
+    }
+
+    /// Recompute the checksums of both headers and both region tables.
+    fn reseal(&mut self) {
+        use crate::format::vhdx::{
+            crc_with_zeroed, HEADER1, HEADER2, HEADER_SIZE, REGION1, REGION2, REGION_SIZE,
+        };
+        for (at, size) in [
+            (HEADER1, HEADER_SIZE),
+            (HEADER2, HEADER_SIZE),
+            (REGION1, REGION_SIZE),
+            (REGION2, REGION_SIZE),
+        ] {
+            let at = at as usize;
+            let c = crc_with_zeroed(&self.img[at..at + size], 4);
+            self.put(at + 4, &c.to_le_bytes());
+        }
+    }
+}
+
+impl Drop for Patched<'_> {
+    fn drop(&mut self) {
+        for (at, old) in self.saved.drain(..).rev() {
+            self.img[at..at + old.len()].copy_from_slice(&old);
+        }
+    }
+}
+
+/// The qcow2 header parser and the table-entry decoders
+/// (`qcow2::fuzz_header`): the input is the start of a file.
+pub fn qcow2_header(data: &[u8]) {
+    crate::format::qcow2::fuzz_header(data);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::vhdx::{Layout, HEADER2, MIB};
+
+    /// The templates are valid images of the kinds they are meant to be,
+    /// so unpatched inputs reach the end of the parser.
+    #[test]
+    fn vhdx_templates_parse() {
+        let t = vhdx_templates();
+        let l: Vec<Layout> = t
+            .iter()
+            .map(|b| Layout::parse(b, Path::new("template.vhdx")).unwrap())
+            .collect();
+        assert!(!l[0].has_parent && l[0].virtual_size == 8 * MIB + 512);
+        assert!(l[1].leave_allocated);
+        assert_eq!(l[2].logical_sector, 4096);
+        assert!(l[3].has_parent && !l[3].locator.is_empty());
+        assert_eq!(vhdx_templates(), t, "templates differ between runs");
+    }
+
+    /// Patches are undone after each input, and a resealed header patch
+    /// gets past the CRC to the field.
+    #[test]
+    fn vhdx_layout_patches_are_undone_and_resealed() {
+        let before = VHDX_TEMPLATES.with(|t| t.borrow().clone());
+        // Header 2 (current): a log GUID, resealed, then a cut.
+        let mut input = vec![4u8, 2, 48, 0, 16];
+        input.extend_from_slice(b"ABCDEFGHIJKLMNOP");
+        input.extend_from_slice(&[6, 0, 0, 0]);
+        vhdx_layout(&input);
+        let after = VHDX_TEMPLATES.with(|t| t.borrow().clone());
+        assert!(after == before, "a patch was left in the template");
+
+        let mut img = before[0].clone();
+        let mut p = Patched {
+            img: &mut img,
+            saved: Vec::new(),
+            len: 0,
+        };
+        p.put(HEADER2 as usize + 48, b"ABCDEFGHIJKLMNOP");
+        p.reseal();
+        let h = crate::format::vhdx::Header::parse(&p.img[HEADER2 as usize..]).unwrap();
+        assert!(!h.log_guid.is_nil());
+        drop(p);
+        assert!(img == before[0]);
+    }
+}

@@ -21,6 +21,8 @@ const TARGETS: &[(&str, Target)] = &[
     ("vhd_header", chainfs::fuzzing::vhd_header),
     ("vhd_image", chainfs::fuzzing::vhd_image),
     ("vhdx_meta", chainfs::fuzzing::vhdx_meta),
+    ("vhdx_layout", chainfs::fuzzing::vhdx_layout),
+    ("qcow2_header", chainfs::fuzzing::qcow2_header),
     ("control_command", chainfs::fuzzing::control_command),
     ("intent_record", chainfs::fuzzing::intent_record),
 ];
@@ -116,6 +118,18 @@ fn replay_vhd_header() {
 #[test]
 fn replay_vhdx_meta() {
     replay("corpus", "vhdx_meta");
+}
+
+#[test]
+fn replay_vhdx_layout() {
+    replay("corpus", "vhdx_layout");
+    replay("regressions", "vhdx_layout");
+}
+
+#[test]
+fn replay_qcow2_header() {
+    replay("corpus", "qcow2_header");
+    replay("regressions", "qcow2_header");
 }
 
 #[test]
@@ -224,7 +238,7 @@ fn structures(target: &str, len: usize) -> Vec<(usize, bool)> {
     match target {
         "vhd_footer" => vec![(0, true)],
         "vhd_header" => vec![(0, false)],
-        "control_command" | "intent_record" => vec![],
+        "control_command" | "intent_record" | "vhdx_layout" | "qcow2_header" => vec![],
         _ => {
             let mut v = vec![(0, true), (512, false)];
             if len >= 512 {
@@ -377,6 +391,16 @@ fn mutate_control_command() {
 #[test]
 fn mutate_intent_record() {
     mutation_loop("intent_record", 0x1_4E47, 20_000);
+}
+
+#[test]
+fn mutate_vhdx_layout() {
+    mutation_loop("vhdx_layout", 0x001A_7047, 20_000);
+}
+
+#[test]
+fn mutate_qcow2_header() {
+    mutation_loop("qcow2_header", 0x9C03, 50_000);
 }
 
 #[test]

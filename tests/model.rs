@@ -1,6 +1,7 @@
-//! Reference-model property tests: random VHD chains built with chainfs's own
-//! writer, random writes and reads through `FlatImage`, and a `Vec<u8>` that
-//! says what every byte of the flat disk must be.
+//! Reference-model property tests: random chains of every format built
+//! with chainfs's own writer, random writes, reads, merges and reopens
+//! through `FlatImage` and the CLI, and a `Vec<u8>` that says what every
+//! byte of the flat disk must be.
 //!
 //! A chain is built bottom-up, the way it happens in real life: the base is
 //! the leaf first and takes writes, then a differencing child is created on
@@ -8,10 +9,22 @@
 //! writes made while it was the leaf, and every earlier write shows through
 //! wherever no later layer covers it. Besides writes and reads, a plan may
 //! discard ranges (zeros), copy parent data up into the leaf (no visible
-//! change), flush, and close and reopen the chain mid-way. After the last operation the chain is
-//! opened afresh from disk and compared whole (read and `export`), every
-//! layer passes its own structural check, and every parent file is byte for
-//! byte what it was when its child was created.
+//! change), flush, close and reopen the chain mid-way (and export it from a
+//! fresh process), and merge a random legal SOURCE into one of its
+//! ancestors with the offline `chainfs merge` (with and without `--keep`):
+//! the flat content must not change and the chain loses the merged layers.
+//! After the last operation the chain is opened afresh from disk and
+//! compared whole (read and `export`), every layer passes its own
+//! structural check, and every parent file is byte for byte what it was
+//! when it last stopped being the leaf or was last merged into.
+//!
+//! The formats come from the registry (`chainfs::format::registry`): each
+//! case names its base format, and the children are of the base's own
+//! format where that format allows itself as a parent (VHD, VHDX), else of
+//! the first format that allows the base as a parent. A raw base has none
+//! today, so its cases run the steps on the base alone; once a driver lists
+//! `raw` in `Driver::parents`, the same cases grow children over the raw
+//! base, and merges into it, without a change here.
 //!
 //! Failures shrink to a small `Plan`; pin each one below as a named `#[test]`
 //! calling `run(&plan)`. The proptest regression file is off on purpose: the
@@ -20,33 +33,119 @@
 mod common;
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
+use chainfs::format::registry::{self, DRIVERS};
 use chainfs::format::vhd::create::{create_base, create_child, ParentSpec};
+use chainfs::format::CreateOptions;
 use chainfs::{Chain, ChainOptions, ErrorKind, FlatImage};
+use common::{Fmt, FORMATS};
 use proptest::prelude::*;
-use proptest::test_runner::TestCaseError;
+use proptest::test_runner::{TestCaseError, TestRunner};
 
 const SECTOR: u64 = 512;
-const BLOCK_SIZES: [u32; 4] = [4 << 10, 64 << 10, 512 << 10, 2 << 20];
 /// How far past the end random reads may start.
 const READ_SLACK: u64 = 8 << 10;
 
-/// One random scenario: the chain's shape and what happens to each layer
-/// while it is the leaf.
+/// Merges `chainfs merge` carried out, and fresh-process exports, over all
+/// plans this process ran: the random runs check that they reach both.
+static MERGES: AtomicUsize = AtomicUsize::new(0);
+static EXPORTS: AtomicUsize = AtomicUsize::new(0);
+
+/// The formats of one chain, by registry name: its base, and its children
+/// (`None`: no format takes such a base as its parent, so the chain is the
+/// base alone).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Formats {
+    base: &'static str,
+    child: Option<&'static str>,
+}
+
+impl Formats {
+    /// A chain over a `base` base, with children of the format the registry
+    /// allows there (the base's own format first).
+    fn over(base: &'static str) -> Formats {
+        let takes = |d: &&&registry::Driver| d.parents.contains(&base);
+        let child = DRIVERS
+            .iter()
+            .filter(takes)
+            .find(|d| d.name == base)
+            .or_else(|| DRIVERS.iter().find(takes))
+            .map(|d| d.name);
+        registry::driver(base).expect("a format of the registry");
+        Formats { base, child }
+    }
+
+    /// The chain a [`Fmt`] of the test matrix makes.
+    fn of(fmt: Fmt) -> Formats {
+        Formats::over(fmt.name())
+    }
+
+    /// The format of stage `i`'s layer (0: the base).
+    fn at(self, i: usize) -> &'static str {
+        if i == 0 {
+            self.base
+        } else {
+            self.child.expect("a format that takes this base as parent")
+        }
+    }
+
+    /// How many stages (layers created one on top of the other) a plan
+    /// may have.
+    fn max_depth(self) -> usize {
+        if self.child.is_some() {
+            5
+        } else {
+            1
+        }
+    }
+
+    /// The file of stage `i`: named as the test matrix names its formats
+    /// (`.avhdx` children), by the registry's first extension otherwise.
+    fn file(self, dir: &Path, i: usize) -> PathBuf {
+        let stem = format!("layer{i}");
+        let format = self.at(i);
+        let name = match FORMATS.iter().find(|f| f.name() == format) {
+            Some(f) if i > 0 => f.child_name(&stem),
+            Some(f) => f.base_name(&stem),
+            None => format!("{stem}.{}", registry::driver(format).unwrap().extensions[0]),
+        };
+        dir.join(name)
+    }
+}
+
+/// Block sizes a layer of `format` may be given, small ones first so that
+/// small disks still span several blocks; 0 is the format's default (the
+/// only choice for a format without blocks, or one this test does not
+/// know yet).
+fn block_sizes(format: &str) -> Vec<u32> {
+    match format {
+        "vhd" => vec![4 << 10, 64 << 10, 512 << 10, 2 << 20],
+        "vhdx" => vec![1 << 20, 2 << 20, 8 << 20],
+        _ => vec![0],
+    }
+}
+
+/// One random scenario: the chain's formats and shape and what happens
+/// while each layer is the leaf.
 #[derive(Debug, Clone)]
 struct Plan {
+    formats: Formats,
     /// Virtual size in bytes, a multiple of 512.
     size: u64,
+    /// A fixed (fully allocated) base.
     base_fixed: bool,
-    /// Block size of each layer, base first (unused for a fixed base).
+    /// Block size of each layer, base first (0: the format's default;
+    /// unused for a fixed base).
     block_sizes: Vec<u32>,
     /// Open with a 64 KiB metadata cache (4 KiB per shard), so tables are
     /// evicted and reloaded from disk all the time.
     tiny_cache: bool,
     /// Flush each leaf before closing it (else a clean close must do it).
     flush_at_close: bool,
-    /// `steps[i]`: operations while layer `i` (0 = base) is the leaf.
-    /// `steps.len()` is the chain depth.
+    /// `steps[i]`: operations after stage `i`'s layer was created (0 = the
+    /// base) on top of the leaf of the time. `steps.len()` is how many
+    /// layers are created; merges make the chain shorter than that.
     steps: Vec<Vec<Op>>,
 }
 
@@ -85,9 +184,15 @@ enum Op {
     CopyUp { at: Pos, len: u64 },
     /// Make the writes durable and go on with the same open image.
     Flush,
-    /// Close (after a flush, or not: a clean close must keep every write)
-    /// and reopen the chain from disk (writable leaf).
+    /// Close (after a flush, or not: a clean close must keep every write),
+    /// export the chain with `chainfs export` in a fresh process, and
+    /// reopen it from disk (writable leaf).
     Reopen { flush: bool },
+    /// Close the chain and run `chainfs merge SOURCE DESTINATION [--keep]`
+    /// for the legal (SOURCE, DESTINATION) pair number `pick` (modulo how
+    /// many there are; nothing when the chain has one layer), then reopen
+    /// the chain from its leaf (DESTINATION when SOURCE was the leaf).
+    Merge { pick: u16, keep: bool },
 }
 
 impl Pos {
@@ -104,83 +209,21 @@ impl Pos {
     }
 }
 
-/// xorshift64*: cheap, deterministic test data.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        Rng((seed ^ 0x9E37_79B9_7F4A_7C15) | 1)
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    fn fill(&mut self, buf: &mut [u8]) {
-        let mut chunks = buf.chunks_exact_mut(8);
-        for c in &mut chunks {
-            c.copy_from_slice(&self.next().to_le_bytes());
-        }
-        let rest = chunks.into_remainder();
-        let last = self.next().to_le_bytes();
-        rest.copy_from_slice(&last[..rest.len()]);
-    }
-}
-
 fn data(fill: Fill, len: usize) -> Vec<u8> {
     match fill {
-        Fill::Random(seed) => {
-            let mut v = vec![0u8; len];
-            Rng::new(seed).fill(&mut v);
-            v
-        }
+        Fill::Random(seed) => common::Rng(seed).bytes(len),
         Fill::Zeros => vec![0u8; len],
         Fill::Byte(b) => vec![b; len],
     }
 }
 
-/// The first index where `a` and `b` differ, with both lengths considered.
-fn first_diff(a: &[u8], b: &[u8]) -> Option<usize> {
-    if let Some(i) = a.iter().zip(b).position(|(x, y)| x != y) {
-        return Some(i);
-    }
-    (a.len() != b.len()).then(|| a.len().min(b.len()))
-}
-
+/// `got` equals `want` (the model from flat offset `base`), or a failure
+/// naming `what` and the first difference.
 fn ensure_same(what: &str, got: &[u8], want: &[u8], base: u64) -> Result<(), TestCaseError> {
-    if let Some(i) = first_diff(got, want) {
-        return Err(TestCaseError::fail(format!(
-            "{what}: first difference at flat offset {} (got {:?}, want {:?}; lengths {} and {})",
-            base + i as u64,
-            got.get(i),
-            want.get(i),
-            got.len(),
-            want.len()
-        )));
+    match common::first_diff(got, want) {
+        None => Ok(()),
+        Some(d) => Err(fail(format!("{what} (from flat offset {base:#x}): {d}"))),
     }
-    Ok(())
-}
-
-/// A scratch folder, on tmpfs when there is one: chainfs fsyncs as it
-/// allocates blocks and flushes, and on a real disk that alone would make a
-/// few hundred cases take minutes. What is tested (the bytes) is the same.
-fn scratch() -> tempfile::TempDir {
-    let shm = Path::new("/dev/shm");
-    if shm.is_dir() {
-        if let Ok(d) = tempfile::Builder::new()
-            .prefix("chainfs-model")
-            .tempdir_in(shm)
-        {
-            return d;
-        }
-    }
-    tempfile::Builder::new()
-        .prefix("chainfs-model")
-        .tempdir()
-        .unwrap()
 }
 
 fn open(
@@ -203,40 +246,148 @@ fn fail(what: impl std::fmt::Display) -> TestCaseError {
     TestCaseError::fail(what.to_string())
 }
 
+/// The layer files of the open chain, base first.
+fn layer_paths(chain: &Chain) -> Vec<PathBuf> {
+    chain
+        .layers
+        .iter()
+        .rev()
+        .map(|l| std::fs::canonicalize(l.path()).unwrap())
+        .collect()
+}
+
+/// sha256 of every layer of `live` but the leaf: the files nothing may
+/// change until the next merge.
+fn freeze(live: &[PathBuf]) -> Vec<(PathBuf, String)> {
+    live[..live.len() - 1]
+        .iter()
+        .map(|p| (p.clone(), common::sha256_file(p)))
+        .collect()
+}
+
+/// Every (SOURCE, DESTINATION) index pair of `live` (base first) that
+/// `chainfs merge` must accept: SOURCE a differencing layer, DESTINATION
+/// one of its ancestors, and every child SOURCE's bytes end up under (its
+/// child in the chain, or SOURCE itself when it is the leaf, whose place
+/// DESTINATION takes) of a format the registry lets have DESTINATION's
+/// format as its parent.
+fn merge_pairs(formats: &[&str]) -> Vec<(usize, usize)> {
+    let mut v = Vec::new();
+    for s in 1..formats.len() {
+        let above = formats.get(s + 1).unwrap_or(&formats[s]);
+        for d in 0..s {
+            if registry::may_have_parent(above, formats[d])
+                && registry::may_have_parent(formats[s], formats[d])
+            {
+                v.push((s, d));
+            }
+        }
+    }
+    v
+}
+
+/// The format of each file of `live` by the registry's probe.
+fn formats_of(live: &[PathBuf]) -> Vec<&'static str> {
+    live.iter()
+        .map(|p| registry::peek(p).expect("a layer some driver reads").format)
+        .collect()
+}
+
+/// `chainfs merge` of pair `pick` of [`merge_pairs`] in the closed chain
+/// `live`, checked: it succeeds, SOURCE and the layers between leave the
+/// chain (deleted, or with `keep` left in place), and the chain opened from
+/// its (maybe new) leaf is `live` without them. Updates `live`; returns
+/// false when the chain has no legal pair.
+fn merge(live: &mut Vec<PathBuf>, pick: u16, keep: bool, ctx: &str) -> Result<bool, TestCaseError> {
+    let pairs = merge_pairs(&formats_of(live));
+    if pairs.is_empty() {
+        return Ok(false);
+    }
+    let (s, d) = pairs[pick as usize % pairs.len()];
+    let (src, dst) = (&live[s], &live[d]);
+    let mut args = vec!["merge", common::p(src), common::p(dst)];
+    if keep {
+        args.push("--keep");
+    }
+    let o = common::chainfs(&args);
+    if !o.status.success() {
+        return Err(fail(format!(
+            "{ctx}: chainfs {args:?} (exit {}): {}",
+            common::code(&o),
+            common::text(&o).trim()
+        )));
+    }
+    let gone: Vec<PathBuf> = live.drain(d + 1..=s).collect();
+    for g in &gone {
+        if g.exists() != keep {
+            return Err(fail(format!(
+                "{ctx}: after the merge{} {} {}",
+                if keep { " --keep" } else { "" },
+                g.display(),
+                if keep { "is gone" } else { "is still there" }
+            )));
+        }
+    }
+    MERGES.fetch_add(1, Ordering::Relaxed);
+    let leaf = live.last().unwrap();
+    let (chain, _) = open(leaf, false, false)?;
+    let now = layer_paths(&chain);
+    if now != *live {
+        return Err(fail(format!(
+            "{ctx}: after merging layer {s} into {d} the chain is {now:?}, not {live:?}"
+        )));
+    }
+    Ok(true)
+}
+
+/// Create stage `i`'s layer: the base, or a child of `parent`.
+fn create_layer(plan: &Plan, dir: &Path, i: usize, parent: Option<&Path>) -> PathBuf {
+    let path = plan.formats.file(dir, i);
+    let block = plan.block_sizes[i];
+    let o = CreateOptions {
+        size: parent.is_none().then_some(plan.size),
+        fixed: parent.is_none() && plan.base_fixed,
+        block_size: (block != 0).then_some(block as u64),
+        logical_sector: 512,
+        parent: parent.map(Path::to_path_buf),
+    };
+    chainfs::format::create(&path, &o).unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
+    std::fs::canonicalize(path).unwrap()
+}
+
 /// Run one plan; every check of the module docs.
 fn run(plan: &Plan) -> Result<(), TestCaseError> {
     let size = plan.size;
-    let depth = plan.steps.len();
-    assert!(depth >= 1 && plan.block_sizes.len() >= depth && size % SECTOR == 0 && size > 0);
-    let dir = scratch();
-    let paths: Vec<PathBuf> = (0..depth)
-        .map(|i| dir.path().join(format!("layer{i}.vhd")))
-        .collect();
-    create_base(&paths[0], size, plan.base_fixed, plan.block_sizes[0]).map_err(fail)?;
+    let stages = plan.steps.len();
+    assert!(
+        stages >= 1
+            && stages <= plan.formats.max_depth()
+            && plan.block_sizes.len() >= stages
+            && size % SECTOR == 0
+            && size > 0
+    );
+    let dir = common::fast_tempdir();
+    let out = dir.path().join("export.out");
 
     let mut model = vec![0u8; size as usize];
-    // (parent file, its sha256 when it stopped being the leaf)
+    // The chain's layers, base first.
+    let mut live: Vec<PathBuf> = Vec::new();
+    // (parent file, its sha256 when it last stopped being the leaf or was
+    // last changed by a merge)
     let mut frozen: Vec<(PathBuf, String)> = Vec::new();
 
     for (i, ops) in plan.steps.iter().enumerate() {
-        if i > 0 {
-            let parent = &paths[i - 1];
-            frozen.push((parent.clone(), common::sha256_file(parent)));
-            let (pc, _) = open(parent, false, false)?;
-            let spec = ParentSpec {
-                path: parent,
-                unique_id: pc.leaf().info().unique_id.unwrap(),
-                virtual_size: pc.virtual_size(),
-            };
-            drop(pc);
-            create_child(&paths[i], &spec, plan.block_sizes[i]).map_err(fail)?;
+        let parent = live.last().cloned();
+        if let Some(p) = &parent {
+            frozen.push((p.clone(), common::sha256_file(p)));
         }
-        let leaf = &paths[i];
-        let (mut chain, mut img) = open(leaf, true, plan.tiny_cache)?;
-        prop_assert_eq!(chain.layers.len(), i + 1);
+        live.push(create_layer(plan, dir.path(), i, parent.as_deref()));
+        let mut leaf = live.last().unwrap().clone();
+        let (mut chain, mut img) = open(&leaf, true, plan.tiny_cache)?;
+        prop_assert_eq!(layer_paths(&chain), live.clone());
         prop_assert_eq!(img.size(), size);
         for (n, op) in ops.iter().enumerate() {
-            let ctx = format!("layer {i} op {n} {op:?}");
+            let ctx = format!("stage {i} op {n} {op:?}");
             match *op {
                 Op::Write { at, len, fill } => {
                     let off = at.resolve(size);
@@ -296,7 +447,22 @@ fn run(plan: &Plan) -> Result<(), TestCaseError> {
                     }
                     drop(img);
                     drop(chain);
-                    (chain, img) = open(leaf, true, plan.tiny_cache)?;
+                    let flat = common::take_export(&leaf, &out).map_err(fail)?;
+                    EXPORTS.fetch_add(1, Ordering::Relaxed);
+                    ensure_same(&format!("{ctx}: chainfs export"), &flat, &model, 0)?;
+                    (chain, img) = open(&leaf, true, plan.tiny_cache)?;
+                }
+                Op::Merge { pick, keep } => {
+                    drop(img);
+                    drop(chain);
+                    if merge(&mut live, pick, keep, &ctx)? {
+                        leaf = live.last().unwrap().clone();
+                        frozen = freeze(&live);
+                    }
+                    (chain, img) = open(&leaf, true, plan.tiny_cache)?;
+                    let mut whole = vec![0xA5u8; size as usize];
+                    img.read_at(0, &mut whole).map_err(fail)?;
+                    ensure_same(&format!("{ctx}: after the merge"), &whole, &model, 0)?;
                 }
             }
         }
@@ -305,13 +471,13 @@ fn run(plan: &Plan) -> Result<(), TestCaseError> {
         }
     }
 
-    let leaf = &paths[depth - 1];
+    let leaf = live.last().unwrap();
     let leaf_sum = common::sha256_file(leaf);
 
     // A fresh read-only open sees exactly the model, in one read and in
     // reads of an odd size that straddle every kind of boundary.
     let (chain, img) = open(leaf, false, plan.tiny_cache)?;
-    prop_assert_eq!(chain.layers.len(), depth);
+    prop_assert_eq!(layer_paths(&chain), live.clone());
     prop_assert_eq!(img.size(), size);
     let mut whole = vec![0xA5u8; size as usize];
     let n = img.read_at(0, &mut whole).map_err(fail)?;
@@ -334,7 +500,6 @@ fn run(plan: &Plan) -> Result<(), TestCaseError> {
     }
 
     // Export writes the same bytes.
-    let out = dir.path().join("flat.raw");
     let stats = chainfs::export::export(&img, &out, false, 2, &|_| {}).map_err(fail)?;
     prop_assert_eq!(stats.virtual_size, size);
     let exported = std::fs::read(&out).map_err(fail)?;
@@ -362,7 +527,7 @@ fn run(plan: &Plan) -> Result<(), TestCaseError> {
         prop_assert_eq!(
             &common::sha256_file(p),
             sum,
-            "parent {} changed after its child was created",
+            "parent {} changed since it stopped being the leaf (or was merged into)",
             p.display()
         );
     }
@@ -412,6 +577,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (pos(), len()).prop_map(|(at, len)| Op::CopyUp { at, len }),
         1 => Just(Op::Flush),
         1 => any::<bool>().prop_map(|flush| Op::Reopen { flush }),
+        2 => (any::<u16>(), any::<bool>()).prop_map(|(pick, keep)| Op::Merge { pick, keep }),
     ]
 }
 
@@ -426,52 +592,91 @@ fn size() -> impl Strategy<Value = u64> {
     ]
 }
 
-fn plan() -> impl Strategy<Value = Plan> {
+fn plan(formats: Formats) -> impl Strategy<Value = Plan> {
+    let blocks = |f: Option<&str>| prop::sample::select(block_sizes(f.unwrap_or("")));
     (
         size(),
         any::<bool>(),
-        prop::collection::vec(prop::sample::select(BLOCK_SIZES.to_vec()), 5),
+        blocks(Some(formats.base)),
+        prop::collection::vec(blocks(formats.child), 4),
         prop::bool::weighted(0.3),
         any::<bool>(),
-        prop::collection::vec(prop::collection::vec(op(), 0..10), 1..=5),
+        prop::collection::vec(prop::collection::vec(op(), 0..10), 1..=formats.max_depth()),
     )
         .prop_map(
-            |(size, base_fixed, block_sizes, tiny_cache, flush_at_close, steps)| Plan {
+            move |(
                 size,
                 base_fixed,
-                block_sizes,
+                base_block,
+                child_blocks,
                 tiny_cache,
                 flush_at_close,
                 steps,
+            )| {
+                Plan {
+                    formats,
+                    size,
+                    base_fixed,
+                    block_sizes: [vec![base_block], child_blocks].concat(),
+                    tiny_cache,
+                    flush_at_close,
+                    steps,
+                }
             },
         )
 }
 
+/// Random cases per format (`PROPTEST_CASES` overrides): sized so that a
+/// format takes well under a minute on two shared cores.
 fn cases() -> u32 {
     std::env::var("PROPTEST_CASES")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(96)
+        .unwrap_or(128)
 }
 
-proptest! {
-    #![proptest_config(ProptestConfig {
+/// Random plans over `formats` agree with the `Vec<u8>` model, before and
+/// after reopening and merging, through reads and export; parents never
+/// change but by a merge.
+fn random_plans(formats: Formats) {
+    let mut runner = TestRunner::new(ProptestConfig {
         cases: cases(),
         failure_persistence: None,
         ..ProptestConfig::default()
-    })]
-
-    /// Random chains and operations agree with the `Vec<u8>` model, before
-    /// and after reopening, through reads and export; parents never change.
-    #[test]
-    fn random_chains_match_the_flat_model(plan in plan()) {
-        run(&plan)?;
+    });
+    let (m0, e0) = (
+        MERGES.load(Ordering::Relaxed),
+        EXPORTS.load(Ordering::Relaxed),
+    );
+    if let Err(e) = runner.run(&plan(formats), |p| run(&p)) {
+        panic!("{formats:?}: {e}");
     }
+    let merges = MERGES.load(Ordering::Relaxed) - m0;
+    let exports = EXPORTS.load(Ordering::Relaxed) - e0;
+    eprintln!(
+        "{formats:?}: {} cases, {merges} merges, {exports} exports",
+        cases()
+    );
+    // Nextest runs each test in a process of its own; under `cargo test`
+    // other tests add to the counters, which only makes these larger.
+    if cases() >= 32 {
+        assert!(exports > 0, "{formats:?}: no plan reopened the chain");
+        assert!(
+            merges > 0 || formats.child.is_none(),
+            "{formats:?}: no plan merged"
+        );
+    }
+}
+
+fn random_chains_match_the_flat_model(fmt: Fmt) {
+    random_plans(Formats::of(fmt));
 }
 
 // ---------------------------------------------------------------------------
 // Hand-written scenarios: the edges the generator must reach, kept as named
 // tests so they run on every build even when the random cases miss them.
+// Those with VHD block sizes (4 KiB..2 MiB) are VHD only; the merge
+// scenario runs per format.
 
 fn w(at: u64, len: u64, fill: Fill) -> Op {
     Op::Write {
@@ -499,6 +704,7 @@ fn check(plan: Plan) {
 #[test]
 fn zeros_and_partial_sectors_in_a_child_shadow_the_parent() {
     check(Plan {
+        formats: Formats::over("vhd"),
         size: 1 << 20,
         base_fixed: false,
         block_sizes: vec![4 << 10, 64 << 10],
@@ -524,6 +730,7 @@ fn zeros_and_partial_sectors_in_a_child_shadow_the_parent() {
 fn block_straddling_writes_on_a_partial_last_block() {
     let size = (1 << 20) + 3 * 512;
     check(Plan {
+        formats: Formats::over("vhd"),
         size,
         base_fixed: false,
         block_sizes: vec![2 << 20, 4 << 10, 512 << 10],
@@ -549,6 +756,7 @@ fn block_straddling_writes_on_a_partial_last_block() {
 #[test]
 fn fixed_base_with_two_children() {
     check(Plan {
+        formats: Formats::over("vhd"),
         size: 3 << 20,
         base_fixed: true,
         block_sizes: vec![0, 2 << 20, 64 << 10],
@@ -572,6 +780,7 @@ fn fixed_base_with_two_children() {
 #[test]
 fn one_sector_disk() {
     check(Plan {
+        formats: Formats::over("vhd"),
         size: 512,
         base_fixed: false,
         block_sizes: vec![4 << 10, 4 << 10, 2 << 20],
@@ -596,6 +805,7 @@ fn one_sector_disk() {
 fn thousands_of_new_blocks_between_flushes() {
     let size = 20 << 20;
     check(Plan {
+        formats: Formats::over("vhd"),
         size,
         base_fixed: false,
         block_sizes: vec![4 << 10, 4 << 10],
@@ -613,6 +823,109 @@ fn thousands_of_new_blocks_between_flushes() {
     });
 }
 
+/// Merges of each kind, with writes between them: a middle layer into its
+/// parent with `--keep` (the leaf is relinked past it), the leaf into its
+/// parent (which becomes the leaf and takes the next writes), after a
+/// reopen the new leaf into the base, and a merge on a one-layer chain
+/// (nothing to do).
+fn merges_keep_the_flat_content(fmt: Fmt) {
+    let size = (3 << 20) + 3 * 512;
+    let m = |pick, keep| Op::Merge { pick, keep };
+    check(Plan {
+        formats: Formats::of(fmt),
+        size,
+        base_fixed: false,
+        block_sizes: vec![fmt.min_block() as u32; 4],
+        tiny_cache: false,
+        flush_at_close: true,
+        steps: vec![
+            vec![w(0, 3 << 20, Fill::Random(11))],
+            vec![
+                w(4096, 1 << 20, Fill::Random(12)),
+                Op::Discard {
+                    at: Pos::Any(2 << 20),
+                    len: 64 << 10,
+                },
+            ],
+            vec![w((1 << 20) - 100, 300, Fill::Byte(1))],
+            vec![
+                w(10, 10, Fill::Zeros),
+                w(size - 512, 512, Fill::Byte(2)),
+                // Pairs of four layers: (1,0) (2,0) (2,1) (3,0) (3,1) (3,2).
+                m(2, true),
+                w(700, 5000, Fill::Random(13)),
+                // Of (1,0) (2,0) (2,1): the leaf into its parent.
+                m(2, false),
+                w(1 << 20, 100, Fill::Byte(3)),
+                Op::Reopen { flush: false },
+                m(0, false),
+                w(100, 100, Fill::Byte(4)),
+                m(0, true),
+                r(0, size),
+            ],
+        ],
+    });
+}
+
+/// A raw base: alone today (no driver lists `raw` among its parents), with
+/// children and merges once one does.
+mod raw {
+    use super::*;
+
+    #[test]
+    fn random_chains_match_the_flat_model() {
+        random_plans(Formats::over("raw"));
+    }
+
+    /// Writes, a discard, a reopen with a fresh-process export and merges
+    /// on a raw base: alone today, so the merges find nothing to do; over
+    /// children once a format takes a raw parent.
+    #[test]
+    fn writes_discards_merges_and_reopens_on_a_raw_base() {
+        let formats = Formats::over("raw");
+        let stages = formats.max_depth().min(3);
+        let mut steps = vec![vec![
+            w(0, 1 << 20, Fill::Random(21)),
+            Op::Discard {
+                at: Pos::Any(4096),
+                len: 10_000,
+            },
+            Op::Reopen { flush: false },
+            r(0, 2 << 20),
+        ]];
+        for i in 1..stages {
+            steps.push(vec![
+                w(i as u64 * 3000, 9000, Fill::Random(22 + i as u64)),
+                Op::Merge {
+                    pick: i as u16,
+                    keep: i % 2 == 0,
+                },
+            ]);
+        }
+        steps[stages - 1].extend([
+            Op::Merge {
+                pick: 0,
+                keep: false,
+            },
+            r(0, 2 << 20),
+        ]);
+        check(Plan {
+            formats,
+            size: (2 << 20) + 512,
+            base_fixed: false,
+            block_sizes: vec![0; stages],
+            tiny_cache: false,
+            flush_at_close: false,
+            steps,
+        });
+    }
+}
+
+per_format! {
+    random_chains_match_the_flat_model();
+    merges_keep_the_flat_content();
+}
+
 // ---------------------------------------------------------------------------
 // Regressions. Each was found by these tests; keep them named.
 
@@ -628,7 +941,7 @@ fn thousands_of_new_blocks_between_flushes() {
 /// now close without a flush too; this is the minimal form.
 #[test]
 fn writes_into_new_blocks_survive_a_close_without_flush() {
-    let dir = scratch();
+    let dir = common::fast_tempdir();
     let base = dir.path().join("base.vhd");
     let child = dir.path().join("child.vhd");
     create_base(&base, 1 << 20, false, 64 << 10).unwrap();

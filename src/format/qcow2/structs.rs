@@ -610,7 +610,7 @@ impl Header {
                     format!("{n} is over 1023"),
                 ));
             }
-            if o < u64::from(self.header_length) || o + n > cs {
+            if o < u64::from(self.header_length) || o.checked_add(n).is_none_or(|e| e > cs) {
                 return Err(corrupt(8, "header backing_file_offset", format!("name at {o:#x}+{n} is not between the header and the end of the first cluster")));
             }
             if o + n > first {

@@ -926,3 +926,23 @@ fn backing_name_inside_last_extension_padding() {
     assert_eq!(h.to_bytes().unwrap(), b[..127].to_vec());
     fuzz_header(&b);
 }
+
+/// Found by fuzzing (`qcow2_header`): a backing_file_offset of u64::MAX
+/// overflowed `offset + size` in the range check (a panic in debug builds,
+/// and in release a wrapped sum that passed the check and then a slice out
+/// of range). Refused, naming the field.
+#[test]
+fn backing_file_offset_near_u64_max() {
+    let mut b = v3();
+    put64(&mut b, 8, u64::MAX);
+    put32(&mut b, 16, 8);
+    let e = Header::parse(&b).unwrap_err();
+    assert!(
+        e.message().contains("backing_file_offset"),
+        "{}",
+        e.message()
+    );
+    put64(&mut b, 8, u64::MAX - 7);
+    assert!(Header::parse(&b).is_err());
+    fuzz_header(&b);
+}

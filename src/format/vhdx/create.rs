@@ -47,7 +47,7 @@ pub fn create_file(path: &Path, o: &CreateOptions, parent: Option<&dyn Layer>) -
 }
 
 pub fn create(path: &Path, spec: &VhdxSpec<'_>) -> Result<()> {
-    let (size, lss, pss, disk_id, locator) = match spec.parent {
+    let (size, logical_sector, disk_id, locator) = match spec.parent {
         Some((pp, pl)) => {
             let i = pl.info();
             let unique_id = match (i.format == DRIVER.name, i.unique_id) {
@@ -72,35 +72,21 @@ pub fn create(path: &Path, spec: &VhdxSpec<'_>) -> Result<()> {
                 ),
             ];
             let disk_id = peek_disk_id(pp).unwrap_or_else(Uuid::new_v4);
-            (i.virtual_size, i.sector_size, 4096u32, disk_id, Some(pairs))
+            (i.virtual_size, i.sector_size, disk_id, Some(pairs))
         }
-        None => (spec.size, spec.logical_sector, 4096, Uuid::new_v4(), None),
+        None => (spec.size, spec.logical_sector, Uuid::new_v4(), None),
     };
-    let bs = spec.block_size;
-    if !bs.is_power_of_two() || !(MIB..=256 * MIB).contains(&bs) {
-        return Err(Error::invalid(format!(
-            "block size {bs} must be a power of two from 1M to 256M"
-        )));
+    let image = NewImage {
+        size,
+        fixed: spec.fixed,
+        block_size: spec.block_size,
+        logical_sector,
+        disk_id,
+        file_write_guid: Uuid::new_v4(),
+        data_write_guid: Uuid::new_v4(),
+        locator,
     }
-    if !matches!(lss, 512 | 4096) {
-        return Err(Error::invalid("logical sector size must be 512 or 4096"));
-    }
-    if size == 0 || size % lss as u64 != 0 || size > 64 << 40 {
-        return Err(Error::invalid(format!(
-            "size {size} must be a non-zero multiple of {lss} bytes, at most 64 TiB"
-        )));
-    }
-    let has_parent = locator.is_some();
-    let chunk_ratio = ((1u64 << 23) * lss as u64) / bs;
-    let data_blocks = size.div_ceil(bs);
-    let entries = if has_parent {
-        data_blocks.div_ceil(chunk_ratio) * (chunk_ratio + 1)
-    } else {
-        data_blocks + (data_blocks - 1) / chunk_ratio
-    };
-    let bat_len = (entries * 8).next_multiple_of(MIB);
-    let (log_off, meta_off, bat_off) = (MIB, 2 * MIB, 3 * MIB);
-    let first_block = bat_off + bat_len;
+    .bytes()?;
 
     let f = std::fs::OpenOptions::new()
         .read(true)
@@ -109,7 +95,86 @@ pub fn create(path: &Path, spec: &VhdxSpec<'_>) -> Result<()> {
         .open(path)
         .ctx(path, "cannot create", None)?;
     let r = (|| -> Result<()> {
-        let w = |off: u64, b: &[u8]| f.write_all_at(b, off).ctx(path, "cannot write", Some(off));
+        for (off, b) in &image.writes {
+            f.write_all_at(b, *off)
+                .ctx(path, "cannot write", Some(*off))?;
+        }
+        f.set_len(image.len).ctx(path, "cannot size", None)?;
+        f.sync_all().ctx(path, "cannot fsync", None)
+    })();
+    if r.is_err() {
+        let _ = std::fs::remove_file(path);
+    }
+    r
+}
+
+/// Everything the bytes of a new VHDX depend on, its ids included: random
+/// when `create` makes a file, fixed where the same bytes are wanted every
+/// time (the fuzz templates of `crate::fuzzing::vhdx_layout`).
+#[derive(Debug, Clone)]
+pub struct NewImage {
+    pub size: u64,
+    pub fixed: bool,
+    pub block_size: u64,
+    pub logical_sector: u32,
+    pub disk_id: Uuid,
+    pub file_write_guid: Uuid,
+    pub data_write_guid: Uuid,
+    /// The parent locator's pairs of a differencing disk.
+    pub locator: Option<Vec<(String, String)>>,
+}
+
+/// A new VHDX as bytes: what goes where (everything not written is zero),
+/// and the file's length.
+pub struct ImageBytes {
+    pub writes: Vec<(u64, Vec<u8>)>,
+    pub len: u64,
+}
+
+impl ImageBytes {
+    /// The whole file in memory.
+    pub fn to_vec(&self) -> Vec<u8> {
+        let mut v = vec![0u8; self.len as usize];
+        for (off, b) in &self.writes {
+            v[*off as usize..*off as usize + b.len()].copy_from_slice(b);
+        }
+        v
+    }
+}
+
+impl NewImage {
+    /// Validate the geometry and lay the file out: identifier, both
+    /// headers, both region tables, the metadata table and items, and for
+    /// a fixed disk a BAT that maps every block.
+    pub fn bytes(&self) -> Result<ImageBytes> {
+        let (size, lss, pss) = (self.size, self.logical_sector, 4096u32);
+        let bs = self.block_size;
+        if !bs.is_power_of_two() || !(MIB..=256 * MIB).contains(&bs) {
+            return Err(Error::invalid(format!(
+                "block size {bs} must be a power of two from 1M to 256M"
+            )));
+        }
+        if !matches!(lss, 512 | 4096) {
+            return Err(Error::invalid("logical sector size must be 512 or 4096"));
+        }
+        if size == 0 || size % lss as u64 != 0 || size > 64 << 40 {
+            return Err(Error::invalid(format!(
+                "size {size} must be a non-zero multiple of {lss} bytes, at most 64 TiB"
+            )));
+        }
+        let has_parent = self.locator.is_some();
+        let chunk_ratio = ((1u64 << 23) * lss as u64) / bs;
+        let data_blocks = size.div_ceil(bs);
+        let entries = if has_parent {
+            data_blocks.div_ceil(chunk_ratio) * (chunk_ratio + 1)
+        } else {
+            data_blocks + (data_blocks - 1) / chunk_ratio
+        };
+        let bat_len = (entries * 8).next_multiple_of(MIB);
+        let (log_off, meta_off, bat_off) = (MIB, 2 * MIB, 3 * MIB);
+        let first_block = bat_off + bat_len;
+
+        let mut writes: Vec<(u64, Vec<u8>)> = Vec::new();
         let mut ident = vec![0u8; 64 * 1024];
         ident[0..8].copy_from_slice(b"vhdxfile");
         let creator: Vec<u8> = format!("chainfs {}", env!("CARGO_PKG_VERSION"))
@@ -117,20 +182,19 @@ pub fn create(path: &Path, spec: &VhdxSpec<'_>) -> Result<()> {
             .flat_map(|u| u.to_le_bytes())
             .collect();
         ident[8..8 + creator.len()].copy_from_slice(&creator);
-        w(0, &ident)?;
-        let (fw, dw) = (Uuid::new_v4(), Uuid::new_v4());
+        writes.push((0, ident));
         for (seq, at) in [(1u64, HEADER1), (2, HEADER2)] {
             let h = Header {
                 sequence: seq,
-                file_write_guid: fw,
-                data_write_guid: dw,
+                file_write_guid: self.file_write_guid,
+                data_write_guid: self.data_write_guid,
                 log_guid: Uuid::nil(),
                 log_version: 0,
                 version: 1,
                 log_length: MIB as u32,
                 log_offset: log_off,
             };
-            w(at, &h.to_bytes())?;
+            writes.push((at, h.to_bytes()));
         }
         let regions = region_table_bytes(&[
             RegionEntry {
@@ -146,39 +210,45 @@ pub fn create(path: &Path, spec: &VhdxSpec<'_>) -> Result<()> {
                 required: true,
             },
         ]);
-        w(REGION1, &regions)?;
-        w(REGION2, &regions)?;
+        writes.push((REGION1, regions.clone()));
+        writes.push((REGION2, regions));
         // Metadata items from +64 KiB.
         let mut items: Vec<(Uuid, Vec<u8>, bool, bool)> = Vec::new();
-        let flags = spec.fixed as u32 | (has_parent as u32) << 1;
+        let flags = self.fixed as u32 | (has_parent as u32) << 1;
         let mut fp = (bs as u32).to_le_bytes().to_vec();
         fp.extend_from_slice(&flags.to_le_bytes());
         items.push((FILE_PARAMETERS, fp, false, true));
         items.push((VIRTUAL_DISK_SIZE, size.to_le_bytes().to_vec(), true, true));
-        items.push((VIRTUAL_DISK_ID, disk_id.to_bytes_le().to_vec(), true, true));
+        items.push((
+            VIRTUAL_DISK_ID,
+            self.disk_id.to_bytes_le().to_vec(),
+            true,
+            true,
+        ));
         items.push((LOGICAL_SECTOR_SIZE, lss.to_le_bytes().to_vec(), true, true));
         items.push((PHYSICAL_SECTOR_SIZE, pss.to_le_bytes().to_vec(), true, true));
-        if let Some(pairs) = &locator {
+        if let Some(pairs) = &self.locator {
             items.push((PARENT_LOCATOR, parent_locator_bytes(pairs), false, true));
         }
         let mut table = Vec::new();
         let mut at = 64 * KIB;
-        for (id, data, vd, req) in &items {
-            w(meta_off + at, data)?;
+        for (id, data, vd, req) in items {
             table.push(MetadataEntry {
-                item: *id,
+                item: id,
                 offset: at as u32,
                 length: data.len() as u32,
                 is_user: false,
-                is_virtual_disk: *vd,
-                required: *req,
+                is_virtual_disk: vd,
+                required: req,
             });
-            at = (at + data.len() as u64).next_multiple_of(4096);
+            let next = (at + data.len() as u64).next_multiple_of(4096);
+            writes.push((meta_off + at, data));
+            at = next;
         }
-        w(meta_off, &metadata_table_bytes(&table))?;
+        writes.push((meta_off, metadata_table_bytes(&table)));
         // BAT.
         let mut end = first_block;
-        if spec.fixed {
+        if self.fixed {
             let mut bat = vec![0u8; (entries * 8) as usize];
             let mut off = first_block;
             for n in 0..data_blocks {
@@ -187,17 +257,14 @@ pub fn create(path: &Path, spec: &VhdxSpec<'_>) -> Result<()> {
                 bat[(idx * 8) as usize..(idx * 8 + 8) as usize].copy_from_slice(&e.to_le_bytes());
                 off += bs;
             }
-            w(bat_off, &bat)?;
+            writes.push((bat_off, bat));
             end = off;
         }
-        f.set_len(end.max(first_block))
-            .ctx(path, "cannot size", None)?;
-        f.sync_all().ctx(path, "cannot fsync", None)
-    })();
-    if r.is_err() {
-        let _ = std::fs::remove_file(path);
+        Ok(ImageBytes {
+            writes,
+            len: end.max(first_block),
+        })
     }
-    r
 }
 
 fn peek_disk_id(path: &Path) -> Option<Uuid> {
