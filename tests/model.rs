@@ -335,7 +335,11 @@ fn run(plan: &Plan) -> Result<(), TestCaseError> {
 
     // Export writes the same bytes.
     let out = dir.path().join("flat.raw");
-    let stats = chainfs::export::export(&img, &out, false, 2, &|_| {}).map_err(fail)?;
+    let opts = chainfs::export::ExportOptions {
+        threads: 2,
+        ..Default::default()
+    };
+    let stats = chainfs::export::export(&img, &out, &opts, &|_| {}).map_err(fail)?;
     prop_assert_eq!(stats.virtual_size, size);
     let exported = std::fs::read(&out).map_err(fail)?;
     ensure_same("export", &exported, &model, 0)?;

@@ -1,8 +1,15 @@
 //! `chainfs export`: the flat image to a raw file, a block device or a
-//! pipe, reading only what the chain stores.
+//! pipe, or converted into a new standalone image of any format the
+//! registry has, reading only what the chain stores.
 //!
-//! OUTPUT is classified first ([`target`]); the write strategy follows:
+//! OUTPUT is classified first ([`target`]), then its format is chosen
+//! ([`output_driver`]): `--format NAME`, else the extension of a regular
+//! file's name (no extension: raw, as before formats were chosen); every
+//! other target takes only the flat format. The write strategy follows:
 //!
+//! * **Image files** (any format but the flat one): [`convert`] creates the
+//!   image under a temporary name through the registry and writes only the
+//!   data through the `Layer` trait; placed like a raw file below.
 //! * **Files** (new, or replacing one with `--force`): written under a
 //!   temporary name next to the file and linked or renamed into place at the
 //!   end, so a failed export leaves no partial image and never harms the
@@ -25,6 +32,7 @@
 //!   goes out in order.
 //! * **/dev/null**: read everything, write it nowhere (a read check).
 
+pub mod convert;
 pub mod target;
 
 use std::fs::File;
@@ -37,6 +45,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use parking_lot::{Condvar, Mutex};
 
 use crate::error::{Error, ErrorKind, IoContext, Result};
+use crate::format::registry::{self, Driver};
 use crate::format::space::is_zero;
 use crate::format::Layer;
 use crate::image::{FlatImage, Source};
@@ -62,21 +71,57 @@ pub struct ExportStats {
     /// What OUTPUT was: `new_file`, `replaced_file`, `block_device`,
     /// `fifo`, `stdout` or `null`.
     pub target: &'static str,
+    /// The format OUTPUT was written in (a registry name).
+    pub format: &'static str,
+}
+
+/// How to export (the CLI's options).
+#[derive(Debug, Clone)]
+pub struct ExportOptions {
+    /// `--force`: replace an existing regular file, overwrite a block device.
+    pub overwrite: bool,
+    /// Worker threads.
+    pub threads: usize,
+    /// `--format NAME`: the output's format, whatever its name ends in.
+    pub format: Option<String>,
+    /// `--type fixed`: a fixed (fully allocated) image where the format has
+    /// that type; dynamic (sparse) by default.
+    pub fixed: bool,
+    /// `--block-size`: the new image's block size (the format's default
+    /// otherwise).
+    pub block_size: Option<u64>,
+}
+
+impl Default for ExportOptions {
+    fn default() -> Self {
+        ExportOptions {
+            overwrite: false,
+            threads: 4,
+            format: None,
+            fixed: false,
+            block_size: None,
+        }
+    }
 }
 
 /// Write the flattened `image` to `out` (see the module docs for what
-/// `out` may be; `overwrite` is `--force`). `progress` is called with the
+/// `out` may be and which format it gets). `progress` is called with the
 /// virtual bytes done so far (from any worker thread).
 pub fn export(
     image: &FlatImage,
     out: &Path,
-    overwrite: bool,
-    threads: usize,
+    opts: &ExportOptions,
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<ExportStats> {
-    let t = target::classify(out, overwrite)?;
+    let t = target::classify(out, opts.overwrite)?;
     let kind = t.kind();
+    let driver = output_driver(&t, out, opts)?;
+    let threads = opts.threads;
     let stats = match t {
+        Target::NewFile(p) | Target::ReplaceFile(p) if !is_flat(driver) => {
+            let replace = kind == "replaced_file";
+            convert::to_image(image, driver, &p, replace, opts, progress)
+        }
         Target::NewFile(p) => to_file(image, &p, false, threads, progress),
         Target::ReplaceFile(p) => to_file(image, &p, true, threads, progress),
         Target::BlockDevice(p) => to_device(image, &p, threads, progress),
@@ -115,8 +160,63 @@ pub fn export(
     }?;
     Ok(ExportStats {
         target: kind,
+        format: driver.name,
         ..stats
     })
+}
+
+fn is_flat(d: &Driver) -> bool {
+    d.name == registry::flat().name
+}
+
+/// The format `out` (classified as `t`) is written in: `--format`, else the
+/// extension of a regular file's name (none: the flat format); a target
+/// that is not a regular file takes the flat format only. Chosen before
+/// anything is created, so a refusal leaves nothing behind.
+pub fn output_driver(t: &Target, out: &Path, opts: &ExportOptions) -> Result<&'static Driver> {
+    let is_file = matches!(t, Target::NewFile(_) | Target::ReplaceFile(_));
+    let d = match &opts.format {
+        Some(n) => registry::driver(n).ok_or_else(|| {
+            Error::invalid(format!(
+                "--format {n}: not a format chainfs writes (one of {})",
+                registry::names()
+            ))
+        })?,
+        None if is_file && out.extension().is_some() => {
+            registry::driver_for_name(out).map_err(|e| {
+                Error::invalid(format!(
+                    "{}, or name the format with --format ({})",
+                    e.message(),
+                    registry::names()
+                ))
+            })?
+        }
+        None => registry::flat(),
+    };
+    if is_flat(d) {
+        if opts.fixed || opts.block_size.is_some() {
+            return Err(Error::invalid(format!(
+                "{}: written as {}, which has no blocks: --type fixed and --block-size apply to \
+                 image formats only",
+                out.display(),
+                d.name
+            )));
+        }
+    } else if !is_file {
+        return Err(Error::invalid(format!(
+            "{}: {}; a {} image is written to a regular file only (this target takes {})",
+            out.display(),
+            match t {
+                Target::BlockDevice(_) => "a block device",
+                Target::Fifo(_) => "a pipe",
+                Target::Stdout => "standard output",
+                _ => "/dev/null",
+            },
+            d.name,
+            registry::flat().name
+        )));
+    }
+    Ok(d)
 }
 
 /// A new file at `out` (temporary name, then linked into place), or with
@@ -128,44 +228,75 @@ fn to_file(
     threads: usize,
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<ExportStats> {
+    let tmp = temp_name(out, "");
+    via_temp(
+        out,
+        &tmp,
+        replace,
+        |tmp| {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(tmp)
+                .ctx(tmp, "cannot create", None)
+        },
+        |tmp, f| {
+            f.set_len(image.size()).ctx(tmp, "cannot size", None)?;
+            let stats = parallel(image, &f, tmp, Zeros::Skip, threads, progress)?;
+            f.sync_all().ctx(tmp, "cannot fsync", None)?;
+            Ok(stats)
+        },
+    )
+}
+
+/// `.NAME.chainfs-export-PID` next to `out`, then `suffix`.
+fn temp_name(out: &Path, suffix: &str) -> std::path::PathBuf {
     let name = out
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let tmp =
-        crate::paths::folder_of(out).join(format!(".{name}.chainfs-export-{}", std::process::id()));
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&tmp)
-        .ctx(&tmp, "cannot create", None)?;
-    let r = f
-        .set_len(image.size())
-        .ctx(&tmp, "cannot size", None)
-        .and_then(|()| parallel(image, &f, &tmp, Zeros::Skip, threads, progress))
-        .and_then(|stats| {
-            f.sync_all().ctx(&tmp, "cannot fsync", None)?;
-            if replace {
-                // Only ever over a regular file: `classify` said so before
-                // the copy; look again right before the rename, so a node
-                // put there meanwhile is not replaced by a file.
-                let now = std::fs::symlink_metadata(out).ctx(out, "cannot stat", None)?;
-                if !now.file_type().is_file() {
-                    return Err(Error::new(
-                        ErrorKind::Busy,
-                        format!("{}: no longer a regular file; not replaced", out.display()),
-                    ));
-                }
-                std::fs::rename(&tmp, out).ctx(out, "cannot rename into place", None)?;
-            } else {
-                // Never replaces anything that appeared meanwhile.
-                std::fs::hard_link(&tmp, out).ctx(out, "cannot create", None)?;
-                let _ = std::fs::remove_file(&tmp);
+    crate::paths::folder_of(out).join(format!(
+        ".{name}.chainfs-export-{}{suffix}",
+        std::process::id()
+    ))
+}
+
+/// The one way a file export is placed: `create` makes the new file `tmp`
+/// (never replacing anything), `fill` writes it completely and durably,
+/// then it is linked into place at `out` (never replacing anything that
+/// appeared meanwhile) or, with `replace`, renamed over the regular file
+/// there. After a failure of `fill` or of the placing, `tmp` (the one file
+/// export created) is removed; a failed `create` made nothing to remove.
+fn via_temp<T>(
+    out: &Path,
+    tmp: &Path,
+    replace: bool,
+    create: impl FnOnce(&Path) -> Result<T>,
+    fill: impl FnOnce(&Path, T) -> Result<ExportStats>,
+) -> Result<ExportStats> {
+    let made = create(tmp)?;
+    let r = fill(tmp, made).and_then(|stats| {
+        if replace {
+            // Only ever over a regular file: `classify` said so before
+            // the copy; look again right before the rename, so a node
+            // put there meanwhile is not replaced by a file.
+            let now = std::fs::symlink_metadata(out).ctx(out, "cannot stat", None)?;
+            if !now.file_type().is_file() {
+                return Err(Error::new(
+                    ErrorKind::Busy,
+                    format!("{}: no longer a regular file; not replaced", out.display()),
+                ));
             }
-            Ok(stats)
-        });
+            std::fs::rename(tmp, out).ctx(out, "cannot rename into place", None)?;
+        } else {
+            // Never replaces anything that appeared meanwhile.
+            std::fs::hard_link(tmp, out).ctx(out, "cannot create", None)?;
+            let _ = std::fs::remove_file(tmp);
+        }
+        Ok(stats)
+    });
     if r.is_err() {
-        let _ = std::fs::remove_file(&tmp);
+        let _ = std::fs::remove_file(tmp);
     }
     r
 }
@@ -312,7 +443,7 @@ fn parallel(
         data_read: read.into_inner(),
         data_written: written.into_inner(),
         zeroed: zeroed.into_inner(),
-        target: "",
+        ..Default::default()
     })
 }
 
@@ -531,8 +662,7 @@ fn stream(
         virtual_size: size,
         data_read: read.into_inner(),
         data_written: size,
-        zeroed: 0,
-        target: "",
+        ..Default::default()
     })
 }
 
