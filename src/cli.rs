@@ -141,7 +141,7 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Write the flattened image to a raw file, a block device or a pipe, or convert it to a VHD, VHDX, ... image.
+    /// Write the flattened image to a file (raw, VHD, VHDX), a block device or a pipe.
     ///
     /// A regular OUTPUT is written in the format its name ends in: .raw,
     /// .img, .dd or no extension: raw; .vhd: VHD; .vhdx: VHDX (every format
