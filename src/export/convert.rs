@@ -24,18 +24,13 @@
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use super::{plan, via_temp, ExportOptions, ExportStats, CHUNK, RUN};
+use super::{plan, via_temp, write_nonzero, ExportOptions, ExportStats, CHUNK, GRAIN, RUN};
 use crate::cache::MetaCache;
 use crate::error::{Error, Result};
 use crate::format::registry::{self, Driver};
-use crate::format::space::is_zero;
 use crate::format::{CreateOptions, Layer, LayerOptions};
 use crate::image::{FlatImage, Source};
 
-/// The unit of the zero check: small enough that a zero gap inside data is
-/// skipped, large enough that a write is never tiny. A power of two that
-/// divides the window, so every piece starts on a sector boundary.
-const GRAIN: u64 = 64 << 10;
 /// Metadata cache of the new image (its tables are written, rarely read).
 const CACHE: usize = 16 << 20;
 
@@ -201,35 +196,11 @@ fn copy_chunk(
             first += 1;
         }
         if data {
-            written += write_nonzero(dst, w, &buf[..(wend - w) as usize])?;
+            written += write_nonzero(w, &buf[..(wend - w) as usize], |o, d| {
+                dst.write_sectors(o, d)
+            })?;
         }
         w = wend;
     }
     Ok((read, written))
-}
-
-/// Write the non-zero [`GRAIN`]s of `data` (the virtual bytes at `off`) to
-/// `dst`, consecutive ones as one write; returns the bytes written.
-fn write_nonzero(dst: &dyn Layer, off: u64, data: &[u8]) -> Result<u64> {
-    let mut written = 0;
-    let mut from: Option<usize> = None; // start of the pending write
-    let mut at = 0;
-    while at <= data.len() {
-        let g = (GRAIN as usize).min(data.len() - at);
-        let zero = g == 0 || is_zero(&data[at..at + g]);
-        match (from, zero) {
-            (None, false) => from = Some(at),
-            (Some(f), true) => {
-                dst.write_sectors(off + f as u64, &data[f..at])?;
-                written += (at - f) as u64;
-                from = None;
-            }
-            _ => {}
-        }
-        if g == 0 {
-            break;
-        }
-        at += g;
-    }
-    Ok(written)
 }

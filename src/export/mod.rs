@@ -53,6 +53,11 @@ use target::Target;
 
 const CHUNK: u64 = 64 << 20;
 const RUN: u64 = 8 << 20;
+/// The unit of the zero check on data read: small enough that zeros
+/// inside data stay holes (and unallocated blocks in an image), large
+/// enough that no write is tiny. A power of two dividing [`RUN`], so in an
+/// image every piece starts on a sector boundary.
+const GRAIN: u64 = 64 << 10;
 /// A stream's unit of work: what one worker holds while it waits its turn.
 const STREAM_CHUNK: u64 = RUN;
 
@@ -540,6 +545,13 @@ fn copy_chunk(
             }
         };
         match data {
+            // A new file (or /dev/null) reads zeros where nothing is
+            // written: its zero pieces stay holes.
+            Some(part) if matches!(zeros, Zeros::Skip) => {
+                written += write_nonzero(r.off, part, |o, d| {
+                    f.write_all_at(d, o).ctx(out, "cannot write", Some(o))
+                })?;
+            }
             Some(part) => {
                 flush(&mut pending)?;
                 f.write_all_at(part, r.off)
@@ -557,6 +569,39 @@ fn copy_chunk(
     }
     flush(&mut pending)?;
     Ok((read, written, zeroed))
+}
+
+/// Write the pieces of `data` (the virtual bytes at `off`) that are not
+/// all zeros with `write(offset, bytes)`, consecutive ones as one write.
+/// Pieces end on multiples of [`GRAIN`] (and where `data` ends); returns
+/// the bytes written.
+fn write_nonzero(
+    off: u64,
+    data: &[u8],
+    mut write: impl FnMut(u64, &[u8]) -> Result<()>,
+) -> Result<u64> {
+    let mut written = 0;
+    let mut from: Option<usize> = None; // start of the pending write
+    let mut at = 0;
+    while at < data.len() {
+        let next = ((off + at as u64) / GRAIN + 1) * GRAIN - off;
+        let end = (next as usize).min(data.len());
+        match (from, is_zero(&data[at..end])) {
+            (None, false) => from = Some(at),
+            (Some(f), true) => {
+                write(off + f as u64, &data[f..at])?;
+                written += (at - f) as u64;
+                from = None;
+            }
+            _ => {}
+        }
+        at = end;
+    }
+    if let Some(f) = from {
+        write(off + f as u64, &data[f..])?;
+        written += (data.len() - f) as u64;
+    }
+    Ok(written)
 }
 
 /// Make `[off, off + len)` of the block device read as zeros: the
@@ -679,4 +724,41 @@ fn fill(image: &FlatImage, off: u64, buf: &mut [u8]) -> Result<u64> {
         }
     }
     Ok(read)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Zero pieces are skipped on absolute GRAIN boundaries, consecutive
+    /// data pieces go out as one write, the last piece ends with the data.
+    #[test]
+    fn write_nonzero_skips_zero_grains_and_merges_data() {
+        let g = GRAIN as usize;
+        // Starts 512 bytes before a GRAIN boundary: piece 0 is 512 bytes.
+        let off = 3 * GRAIN - 512;
+        let mut data = vec![0u8; 512 + 4 * g + 100];
+        data[10] = 1; // piece 0
+        data[512 + 5] = 1; // piece 1
+        data[512 + g + 7] = 1; // piece 2
+        data[512 + 4 * g + 99] = 1; // the short last piece
+        let mut writes = Vec::new();
+        let n = write_nonzero(off, &data, |o, d| {
+            writes.push((o, d.len()));
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(
+            writes,
+            vec![(off, 512 + 2 * g), (off + 512 + 4 * GRAIN, 100)]
+        );
+        assert_eq!(n, (512 + 2 * g + 100) as u64);
+        let mut none = 0;
+        write_nonzero(off, &vec![0u8; 3 * g], |_, _| {
+            none += 1;
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(none, 0);
+    }
 }
