@@ -16,8 +16,9 @@
 //!   file it was to replace. The virtual disk is cut into 64 MiB chunks that
 //!   worker threads take in turn; each worker resolves its chunk into runs,
 //!   reads the runs that hold data with large positional reads, and writes
-//!   them at the same offset unless they are all zeros. Zero runs are never
-//!   written: the file is sized up front and stays sparse there.
+//!   them at the same offset but for their all-zero [`GRAIN`]-sized pieces
+//!   ([`write_nonzero`]). Zero runs are never written: the file is sized up
+//!   front and stays sparse there.
 //! * **Block devices** (`--force`): the same parallel chunks, written in
 //!   place. A device is opened without `O_CREAT`/`O_TRUNC` and with `O_EXCL`
 //!   (which the kernel refuses while the disk is mounted or otherwise
