@@ -11,7 +11,7 @@
 //!
 //! A new image reads as zeros everywhere, so only data is written: runs
 //! the chain resolves to zeros are never read, and read data is cut into
-//! [`GRAIN`]-sized pieces of which the all-zero ones are skipped, so no
+//! `GRAIN`-sized pieces of which the all-zero ones are skipped, so no
 //! block of the new image is allocated for zeros and the image stays as
 //! sparse as the format allows. Consecutive non-zero pieces go out as one
 //! write, aligned to the window (a multiple of every sector size).

@@ -16,8 +16,8 @@
 //!   file it was to replace. The virtual disk is cut into 64 MiB chunks that
 //!   worker threads take in turn; each worker resolves its chunk into runs,
 //!   reads the runs that hold data with large positional reads, and writes
-//!   them at the same offset but for their all-zero [`GRAIN`]-sized pieces
-//!   ([`write_nonzero`]). Zero runs are never written: the file is sized up
+//!   them at the same offset but for their all-zero `GRAIN`-sized pieces
+//!   (`write_nonzero`). Zero runs are never written: the file is sized up
 //!   front and stays sparse there.
 //! * **Block devices** (`--force`): the same parallel chunks, written in
 //!   place. A device is opened without `O_CREAT`/`O_TRUNC` and with `O_EXCL`
@@ -123,10 +123,13 @@ pub fn export(
     let kind = t.kind();
     let driver = output_driver(&t, out, opts)?;
     let threads = opts.threads;
+    let image_format = !is_flat(driver);
     let stats = match t {
-        Target::NewFile(p) | Target::ReplaceFile(p) if !is_flat(driver) => {
-            let replace = kind == "replaced_file";
-            convert::to_image(image, driver, &p, replace, opts, progress)
+        Target::NewFile(p) if image_format => {
+            convert::to_image(image, driver, &p, false, opts, progress)
+        }
+        Target::ReplaceFile(p) if image_format => {
+            convert::to_image(image, driver, &p, true, opts, progress)
         }
         Target::NewFile(p) => to_file(image, &p, false, threads, progress),
         Target::ReplaceFile(p) => to_file(image, &p, true, threads, progress),
