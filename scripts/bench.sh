@@ -13,7 +13,9 @@
 #              sha256 before anything is measured.
 #   2. export  chainfs export (VHD chain; VHDX chain with the vhdx section) vs
 #              qemu-img convert -O raw (qcow2 chain) vs cp --sparse=always (flat
-#              file): cold, median of 3.
+#              file); with the vhdx section also the conversion to a new VHDX
+#              (chainfs export --format vhdx vs qemu-img convert -O vhdx):
+#              cold, median of 3.
 #   3. read    fio, psync, buffered: sequential 1 MiB and random 4 KiB, 1 and 4
 #              readers, cold and warm, on (1) the flat file, (2) chainfs mount,
 #              (3) vhdimount, (4) qemu-storage-daemon FUSE exports of the raw
@@ -354,6 +356,8 @@ export_cmd() {
   case $1 in
     chainfs) "$CH" export "$IMG/top.vhd" "$OUT" --force >/dev/null ;;
     chainfs_vhdx) "$CH" export "$IMG/top.avhdx" "$OUT" --force >/dev/null ;;
+    chainfs_to_vhdx) "$CH" export "$IMG/top.avhdx" "$OUT" --format vhdx --force >/dev/null ;;
+    qemu_to_vhdx) qemu-img convert -f qcow2 -O vhdx "$IMG/top.qcow2" "$OUT" ;;
     qemu) qemu-img convert -f qcow2 -O raw "$IMG/top.qcow2" "$OUT" ;;
     qemu_w) qemu-img convert -f qcow2 -O raw -m 8 -W "$IMG/top.qcow2" "$OUT" ;;
     cp) cp --sparse=always "$IMG/raw.img" "$OUT" ;;
@@ -363,6 +367,8 @@ export_log() {
   case $1 in
     chainfs) logcmd "drop; chainfs export \$W/img/top.vhd \$W/out/export.raw --force; sync \$W/out/export.raw" ;;
     chainfs_vhdx) logcmd "drop; chainfs export \$W/img/top.avhdx \$W/out/export.raw --force; sync \$W/out/export.raw" ;;
+    chainfs_to_vhdx) logcmd "drop; chainfs export \$W/img/top.avhdx \$W/out/export.raw --format vhdx --force; sync \$W/out/export.raw" ;;
+    qemu_to_vhdx) logcmd "drop; qemu-img convert -f qcow2 -O vhdx \$W/img/top.qcow2 \$W/out/export.raw; sync \$W/out/export.raw" ;;
     qemu) logcmd "drop; qemu-img convert -f qcow2 -O raw \$W/img/top.qcow2 \$W/out/export.raw; sync \$W/out/export.raw" ;;
     qemu_w) logcmd "drop; qemu-img convert -f qcow2 -O raw -m 8 -W \$W/img/top.qcow2 \$W/out/export.raw; sync \$W/out/export.raw" ;;
     cp) logcmd "drop; cp --sparse=always \$W/img/raw.img \$W/out/export.raw; sync \$W/out/export.raw" ;;
@@ -393,7 +399,7 @@ export_loop() { # tools...: REPS rounds, every tool in each round, cold
 if has export; then
   say "== 2. export: cold, $REPS runs each, MiB/s of the $((SIZE >> 20)) MiB virtual size"
   if has vhdx; then
-    export_loop chainfs chainfs_vhdx qemu qemu_w cp
+    export_loop chainfs chainfs_vhdx chainfs_to_vhdx qemu qemu_to_vhdx qemu_w cp
   else
     export_loop chainfs qemu qemu_w cp
   fi

@@ -141,7 +141,15 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Write the flattened image to a raw file, a block device or a pipe.
+    /// Write the flattened image to a file (raw, VHD, VHDX), a block device or a pipe.
+    ///
+    /// A regular OUTPUT is written in the format its name ends in: .raw,
+    /// .img, .dd or no extension: raw; .vhd: VHD; .vhdx: VHDX (every format
+    /// `create` makes; --format NAME overrides the name, an unknown
+    /// extension without it is refused, exit 9). An image is a new
+    /// standalone disk (no parent) of the chain's virtual size, dynamic
+    /// (--type fixed, --block-size as for `create`): only data is written,
+    /// never blocks of zeros.
     ///
     /// OUTPUT may be a new file (sparse where the image reads zeros; written
     /// under a temporary name and linked into place), an existing regular
@@ -149,25 +157,37 @@ enum Cmd {
     /// written in place, never truncated or replaced: it must hold the
     /// virtual size, zero runs are zeroed with BLKZEROOUT, bytes past the
     /// virtual size are left alone), a FIFO or `-` for standard output
-    /// (streamed in order, zeros included), or /dev/null. A symlink is
-    /// followed (a dangling one creates its target if that folder exists).
-    /// Other character devices, folders and sockets are refused. Nothing but
-    /// a regular file is ever replaced.
+    /// (streamed in order, zeros included), or /dev/null; these last three
+    /// and block devices take raw only. A symlink is followed (a dangling
+    /// one creates its target if that folder exists). Other character
+    /// devices, folders and sockets are refused. Nothing but a regular file
+    /// is ever replaced; a failed export removes the file it was writing.
     Export {
         /// The leaf of the chain to flatten.
         image: PathBuf,
-        /// A file, a block device, a FIFO, `-` (standard output) or /dev/null.
+        /// A file (its extension names the format), a block device, a FIFO,
+        /// `-` (standard output) or /dev/null.
         output: PathBuf,
         #[command(flatten)]
         chain: ChainArgs,
+        /// Write this format whatever OUTPUT's name ends in (raw, vhd,
+        /// vhdx, ...: the names `info` shows).
+        #[arg(long, value_name = "NAME")]
+        format: Option<String>,
+        /// Type of an image OUTPUT (not raw).
+        #[arg(long = "type", value_enum)]
+        kind: Option<CreateType>,
+        /// Block size of an image OUTPUT (not raw; default as for `create`).
+        #[arg(long, value_parser = parse_size_arg)]
+        block_size: Option<u64>,
         /// Replace an existing regular file, or overwrite a block device.
         #[arg(long)]
         force: bool,
         /// Worker threads.
         #[arg(long, default_value_t = 4)]
         threads: usize,
-        /// Print the byte counts as JSON when done (on stderr when the
-        /// image goes to standard output).
+        /// Print the byte counts and the format as JSON when done (on
+        /// stderr when the image goes to standard output).
         #[arg(long)]
         json: bool,
     },
@@ -475,14 +495,24 @@ pub fn run() -> Result<i32> {
             image,
             output,
             chain,
+            format,
+            kind,
+            block_size,
             force,
             threads,
             json,
         } => {
             let c = Chain::open(&image, &chain.options(false))?;
             let flat = FlatImage::new(&c);
+            let opts = chainfs::export::ExportOptions {
+                overwrite: force,
+                threads,
+                format,
+                fixed: matches!(kind, Some(CreateType::Fixed)),
+                block_size,
+            };
             let bar = progress_bar(flat.size());
-            let stats = chainfs::export::export(&flat, &output, force, threads, &|done| {
+            let stats = chainfs::export::export(&flat, &output, &opts, &|done| {
                 if let Some(b) = &bar {
                     b.set_position(done);
                 }

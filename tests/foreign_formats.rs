@@ -135,7 +135,7 @@ fn assert_raw(img: &Path) {
     let s = img.to_str().unwrap();
     let j: serde_json::Value = serde_json::from_str(&chainfs_ok(&["info", "--json", s])).unwrap();
     assert_eq!(j[0]["format"], "raw", "{}: {j}", img.display());
-    let out = img.with_extension("exported");
+    let out = img.with_extension("exported.raw");
     chainfs_ok(&["export", s, out.to_str().unwrap()]);
     assert_eq!(sha256_file(&out), sha256_file(img), "{}", img.display());
 }

@@ -367,7 +367,7 @@ fn run(plan: &Plan) -> Result<(), TestCaseError> {
             && size > 0
     );
     let dir = common::fast_tempdir();
-    let out = dir.path().join("export.out");
+    let out = dir.path().join("export.raw");
 
     let mut model = vec![0u8; size as usize];
     // The chain's layers, base first.
@@ -500,7 +500,11 @@ fn run(plan: &Plan) -> Result<(), TestCaseError> {
     }
 
     // Export writes the same bytes.
-    let stats = chainfs::export::export(&img, &out, false, 2, &|_| {}).map_err(fail)?;
+    let opts = chainfs::export::ExportOptions {
+        threads: 2,
+        ..Default::default()
+    };
+    let stats = chainfs::export::export(&img, &out, &opts, &|_| {}).map_err(fail)?;
     prop_assert_eq!(stats.virtual_size, size);
     let exported = std::fs::read(&out).map_err(fail)?;
     ensure_same("export", &exported, &model, 0)?;

@@ -60,7 +60,7 @@ fn raw_base_info_export_and_map() {
         "allocation from SEEK_DATA: {j}"
     );
 
-    let out = d.path().join("flat.out");
+    let out = d.path().join("flat.raw");
     chainfs_ok(&["export", p(&img), p(&out)]);
     assert_eq!(sha256_file(&out), sha256(&model), "export of a raw base");
 

@@ -383,34 +383,6 @@ fn compact_of_a_fixed_disk_is_unsupported(f: Fmt) {
 // ---------------------------------------------------------------------------
 // 4. The pre-flight space check on a small real file system.
 
-/// A tmpfs of `size` at `dir`, unmounted on drop.
-struct Tmpfs(PathBuf);
-
-impl Tmpfs {
-    fn mount(dir: &Path, size: &str) -> Tmpfs {
-        fs::create_dir_all(dir).unwrap();
-        let o = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir)
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "mount tmpfs: {}", text(&o));
-        Tmpfs(dir.to_path_buf())
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let ok = Command::new("umount")
-            .arg(&self.0)
-            .status()
-            .is_ok_and(|s| s.success());
-        if !ok {
-            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-        }
-    }
-}
-
 fn free(dir: &Path) -> u64 {
     let o = Command::new("stat")
         .args(["-f", "-c", "%a %S"])

@@ -66,7 +66,7 @@ fn names(dir: &Path) -> Vec<String> {
 /// The flattened disk with `layer` as the leaf, as `chainfs export` writes it.
 fn export_of(layer: &Path, scratch: &Path) -> String {
     let out = scratch.join(format!(
-        "{}.export",
+        "{}.export.raw",
         layer.file_name().unwrap().to_string_lossy()
     ));
     chainfs_ok(&["export", p(layer), p(&out), "--force"]);

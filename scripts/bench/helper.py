@@ -919,7 +919,7 @@ def cmd_report(results, report):
 
     # Export
     size_mib = _num(meta.get("size_bytes")) / MiB if meta.get("size_bytes") else None
-    P("## Export (flatten to a raw file)")
+    P("## Export (flatten to a raw file, or convert to a new VHDX)")
     P("")
     P(f"Cold (page cache dropped before each run), median of {meta.get('reps', '?')} runs, MiB/s of virtual size "
       f"({_fmt(size_mib)} MiB); each time includes an fsync of the output.")
@@ -932,7 +932,9 @@ def cmd_report(results, report):
         P("|---|---|---|---|---|---|")
     tools = [("chainfs", "`chainfs export` (VHD chain)"),
              ("chainfs_vhdx", "`chainfs export` (VHDX chain, same content)"),
+             ("chainfs_to_vhdx", "`chainfs export --format vhdx` (VHDX chain to a new VHDX)"),
              ("qemu", "`qemu-img convert -O raw` (qcow2 chain)"),
+             ("qemu_to_vhdx", "`qemu-img convert -O vhdx` (qcow2 chain to a new VHDX)"),
              ("qemu_w", "`qemu-img convert -O raw -m 8 -W` (qcow2 chain, reference)"),
              ("cp", "`cp --sparse=always` (flat file, reference)")]
     med = {}

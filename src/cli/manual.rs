@@ -116,10 +116,16 @@ const EXAMPLES: &[(&str, &[(&str, &str)])] = &[
     ),
     (
         "export",
-        &[(
-            "Write the flattened chain to a sparse raw file:",
-            "chainfs export leaf.vhdx disk.raw",
-        )],
+        &[
+            (
+                "Write the flattened chain to a sparse raw file:",
+                "chainfs export leaf.vhdx disk.raw",
+            ),
+            (
+                "Convert a Hyper-V checkpoint chain into one standalone VHD (the extension names the format):",
+                "chainfs export vm_1234.avhdx vm.vhd",
+            ),
+        ],
     ),
     (
         "check",

@@ -1,16 +1,24 @@
 //! `chainfs export`: the flat image to a raw file, a block device or a
-//! pipe, reading only what the chain stores.
+//! pipe, or converted into a new standalone image of any format the
+//! registry has, reading only what the chain stores.
 //!
-//! OUTPUT is classified first ([`target`]); the write strategy follows:
+//! OUTPUT is classified first ([`target`]), then its format is chosen
+//! ([`output_driver`]): `--format NAME`, else the extension of a regular
+//! file's name (no extension: raw, as before formats were chosen); every
+//! other target takes only the flat format. The write strategy follows:
 //!
+//! * **Image files** (any format but the flat one): [`convert`] creates the
+//!   image under a temporary name through the registry and writes only the
+//!   data through the `Layer` trait; placed like a raw file below.
 //! * **Files** (new, or replacing one with `--force`): written under a
 //!   temporary name next to the file and linked or renamed into place at the
 //!   end, so a failed export leaves no partial image and never harms the
 //!   file it was to replace. The virtual disk is cut into 64 MiB chunks that
 //!   worker threads take in turn; each worker resolves its chunk into runs,
 //!   reads the runs that hold data with large positional reads, and writes
-//!   them at the same offset unless they are all zeros. Zero runs are never
-//!   written: the file is sized up front and stays sparse there.
+//!   them at the same offset but for their all-zero `GRAIN`-sized pieces
+//!   (`write_nonzero`). Zero runs are never written: the file is sized up
+//!   front and stays sparse there.
 //! * **Block devices** (`--force`): the same parallel chunks, written in
 //!   place. A device is opened without `O_CREAT`/`O_TRUNC` and with `O_EXCL`
 //!   (which the kernel refuses while the disk is mounted or otherwise
@@ -25,6 +33,7 @@
 //!   goes out in order.
 //! * **/dev/null**: read everything, write it nowhere (a read check).
 
+pub mod convert;
 pub mod target;
 
 use std::fs::File;
@@ -37,6 +46,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use parking_lot::{Condvar, Mutex};
 
 use crate::error::{Error, ErrorKind, IoContext, Result};
+use crate::format::registry::{self, Driver};
 use crate::format::space::is_zero;
 use crate::format::Layer;
 use crate::image::{FlatImage, Source};
@@ -44,6 +54,11 @@ use target::Target;
 
 const CHUNK: u64 = 64 << 20;
 const RUN: u64 = 8 << 20;
+/// The unit of the zero check on data read: small enough that zeros
+/// inside data stay holes (and unallocated blocks in an image), large
+/// enough that no write is tiny. A power of two dividing [`RUN`], so in an
+/// image every piece starts on a sector boundary.
+const GRAIN: u64 = 64 << 10;
 /// A stream's unit of work: what one worker holds while it waits its turn.
 const STREAM_CHUNK: u64 = RUN;
 
@@ -62,21 +77,60 @@ pub struct ExportStats {
     /// What OUTPUT was: `new_file`, `replaced_file`, `block_device`,
     /// `fifo`, `stdout` or `null`.
     pub target: &'static str,
+    /// The format OUTPUT was written in (a registry name).
+    pub format: &'static str,
+}
+
+/// How to export (the CLI's options).
+#[derive(Debug, Clone)]
+pub struct ExportOptions {
+    /// `--force`: replace an existing regular file, overwrite a block device.
+    pub overwrite: bool,
+    /// Worker threads.
+    pub threads: usize,
+    /// `--format NAME`: the output's format, whatever its name ends in.
+    pub format: Option<String>,
+    /// `--type fixed`: a fixed (fully allocated) image where the format has
+    /// that type; dynamic (sparse) by default.
+    pub fixed: bool,
+    /// `--block-size`: the new image's block size (the format's default
+    /// otherwise).
+    pub block_size: Option<u64>,
+}
+
+impl Default for ExportOptions {
+    fn default() -> Self {
+        ExportOptions {
+            overwrite: false,
+            threads: 4,
+            format: None,
+            fixed: false,
+            block_size: None,
+        }
+    }
 }
 
 /// Write the flattened `image` to `out` (see the module docs for what
-/// `out` may be; `overwrite` is `--force`). `progress` is called with the
+/// `out` may be and which format it gets). `progress` is called with the
 /// virtual bytes done so far (from any worker thread).
 pub fn export(
     image: &FlatImage,
     out: &Path,
-    overwrite: bool,
-    threads: usize,
+    opts: &ExportOptions,
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<ExportStats> {
-    let t = target::classify(out, overwrite)?;
+    let t = target::classify(out, opts.overwrite)?;
     let kind = t.kind();
+    let driver = output_driver(&t, out, opts)?;
+    let threads = opts.threads;
+    let image_format = !is_flat(driver);
     let stats = match t {
+        Target::NewFile(p) if image_format => {
+            convert::to_image(image, driver, &p, false, opts, progress)
+        }
+        Target::ReplaceFile(p) if image_format => {
+            convert::to_image(image, driver, &p, true, opts, progress)
+        }
         Target::NewFile(p) => to_file(image, &p, false, threads, progress),
         Target::ReplaceFile(p) => to_file(image, &p, true, threads, progress),
         Target::BlockDevice(p) => to_device(image, &p, threads, progress),
@@ -115,8 +169,63 @@ pub fn export(
     }?;
     Ok(ExportStats {
         target: kind,
+        format: driver.name,
         ..stats
     })
+}
+
+fn is_flat(d: &Driver) -> bool {
+    d.name == registry::flat().name
+}
+
+/// The format `out` (classified as `t`) is written in: `--format`, else the
+/// extension of a regular file's name (none: the flat format); a target
+/// that is not a regular file takes the flat format only. Chosen before
+/// anything is created, so a refusal leaves nothing behind.
+pub fn output_driver(t: &Target, out: &Path, opts: &ExportOptions) -> Result<&'static Driver> {
+    let is_file = matches!(t, Target::NewFile(_) | Target::ReplaceFile(_));
+    let d = match &opts.format {
+        Some(n) => registry::driver(n).ok_or_else(|| {
+            Error::invalid(format!(
+                "--format {n}: not a format chainfs writes (one of {})",
+                registry::names()
+            ))
+        })?,
+        None if is_file && out.extension().is_some() => {
+            registry::driver_for_name(out).map_err(|e| {
+                Error::invalid(format!(
+                    "{}, or name the format with --format ({})",
+                    e.message(),
+                    registry::names()
+                ))
+            })?
+        }
+        None => registry::flat(),
+    };
+    if is_flat(d) {
+        if opts.fixed || opts.block_size.is_some() {
+            return Err(Error::invalid(format!(
+                "{}: written as {}, which has no blocks: --type fixed and --block-size apply to \
+                 image formats only",
+                out.display(),
+                d.name
+            )));
+        }
+    } else if !is_file {
+        return Err(Error::invalid(format!(
+            "{}: {}; a {} image is written to a regular file only (this target takes {})",
+            out.display(),
+            match t {
+                Target::BlockDevice(_) => "a block device",
+                Target::Fifo(_) => "a pipe",
+                Target::Stdout => "standard output",
+                _ => "/dev/null",
+            },
+            d.name,
+            registry::flat().name
+        )));
+    }
+    Ok(d)
 }
 
 /// A new file at `out` (temporary name, then linked into place), or with
@@ -128,44 +237,75 @@ fn to_file(
     threads: usize,
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<ExportStats> {
+    let tmp = temp_name(out, "");
+    via_temp(
+        out,
+        &tmp,
+        replace,
+        |tmp| {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(tmp)
+                .ctx(tmp, "cannot create", None)
+        },
+        |tmp, f| {
+            f.set_len(image.size()).ctx(tmp, "cannot size", None)?;
+            let stats = parallel(image, &f, tmp, Zeros::Skip, threads, progress)?;
+            f.sync_all().ctx(tmp, "cannot fsync", None)?;
+            Ok(stats)
+        },
+    )
+}
+
+/// `.NAME.chainfs-export-PID` next to `out`, then `suffix`.
+fn temp_name(out: &Path, suffix: &str) -> std::path::PathBuf {
     let name = out
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let tmp =
-        crate::paths::folder_of(out).join(format!(".{name}.chainfs-export-{}", std::process::id()));
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&tmp)
-        .ctx(&tmp, "cannot create", None)?;
-    let r = f
-        .set_len(image.size())
-        .ctx(&tmp, "cannot size", None)
-        .and_then(|()| parallel(image, &f, &tmp, Zeros::Skip, threads, progress))
-        .and_then(|stats| {
-            f.sync_all().ctx(&tmp, "cannot fsync", None)?;
-            if replace {
-                // Only ever over a regular file: `classify` said so before
-                // the copy; look again right before the rename, so a node
-                // put there meanwhile is not replaced by a file.
-                let now = std::fs::symlink_metadata(out).ctx(out, "cannot stat", None)?;
-                if !now.file_type().is_file() {
-                    return Err(Error::new(
-                        ErrorKind::Busy,
-                        format!("{}: no longer a regular file; not replaced", out.display()),
-                    ));
-                }
-                std::fs::rename(&tmp, out).ctx(out, "cannot rename into place", None)?;
-            } else {
-                // Never replaces anything that appeared meanwhile.
-                std::fs::hard_link(&tmp, out).ctx(out, "cannot create", None)?;
-                let _ = std::fs::remove_file(&tmp);
+    crate::paths::folder_of(out).join(format!(
+        ".{name}.chainfs-export-{}{suffix}",
+        std::process::id()
+    ))
+}
+
+/// The one way a file export is placed: `create` makes the new file `tmp`
+/// (never replacing anything), `fill` writes it completely and durably,
+/// then it is linked into place at `out` (never replacing anything that
+/// appeared meanwhile) or, with `replace`, renamed over the regular file
+/// there. After a failure of `fill` or of the placing, `tmp` (the one file
+/// export created) is removed; a failed `create` made nothing to remove.
+fn via_temp<T>(
+    out: &Path,
+    tmp: &Path,
+    replace: bool,
+    create: impl FnOnce(&Path) -> Result<T>,
+    fill: impl FnOnce(&Path, T) -> Result<ExportStats>,
+) -> Result<ExportStats> {
+    let made = create(tmp)?;
+    let r = fill(tmp, made).and_then(|stats| {
+        if replace {
+            // Only ever over a regular file: `classify` said so before
+            // the copy; look again right before the rename, so a node
+            // put there meanwhile is not replaced by a file.
+            let now = std::fs::symlink_metadata(out).ctx(out, "cannot stat", None)?;
+            if !now.file_type().is_file() {
+                return Err(Error::new(
+                    ErrorKind::Busy,
+                    format!("{}: no longer a regular file; not replaced", out.display()),
+                ));
             }
-            Ok(stats)
-        });
+            std::fs::rename(tmp, out).ctx(out, "cannot rename into place", None)?;
+        } else {
+            // Never replaces anything that appeared meanwhile.
+            std::fs::hard_link(tmp, out).ctx(out, "cannot create", None)?;
+            let _ = std::fs::remove_file(tmp);
+        }
+        Ok(stats)
+    });
     if r.is_err() {
-        let _ = std::fs::remove_file(&tmp);
+        let _ = std::fs::remove_file(tmp);
     }
     r
 }
@@ -312,7 +452,7 @@ fn parallel(
         data_read: read.into_inner(),
         data_written: written.into_inner(),
         zeroed: zeroed.into_inner(),
-        target: "",
+        ..Default::default()
     })
 }
 
@@ -409,6 +549,13 @@ fn copy_chunk(
             }
         };
         match data {
+            // A new file (or /dev/null) reads zeros where nothing is
+            // written: its zero pieces stay holes.
+            Some(part) if matches!(zeros, Zeros::Skip) => {
+                written += write_nonzero(r.off, part, |o, d| {
+                    f.write_all_at(d, o).ctx(out, "cannot write", Some(o))
+                })?;
+            }
             Some(part) => {
                 flush(&mut pending)?;
                 f.write_all_at(part, r.off)
@@ -426,6 +573,39 @@ fn copy_chunk(
     }
     flush(&mut pending)?;
     Ok((read, written, zeroed))
+}
+
+/// Write the pieces of `data` (the virtual bytes at `off`) that are not
+/// all zeros with `write(offset, bytes)`, consecutive ones as one write.
+/// Pieces end on multiples of [`GRAIN`] (and where `data` ends); returns
+/// the bytes written.
+fn write_nonzero(
+    off: u64,
+    data: &[u8],
+    mut write: impl FnMut(u64, &[u8]) -> Result<()>,
+) -> Result<u64> {
+    let mut written = 0;
+    let mut from: Option<usize> = None; // start of the pending write
+    let mut at = 0;
+    while at < data.len() {
+        let next = ((off + at as u64) / GRAIN + 1) * GRAIN - off;
+        let end = (next as usize).min(data.len());
+        match (from, is_zero(&data[at..end])) {
+            (None, false) => from = Some(at),
+            (Some(f), true) => {
+                write(off + f as u64, &data[f..at])?;
+                written += (at - f) as u64;
+                from = None;
+            }
+            _ => {}
+        }
+        at = end;
+    }
+    if let Some(f) = from {
+        write(off + f as u64, &data[f..])?;
+        written += (data.len() - f) as u64;
+    }
+    Ok(written)
 }
 
 /// Make `[off, off + len)` of the block device read as zeros: the
@@ -531,8 +711,7 @@ fn stream(
         virtual_size: size,
         data_read: read.into_inner(),
         data_written: size,
-        zeroed: 0,
-        target: "",
+        ..Default::default()
     })
 }
 
@@ -549,4 +728,41 @@ fn fill(image: &FlatImage, off: u64, buf: &mut [u8]) -> Result<u64> {
         }
     }
     Ok(read)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Zero pieces are skipped on absolute GRAIN boundaries, consecutive
+    /// data pieces go out as one write, the last piece ends with the data.
+    #[test]
+    fn write_nonzero_skips_zero_grains_and_merges_data() {
+        let g = GRAIN as usize;
+        // Starts 512 bytes before a GRAIN boundary: piece 0 is 512 bytes.
+        let off = 3 * GRAIN - 512;
+        let mut data = vec![0u8; 512 + 4 * g + 100];
+        data[10] = 1; // piece 0
+        data[512 + 5] = 1; // piece 1
+        data[512 + g + 7] = 1; // piece 2
+        data[512 + 4 * g + 99] = 1; // the short last piece
+        let mut writes = Vec::new();
+        let n = write_nonzero(off, &data, |o, d| {
+            writes.push((o, d.len()));
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(
+            writes,
+            vec![(off, 512 + 2 * g), (off + 512 + 4 * GRAIN, 100)]
+        );
+        assert_eq!(n, (512 + 2 * g + 100) as u64);
+        let mut none = 0;
+        write_nonzero(off, &vec![0u8; 3 * g], |_, _| {
+            none += 1;
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(none, 0);
+    }
 }

@@ -67,6 +67,19 @@ pub fn driver(name: &str) -> Option<&'static Driver> {
     DRIVERS.iter().copied().find(|d| d.name == name)
 }
 
+/// The format whose file is the flat disk itself, byte for byte. `chainfs
+/// export` writes it without a driver (its own fast path), and it is the
+/// only format a block device, a pipe or standard output can receive.
+pub fn flat() -> &'static Driver {
+    &raw::DRIVER
+}
+
+/// Every format's name, for messages ("vhdx, vhd, raw").
+pub fn names() -> String {
+    let n: Vec<&str> = DRIVERS.iter().map(|d| d.name).collect();
+    n.join(", ")
+}
+
 fn extension(path: &Path) -> String {
     path.extension()
         .map(|e| e.to_string_lossy().to_ascii_lowercase())

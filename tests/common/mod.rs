@@ -1269,3 +1269,42 @@ pub fn build(dir: &Path, size: u64, lss: u32, specs: &[Spec], writes: usize, see
         snaps,
     }
 }
+
+/// A tmpfs of `size` at `dir` (root only), unmounted on drop: a small
+/// file system to fill up, or one to make read-only.
+pub struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    pub fn mount(dir: &Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(dir).unwrap();
+        let o = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "mount tmpfs: {}", text(&o));
+        Tmpfs(dir.to_path_buf())
+    }
+
+    /// Remount it read-only: even root cannot create files in it.
+    pub fn read_only(&self) {
+        let o = Command::new("mount")
+            .args(["-o", "remount,ro"])
+            .arg(&self.0)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "remount tmpfs ro: {}", text(&o));
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let ok = Command::new("umount")
+            .arg(&self.0)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+}
