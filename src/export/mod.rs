@@ -4,8 +4,8 @@
 //!
 //! OUTPUT is classified first ([`target`]), then its format is chosen
 //! ([`output_driver`]): `--format NAME`, else the extension of a regular
-//! file's name (no extension: raw, as before formats were chosen); every
-//! other target takes only the flat format. The write strategy follows:
+//! file's name when a format claims it (any other name: raw, as before
+//! formats were chosen); every other target takes only the flat format. The write strategy follows:
 //!
 //! * **Image files** (any format but the flat one): [`convert`] creates the
 //!   image under a temporary name through the registry and writes only the
@@ -179,7 +179,8 @@ fn is_flat(d: &Driver) -> bool {
 }
 
 /// The format `out` (classified as `t`) is written in: `--format`, else the
-/// extension of a regular file's name (none: the flat format); a target
+/// extension of a regular file's name (one no format claims: the flat
+/// format); a target
 /// that is not a regular file takes the flat format only. Chosen before
 /// anything is created, so a refusal leaves nothing behind.
 pub fn output_driver(t: &Target, out: &Path, opts: &ExportOptions) -> Result<&'static Driver> {
@@ -191,15 +192,10 @@ pub fn output_driver(t: &Target, out: &Path, opts: &ExportOptions) -> Result<&'s
                 registry::names()
             ))
         })?,
-        None if is_file && out.extension().is_some() => {
-            registry::driver_for_name(out).map_err(|e| {
-                Error::invalid(format!(
-                    "{}, or name the format with --format ({})",
-                    e.message(),
-                    registry::names()
-                ))
-            })?
-        }
+        // A name no format claims (`disk.bin`, `flat.out`) stays raw, as
+        // export wrote before it converted and as `qemu-img convert`
+        // defaults: only a known image extension converts.
+        None if is_file => registry::driver_for_name(out).unwrap_or(registry::flat()),
         None => registry::flat(),
     };
     if is_flat(d) {
