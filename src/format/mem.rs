@@ -206,6 +206,7 @@ pub fn link_to(parent: &dyn Layer) -> ParentLink {
             stored: parent.path().display().to_string(),
         }],
         detached: false,
+        format: None,
     }
 }
 

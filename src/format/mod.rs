@@ -92,6 +92,10 @@ pub struct ParentLink {
     /// A merge consumed this layer's parent chain: it no longer opens as
     /// a chain.
     pub detached: bool,
+    /// The registry name of the parent's driver, where the format records
+    /// it (qcow2's backing format): the chain opens the parent with that
+    /// driver instead of probing. `None`: the parent's format is probed.
+    pub format: Option<String>,
 }
 
 impl ParentLink {
@@ -104,6 +108,14 @@ impl ParentLink {
     /// The link names its parent by file name only.
     pub fn by_name_only(&self) -> bool {
         self.ids.is_empty()
+    }
+
+    /// May the parent's virtual size differ from the child's? Only where
+    /// the link is by name (qemu's rule for backing files: reads past the
+    /// end of a shorter parent are zeros, a longer parent's tail is not
+    /// seen); a link by identity is to a parent of the same size.
+    pub fn allows_other_size(&self) -> bool {
+        self.by_name_only()
     }
 }
 

@@ -16,7 +16,9 @@ use std::sync::Arc;
 use crate::cache::MetaCache;
 use crate::error::{Error, ErrorKind, Result};
 
-use super::{open_file, probe, raw, vhd, vhdx, CreateOptions, Layer, LayerOptions, ParentLink};
+use super::{
+    open_file, probe, qcow2, raw, vhd, vhdx, CreateOptions, Layer, LayerOptions, ParentLink,
+};
 
 /// What a driver tells about a file without locking or fully opening it
 /// (finding the children of a layer reads every image in a folder).
@@ -52,12 +54,13 @@ pub struct Driver {
 
 /// Every driver, in probe order.
 #[cfg(not(test))]
-pub static DRIVERS: &[&Driver] = &[&vhdx::DRIVER, &vhd::DRIVER, &raw::DRIVER];
+pub static DRIVERS: &[&Driver] = &[&vhdx::DRIVER, &vhd::DRIVER, &qcow2::DRIVER, &raw::DRIVER];
 /// Every driver, in probe order, and the in-memory test layer.
 #[cfg(test)]
 pub static DRIVERS: &[&Driver] = &[
     &vhdx::DRIVER,
     &vhd::DRIVER,
+    &qcow2::DRIVER,
     &raw::DRIVER,
     &super::mem::DRIVER,
 ];
@@ -152,6 +155,36 @@ pub fn open_layer(path: &Path, opts: &LayerOptions) -> Result<Arc<dyn Layer>> {
         }
     }
     Err(unknown_error(&file, path))
+}
+
+/// Open one file with the driver a child's link names (`format`, a
+/// registry name, as [`ParentLink::format`] carries it), without probing:
+/// the recorded format decides, as it does for qemu. `None`: probe.
+pub fn open_layer_as(
+    path: &Path,
+    format: Option<&str>,
+    opts: &LayerOptions,
+) -> Result<Arc<dyn Layer>> {
+    let Some(name) = format else {
+        return open_layer(path, opts);
+    };
+    let d =
+        driver(name).ok_or_else(|| unknown_format_error(path, "recorded by its child as", name))?;
+    let file = open_file(path, opts.writable)?;
+    (d.open)(file, path, opts)
+}
+
+/// The refusal for a recorded parent format no driver has: `path` is
+/// `what` format `name` (a child: "records its parent as").
+pub fn unknown_format_error(path: &Path, what: &str, name: &str) -> Error {
+    let known: Vec<&str> = DRIVERS.iter().map(|d| d.name).collect();
+    Error::unsupported(
+        path,
+        format!(
+            "{what} format {name:?}, which chainfs does not read (known: {})",
+            known.join(", ")
+        ),
+    )
 }
 
 /// The error for a file no driver claimed: what it looks like instead

@@ -150,6 +150,7 @@ fn peek(path: &Path) -> Option<Peek> {
             ids: vec![h.parent_id],
             hints: Vec::new(),
             detached: h.parent_id.is_nil(),
+            format: None,
         }),
     })
 }

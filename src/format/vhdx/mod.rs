@@ -211,6 +211,7 @@ impl VhdxLayer {
         Some(ParentLink {
             // A merge detaches a kept layer by recording the nil id.
             detached: id.is_nil(),
+            format: None,
             ids: std::iter::once(id).chain(alt_id).collect(),
             hints,
         })

@@ -1,0 +1,508 @@
+//! The qcow2 driver end to end (issue 11), with qemu as the oracle:
+//! images and chains made by `qemu-img`/`qemu-io` (the shared set of
+//! `tests/fixtures/qcow2/make.sh`, random writes into chains of every
+//! version and cluster size, the real dissect.hypervisor images) must
+//! export byte for byte as `qemu-img convert -O raw` reads them, mount
+//! read-only with the same content, link parents by name with the backing
+//! format deciding the parent's driver, and refuse what chainfs cannot
+//! read (encryption, unknown incompatible features) with the documented
+//! exit code and a message naming the file.
+//!
+//! qemu-img runs from `/` with absolute paths, so a relative backing name
+//! it resolves is the one stored in the image, not one found from the
+//! test's working directory.
+
+mod common;
+
+use std::fs;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use chainfs::format::qcow2::{Extension, Header};
+use common::*;
+
+/// Exit code of an unsupported image (docs/CLI.md).
+const EXIT_UNSUPPORTED: i32 = 6;
+/// Exit code of a corrupt image.
+const EXIT_CORRUPT: i32 = 3;
+
+fn have_qemu() -> bool {
+    require("qemu-img and qemu-io", have("qemu-img") && have("qemu-io"))
+}
+
+/// The images of `make.sh`, built once per test process.
+fn fixtures() -> Option<&'static Path> {
+    static DIR: OnceLock<Option<tempfile::TempDir>> = OnceLock::new();
+    DIR.get_or_init(|| {
+        if !have_qemu() {
+            return None;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/qcow2/make.sh");
+        run_ok(Command::new(&script).arg(dir.path()));
+        Some(dir)
+    })
+    .as_ref()
+    .map(|d| d.path())
+}
+
+/// `name -> sha256` from a `manifest.sha256`-style file.
+fn hashes(file: &Path) -> Vec<(String, String)> {
+    fs::read_to_string(file)
+        .unwrap()
+        .lines()
+        .filter_map(|l| {
+            let (h, n) = l.split_once("  ")?;
+            Some((n.to_string(), h.to_string()))
+        })
+        .collect()
+}
+
+/// `qemu-img ARGS` from `/`, insisting on success.
+fn qemu_img(args: &[&str]) -> String {
+    run(Command::new("qemu-img").current_dir("/").args(args))
+}
+
+/// `qemu-io -f qcow2 -c CMD... IMG` from `/`.
+fn qemu_io(img: &Path, cmds: &[String]) {
+    let mut c = Command::new("qemu-io");
+    c.current_dir("/").args(["-f", "qcow2"]);
+    for cmd in cmds {
+        c.arg("-c").arg(cmd);
+    }
+    run(c.arg(img));
+}
+
+/// What qemu reads: `qemu-img convert -O raw`.
+fn qemu_flat(img: &Path, scratch: &Path) -> Vec<u8> {
+    let out = scratch.join("qemu-flat.raw");
+    qemu_img(&["convert", "-U", "-O", "raw", p(img), p(&out)]);
+    let b = fs::read(&out).unwrap();
+    fs::remove_file(&out).unwrap();
+    b
+}
+
+/// Export with chainfs and compare with qemu, byte for byte.
+fn assert_reads_like_qemu(img: &Path, scratch: &Path) {
+    let want = qemu_flat(img, scratch);
+    let got = take_export(img, &scratch.join("chainfs-flat.raw")).unwrap_or_else(|e| panic!("{e}"));
+    assert_same(
+        &got,
+        &want,
+        &format!("{} (chainfs vs qemu-img)", img.display()),
+    );
+}
+
+/// Rewrite the header of `img` after `change` (through our own header
+/// writer, which the structs tests pin against qemu's).
+fn edit_header(img: &Path, change: impl FnOnce(&mut Header)) {
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(img)
+        .unwrap();
+    let mut b = vec![0u8; 65536.min(f.metadata().unwrap().len() as usize)];
+    f.read_exact_at(&mut b, 0).unwrap();
+    let mut h = Header::parse(&b).unwrap();
+    change(&mut h);
+    f.write_all_at(&h.to_bytes().unwrap(), 0).unwrap();
+}
+
+/// `n` random writes (and a few zero writes) of whole 512-byte sectors,
+/// as qemu-io commands with a pattern byte each.
+fn random_cmds(rng: &mut Rng, size: u64, n: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| {
+            let off = rng.below(size / 512) * 512;
+            let len = (512 * (1 + rng.below(300))).min(size - off);
+            if i % 5 == 4 {
+                format!("write -z {off} {len}")
+            } else {
+                format!("write -P {} {off} {len}", 1 + rng.below(254))
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn qemu_made_images_export_as_qemu_reads_them() {
+    let Some(dir) = fixtures() else { return };
+    let pinned =
+        hashes(&Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/qcow2/expected.sha256"));
+    let made = hashes(&dir.join("manifest.sha256"));
+    let scratch = tempfile::tempdir().unwrap();
+    let mut n = 0;
+    for (name, want) in &pinned {
+        if name == "luks.qcow2" {
+            continue; // refused: see the refusal test
+        }
+        assert!(
+            made.iter().any(|(m, h)| m == name && h == want),
+            "{name}: make.sh's qemu reads something else than pinned"
+        );
+        let out = scratch.path().join("flat.raw");
+        let got = take_export(&dir.join(name), &out).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            &sha256(&got),
+            want,
+            "{name}: chainfs export differs from qemu-img"
+        );
+        n += 1;
+    }
+    assert!(n >= 17, "only {n} images checked");
+}
+
+#[test]
+fn real_qemu_images_read_with_the_pinned_hashes() {
+    let d = tempfile::tempdir().unwrap();
+    let mut files = Vec::new();
+    for n in 1..=3 {
+        files.push(unpack_fixture(
+            &format!("dissect-hypervisor/qcow2/backing-chain-{n}.qcow2"),
+            d.path(),
+        ));
+    }
+    let basic = unpack_fixture("dissect-hypervisor/qcow2/basic.qcow2", d.path());
+    let zstd = unpack_fixture("dissect-hypervisor/qcow2/basic-zstd.qcow2", d.path());
+    let out = d.path().join("flat.raw");
+    for (img, want) in [
+        (
+            &files[2],
+            "4a57a3a5c273c7c1144743ecafc7b23181f6e23c8abad104493a63a3599bd276",
+        ),
+        (
+            &files[1],
+            "8e2e850f2a31828f6f053f70f1fbfa71a42ce0571c6d8cd2a7ca0e21e1db8341",
+        ),
+        (
+            &files[0],
+            "186334af67c1acb54b08ded0b6a419571000755d4c810c8b768a30281e2ab074",
+        ),
+        (
+            &basic,
+            "3c86a52ad19ebbe34acffb812d276817ddca56522eb72de2b984d70ffb20582f",
+        ),
+        (
+            &zstd,
+            "3c86a52ad19ebbe34acffb812d276817ddca56522eb72de2b984d70ffb20582f",
+        ),
+    ] {
+        chainfs_ok(&["export", p(img), p(&out), "--force"]);
+        assert_eq!(sha256_file(&out), want, "{}", img.display());
+    }
+}
+
+/// Chains of three in three folders (relative `../` backing names), every
+/// version and cluster size, random writes and zero writes in each layer.
+#[test]
+fn random_chains_of_every_version_and_cluster_size_read_like_qemu() {
+    if !have_qemu() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let size: u64 = 6 << 20;
+    let mut rng = Rng(0x9c0);
+    for (compat, cluster) in [
+        ("0.10", "65536"),
+        ("1.1", "512"),
+        ("1.1", "65536"),
+        ("1.1", "2M"),
+    ] {
+        let root = d.path().join(format!("{compat}-{cluster}"));
+        let mut prev: Option<PathBuf> = None;
+        for layer in ["base", "mid", "top"] {
+            let dir = root.join(layer);
+            fs::create_dir_all(&dir).unwrap();
+            let img = dir.join(format!("{layer}.qcow2"));
+            let opts = format!("compat={compat},cluster_size={cluster}");
+            let mut args = vec!["create", "-q", "-f", "qcow2", "-o", &opts];
+            let backing;
+            if let Some(prev) = &prev {
+                backing = format!(
+                    "../{}/{}",
+                    prev.parent()
+                        .unwrap()
+                        .file_name()
+                        .unwrap()
+                        .to_str()
+                        .unwrap(),
+                    prev.file_name().unwrap().to_str().unwrap()
+                );
+                args.extend(["-b", &backing, "-F", "qcow2"]);
+            }
+            let sz = size.to_string();
+            args.extend([p(&img), &sz]);
+            qemu_img(&args);
+            qemu_io(&img, &random_cmds(&mut rng, size, 12));
+            prev = Some(img);
+        }
+        let top = prev.unwrap();
+        let j = info_json(&top);
+        assert_eq!(j.as_array().unwrap().len(), 3, "{j}");
+        assert_eq!(
+            j[1]["parent_locators"][0]["stored"], "../base/base.qcow2",
+            "{j}"
+        );
+        assert_reads_like_qemu(&top, d.path());
+    }
+}
+
+/// Backing files shorter and longer than the overlay (qemu allows both):
+/// past the end of a shorter one the overlay reads zeros.
+#[test]
+fn backing_files_of_other_sizes_read_like_qemu() {
+    if !have_qemu() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    for (base_size, top_size) in [("3M", "5M"), ("5M", "3M")] {
+        let base = d.path().join(format!("base-{base_size}.qcow2"));
+        let top = d.path().join(format!("top-{base_size}.qcow2"));
+        qemu_img(&["create", "-q", "-f", "qcow2", p(&base), base_size]);
+        qemu_io(&base, &[format!("write -P 0x5a 0 {base_size}")]);
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            p(&base),
+            "-F",
+            "qcow2",
+            p(&top),
+            top_size,
+        ]);
+        qemu_io(&top, &["write -P 0x6b 1M 4k".into()]);
+        assert_reads_like_qemu(&top, d.path());
+    }
+    // A raw base shorter than the overlay (the raw driver past its end).
+    let raw = d.path().join("short.raw");
+    fs::write(&raw, vec![0x77u8; 1 << 20]).unwrap();
+    let top = d.path().join("over-short.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        p(&raw),
+        "-F",
+        "raw",
+        p(&top),
+        "3M",
+    ]);
+    assert_reads_like_qemu(&top, d.path());
+}
+
+#[test]
+fn the_backing_format_decides_the_parents_driver() {
+    if !have_qemu() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    // A raw base whose name and content say nothing: only `-F raw` in the
+    // overlay makes it one (probing refuses it).
+    let base = d.path().join("base.bin");
+    fs::write(&base, Rng(3).bytes(2 << 20)).unwrap();
+    let top = d.path().join("top.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.bin",
+        "-F",
+        "raw",
+        p(&top),
+        "2M",
+    ]);
+    qemu_io(&top, &["write -P 0x44 64k 64k".into()]);
+    assert_reads_like_qemu(&top, d.path());
+    let j = info_json(&top);
+    assert_eq!(j[1]["format"], "raw", "{j}");
+    assert!(
+        !chainfs(&["info", p(&base)]).status.success(),
+        "base.bin probes as nothing"
+    );
+
+    // Without a recorded format the parent is probed, and `check` says so.
+    let rawbase = d.path().join("base.raw");
+    fs::copy(&base, &rawbase).unwrap();
+    let noformat = d.path().join("noformat.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.raw",
+        "-F",
+        "raw",
+        p(&noformat),
+        "2M",
+    ]);
+    edit_header(&noformat, |h| {
+        h.extensions
+            .retain(|e| !matches!(e, Extension::BackingFormat(_)))
+    });
+    let o = chainfs(&["check", p(&noformat)]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("records no format for its parent"),
+        "check notes the probed parent: {}",
+        text(&o)
+    );
+    assert_reads_like_qemu(&noformat, d.path());
+
+    // A format no driver has: refused, naming the child and the format.
+    let bogus = d.path().join("bogus.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.raw",
+        "-F",
+        "raw",
+        p(&bogus),
+        "2M",
+    ]);
+    edit_header(&bogus, |h| {
+        for e in &mut h.extensions {
+            if let Extension::BackingFormat(f) = e {
+                *f = b"vmdk".to_vec();
+            }
+        }
+    });
+    let o = chainfs(&["export", p(&bogus), p(&d.path().join("x.raw"))]);
+    assert_eq!(code(&o), EXIT_UNSUPPORTED, "{}", text(&o));
+    assert!(
+        text(&o).contains("bogus.qcow2") && text(&o).contains("vmdk"),
+        "{}",
+        text(&o)
+    );
+}
+
+#[test]
+fn info_reports_qcow2_layers_linked_by_name() {
+    let Some(dir) = fixtures() else { return };
+    let j = info_json(&dir.join("chain-top.qcow2"));
+    let top = &j[0];
+    assert_eq!(top["format"], "qcow2", "{j}");
+    assert_eq!(top["disk_type"], "v3", "{j}");
+    assert_eq!(top["block_size"], 65536, "{j}");
+    assert!(top["unique_id"].is_null(), "{j}");
+    assert_eq!(top["parent_link"], "name", "{j}");
+    assert_eq!(
+        top["parent_locators"][0]["stored"], "chain-mid.qcow2",
+        "{j}"
+    );
+    assert_eq!(j.as_array().unwrap().len(), 3, "{j}");
+    assert_eq!(info_json(&dir.join("v2.qcow2"))[0]["disk_type"], "v2");
+    let j = info_json(&dir.join("c2m.qcow2"));
+    assert_eq!(j[0]["block_size"], 2 << 20, "{j}");
+    assert!(j[0]["parent_link"].is_null(), "a base: {j}");
+}
+
+#[test]
+fn encrypted_images_and_unknown_features_are_refused_naming_the_file() {
+    let Some(dir) = fixtures() else { return };
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("x.raw");
+    let o = chainfs(&["export", p(&dir.join("luks.qcow2")), p(&out)]);
+    assert_eq!(code(&o), EXIT_UNSUPPORTED, "{}", text(&o));
+    let t = text(&o);
+    assert!(t.contains("luks.qcow2") && t.contains("LUKS"), "{t}");
+    assert!(!out.exists(), "nothing exported from an encrypted image");
+
+    let img = d.path().join("future.qcow2");
+    fs::copy(dir.join("v3.qcow2"), &img).unwrap();
+    edit_header(&img, |h| h.incompatible_features |= 1 << 10);
+    let o = chainfs(&["info", p(&img)]);
+    assert_eq!(code(&o), EXIT_UNSUPPORTED, "{}", text(&o));
+    let t = text(&o);
+    assert!(t.contains("future.qcow2") && t.contains("bit 10"), "{t}");
+}
+
+#[test]
+fn dirty_and_corrupt_images_read_read_only_and_stay_unchanged() {
+    let Some(dir) = fixtures() else { return };
+    let d = tempfile::tempdir().unwrap();
+    let dirty = d.path().join("dirty.qcow2");
+    fs::copy(dir.join("dirty.qcow2"), &dirty).unwrap();
+    let h = fs::read(&dirty).unwrap();
+    assert_eq!(h[79] & 1, 1, "make.sh left the dirty bit set");
+    assert_reads_like_qemu(&dirty, d.path());
+    assert!(
+        fs::read(&dirty).unwrap() == h,
+        "a read-only open changed a dirty image"
+    );
+
+    let corrupt = d.path().join("corrupt.qcow2");
+    fs::copy(dir.join("v3.qcow2"), &corrupt).unwrap();
+    edit_header(&corrupt, |h| h.incompatible_features |= 2);
+    let o = chainfs(&["export", p(&corrupt), p(&d.path().join("c.raw"))]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("corrupt"), "a warning: {}", text(&o));
+    let (c, problems) = check(&corrupt);
+    assert_ne!(c, 0, "check reports the corrupt bit");
+    assert!(
+        problems.iter().any(|m| m.contains("corrupt")),
+        "{problems:?}"
+    );
+}
+
+#[test]
+fn a_broken_table_is_an_error_naming_file_and_offset() {
+    let Some(dir) = fixtures() else { return };
+    let d = tempfile::tempdir().unwrap();
+    let img = d.path().join("broken.qcow2");
+    fs::copy(dir.join("v3.qcow2"), &img).unwrap();
+    let b = fs::read(&img).unwrap();
+    let l1 = u64::from_be_bytes(b[40..48].try_into().unwrap());
+    // L1 entry 0 pointing at a misaligned L2 table.
+    let f = fs::OpenOptions::new().write(true).open(&img).unwrap();
+    f.write_all_at(&0x8000_0000_0001_0200u64.to_be_bytes(), l1)
+        .unwrap();
+    let o = chainfs(&["export", p(&img), p(&d.path().join("x.raw"))]);
+    assert_eq!(code(&o), EXIT_CORRUPT, "{}", text(&o));
+    let t = text(&o);
+    assert!(
+        t.contains("broken.qcow2") && t.contains(&format!("{l1:#x}")) && t.contains("L2"),
+        "{t}"
+    );
+}
+
+#[test]
+fn a_read_only_mount_shows_the_chain_as_qemu_reads_it() {
+    if !require_fuse() {
+        return;
+    }
+    let Some(dir) = fixtures() else { return };
+    let pinned =
+        hashes(&Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/qcow2/expected.sha256"));
+    let d = tempfile::tempdir().unwrap();
+    for name in [
+        "chain-top.qcow2",
+        "zstd.qcow2",
+        "ext-l2.qcow2",
+        "over-raw.qcow2",
+    ] {
+        let before = sha256_file(&dir.join(name));
+        let mnt = d.path().join("mnt");
+        {
+            let _m = mount(&dir.join(name), &mnt, &[]);
+            let want = &pinned.iter().find(|(n, _)| n == name).unwrap().1;
+            assert_eq!(&sha256_file(&mnt.join("disk.raw")), want, "{name} mounted");
+        }
+        assert_eq!(
+            sha256_file(&dir.join(name)),
+            before,
+            "{name} changed by a ro mount"
+        );
+    }
+}
