@@ -90,7 +90,9 @@ enum Cmd {
     /// Create a base disk (--size) or a differencing child (--parent).
     ///
     /// The format follows the extension: .vhd/.avhd make a VHD, .vhdx/.avhdx
-    /// a VHDX. A child must have the format of its parent.
+    /// a VHDX, .qcow2 a qcow2 (version 3), .raw/.img a raw file. A VHD or
+    /// VHDX child must have the format of its parent; a qcow2 child may sit
+    /// on a qcow2 or raw parent.
     Create {
         /// The new image (never overwritten).
         image: PathBuf,
@@ -106,8 +108,9 @@ enum Cmd {
         )]
         kind: CreateType,
         /// Block size (default: VHD 2M, a VHD child its parent's; VHDX 32M
-        /// dynamic, 2M fixed or differencing, as Hyper-V makes them).
-        #[arg(long, value_parser = parse_size_arg)]
+        /// dynamic, 2M fixed or differencing, as Hyper-V makes them); the
+        /// cluster size of a qcow2 (512 to 2M, default 64K).
+        #[arg(long, visible_alias = "cluster-size", value_parser = parse_size_arg)]
         block_size: Option<u64>,
         /// Logical sector size of a VHDX base: 512 or 4096 (a child takes
         /// its parent's).

@@ -506,3 +506,100 @@ fn a_read_only_mount_shows_the_chain_as_qemu_reads_it() {
         );
     }
 }
+
+/// `qemu-img info --output=json IMG` from `/`.
+fn qemu_info(img: &Path) -> serde_json::Value {
+    serde_json::from_str(&qemu_img(&["info", "-U", "--output=json", p(img)])).unwrap()
+}
+
+/// `qemu-img check` finds no errors and no leaks.
+fn assert_qemu_clean(img: &Path) {
+    let o = Command::new("qemu-img")
+        .current_dir("/")
+        .args(["check", "-U", p(img)])
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success() && text(&o).contains("No errors were found"),
+        "qemu-img check {}: {}",
+        img.display(),
+        text(&o)
+    );
+    assert!(!text(&o).contains("leaked"), "{}", text(&o));
+}
+
+#[test]
+fn created_images_are_what_qemu_img_create_makes() {
+    if !have_qemu() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let images = d.path().join("images");
+    fs::create_dir(&images).unwrap();
+    for (name, size, cluster) in [
+        ("base.qcow2", "100M", None),
+        ("small.qcow2", "64M", Some("512")),
+        ("big.qcow2", "2T", Some("2M")),
+    ] {
+        let img = images.join(name);
+        let mut args = vec!["create", p(&img), "--size", size];
+        if let Some(c) = cluster {
+            args.extend(["--cluster-size", c]);
+        }
+        chainfs_ok(&args);
+        assert_qemu_clean(&img);
+        let q = qemu_info(&img);
+        assert_eq!(q["format"], "qcow2", "{q}");
+        assert_eq!(q["format-specific"]["data"]["compat"], "1.1", "{q}");
+        let want_cs = match cluster {
+            Some("512") => 512,
+            Some(_) => 2 << 20,
+            None => 65536,
+        };
+        assert_eq!(q["cluster-size"], want_cs, "{q}");
+        assert_eq!(
+            q["virtual-size"].as_u64(),
+            Some(info_json(&img)[0]["virtual_size"].as_u64().unwrap()),
+            "{q}"
+        );
+    }
+    // A child in another folder over the qcow2 base, and one over a raw
+    // base: relative names as `qemu-img create -b` stores them, formats
+    // always recorded.
+    let raw = images.join("disk.raw");
+    fs::write(&raw, Rng(8).bytes(3 << 20)).unwrap();
+    let top = d.path().join("top.qcow2");
+    let over_raw = images.join("over.qcow2");
+    chainfs_ok(&["create", p(&top), "--parent", p(&images.join("base.qcow2"))]);
+    chainfs_ok(&["create", p(&over_raw), "--parent", p(&raw)]);
+    for (img, backing, format, size) in [
+        (&top, "images/base.qcow2", "qcow2", 100u64 << 20),
+        (&over_raw, "disk.raw", "raw", 3 << 20),
+    ] {
+        assert_qemu_clean(img);
+        let q = qemu_info(img);
+        assert_eq!(q["backing-filename"], backing, "{q}");
+        assert_eq!(q["backing-filename-format"], format, "{q}");
+        assert_eq!(q["virtual-size"], size, "{q}");
+        // qemu writes into what chainfs made; both read the same.
+        qemu_io(
+            img,
+            &["write -P 0x3c 1M 100k".into(), "write -z 0 4k".into()],
+        );
+        assert_qemu_clean(img);
+        assert_reads_like_qemu(img, d.path());
+    }
+    // Refusals: a raw file takes no qcow2 parent; bad cluster sizes.
+    let o = chainfs(&["create", p(&d.path().join("c.raw")), "--parent", p(&top)]);
+    assert!(!o.status.success(), "{}", text(&o));
+    let o = chainfs(&[
+        "create",
+        p(&d.path().join("odd.qcow2")),
+        "--size",
+        "1M",
+        "--cluster-size",
+        "3000",
+    ]);
+    assert_eq!(code(&o), 9, "{}", text(&o));
+    assert!(!d.path().join("odd.qcow2").exists());
+}

@@ -56,6 +56,7 @@
 //!   chain.
 
 mod check;
+mod create;
 mod read;
 pub mod structs;
 
@@ -83,12 +84,7 @@ pub static DRIVER: Driver = Driver {
     parents: &["qcow2", "raw"],
     probe,
     open: |file, path, opts| Ok(Arc::new(Qcow2Layer::open(file, path, opts)?)),
-    create: |path, _o, _parent| {
-        Err(Error::unsupported(
-            path,
-            "creating qcow2 images is not supported yet (use `qemu-img create -f qcow2`)",
-        ))
-    },
+    create: create::create,
     peek,
 };
 
