@@ -230,6 +230,21 @@ impl FlatImage {
         if data.is_empty() {
             return Ok(());
         }
+        if leaf.write_fill(offset, data.len() as u64)?.is_some() {
+            // The leaf stores larger units than the write covers: fill the
+            // rest of them from the flattened view, serialised with every
+            // other such write (the content read must not change before it
+            // is written back).
+            let _g = self.rmw.lock();
+            if let Some((s, e)) = leaf.write_fill(offset, data.len() as u64)? {
+                let e = e.min(self.size);
+                let mut buf = vec![0u8; (e - s) as usize];
+                read_layers(&layers, 0, s, &mut buf)?;
+                let at = (offset - s) as usize;
+                buf[at..at + data.len()].copy_from_slice(data);
+                return leaf.write_sectors(s, &buf);
+            }
+        }
         let ss = leaf.sector_size() as u64;
         let head = offset % ss;
         let tail = end % ss;
@@ -280,7 +295,7 @@ impl FlatImage {
             return Ok(());
         }
         let leaf = self.layers()[0].clone();
-        let ss = leaf.sector_size() as u64;
+        let ss = leaf.discard_unit().max(leaf.sector_size() as u64);
         let first_full = offset.next_multiple_of(ss).min(end);
         let last_full = (end - end % ss).max(first_full);
         if first_full > offset {

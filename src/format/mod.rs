@@ -213,9 +213,28 @@ pub trait Layer: Send + Sync {
     /// Store whole sectors at `offset` (both multiples of `sector_size`).
     fn write_sectors(&self, offset: u64, data: &[u8]) -> Result<()>;
 
+    /// The range a write of `[offset, offset + len)` must cover because
+    /// this layer stores data in units larger than a sector and would
+    /// otherwise need the content below (a qcow2 cluster it does not hold
+    /// yet): the resolver then reads the flattened view over that range,
+    /// lays the new bytes over it and writes the whole range, serialised
+    /// with every other such write (`crate::image`). `None`: the range can
+    /// be written as it is.
+    fn write_fill(&self, _offset: u64, _len: u64) -> Result<Option<(u64, u64)>> {
+        Ok(None)
+    }
+
     /// Make whole sectors at `offset` read as zeros (discard / write
     /// zeroes), even where a parent holds data; free space where possible.
+    /// The resolver passes whole [`Layer::discard_unit`]s and writes zeros
+    /// for the rest.
     fn discard(&self, offset: u64, len: u64) -> Result<()>;
+
+    /// The granularity of `discard` (a sector, unless the format tracks
+    /// zeros in larger units).
+    fn discard_unit(&self) -> u64 {
+        u64::from(self.sector_size())
+    }
 
     /// Make every acknowledged write durable.
     fn flush(&self) -> Result<()>;

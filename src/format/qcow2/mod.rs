@@ -55,10 +55,12 @@
 //!   neither chainfs nor qemu (which sees an unknown protocol) opens it as a
 //!   chain.
 
+mod alloc;
 mod check;
 mod create;
 mod read;
 pub mod structs;
+mod write;
 
 pub use structs::*;
 
@@ -70,7 +72,7 @@ use std::sync::Arc;
 use parking_lot::{Mutex, RwLock};
 
 use crate::cache::{new_layer_key, MetaCache};
-use crate::error::{Error, ErrorKind, IoContext, Result};
+use crate::error::{Error, IoContext, Result};
 use crate::format::registry::{Driver, Peek};
 use crate::format::{
     lock_file, open_file, Extent, Layer, LayerInfo, LayerOptions, LockMode, ParentHint, ParentLink,
@@ -157,6 +159,9 @@ pub struct Qcow2Layer {
     decoded: Mutex<Option<(u64, Arc<[u8]>)>>,
     /// Allocated bytes, counted once on demand.
     allocated: Mutex<Option<u64>>,
+    /// The writer's state (`alloc`), loaded on the first write; held
+    /// across every write.
+    alloc: Mutex<Option<alloc::WriteState>>,
 }
 
 impl Qcow2Layer {
@@ -166,10 +171,12 @@ impl Qcow2Layer {
         header
             .check_supported(opts.writable)
             .map_err(|e| in_file(e, path))?;
-        if opts.writable {
+        if opts.writable && header.is_dirty() {
             return Err(Error::unsupported(
                 path,
-                "writing into qcow2 images is not supported yet (open it read-only)",
+                "the image is dirty (incompatible bit 0: refcounts lag behind after a crash with \
+                 lazy refcounts); run `qemu-img check -r all` on it before writing (it reads fine \
+                 read-only)",
             ));
         }
         if header.is_corrupt() {
@@ -215,6 +222,7 @@ impl Qcow2Layer {
             meta: RwLock::new(()),
             decoded: Mutex::new(None),
             allocated: Mutex::new(None),
+            alloc: Mutex::new(None),
         };
         Ok(layer)
     }
@@ -367,22 +375,27 @@ impl Layer for Qcow2Layer {
         self.writable
     }
 
-    fn write_sectors(&self, _offset: u64, _data: &[u8]) -> Result<()> {
-        Err(Error::new(
-            ErrorKind::ReadOnly,
-            format!("{}: opened read-only", self.path.display()),
-        ))
+    fn write_sectors(&self, offset: u64, data: &[u8]) -> Result<()> {
+        self.write_impl(offset, data)
     }
 
-    fn discard(&self, _offset: u64, _len: u64) -> Result<()> {
-        Err(Error::new(
-            ErrorKind::ReadOnly,
-            format!("{}: opened read-only", self.path.display()),
-        ))
+    fn write_fill(&self, offset: u64, len: u64) -> Result<Option<(u64, u64)>> {
+        if !self.writable {
+            return Ok(None);
+        }
+        self.write_fill_impl(offset, len)
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.discard_impl(offset, len)
+    }
+
+    fn discard_unit(&self) -> u64 {
+        self.layout.subcluster_size()
     }
 
     fn flush(&self) -> Result<()> {
-        Ok(())
+        self.flush_impl()
     }
 
     fn check(&self) -> Result<Vec<String>> {
@@ -404,6 +417,11 @@ impl Layer for Qcow2Layer {
 
 impl Drop for Qcow2Layer {
     fn drop(&mut self) {
+        if self.writable {
+            if let Err(e) = self.flush_impl() {
+                log::error!("{}: flush at close failed: {e}", self.path.display());
+            }
+        }
         self.cache.forget_layer(self.key);
     }
 }

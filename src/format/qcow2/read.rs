@@ -34,7 +34,7 @@ pub(super) enum Unit {
 }
 
 impl Qcow2Layer {
-    fn slice_bytes(&self) -> u64 {
+    pub(super) fn slice_bytes(&self) -> u64 {
         self.layout.cluster_size().min(SLICE_BYTES)
     }
 
@@ -46,10 +46,12 @@ impl Qcow2Layer {
         L1Entry::decode(raw, at, &self.layout).map_err(|e| super::in_file(e, &self.path))
     }
 
-    /// The cache key of slice `s` of the L2 table of L1 index `l1i`.
-    pub(super) fn slice_key(&self, l1i: u64, s: u64) -> Key {
-        let per_table = self.layout.cluster_size() / self.slice_bytes();
-        Key::detail(self.key, l1i * per_table + s)
+    /// The cache key of the L2 slice at file offset `at`: keyed by place,
+    /// so a table a writer moves (copy on write, a new table) never meets
+    /// a stale slice (a writer only appends: a place is never reused while
+    /// the layer is open).
+    pub(super) fn slice_key(&self, at: u64) -> Key {
+        Key::detail(self.key, at / self.slice_bytes())
     }
 
     /// The raw L2 entry words (second word 0 without extended L2) for L2
@@ -62,7 +64,7 @@ impl Qcow2Layer {
         let slice_at = l2_offset + s * sb;
         let buf = self
             .cache
-            .get_or_load(self.slice_key(l1i, s), &self.meta, || {
+            .get_or_load(self.slice_key(slice_at), &self.meta, || {
                 let mut b = vec![0u8; sb as usize];
                 self.file.read_exact_at(&mut b, slice_at).map_err(|e| {
                     if e.kind() == IoKind::UnexpectedEof {
