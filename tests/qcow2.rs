@@ -8,9 +8,10 @@
 //! read (encryption, unknown incompatible features) with the documented
 //! exit code and a message naming the file.
 //!
-//! qemu-img runs from `/` with absolute paths, so a relative backing name
-//! it resolves is the one stored in the image, not one found from the
-//! test's working directory.
+//! qemu-img runs with absolute paths from `/` (from the image's folder
+//! where it reads an external data file, which qemu 10 opens relative to
+//! its working directory), so a relative backing name it resolves is the
+//! one stored in the image, not one found from the test's folder.
 
 mod common;
 
@@ -60,6 +61,13 @@ fn hashes(file: &Path) -> Vec<(String, String)> {
         .collect()
 }
 
+/// The folder qemu-img reading `img` runs from: qemu 10 opens a relative
+/// external data file name against its working directory (backing names
+/// it resolves against the image's folder, wherever it runs).
+fn img_dir(img: &Path) -> &Path {
+    img.parent().unwrap()
+}
+
 /// `qemu-img ARGS` from `/`, insisting on success.
 fn qemu_img(args: &[&str]) -> String {
     run(Command::new("qemu-img").current_dir("/").args(args))
@@ -78,7 +86,14 @@ fn qemu_io(img: &Path, cmds: &[String]) {
 /// What qemu reads: `qemu-img convert -O raw`.
 fn qemu_flat(img: &Path, scratch: &Path) -> Vec<u8> {
     let out = scratch.join("qemu-flat.raw");
-    qemu_img(&["convert", "-U", "-O", "raw", p(img), p(&out)]);
+    run(Command::new("qemu-img").current_dir(img_dir(img)).args([
+        "convert",
+        "-U",
+        "-O",
+        "raw",
+        p(img),
+        p(&out),
+    ]));
     let b = fs::read(&out).unwrap();
     fs::remove_file(&out).unwrap();
     b
@@ -515,7 +530,7 @@ fn qemu_info(img: &Path) -> serde_json::Value {
 /// `qemu-img check` finds no errors and no leaks.
 fn assert_qemu_clean(img: &Path) {
     let o = Command::new("qemu-img")
-        .current_dir("/")
+        .current_dir(img_dir(img))
         .args(["check", "-U", p(img)])
         .output()
         .unwrap();
@@ -602,4 +617,307 @@ fn created_images_are_what_qemu_img_create_makes() {
     ]);
     assert_eq!(code(&o), 9, "{}", text(&o));
     assert!(!d.path().join("odd.qcow2").exists());
+}
+
+/// `qemu-img check` exit status: 0 clean, 3 leaks only, 2 corruption.
+fn qemu_check_code(img: &Path) -> (i32, String) {
+    let o = Command::new("qemu-img")
+        .current_dir(img_dir(img))
+        .args(["check", "-U", p(img)])
+        .output()
+        .unwrap();
+    (code(&o), text(&o))
+}
+
+/// Random writes of any size and alignment through `chainfs write`, each
+/// followed by `qemu-img check` (clean, no leaks); at the end qemu and
+/// chainfs both read the model.
+fn random_writes_read_back_in_qemu(img: &Path, scratch: &Path, seed: u64, n: usize) {
+    let mut model = qemu_flat(img, scratch);
+    let size = model.len() as u64;
+    let mut rng = Rng(seed);
+    let input = scratch.join("input.bin");
+    for i in 0..n {
+        let off = rng.below(size - 1);
+        let len = (1 + rng.below(if i % 3 == 0 { 300_000 } else { 9000 })).min(size - off);
+        let data = if i % 4 == 3 {
+            vec![0u8; len as usize]
+        } else {
+            rng.bytes(len as usize)
+        };
+        chainfs_write_mirrored(img, off, &data, &input, &mut model);
+        assert_qemu_clean(img);
+    }
+    assert_same(
+        &qemu_flat(img, scratch),
+        &model,
+        &format!("{}: qemu reads", img.display()),
+    );
+    let got = take_export(img, &scratch.join("x.raw")).unwrap();
+    assert_same(&got, &model, &format!("{}: chainfs reads", img.display()));
+}
+
+#[test]
+fn writes_into_every_kind_of_qcow2_leaf_keep_qemu_img_check_clean() {
+    let Some(dir) = fixtures() else { return };
+    let d = tempfile::tempdir().unwrap();
+    for f in fs::read_dir(dir).unwrap() {
+        let f = f.unwrap().path();
+        fs::copy(&f, d.path().join(f.file_name().unwrap())).unwrap();
+    }
+    let at = |n: &str| d.path().join(n);
+    // A chainfs-made child over a qcow2 base and over a raw base.
+    chainfs_ok(&[
+        "create",
+        p(&at("new-top.qcow2")),
+        "--parent",
+        p(&at("chain-top.qcow2")),
+    ]);
+    chainfs_ok(&[
+        "create",
+        p(&at("new-over-raw.qcow2")),
+        "--parent",
+        p(&at("raw-base.raw")),
+    ]);
+    // qemu-made children of each kind over the chain.
+    for (name, opts) in [
+        ("v2-top.qcow2", "compat=0.10"),
+        ("ext-top.qcow2", "extended_l2=on"),
+        ("c512-top.qcow2", "cluster_size=512"),
+    ] {
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            opts,
+            "-b",
+            p(&at("chain-top.qcow2")),
+            "-F",
+            "qcow2",
+            p(&at(name)),
+        ]);
+    }
+    let mut seed = 100;
+    for name in [
+        "new-top.qcow2",
+        "new-over-raw.qcow2",
+        "v2-top.qcow2",
+        "ext-top.qcow2",
+        "c512-top.qcow2",
+        // Bases with compressed clusters, zero clusters, preallocation,
+        // an external data file, 2 MiB clusters, lazy refcounts.
+        "zlib.qcow2",
+        "zstd.qcow2",
+        "v3.qcow2",
+        "prealloc.qcow2",
+        "ext-data.qcow2",
+        "c2m.qcow2",
+        "lazy.qcow2",
+    ] {
+        seed += 1;
+        random_writes_read_back_in_qemu(&at(name), d.path(), seed, 8);
+    }
+}
+
+#[test]
+fn writes_over_an_internal_snapshot_copy_on_write_and_keep_the_snapshot() {
+    let Some(dir) = fixtures() else { return };
+    let d = tempfile::tempdir().unwrap();
+    let img = d.path().join("snap.qcow2");
+    fs::copy(dir.join("snap.qcow2"), &img).unwrap();
+    let snap = |out: &Path| {
+        qemu_img(&[
+            "convert",
+            "-U",
+            "-l",
+            "snapshot.name=first",
+            "-O",
+            "raw",
+            p(&img),
+            p(out),
+        ]);
+        fs::read(out).unwrap()
+    };
+    let before = snap(&d.path().join("s1.raw"));
+    random_writes_read_back_in_qemu(&img, d.path(), 7, 6);
+    assert_same(
+        &snap(&d.path().join("s2.raw")),
+        &before,
+        "the snapshot after writes",
+    );
+}
+
+#[test]
+fn a_writer_killed_at_every_write_and_sync_point_leaves_at_most_leaks() {
+    if !have_qemu() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let base = d.path().join("base.qcow2");
+    let pristine = d.path().join("pristine.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=4096",
+        p(&base),
+        "8M",
+    ]);
+    qemu_io(&base, &["write -P 0x21 0 8M".into()]);
+    // A small refcount table, so the crash loop also crosses a table grow.
+    chainfs_ok(&[
+        "create",
+        p(&pristine),
+        "--parent",
+        p(&base),
+        "--cluster-size",
+        "512",
+    ]);
+    let old = qemu_flat(&pristine, d.path());
+    let input = d.path().join("in.bin");
+    let data = Rng(77).bytes(40_000);
+    fs::write(&input, &data).unwrap();
+    let off = 12_345u64;
+    let mut new = old.clone();
+    new[off as usize..off as usize + data.len()].copy_from_slice(&data);
+    let leaf = d.path().join("leaf.qcow2");
+    let mut k = 1;
+    loop {
+        fs::copy(&pristine, &leaf).unwrap();
+        let o = Command::new(bin())
+            .env("CHAINFS_FAULT_AFTER", k.to_string())
+            .args([
+                "write",
+                p(&leaf),
+                "--offset",
+                &off.to_string(),
+                "--input",
+                p(&input),
+            ])
+            .output()
+            .unwrap();
+        let (c, t) = qemu_check_code(&leaf);
+        assert!(c == 0 || c == 3, "fault point {k}: qemu-img check: {t}");
+        let got = qemu_flat(&leaf, d.path());
+        for (i, s) in got.chunks(512).enumerate() {
+            let r = i * 512..(i + 1) * 512;
+            assert!(
+                s == &old[r.clone()] || s == &new[r],
+                "fault point {k}: sector {i} is neither old nor new"
+            );
+        }
+        if code(&o) == 0 {
+            assert_same(&got, &new, "the write that finished");
+            assert_eq!(c, 0, "a finished write leaves no leaks: {t}");
+            break;
+        }
+        assert_eq!(code(&o), FAULT_EXIT, "fault point {k}: {}", text(&o));
+        k += 1;
+        assert!(k < 20_000, "the write never finished");
+    }
+    assert!(k > 30, "only {k} fault points");
+}
+
+#[test]
+fn a_writable_mount_holds_an_ext4_that_qemu_reads_and_checks_clean() {
+    if !require_fuse() || !require_loop() || !require("mkfs.ext4", have("mkfs.ext4")) {
+        return;
+    }
+    let Some(dir) = fixtures() else { return };
+    let d = tempfile::tempdir().unwrap();
+    let base = d.path().join("base.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", p(&base), "64M"]);
+    qemu_io(&base, &["write -P 0x5e 0 64M".into()]);
+    let top = d.path().join("top.qcow2");
+    chainfs_ok(&["create", p(&top), "--parent", p(&base)]);
+    let ext = d.path().join("ext.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "extended_l2=on",
+        "-b",
+        p(&base),
+        "-F",
+        "qcow2",
+        p(&ext),
+    ]);
+    let _ = dir;
+    let payload = Rng(31).bytes(3 << 20);
+    for img in [&top, &ext] {
+        let mnt = d.path().join("mnt");
+        let m = mount(img, &mnt, &["-o", "rw"]);
+        {
+            let lo = LoopGuard::attach(&mnt.join("disk.raw"), false, false);
+            run(Command::new("mkfs.ext4").args(["-q", "-F", "-E", "discard", &lo.dev]));
+            let fsdir = d.path().join("fs");
+            {
+                let _k = KernelMount::mount(&lo.dev, &fsdir, "rw,discard");
+                fs::write(fsdir.join("a.bin"), &payload).unwrap();
+                fs::write(fsdir.join("b.bin"), Rng(32).bytes(1 << 20)).unwrap();
+                fs::remove_file(fsdir.join("b.bin")).unwrap();
+                run(&mut Command::new("sync"));
+                run(Command::new("fstrim").arg(&fsdir));
+            }
+            drop(lo);
+        }
+        umount(m);
+        assert_qemu_clean(img);
+        assert_reads_like_qemu(img, d.path());
+        let flat = d.path().join("flat.raw");
+        chainfs_ok(&["export", p(img), p(&flat), "--force"]);
+        run(Command::new("e2fsck").args(["-fn", p(&flat)]));
+        let o = Command::new("debugfs")
+            .args(["-R", "cat /a.bin", p(&flat)])
+            .output()
+            .unwrap();
+        assert!(
+            o.stdout == payload,
+            "{}: the file written through the mount",
+            img.display()
+        );
+    }
+}
+
+#[test]
+fn writes_refuse_dirty_images_and_clear_autoclear_bits() {
+    let Some(dir) = fixtures() else { return };
+    let d = tempfile::tempdir().unwrap();
+    let input = d.path().join("in.bin");
+    fs::write(&input, [7u8; 4096]).unwrap();
+    let dirty = d.path().join("dirty.qcow2");
+    fs::copy(dir.join("dirty.qcow2"), &dirty).unwrap();
+    let before = fs::read(&dirty).unwrap();
+    let o = chainfs(&["write", p(&dirty), "--offset", "0", "--input", p(&input)]);
+    assert_eq!(code(&o), EXIT_UNSUPPORTED, "{}", text(&o));
+    assert!(
+        text(&o).contains("dirty.qcow2") && text(&o).contains("qemu-img check -r all"),
+        "{}",
+        text(&o)
+    );
+    assert!(
+        fs::read(&dirty).unwrap() == before,
+        "a refused write changed the file"
+    );
+
+    // Persistent bitmaps chainfs does not maintain: autoclear bit 0 is
+    // cleared on the first write, so qemu knows they are stale (it then
+    // reports their clusters as leaks, never as corruption).
+    let bm = d.path().join("bm.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", p(&bm), "4M"]);
+    qemu_img(&["bitmap", "--add", p(&bm), "b0"]);
+    let autoclear = |f: &Path| u64::from_be_bytes(fs::read(f).unwrap()[88..96].try_into().unwrap());
+    assert_eq!(autoclear(&bm) & 1, 1);
+    chainfs_ok(&["write", p(&bm), "--offset", "70000", "--input", p(&input)]);
+    assert_eq!(autoclear(&bm) & 1, 0, "the bitmaps bit is cleared");
+    let (c, t) = qemu_check_code(&bm);
+    assert!(c == 0 || c == 3, "{t}");
+    let flat = qemu_flat(&bm, d.path());
+    assert_same(&flat[70000..74096], &[7u8; 4096], "the write");
 }
