@@ -921,3 +921,216 @@ fn writes_refuse_dirty_images_and_clear_autoclear_bits() {
     let flat = qemu_flat(&bm, d.path());
     assert_same(&flat[70000..74096], &[7u8; 4096], "the write");
 }
+
+/// base (qcow2 or raw) <- mid.qcow2 <- top.qcow2 in `dir`, made by qemu
+/// (mid's backing name `base_name`, relative); returns what qemu reads.
+fn qemu_chain(dir: &Path, base_name: &str, scratch: &Path) -> Vec<u8> {
+    let base = dir.join(base_name);
+    let (fmt, mid, top) = (
+        if base_name.ends_with(".raw") {
+            "raw"
+        } else {
+            "qcow2"
+        },
+        dir.join("mid.qcow2"),
+        dir.join("top.qcow2"),
+    );
+    if fmt == "raw" {
+        fs::write(&base, Rng(41).bytes(8 << 20)).unwrap();
+    } else {
+        qemu_img(&["create", "-q", "-f", "qcow2", p(&base), "8M"]);
+        qemu_io(&base, &["write -P 0x11 0 8M".into()]);
+    }
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        base_name,
+        "-F",
+        fmt,
+        p(&mid),
+    ]);
+    qemu_io(
+        &mid,
+        &[
+            "write -P 0x22 1M 100k".into(),
+            "write -z 3M 64k".into(),
+            "write -P 0x23 5000 3000".into(),
+        ],
+    );
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "mid.qcow2",
+        "-F",
+        "qcow2",
+        p(&top),
+    ]);
+    qemu_io(
+        &top,
+        &["write -P 0x33 1050k 10k".into(), "write -z 6M 128k".into()],
+    );
+    qemu_flat(&top, scratch)
+}
+
+#[test]
+fn offline_merges_of_qcow2_chains_read_the_same_in_qemu() {
+    if !have_qemu() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    for (case, base, source) in [
+        ("into-parent", "base.qcow2", "mid.qcow2"),
+        ("into-ancestor", "base.qcow2", "top.qcow2"),
+        ("into-raw", "base.raw", "mid.qcow2"),
+        ("leaf-into-raw", "base.raw", "top.qcow2"),
+    ] {
+        let dir = d.path().join(case);
+        fs::create_dir(&dir).unwrap();
+        let before = qemu_chain(&dir, base, d.path());
+        chainfs_ok(&["merge", p(&dir.join(source)), p(&dir.join(base))]);
+        assert!(!dir.join(source).exists(), "{case}: {source} deleted");
+        let leaf = if source == "top.qcow2" {
+            dir.join(base)
+        } else {
+            dir.join("top.qcow2")
+        };
+        if leaf.extension().unwrap() == "qcow2" {
+            assert_qemu_clean(&leaf);
+        }
+        if base.ends_with(".qcow2") {
+            assert_qemu_clean(&dir.join(base));
+        }
+        if leaf == dir.join("top.qcow2") {
+            let q = qemu_info(&leaf);
+            assert_eq!(q["backing-filename"], base, "{case}: {q}");
+            let fmt = if base.ends_with(".raw") {
+                "raw"
+            } else {
+                "qcow2"
+            };
+            assert_eq!(q["backing-filename-format"], fmt, "{case}: {q}");
+        }
+        let after = if leaf.extension().unwrap() == "raw" {
+            fs::read(&leaf).unwrap()
+        } else {
+            qemu_flat(&leaf, d.path())
+        };
+        assert_same(
+            &after,
+            &before,
+            &format!("{case}: qemu reads the merged chain"),
+        );
+        assert_reads_like_qemu(&leaf, d.path());
+    }
+}
+
+#[test]
+fn a_kept_merge_source_is_detached_for_qemu_and_chainfs() {
+    if !have_qemu() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let before = qemu_chain(d.path(), "base.qcow2", d.path());
+    let mid = d.path().join("mid.qcow2");
+    chainfs_ok(&["merge", p(&mid), p(&d.path().join("base.qcow2")), "--keep"]);
+    assert!(mid.exists(), "--keep keeps the source");
+    // Its own structure is clean (checked without its backing file).
+    let alone = format!(
+        r#"json:{{"driver":"qcow2","backing":null,"file":{{"driver":"file","filename":"{}"}}}}"#,
+        mid.display()
+    );
+    let o = Command::new("qemu-img")
+        .args(["check", &alone])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let o = Command::new("qemu-img")
+        .current_dir("/")
+        .args(["convert", "-O", "raw", p(&mid), p(&d.path().join("m.raw"))])
+        .output()
+        .unwrap();
+    assert!(
+        !o.status.success(),
+        "qemu opened a detached image as a chain"
+    );
+    let o = chainfs(&["export", p(&mid), p(&d.path().join("m.raw"))]);
+    assert_eq!(code(&o), 5, "{}", text(&o));
+    assert!(
+        text(&o).contains("mid.qcow2") && text(&o).contains("detached"),
+        "{}",
+        text(&o)
+    );
+    let top = d.path().join("top.qcow2");
+    assert_eq!(qemu_info(&top)["backing-filename"], "base.qcow2");
+    assert_same(
+        &qemu_flat(&top, d.path()),
+        &before,
+        "the chain after the merge",
+    );
+}
+
+#[test]
+fn online_merges_keep_the_mounted_view_identical() {
+    if !require_fuse() || !have_qemu() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    for (case, base) in [("qcow2", "base.qcow2"), ("raw", "base.raw")] {
+        let dir = d.path().join(case);
+        fs::create_dir(&dir).unwrap();
+        let before = qemu_chain(&dir, base, d.path());
+        let mnt = dir.join("mnt");
+        let m = mount(&dir.join("top.qcow2"), &mnt, &["-o", "rw"]);
+        let flat = mnt.join("disk.raw");
+        assert_eq!(sha256_file(&flat), sha256(&before), "{case}: mounted");
+        for cmd in [
+            format!("merge mid.qcow2 {base}"),
+            format!("merge top.qcow2 {base}"),
+        ] {
+            let o = Command::new("bash")
+                .arg("-c")
+                .arg(r#"exec 3<>"$1/control"; echo "$2" >&3; cat <&3"#)
+                .arg("bash")
+                .arg(&mnt)
+                .arg(&cmd)
+                .output()
+                .unwrap();
+            let t = text(&o);
+            assert!(t.contains("ReturnValue=4096"), "{case}: {cmd}: {t}");
+            let job = t
+                .lines()
+                .find_map(|l| l.strip_prefix("Job="))
+                .unwrap()
+                .to_string();
+            wait_for(&format!("{case}: {cmd}"), || {
+                fs::read_to_string(mnt.join(&job))
+                    .unwrap()
+                    .contains("JobState=7")
+            });
+            assert_eq!(sha256_file(&flat), sha256(&before), "{case}: after {cmd}");
+        }
+        // The base is the leaf now: a write lands in it.
+        let f = fs::OpenOptions::new().write(true).open(&flat).unwrap();
+        f.write_all_at(&[0xeeu8; 3000], 777).unwrap();
+        f.sync_all().unwrap();
+        drop(f);
+        umount(m);
+        let mut want = before.clone();
+        want[777..3777].fill(0xee);
+        let b = dir.join(base);
+        let got = if case == "raw" {
+            fs::read(&b).unwrap()
+        } else {
+            assert_qemu_clean(&b);
+            qemu_flat(&b, d.path())
+        };
+        assert_same(&got, &want, &format!("{case}: the base after the merges"));
+        assert!(!dir.join("mid.qcow2").exists() && !dir.join("top.qcow2").exists());
+    }
+}

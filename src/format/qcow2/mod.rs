@@ -59,6 +59,7 @@ mod alloc;
 mod check;
 mod create;
 mod read;
+mod relink;
 pub mod structs;
 mod write;
 
@@ -408,6 +409,12 @@ impl Layer for Qcow2Layer {
             lock_file(f, p, mode)?;
         }
         Ok(())
+    }
+
+    /// `Set`/`Detach` rewrite the backing file name and format
+    /// crash-safely (see `relink`); `Expect` has nothing to do (no ids).
+    fn relink(&self, change: crate::format::ParentChange<'_>) -> Result<()> {
+        self.relink_impl(change)
     }
 
     fn as_any(&self) -> &dyn std::any::Any {
