@@ -34,7 +34,8 @@
 //!   incompatible feature bits, and a writable open of an image marked
 //!   corrupt; a read-only open of a corrupt image works with a warning. A
 //!   dirty image (lazy refcounts left behind by a crash) reads correctly
-//!   read-only and is not changed: reading never looks at refcounts.
+//!   read-only and is not changed: reading never looks at refcounts; its
+//!   refcounts are rebuilt before the first write (`rebuild`).
 //! * The active L1 table (the entries the virtual size needs: a few KiB
 //!   even for TiB disks) is kept in memory; L2 tables are read in slices of
 //!   at most 4 KiB through the shared [`MetaCache`] (`Key::detail`, one
@@ -59,6 +60,7 @@ mod alloc;
 mod check;
 mod create;
 mod read;
+mod rebuild;
 mod relink;
 pub mod structs;
 mod write;
@@ -172,14 +174,6 @@ impl Qcow2Layer {
         header
             .check_supported(opts.writable)
             .map_err(|e| in_file(e, path))?;
-        if opts.writable && header.is_dirty() {
-            return Err(Error::unsupported(
-                path,
-                "the image is dirty (incompatible bit 0: refcounts lag behind after a crash with \
-                 lazy refcounts); run `qemu-img check -r all` on it before writing (it reads fine \
-                 read-only)",
-            ));
-        }
         if header.is_corrupt() {
             log::warn!(
                 "{}: the image is marked corrupt (incompatible bit 1); reading it anyway, read-only \

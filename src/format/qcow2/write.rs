@@ -23,9 +23,9 @@
 //! no zero flag: with a backing file the cluster is written as zeros, and
 //! without one it becomes unallocated.
 //!
-//! Writable opens refuse images marked dirty (refcounts lagging after a
-//! crash with lazy refcounts): `qemu-img check -r all` rebuilds them
-//! first.
+//! An image marked dirty (refcounts lagging after a crash with lazy
+//! refcounts) gets its refcounts rebuilt before the first write
+//! (`rebuild`).
 
 use std::os::unix::fs::FileExt;
 
@@ -59,6 +59,9 @@ impl Qcow2Layer {
             if clear != 0 {
                 self.update_header(|h| h.autoclear_features &= !clear)?;
                 self.sync()?;
+            }
+            if self.header.read().is_dirty() {
+                self.rebuild_refcounts(&mut st)?;
             }
             st.started = true;
         }
