@@ -1176,3 +1176,32 @@ fn online_merges_keep_the_mounted_view_identical() {
         assert!(!dir.join("mid.qcow2").exists() && !dir.join("top.qcow2").exists());
     }
 }
+
+#[test]
+fn a_merge_into_an_image_with_internal_snapshots_is_refused() {
+    if !have_qemu() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let base = d.path().join("base.qcow2");
+    let top = d.path().join("top.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", p(&base), "4M"]);
+    qemu_io(&base, &["write -P 0x11 0 1M".into()]);
+    qemu_img(&["snapshot", "-c", "s1", p(&base)]);
+    chainfs_ok(&["create", p(&top), "--parent", p(&base)]);
+    let input = d.path().join("in.bin");
+    chainfs_write(&top, 4096, &[9u8; 8192], &input);
+    let (hb, ht) = (sha256_file(&base), sha256_file(&top));
+    let o = chainfs(&["merge", p(&top), p(&base)]);
+    assert_eq!(code(&o), 10, "invalid state: {}", text(&o));
+    assert!(
+        text(&o).contains("base.qcow2") && text(&o).contains("snapshot"),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(
+        (sha256_file(&base), sha256_file(&top)),
+        (hb, ht),
+        "nothing changed"
+    );
+}

@@ -261,6 +261,13 @@ pub trait Layer: Send + Sync {
         Ok(0)
     }
 
+    /// Refuse to be a merge's DESTINATION, with the reason (an
+    /// `InvalidState` error), where the format holds state a merge would
+    /// leave inconsistent (qcow2 internal snapshots). Default: accepted.
+    fn refuse_as_merge_destination(&self) -> Result<()> {
+        Ok(())
+    }
+
     /// Change this process's advisory lock on the file.
     fn set_lock(&self, mode: LockMode) -> Result<()>;
 

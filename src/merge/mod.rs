@@ -248,6 +248,7 @@ pub fn plan(layers: Layers, req: &MergeRequest, caller: Option<Caller>) -> Resul
             ),
         ));
     }
+    layers[d].refuse_as_merge_destination()?;
     if let Some(c) = caller {
         let mut need: Vec<&Path> = layers[s..=d].iter().map(|l| l.path()).collect();
         if s > 0 {

@@ -405,6 +405,24 @@ impl Layer for Qcow2Layer {
         Ok(())
     }
 
+    /// A merge into an image with internal snapshots is refused: the
+    /// snapshots were taken over the chain below as it was, and qemu's
+    /// tools would restore them over content the merge moved.
+    fn refuse_as_merge_destination(&self) -> Result<()> {
+        let n = self.header.read().nb_snapshots;
+        if n == 0 {
+            return Ok(());
+        }
+        Err(Error::new(
+            crate::error::ErrorKind::InvalidState,
+            format!(
+                "{}: has {n} internal snapshot(s); merging into it is refused (delete them with \
+                 `qemu-img snapshot -d`, or merge into another layer)",
+                self.path.display()
+            ),
+        ))
+    }
+
     /// `Set`/`Detach` rewrite the backing file name and format
     /// crash-safely (see `relink`); `Expect` has nothing to do (no ids).
     fn relink(&self, change: crate::format::ParentChange<'_>) -> Result<()> {

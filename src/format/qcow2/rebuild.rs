@@ -32,25 +32,26 @@ impl Qcow2Layer {
         let cs = l.cluster_size();
         let mut refs: Vec<u64> = vec![0; (st.next_free / cs) as usize];
         let path = &self.path;
-        let add =
-            |refs: &mut Vec<u64>, off: u64, len: u64, what: &str| -> Result<()> {
-                if len == 0 {
-                    return Ok(());
-                }
-                for c in off / cs..=(off + len - 1) / cs {
-                    match refs.get_mut(c as usize) {
-                        Some(r) => *r += 1,
-                        None => return Err(Error::corrupt(
+        let add = |refs: &mut Vec<u64>, off: u64, len: u64, what: &str| -> Result<()> {
+            if len == 0 {
+                return Ok(());
+            }
+            for c in off / cs..=(off + len - 1) / cs {
+                match refs.get_mut(c as usize) {
+                    Some(r) => *r += 1,
+                    None => {
+                        return Err(Error::corrupt(
                             path,
                             off,
                             format!(
                                 "{what} lies past the end of the file; run `qemu-img check -r all`"
                             ),
-                        )),
+                        ))
                     }
                 }
-                Ok(())
-            };
+            }
+            Ok(())
+        };
         add(&mut refs, 0, cs, "the header")?;
         add(
             &mut refs,
