@@ -335,7 +335,9 @@ impl FlatImage {
                 if depth > 0 {
                     buf.resize(n as usize, 0);
                     layers[depth].read_data(file_offset, &mut buf)?;
-                    layers[0].write_sectors(off, &buf)?;
+                    // Through the fill path: the leaf may store larger
+                    // units than the run (`Layer::write_fill`).
+                    self.write_inner(off, &buf)?;
                 }
             }
             off += n;

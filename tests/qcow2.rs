@@ -1205,3 +1205,60 @@ fn a_merge_into_an_image_with_internal_snapshots_is_refused() {
         "nothing changed"
     );
 }
+
+/// A merge into a middle layer whose clusters are larger than the
+/// source's pieces: DESTINATION fills the rest of each cluster from the
+/// layers below it.
+#[test]
+fn a_merge_into_a_middle_layer_with_larger_clusters_fills_from_below() {
+    if !have_qemu() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let at = |n: &str| d.path().join(n);
+    qemu_img(&["create", "-q", "-f", "qcow2", p(&at("base.qcow2")), "8M"]);
+    qemu_io(&at("base.qcow2"), &["write -P 0x11 0 8M".into()]);
+    for (name, parent, opts) in [
+        ("mid.qcow2", "base.qcow2", "cluster_size=2M"),
+        ("top.qcow2", "mid.qcow2", "extended_l2=on"),
+        ("leaf.qcow2", "top.qcow2", "cluster_size=65536"),
+    ] {
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            opts,
+            "-b",
+            parent,
+            "-F",
+            "qcow2",
+            p(&at(name)),
+        ]);
+    }
+    qemu_io(&at("mid.qcow2"), &["write -P 0x22 2M 4k".into()]);
+    qemu_io(
+        &at("top.qcow2"),
+        &[
+            "write -P 0x33 6k 2k".into(),
+            "write -P 0x34 2100k 10k".into(),
+            "write -z 5M 2k".into(),
+        ],
+    );
+    qemu_io(&at("leaf.qcow2"), &["write -P 0x44 7M 64k".into()]);
+    let before = qemu_flat(&at("leaf.qcow2"), d.path());
+    chainfs_ok(&["merge", p(&at("top.qcow2")), p(&at("mid.qcow2"))]);
+    assert!(!at("top.qcow2").exists());
+    assert_qemu_clean(&at("mid.qcow2"));
+    assert_eq!(
+        qemu_info(&at("leaf.qcow2"))["backing-filename"],
+        "mid.qcow2"
+    );
+    assert_same(
+        &qemu_flat(&at("leaf.qcow2"), d.path()),
+        &before,
+        "after the merge",
+    );
+    assert_reads_like_qemu(&at("leaf.qcow2"), d.path());
+}

@@ -433,6 +433,23 @@ fn copy_ranges(
             Ok(())
         });
         let zeros = vec![0u8; BATCH as usize];
+        // DESTINATION's own view (for pieces it stores in larger units:
+        // `Layer::write_fill`): it and the layers below it.
+        let below: Vec<Arc<dyn Layer>> = std::iter::once(dest.clone())
+            .chain(layers[d + 1..].iter().cloned())
+            .collect();
+        let write = |off: u64, part: &[u8]| -> Result<()> {
+            match dest.write_fill(off, part.len() as u64)? {
+                None => dest.write_sectors(off, part),
+                Some((a, b)) => {
+                    let mut buf = vec![0u8; (b.min(size) - a) as usize];
+                    crate::image::read_layers(&below, 0, a, &mut buf)?;
+                    let at = (off - a) as usize;
+                    buf[at..at + part.len()].copy_from_slice(part);
+                    dest.write_sectors(a, &buf)
+                }
+            }
+        };
         let mut written = Ok(());
         for batch in full_rx.iter() {
             let mut at = 0;
@@ -443,7 +460,7 @@ fn copy_ranges(
                     at += n as usize;
                     &batch.data[at - n as usize..at]
                 };
-                if let Err(e) = dest.write_sectors(off, part) {
+                if let Err(e) = write(off, part) {
                     written = Err(e);
                     break;
                 }
