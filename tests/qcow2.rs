@@ -1262,3 +1262,35 @@ fn a_merge_into_a_middle_layer_with_larger_clusters_fills_from_below() {
     );
     assert_reads_like_qemu(&at("leaf.qcow2"), d.path());
 }
+
+#[test]
+fn a_merge_across_layers_of_different_sizes_is_refused() {
+    if !have_qemu() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let (base, top) = (d.path().join("base.qcow2"), d.path().join("top.qcow2"));
+    qemu_img(&["create", "-q", "-f", "qcow2", p(&base), "2M"]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        p(&top),
+        "4M",
+    ]);
+    qemu_io(&top, &["write -P 0x12 3M 64k".into()]);
+    let o = chainfs(&["merge", p(&top), p(&base)]);
+    assert_eq!(code(&o), EXIT_UNSUPPORTED, "{}", text(&o));
+    assert!(
+        text(&o).contains("top.qcow2") && text(&o).contains("size"),
+        "{}",
+        text(&o)
+    );
+    assert!(top.exists());
+    assert_reads_like_qemu(&top, d.path());
+}

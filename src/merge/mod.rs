@@ -249,6 +249,20 @@ pub fn plan(layers: Layers, req: &MergeRequest, caller: Option<Caller>) -> Resul
         ));
     }
     layers[d].refuse_as_merge_destination()?;
+    // Formats that link by name allow layers of other sizes (qemu's
+    // backing files); a merge across them would drop or invent data.
+    let dsize = layers[d].virtual_size();
+    if let Some(l) = layers[s..d].iter().find(|l| l.virtual_size() != dsize) {
+        return Err(Error::new(
+            ErrorKind::Unsupported,
+            format!(
+                "{}: its virtual size {} differs from DESTINATION {}'s {dsize}: merging layers of different sizes is not supported",
+                l.path().display(),
+                l.virtual_size(),
+                layers[d].path().display()
+            ),
+        ));
+    }
     if let Some(c) = caller {
         let mut need: Vec<&Path> = layers[s..=d].iter().map(|l| l.path()).collect();
         if s > 0 {
