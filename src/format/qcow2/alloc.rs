@@ -70,7 +70,7 @@ impl Qcow2Layer {
     }
 
     /// The refcount block at `at` (number `block`), cached.
-    fn refcount_block(&self, block: u64, at: u64) -> Result<Arc<[u8]>> {
+    pub(super) fn refcount_block(&self, block: u64, at: u64) -> Result<Arc<[u8]>> {
         let cs = self.layout.cluster_size();
         self.cache.get_or_load(self.rb_key(block), &self.meta, || {
             let mut b = vec![0u8; cs as usize];

@@ -1,7 +1,10 @@
 //! `check` of one qcow2 file: the header's state bits, the tables' places
 //! (L1, refcount table, every L2 table of the active L1 inside the file)
 //! and every entry of the active L2 tables (decodable, data inside the
-//! file). Refcounts are not recounted here; `qemu-img check` does that.
+//! file), then the refcounts against the references the tables hold
+//! (`count_references`, as `qemu-img check` counts them): a refcount below
+//! its references is an error (a write could free a cluster still in use),
+//! one above them a leak (space nothing uses).
 
 use super::*;
 
@@ -78,10 +81,10 @@ pub(super) fn check(l: &Qcow2Layer) -> Result<Vec<String>> {
                 Ok(Some(ExtendedL2Entry {
                     cluster: Cluster::Data { host_offset, .. },
                     ..
-                })) if host_offset + cs > data_len && l.data.is_none() => note(
+                })) if host_offset >= data_len && l.data.is_none() => note(
                     &mut out,
                     format!(
-                        "{}: at offset {host_offset:#x}: the data cluster of guest offset {at:#x} lies past the end of the file",
+                        "{}: at offset {host_offset:#x}: the data cluster of guest offset {at:#x} starts past the end of the file",
                         data_path.display()
                     ),
                 ),
@@ -99,5 +102,77 @@ pub(super) fn check(l: &Qcow2Layer) -> Result<Vec<String>> {
             at += cs;
         }
     }
+    if out.is_empty() || out.len() == usize::from(h.is_dirty()) + usize::from(h.is_corrupt()) {
+        out.extend(refcounts(l)?);
+    }
     Ok(out)
+}
+
+/// Refcounts vs references (see the module docs).
+fn refcounts(l: &Qcow2Layer) -> Result<Vec<String>> {
+    let p = l.path.display();
+    let st = match super::alloc::WriteState::load(l) {
+        Ok(s) => s,
+        Err(e) => return Ok(vec![e.to_string()]),
+    };
+    let cs = l.layout.cluster_size();
+    let refs = match l.count_references(&st.rt, st.next_free / cs) {
+        Ok(r) => r,
+        Err(e) => return Ok(vec![e.to_string()]),
+    };
+    let rbe = l.layout.refcount_block_entries();
+    // Persistent bitmaps' clusters are not counted by `count_references`.
+    let bitmaps = l.header.read().autoclear_features & AUTOCLEAR_BITMAPS != 0;
+    let (mut errors, mut leaks, mut first) = (0u64, 0u64, Vec::new());
+    for (b, &at) in st.rt.iter().enumerate() {
+        let first_c = b as u64 * rbe;
+        if first_c >= refs.len() as u64 {
+            break;
+        }
+        let block = if at == 0 {
+            None
+        } else {
+            Some(l.refcount_block(b as u64, at)?)
+        };
+        for c in first_c..(first_c + rbe).min(refs.len() as u64) {
+            let stored = block
+                .as_ref()
+                .map_or(0, |bl| get_refcount(bl, c - first_c, &l.layout));
+            let want = refs[c as usize];
+            if stored < want {
+                errors += 1;
+                if first.len() < MAX_LISTED {
+                    first.push(format!(
+                        "{p}: at offset {:#x}: the cluster's refcount is {stored} but the tables reference it {want} time(s)",
+                        c * cs
+                    ));
+                }
+            } else if stored > want && !bitmaps {
+                leaks += 1;
+            }
+        }
+    }
+    // Clusters the table has no block for but the tables use.
+    let covered = st.rt.len() as u64 * rbe;
+    for c in covered..refs.len() as u64 {
+        if refs[c as usize] > 0 {
+            errors += 1;
+            if first.len() < MAX_LISTED {
+                first.push(format!(
+                    "{p}: at offset {:#x}: the cluster is used but the refcount table does not cover it",
+                    c * cs
+                ));
+            }
+        }
+    }
+    if errors > first.len() as u64 {
+        first.push(format!("{p}: {errors} refcount errors in all"));
+    }
+    if leaks > 0 {
+        first.push(format!(
+            "{p}: {leaks} cluster(s) leaked: counted but unused ({} bytes; left by an interrupted write, `qemu-img check -r leaks` frees them)",
+            leaks * cs
+        ));
+    }
+    Ok(first)
 }

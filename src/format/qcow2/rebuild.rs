@@ -30,8 +30,77 @@ impl Qcow2Layer {
         let h = self.header();
         let l = self.layout;
         let cs = l.cluster_size();
-        let mut refs: Vec<u64> = vec![0; (st.next_free / cs) as usize];
+        let mut refs = self.count_references(&st.rt, st.next_free / cs)?;
         let path = &self.path;
+        // Blocks the counts need that the image lacks: appended, counted.
+        let rbe = l.refcount_block_entries();
+        loop {
+            let blocks = (refs.len() as u64).div_ceil(rbe);
+            let missing = (0..blocks).find(|&b| {
+                st.rt.get(b as usize).copied().unwrap_or(0) == 0
+                    && refs[(b * rbe) as usize..((b + 1) * rbe).min(refs.len() as u64) as usize]
+                        .iter()
+                        .any(|&r| r > 0)
+            });
+            let Some(b) = missing else { break };
+            if b as usize >= st.rt.len() {
+                return Err(Error::new(
+                    ErrorKind::Unsupported,
+                    format!(
+                        "{}: the refcount table is too small to rebuild the refcounts; run `qemu-img check -r all`",
+                        path.display()
+                    ),
+                ));
+            }
+            let at = st.next_free;
+            st.next_free += cs;
+            refs.push(1);
+            st.rt[b as usize] = at;
+        }
+        let rt_at = h.refcount_table_offset;
+        for (b, &at) in st.rt.iter().enumerate().filter(|(_, &a)| a != 0) {
+            let mut block = vec![0u8; cs as usize];
+            let first = b as u64 * rbe;
+            for i in 0..rbe {
+                let r = refs.get((first + i) as usize).copied().unwrap_or(0);
+                if r > 0 {
+                    set_refcount(&mut block, i, r, &l).map_err(|e| in_file(e, path))?;
+                }
+            }
+            crate::fault::point()?;
+            let _m = self.meta.write();
+            self.file.write_all_at(&block, at).ctx(
+                path,
+                "cannot write a refcount block",
+                Some(at),
+            )?;
+            self.file
+                .write_all_at(&at.to_be_bytes(), rt_at + b as u64 * 8)
+                .ctx(
+                    path,
+                    "cannot write the refcount table",
+                    Some(rt_at + b as u64 * 8),
+                )?;
+            self.cache.insert(
+                crate::cache::Key::map_page(self.key, b as u64),
+                block.into(),
+            );
+        }
+        self.sync()?;
+        self.update_header(|h| h.incompatible_features &= !INCOMPAT_DIRTY)?;
+        self.sync()
+    }
+
+    /// How many times the tables reference each cluster of the file
+    /// (`clusters` long; see the module docs for what is counted). `rt`:
+    /// the refcount table's entries (its blocks count too).
+    pub(super) fn count_references(&self, rt: &[u64], clusters: u64) -> Result<Vec<u64>> {
+        let h = self.header();
+        let l = self.layout;
+        let cs = l.cluster_size();
+        let mut refs: Vec<u64> = vec![0; clusters as usize];
+        let path = &self.path;
+
         let add = |refs: &mut Vec<u64>, off: u64, len: u64, what: &str| -> Result<()> {
             if len == 0 {
                 return Ok(());
@@ -59,7 +128,7 @@ impl Qcow2Layer {
             u64::from(h.refcount_table_clusters) * cs,
             "the refcount table",
         )?;
-        for &b in st.rt.iter().filter(|&&b| b != 0) {
+        for &b in rt.iter().filter(|&&b| b != 0) {
             add(&mut refs, b, cs, "a refcount block")?;
         }
         let mut l1s = vec![(h.l1_table_offset, u64::from(h.l1_size))];
@@ -118,63 +187,7 @@ impl Qcow2Layer {
                 }
             }
         }
-        // Blocks the counts need that the image lacks: appended, counted.
-        let rbe = l.refcount_block_entries();
-        loop {
-            let blocks = (refs.len() as u64).div_ceil(rbe);
-            let missing = (0..blocks).find(|&b| {
-                st.rt.get(b as usize).copied().unwrap_or(0) == 0
-                    && refs[(b * rbe) as usize..((b + 1) * rbe).min(refs.len() as u64) as usize]
-                        .iter()
-                        .any(|&r| r > 0)
-            });
-            let Some(b) = missing else { break };
-            if b as usize >= st.rt.len() {
-                return Err(Error::new(
-                    ErrorKind::Unsupported,
-                    format!(
-                        "{}: the refcount table is too small to rebuild the refcounts; run `qemu-img check -r all`",
-                        path.display()
-                    ),
-                ));
-            }
-            let at = st.next_free;
-            st.next_free += cs;
-            refs.push(1);
-            st.rt[b as usize] = at;
-        }
-        let rt_at = h.refcount_table_offset;
-        for (b, &at) in st.rt.iter().enumerate().filter(|(_, &a)| a != 0) {
-            let mut block = vec![0u8; cs as usize];
-            let first = b as u64 * rbe;
-            for i in 0..rbe {
-                let r = refs.get((first + i) as usize).copied().unwrap_or(0);
-                if r > 0 {
-                    set_refcount(&mut block, i, r, &l).map_err(|e| in_file(e, path))?;
-                }
-            }
-            crate::fault::point()?;
-            let _m = self.meta.write();
-            self.file.write_all_at(&block, at).ctx(
-                path,
-                "cannot write a refcount block",
-                Some(at),
-            )?;
-            self.file
-                .write_all_at(&at.to_be_bytes(), rt_at + b as u64 * 8)
-                .ctx(
-                    path,
-                    "cannot write the refcount table",
-                    Some(rt_at + b as u64 * 8),
-                )?;
-            self.cache.insert(
-                crate::cache::Key::map_page(self.key, b as u64),
-                block.into(),
-            );
-        }
-        self.sync()?;
-        self.update_header(|h| h.incompatible_features &= !INCOMPAT_DIRTY)?;
-        self.sync()
+        Ok(refs)
     }
 
     /// The snapshot table and its length in bytes.
