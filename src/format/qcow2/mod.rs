@@ -162,6 +162,10 @@ pub struct Qcow2Layer {
     decoded: Mutex<Option<(u64, Arc<[u8]>)>>,
     /// Allocated bytes, counted once on demand.
     allocated: Mutex<Option<u64>>,
+    /// The length of the file data clusters live in (the writer raises it
+    /// before an L2 entry points past it): `map` never returns data
+    /// beyond it.
+    data_end: std::sync::atomic::AtomicU64,
     /// The writer's state (`alloc`), loaded on the first write; held
     /// across every write.
     alloc: Mutex<Option<alloc::WriteState>>,
@@ -203,6 +207,10 @@ impl Qcow2Layer {
                 }
             };
         let l1 = read_l1(&file, path, &header, len)?;
+        let data_end = match &data {
+            Some((f, dp)) => f.metadata().ctx(dp, "cannot stat", None)?.len(),
+            None => len,
+        };
         let layer = Qcow2Layer {
             path: path.to_path_buf(),
             file,
@@ -217,6 +225,7 @@ impl Qcow2Layer {
             meta: RwLock::new(()),
             decoded: Mutex::new(None),
             allocated: Mutex::new(None),
+            data_end: std::sync::atomic::AtomicU64::new(data_end),
             alloc: Mutex::new(None),
         };
         Ok(layer)

@@ -162,9 +162,14 @@ impl Qcow2Layer {
             }
         }
         Ok(match first {
-            Unit::Data(h) => Extent::Data {
-                file_offset: h,
-                len: run,
+            // Data past the end of the data's file reads as zeros, as in
+            // qemu (`check` reports a cluster that starts there).
+            Unit::Data(h) => match self.data_end.load(std::sync::atomic::Ordering::Acquire) {
+                end if h >= end => Extent::Zero { len: run },
+                end => Extent::Data {
+                    file_offset: h,
+                    len: run.min(end - h),
+                },
             },
             Unit::Zero => Extent::Zero { len: run },
             Unit::Unallocated if self.parent.read().is_some() => Extent::Parent { len: run },

@@ -244,6 +244,12 @@ impl Qcow2Layer {
         Ok(buf)
     }
 
+    /// The data's file now reaches `end` (before an entry points there).
+    fn grew(&self, end: u64) {
+        self.data_end
+            .fetch_max(end, std::sync::atomic::Ordering::AcqRel);
+    }
+
     fn read_data_at(&self, h: u64, buf: &mut [u8]) -> Result<()> {
         <Self as Layer>::read_data(self, h, buf)
     }
@@ -266,7 +272,10 @@ impl Qcow2Layer {
             let h = host_offset + (at - c0);
             let (f, p) = self.data_file();
             crate::fault::point()?;
-            return f.write_all_at(data, h).ctx(p, "cannot write data", Some(h));
+            f.write_all_at(data, h)
+                .ctx(p, "cannot write data", Some(h))?;
+            self.grew(h + data.len() as u64);
+            return Ok(());
         }
         let (_, l2i) = self.layout.indices(at);
         let (_, l2_offset) = self.writable_l2(st, at)?;
@@ -293,6 +302,7 @@ impl Qcow2Layer {
                 crate::fault::point()?;
                 f.write_all_at(&buf, h)
                     .ctx(p, "cannot write data", Some(h))?;
+                self.grew(h + buf.len() as u64);
                 self.sync()?;
                 let mask = ((((1u64 << (last - first)) - 1) << first) & 0xffff_ffff) as u32;
                 let ee = e.expect("data has an entry");
@@ -327,6 +337,7 @@ impl Qcow2Layer {
         crate::fault::point()?;
         f.write_all_at(&buf, host)
             .ctx(p, "cannot write data", Some(host))?;
+        self.grew(host + buf.len() as u64);
         self.sync()?;
         let old_zero = e.map_or(0, |e| e.zero);
         let words = if self.layout.extended_l2 {
