@@ -1313,3 +1313,70 @@ fn a_merge_across_layers_of_different_sizes_is_refused() {
     assert!(top.exists());
     assert_reads_like_qemu(&top, d.path());
 }
+
+/// A merge killed at every write and sync point (`CHAINFS_FAULT_AFTER`):
+/// qemu reads the chain as before, every image checks clean or with leaks
+/// only, and rerunning the merge completes it.
+#[test]
+fn a_merge_killed_at_every_point_reruns_to_the_same_chain() {
+    if !have_qemu() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    for base in ["base.qcow2", "base.raw"] {
+        let pristine = d.path().join(format!("pristine-{base}"));
+        fs::create_dir(&pristine).unwrap();
+        let before = qemu_chain(&pristine, base, d.path());
+        let mut k = 1;
+        loop {
+            let dir = d.path().join(format!("run-{base}"));
+            if dir.exists() {
+                fs::remove_dir_all(&dir).unwrap();
+            }
+            copy_dir(&pristine, &dir);
+            let (mid, dst, top) = (dir.join("mid.qcow2"), dir.join(base), dir.join("top.qcow2"));
+            let o = Command::new(bin())
+                .env("CHAINFS_FAULT_AFTER", k.to_string())
+                .args(["merge", p(&mid), p(&dst)])
+                .output()
+                .unwrap();
+            let done = code(&o) == 0;
+            assert!(
+                done || code(&o) == FAULT_EXIT,
+                "{base} point {k}: {}",
+                text(&o)
+            );
+            assert_same(
+                &qemu_flat(&top, d.path()),
+                &before,
+                &format!("{base} point {k}: qemu reads top"),
+            );
+            for img in [&top, &dst, &mid] {
+                if img.exists() && img.extension().unwrap() == "qcow2" {
+                    let (c, t) = qemu_check_code(img);
+                    assert!(c == 0 || c == 3, "{base} point {k}: {}: {t}", img.display());
+                }
+            }
+            if done {
+                break;
+            }
+            if mid.exists() {
+                chainfs_ok(&["merge", p(&mid), p(&dst)]);
+            }
+            assert!(!mid.exists(), "{base} point {k}: the rerun deletes mid");
+            assert_eq!(
+                qemu_info(&top)["backing-filename"],
+                base,
+                "{base} point {k}"
+            );
+            assert_same(
+                &qemu_flat(&top, d.path()),
+                &before,
+                &format!("{base} point {k}: after the rerun"),
+            );
+            k += 1;
+            assert!(k < 2000, "the merge never finished");
+        }
+        assert!(k > 10, "{base}: only {k} fault points");
+    }
+}
