@@ -168,3 +168,71 @@ pub(super) fn relinked_header(old: &Header, name: &[u8], format: Option<&str>) -
          in one write",
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A new header with its tables placed (so that it parses).
+    fn new_header(size: u64, bits: u32, b: Option<&(String, String)>) -> Result<Header> {
+        let mut h = super::super::create::new_header(size, bits, b)?;
+        let cs = 1u64 << bits;
+        h.refcount_table_offset = cs;
+        h.refcount_table_clusters = 1;
+        h.l1_table_offset = 2 * cs;
+        h.l1_size = h.layout().l1_entries_for(size) as u32;
+        Ok(h)
+    }
+
+    fn names(n: usize) -> Extension {
+        Extension::FeatureNames(
+            (0..n)
+                .map(|i| FeatureName {
+                    kind: 0,
+                    bit: i as u8,
+                    name: b"some feature".to_vec(),
+                })
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn a_new_name_goes_past_the_first_sector_and_not_over_the_old_one() {
+        let b = ("base.qcow2".to_string(), "qcow2".to_string());
+        let old = new_header(1 << 20, 16, Some(&b)).unwrap();
+        let h = relinked_header(&old, b"../other/base.raw", Some("raw")).unwrap();
+        assert_eq!(h.backing_file_offset, 512);
+        assert_eq!(h.backing_format(), Some(&b"raw"[..]));
+        let again = relinked_header(&h, b"x.qcow2", Some("qcow2")).unwrap();
+        assert!(
+            again.backing_file_offset >= 512 + 17,
+            "not over the live name"
+        );
+        // Both parse back as written.
+        let bytes = again.to_bytes().unwrap();
+        assert_eq!(Header::parse(&bytes).unwrap(), again);
+    }
+
+    #[test]
+    fn names_that_do_not_fit_and_extensions_that_would_move_are_refused() {
+        let b = ("b.qcow2".to_string(), "qcow2".to_string());
+        let small = new_header(1 << 20, 9, Some(&b)).unwrap();
+        let long = vec![b'a'; 400];
+        let e = relinked_header(&small, &long, None).unwrap_err();
+        assert!(e.message().contains("does not fit"), "{e}");
+        // No backing format yet and a feature table past the first
+        // sector: the table is dropped to make room.
+        let mut h = new_header(1 << 20, 16, None).unwrap();
+        h.extensions.push(names(9));
+        let r = relinked_header(&h, b"p.qcow2", Some("qcow2")).unwrap();
+        assert!(r.feature_names().is_empty());
+        assert_eq!(r.backing_format(), Some(&b"qcow2"[..]));
+        // An unknown extension that would move past the sector: refused.
+        let mut h = new_header(1 << 20, 16, None).unwrap();
+        h.extensions.push(Extension::Unknown {
+            kind: 0x1234_5678,
+            data: vec![1; 600],
+        });
+        assert!(relinked_header(&h, b"p.qcow2", Some("qcow2")).is_err());
+    }
+}
