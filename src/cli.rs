@@ -119,6 +119,14 @@ enum Cmd {
         /// Make a differencing disk on top of this parent.
         #[arg(long, conflicts_with = "size")]
         parent: Option<PathBuf>,
+        /// The format version to write: qcow2 1.1 (version 3, the default)
+        /// or 0.10 (version 2).
+        #[arg(long)]
+        compat: Option<String>,
+        /// qcow2: extended L2 entries (32 sub-clusters per cluster; needs
+        /// clusters of at least 16K and version 3).
+        #[arg(long)]
+        extended_l2: bool,
     },
     /// Show the whole chain, leaf first.
     Info {
@@ -381,6 +389,8 @@ pub fn run() -> Result<i32> {
             block_size,
             logical_sector,
             parent,
+            compat,
+            extended_l2,
         } => {
             chainfs::format::create(
                 &image,
@@ -390,6 +400,8 @@ pub fn run() -> Result<i32> {
                     block_size,
                     logical_sector,
                     parent,
+                    version: compat,
+                    subblocks: extended_l2,
                 },
             )?;
             Ok(0)

@@ -615,6 +615,54 @@ fn created_images_are_what_qemu_img_create_makes() {
         assert_qemu_clean(img);
         assert_reads_like_qemu(img, d.path());
     }
+    // --compat 0.10 (version 2) and --extended-l2, bases and children,
+    // written by qemu and by chainfs.
+    for (name, extra, compat, ext) in [
+        ("v2.qcow2", &["--compat", "0.10"][..], "0.10", false),
+        ("ext.qcow2", &["--extended-l2"][..], "1.1", true),
+    ] {
+        let img = images.join(name);
+        let mut args = vec!["create", p(&img), "--size", "8M"];
+        args.extend_from_slice(extra);
+        chainfs_ok(&args);
+        let child = images.join(format!("child-{name}"));
+        let mut args = vec!["create", p(&child), "--parent", p(&img)];
+        args.extend_from_slice(extra);
+        chainfs_ok(&args);
+        for f in [&img, &child] {
+            assert_qemu_clean(f);
+            let q = qemu_info(f);
+            assert_eq!(q["format-specific"]["data"]["compat"], compat, "{q}");
+            assert_eq!(
+                q["format-specific"]["data"]["extended-l2"]
+                    .as_bool()
+                    .unwrap_or(false),
+                ext,
+                "{q}"
+            );
+        }
+        qemu_io(&img, &["write -P 0x5 0 1M".into()]);
+        random_writes_read_back_in_qemu(&child, d.path(), 61, 5);
+    }
+    let o = chainfs(&[
+        "create",
+        p(&d.path().join("bad.qcow2")),
+        "--size",
+        "1M",
+        "--extended-l2",
+        "--cluster-size",
+        "4K",
+    ]);
+    assert_eq!(code(&o), 9, "{}", text(&o));
+    let o = chainfs(&[
+        "create",
+        p(&d.path().join("bad.vhd")),
+        "--size",
+        "1M",
+        "--compat",
+        "1.1",
+    ]);
+    assert_eq!(code(&o), 9, "{}", text(&o));
     // Refusals: a raw file takes no qcow2 parent; bad cluster sizes.
     let o = chainfs(&["create", p(&d.path().join("c.raw")), "--parent", p(&top)]);
     assert!(!o.status.success(), "{}", text(&o));

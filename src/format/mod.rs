@@ -387,6 +387,13 @@ pub struct CreateOptions {
     pub logical_sector: u32,
     /// Make a differencing child of this parent.
     pub parent: Option<PathBuf>,
+    /// The format version to write (`--compat`), one of the driver's
+    /// [`Driver::create_versions`]; `None`: its newest.
+    pub version: Option<String>,
+    /// Blocks divided into separately allocated sub-blocks
+    /// (`--extended-l2`), where the driver has them
+    /// ([`Driver::create_subblocks`]).
+    pub subblocks: bool,
 }
 
 /// Open a layer file and take its advisory lock: exclusive when writable,

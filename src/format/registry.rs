@@ -50,6 +50,12 @@ pub struct Driver {
     pub create: fn(&Path, &CreateOptions, Option<&dyn Layer>) -> Result<()>,
     /// Identity and parent link, without locks; `None` when not this format.
     pub peek: fn(&Path) -> Option<Peek>,
+    /// The versions `create` may write ([`CreateOptions::version`]); empty:
+    /// the format has one.
+    pub create_versions: &'static [&'static str],
+    /// `create` can divide blocks into sub-blocks
+    /// ([`CreateOptions::subblocks`]).
+    pub create_subblocks: bool,
 }
 
 /// Every driver, in probe order.
@@ -126,6 +132,27 @@ pub fn peek(path: &Path) -> Option<Peek> {
 /// Create a new image, in the format its name asks for.
 pub fn create(path: &Path, o: &CreateOptions) -> Result<()> {
     let d = driver_for_name(path)?;
+    if let Some(v) = &o.version {
+        if !d.create_versions.contains(&v.as_str()) {
+            return Err(Error::invalid(format!(
+                "{}: --compat {v}: {} images are created as {}",
+                path.display(),
+                d.name,
+                if d.create_versions.is_empty() {
+                    "their one version".to_string()
+                } else {
+                    d.create_versions.join(" or ")
+                }
+            )));
+        }
+    }
+    if o.subblocks && !d.create_subblocks {
+        return Err(Error::invalid(format!(
+            "{}: --extended-l2: {} images have no sub-blocks",
+            path.display(),
+            d.name
+        )));
+    }
     let parent = match &o.parent {
         Some(p) => Some(open_layer(
             p,

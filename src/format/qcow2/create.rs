@@ -1,9 +1,10 @@
-//! `chainfs create X.qcow2`: a new, empty version 3 image, laid out as
-//! qemu-img lays out a new one (64 KiB clusters unless `--block-size`/
-//! `--cluster-size` says otherwise, 16-bit refcounts):
+//! `chainfs create X.qcow2`: a new, empty image, laid out as qemu-img lays
+//! out a new one (version 3 unless `--compat 0.10`, 64 KiB clusters unless
+//! `--block-size`/`--cluster-size` says otherwise, extended L2 entries with
+//! `--extended-l2`, 16-bit refcounts):
 //!
 //! ```text
-//! cluster 0: header (112 bytes) [backing format extension] [end] [backing name]
+//! cluster 0: header (112 bytes; v2: 72) [backing format extension] [end] [backing name]
 //! then:      refcount table | L1 table (zeros) | refcount blocks
 //! ```
 //!
@@ -56,7 +57,26 @@ pub(super) fn create(path: &Path, o: &CreateOptions, parent: Option<&dyn Layer>)
         Some(p) => Some(backing_of(path, p)?),
         None => None,
     };
+    let v2 = o.version.as_deref() == Some("0.10");
+    if o.subblocks && (v2 || cs < 1 << MIN_EXTENDED_L2_CLUSTER_BITS) {
+        return Err(Error::invalid(format!(
+            "{}: --extended-l2 needs version 3 (--compat 1.1) and clusters of at least 16K",
+            path.display()
+        )));
+    }
     let mut h = new_header(size, cs.trailing_zeros(), backing.as_ref())?;
+    if v2 {
+        h.version = 2;
+        h.header_length = V2_HEADER_LEN;
+        h.tail.clear();
+    }
+    if o.subblocks {
+        h.incompatible_features |= INCOMPAT_EXTENDED_L2;
+    }
+    if let Some((name, _)) = &backing {
+        // The name's place follows the header's length.
+        set_backing_name(&mut h, name.as_bytes())?;
+    }
     let (meta, rb_count) = place_tables(&mut h)?;
     let bytes = h.to_bytes()?;
     let file = std::fs::OpenOptions::new()

@@ -91,6 +91,8 @@ pub static DRIVER: Driver = Driver {
     open: |file, path, opts| Ok(Arc::new(Qcow2Layer::open(file, path, opts)?)),
     create: create::create,
     peek,
+    create_versions: &["1.1", "0.10"],
+    create_subblocks: true,
 };
 
 /// The backing file name of an image a merge detached from its parent

@@ -35,6 +35,8 @@ pub static DRIVER: Driver = Driver {
     open,
     create,
     peek,
+    create_versions: &[],
+    create_subblocks: false,
 };
 
 /// Sector size raw layers present (the unit of `write_sectors`).

@@ -75,6 +75,8 @@ pub static DRIVER: Driver = Driver {
     open: |file, path, opts| Ok(Arc::new(VhdLayer::open(file, path, opts)?)),
     create: create_file,
     peek,
+    create_versions: &[],
+    create_subblocks: false,
 };
 
 /// `chainfs create` for a VHD: a base (`--size`, `--fixed`) or a child of

@@ -65,6 +65,8 @@ pub static DRIVER: Driver = Driver {
     open: |file, path, opts| Ok(Arc::new(VhdxLayer::open(file, path, opts)?)),
     create: create::create_file,
     peek,
+    create_versions: &[],
+    create_subblocks: false,
 };
 
 const BAT_PAGE_ENTRIES: u64 = 512;
