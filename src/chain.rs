@@ -18,7 +18,11 @@
 //! candidate that opens in an allowed format wins, and `info`/`check` say
 //! the link is by name only. Either way the chain refuses cycles (by path,
 //! and by identity where there is one), more than [`MAX_DEPTH`] layers and
-//! a parent whose virtual size differs.
+//! a parent whose virtual size differs (where the link is by name only, as
+//! qemu's backing files are, the sizes may differ: reads past the end of a
+//! shorter parent are zeros). Where the link records the parent's format
+//! ([`ParentLink::format`]), the parent is opened with that driver, not
+//! probed.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -28,7 +32,9 @@ use serde::Serialize;
 
 use crate::cache::{MetaCache, DEFAULT_CACHE_BYTES};
 use crate::error::{Error, ErrorKind, Result};
-use crate::format::registry::{may_have_parent, mixed_error};
+use crate::format::registry::{
+    driver, may_have_parent, mixed_error, open_layer_as, unknown_format_error,
+};
 use crate::format::{open_layer, Layer, LayerOptions, ParentHint, ParentLink};
 use crate::paths::{candidates, canonical};
 
@@ -179,7 +185,7 @@ impl Chain {
                     ));
                 }
                 let (cs, ps) = (child.virtual_size(), parent.virtual_size());
-                if cs != ps {
+                if cs != ps && !link.allows_other_size() {
                     return Err(Error::new(
                         ErrorKind::BadChain,
                         format!(
@@ -243,6 +249,15 @@ fn find_parent(
     seen: &HashSet<PathBuf>,
 ) -> Result<(Arc<dyn Layer>, Link)> {
     let hints = &link.hints[..];
+    if let Some(f) = &link.format {
+        if driver(f).is_none() {
+            return Err(unknown_format_error(
+                child.path(),
+                "records its parent as",
+                f,
+            ));
+        }
+    }
     let cpath = canonical(child.path());
     let over = opts
         .overrides
@@ -284,7 +299,7 @@ fn find_parent(
             looped.get_or_insert(cand);
             continue;
         }
-        let layer = match open_layer(&cand, ro) {
+        let layer = match open_layer_as(&cand, link.format.as_deref(), ro) {
             Ok(l) => l,
             Err(e) => {
                 // Not this one (corrupt, locked, not an image): look further,

@@ -95,6 +95,15 @@ pub fn check_chain(leaf: &Path, opts: &ChainOptions) -> Result<Findings> {
                 link.resolved.display()
             ));
         }
+        let child_link = chain.layers[i].parent();
+        if link.by_name_only && child_link.is_some_and(|l| l.format.is_none()) {
+            notes.push(format!(
+                "{}: records no format for its parent {}: it was detected as {} from its content",
+                chain.layers[i].path().display(),
+                link.resolved.display(),
+                chain.layers[i + 1].info().format
+            ));
+        }
         if link.by_search && !link.id_mismatch {
             let child = chain.layers[i].path().display();
             problems.push(format!(

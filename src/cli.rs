@@ -90,7 +90,9 @@ enum Cmd {
     /// Create a base disk (--size) or a differencing child (--parent).
     ///
     /// The format follows the extension: .vhd/.avhd make a VHD, .vhdx/.avhdx
-    /// a VHDX. A child must have the format of its parent.
+    /// a VHDX, .qcow2 a qcow2 (version 3), .raw/.img a raw file. A VHD or
+    /// VHDX child must have the format of its parent; a qcow2 child may sit
+    /// on a qcow2 or raw parent.
     Create {
         /// The new image (never overwritten).
         image: PathBuf,
@@ -106,8 +108,9 @@ enum Cmd {
         )]
         kind: CreateType,
         /// Block size (default: VHD 2M, a VHD child its parent's; VHDX 32M
-        /// dynamic, 2M fixed or differencing, as Hyper-V makes them).
-        #[arg(long, value_parser = parse_size_arg)]
+        /// dynamic, 2M fixed or differencing, as Hyper-V makes them); the
+        /// cluster size of a qcow2 (512 to 2M, default 64K).
+        #[arg(long, visible_alias = "cluster-size", value_parser = parse_size_arg)]
         block_size: Option<u64>,
         /// Logical sector size of a VHDX base: 512 or 4096 (a child takes
         /// its parent's).
@@ -116,6 +119,14 @@ enum Cmd {
         /// Make a differencing disk on top of this parent.
         #[arg(long, conflicts_with = "size")]
         parent: Option<PathBuf>,
+        /// The format version to write: qcow2 1.1 (version 3, the default)
+        /// or 0.10 (version 2).
+        #[arg(long)]
+        compat: Option<String>,
+        /// qcow2: extended L2 entries (32 sub-clusters per cluster; needs
+        /// clusters of at least 16K and version 3).
+        #[arg(long)]
+        extended_l2: bool,
     },
     /// Show the whole chain, leaf first.
     Info {
@@ -398,6 +409,8 @@ pub fn run() -> Result<i32> {
             block_size,
             logical_sector,
             parent,
+            compat,
+            extended_l2,
         } => {
             chainfs::format::create(
                 &image,
@@ -407,6 +420,8 @@ pub fn run() -> Result<i32> {
                     block_size,
                     logical_sector,
                     parent,
+                    version: compat,
+                    subblocks: extended_l2,
                 },
             )?;
             Ok(0)

@@ -230,6 +230,21 @@ impl FlatImage {
         if data.is_empty() {
             return Ok(());
         }
+        if leaf.write_fill(offset, data.len() as u64)?.is_some() {
+            // The leaf stores larger units than the write covers: fill the
+            // rest of them from the flattened view, serialised with every
+            // other such write (the content read must not change before it
+            // is written back).
+            let _g = self.rmw.lock();
+            if let Some((s, e)) = leaf.write_fill(offset, data.len() as u64)? {
+                let e = e.min(self.size);
+                let mut buf = vec![0u8; (e - s) as usize];
+                read_layers(&layers, 0, s, &mut buf)?;
+                let at = (offset - s) as usize;
+                buf[at..at + data.len()].copy_from_slice(data);
+                return leaf.write_sectors(s, &buf);
+            }
+        }
         let ss = leaf.sector_size() as u64;
         let head = offset % ss;
         let tail = end % ss;
@@ -280,7 +295,7 @@ impl FlatImage {
             return Ok(());
         }
         let leaf = self.layers()[0].clone();
-        let ss = leaf.sector_size() as u64;
+        let ss = leaf.discard_unit().max(leaf.sector_size() as u64);
         let first_full = offset.next_multiple_of(ss).min(end);
         let last_full = (end - end % ss).max(first_full);
         if first_full > offset {
@@ -320,7 +335,9 @@ impl FlatImage {
                 if depth > 0 {
                     buf.resize(n as usize, 0);
                     layers[depth].read_data(file_offset, &mut buf)?;
-                    layers[0].write_sectors(off, &buf)?;
+                    // Through the fill path: the leaf may store larger
+                    // units than the run (`Layer::write_fill`).
+                    self.write_inner(off, &buf)?;
                 }
             }
             off += n;

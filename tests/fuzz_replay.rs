@@ -20,6 +20,7 @@ const TARGETS: &[(&str, Target)] = &[
     ("vhd_footer", chainfs::fuzzing::vhd_footer),
     ("vhd_header", chainfs::fuzzing::vhd_header),
     ("vhd_image", chainfs::fuzzing::vhd_image),
+    ("qcow2_image", chainfs::fuzzing::qcow2_image),
     ("vhdx_meta", chainfs::fuzzing::vhdx_meta),
     ("vhdx_layout", chainfs::fuzzing::vhdx_layout),
     ("qcow2_header", chainfs::fuzzing::qcow2_header),
@@ -238,7 +239,7 @@ fn structures(target: &str, len: usize) -> Vec<(usize, bool)> {
     match target {
         "vhd_footer" => vec![(0, true)],
         "vhd_header" => vec![(0, false)],
-        "control_command" | "intent_record" | "vhdx_layout" | "qcow2_header" => vec![],
+        "control_command" | "intent_record" | "vhdx_layout" | "qcow2_header" | "qcow2_image" => vec![],
         _ => {
             let mut v = vec![(0, true), (512, false)];
             if len >= 512 {
@@ -406,4 +407,15 @@ fn mutate_qcow2_header() {
 #[test]
 fn mutate_vhd_image() {
     mutation_loop("vhd_image", 0x1A6E, 12_000);
+}
+
+#[test]
+fn replay_qcow2_image() {
+    replay("corpus", "qcow2_image");
+    replay("regressions", "qcow2_image");
+}
+
+#[test]
+fn mutate_qcow2_image() {
+    mutation_loop("qcow2_image", 0x9C02, 8_000);
 }

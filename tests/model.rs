@@ -350,6 +350,8 @@ fn create_layer(plan: &Plan, dir: &Path, i: usize, parent: Option<&Path>) -> Pat
         block_size: (block != 0).then_some(block as u64),
         logical_sector: 512,
         parent: parent.map(Path::to_path_buf),
+        version: None,
+        subblocks: false,
     };
     chainfs::format::create(&path, &o).unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
     std::fs::canonicalize(path).unwrap()

@@ -135,17 +135,22 @@ fn create_makes_raw_files_and_refuses_raw_parents() {
 #[test]
 fn probing_never_shows_another_format_as_raw() {
     let d = tempfile::tempdir().unwrap();
-    // A qcow2 named .img is refused as what it is.
+    // A qcow2 named .img opens as the qcow2 it is, and a VMDK named .img
+    // is refused as what it is.
     let q = d.path().join("q.img");
+    let v = d.path().join("v.img");
     if require("qemu-img", have("qemu-img")) {
-        let o = Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2", p(&q), "1M"])
-            .output()
-            .unwrap();
-        assert!(o.status.success());
-        let o = chainfs(&["info", p(&q)]);
-        assert!(!o.status.success(), "a qcow2 named .img opened");
-        assert!(text(&o).contains("qcow2"), "{}", text(&o));
+        for (fmt, img) in [("qcow2", &q), ("vmdk", &v)] {
+            let o = Command::new("qemu-img")
+                .args(["create", "-q", "-f", fmt, p(img), "1M"])
+                .output()
+                .unwrap();
+            assert!(o.status.success());
+        }
+        assert_eq!(info_json(&q)[0]["format"], "qcow2");
+        let o = chainfs(&["info", p(&v)]);
+        assert!(!o.status.success(), "a VMDK named .img opened");
+        assert!(text(&o).contains("VMDK"), "{}", text(&o));
     }
     // An unrecognised file with another name is not a disk.
     let t = d.path().join("notes.txt");

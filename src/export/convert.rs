@@ -55,6 +55,8 @@ pub(super) fn to_image(
         // where the format can say so.
         logical_sector: image.layers()[0].sector_size(),
         parent: None,
+        version: None,
+        subblocks: false,
     };
     via_temp(
         out,

@@ -195,6 +195,8 @@ pub static DRIVER: Driver = Driver {
     open: |_, path, _| Err(bug(path, "a mem layer cannot be opened from a file".into())),
     create: |path, _, _| Err(bug(path, "a mem layer cannot be created as a file".into())),
     peek: |_| None,
+    create_versions: &[],
+    create_subblocks: false,
 };
 
 /// The link a child of `parent` records: its id, and its path as the name.
@@ -206,6 +208,7 @@ pub fn link_to(parent: &dyn Layer) -> ParentLink {
             stored: parent.path().display().to_string(),
         }],
         detached: false,
+        format: None,
     }
 }
 

@@ -92,6 +92,10 @@ pub struct ParentLink {
     /// A merge consumed this layer's parent chain: it no longer opens as
     /// a chain.
     pub detached: bool,
+    /// The registry name of the parent's driver, where the format records
+    /// it (qcow2's backing format): the chain opens the parent with that
+    /// driver instead of probing. `None`: the parent's format is probed.
+    pub format: Option<String>,
 }
 
 impl ParentLink {
@@ -109,6 +113,14 @@ impl ParentLink {
     /// The parent's names as stored, in the order they are tried.
     pub fn stored_names(&self) -> Vec<&str> {
         self.hints.iter().map(|h| h.stored.as_str()).collect()
+    }
+
+    /// May the parent's virtual size differ from the child's? Only where
+    /// the link is by name (qemu's rule for backing files: reads past the
+    /// end of a shorter parent are zeros, a longer parent's tail is not
+    /// seen); a link by identity is to a parent of the same size.
+    pub fn allows_other_size(&self) -> bool {
+        self.by_name_only()
     }
 }
 
@@ -206,9 +218,28 @@ pub trait Layer: Send + Sync {
     /// Store whole sectors at `offset` (both multiples of `sector_size`).
     fn write_sectors(&self, offset: u64, data: &[u8]) -> Result<()>;
 
+    /// The range a write of `[offset, offset + len)` must cover because
+    /// this layer stores data in units larger than a sector and would
+    /// otherwise need the content below (a qcow2 cluster it does not hold
+    /// yet): the resolver then reads the flattened view over that range,
+    /// lays the new bytes over it and writes the whole range, serialised
+    /// with every other such write (`crate::image`). `None`: the range can
+    /// be written as it is.
+    fn write_fill(&self, _offset: u64, _len: u64) -> Result<Option<(u64, u64)>> {
+        Ok(None)
+    }
+
     /// Make whole sectors at `offset` read as zeros (discard / write
     /// zeroes), even where a parent holds data; free space where possible.
+    /// The resolver passes whole [`Layer::discard_unit`]s and writes zeros
+    /// for the rest.
     fn discard(&self, offset: u64, len: u64) -> Result<()>;
+
+    /// The granularity of `discard` (a sector, unless the format tracks
+    /// zeros in larger units).
+    fn discard_unit(&self) -> u64 {
+        u64::from(self.sector_size())
+    }
 
     /// Make every acknowledged write durable.
     fn flush(&self) -> Result<()>;
@@ -233,6 +264,13 @@ pub trait Layer: Send + Sync {
     /// merge's pre-flight check); 0 where nothing is allocated on write.
     fn space_for(&self, _ranges: &[(u64, u64)]) -> Result<u64> {
         Ok(0)
+    }
+
+    /// Refuse to be a merge's DESTINATION, with the reason (an
+    /// `InvalidState` error), where the format holds state a merge would
+    /// leave inconsistent (qcow2 internal snapshots). Default: accepted.
+    fn refuse_as_merge_destination(&self) -> Result<()> {
+        Ok(())
     }
 
     /// Change this process's advisory lock on the file.
@@ -354,6 +392,13 @@ pub struct CreateOptions {
     pub logical_sector: u32,
     /// Make a differencing child of this parent.
     pub parent: Option<PathBuf>,
+    /// The format version to write (`--compat`), one of the driver's
+    /// [`Driver::create_versions`]; `None`: its newest.
+    pub version: Option<String>,
+    /// Blocks divided into separately allocated sub-blocks
+    /// (`--extended-l2`), where the driver has them
+    /// ([`Driver::create_subblocks`]).
+    pub subblocks: bool,
 }
 
 /// Open a layer file and take its advisory lock: exclusive when writable,

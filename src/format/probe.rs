@@ -71,20 +71,20 @@ impl Foreign {
     /// What chainfs does with it, and what the user can do instead.
     pub fn advice(&self) -> &'static str {
         match self {
-            Foreign::Empty => "chainfs reads VHD, VHDX and raw images",
+            Foreign::Empty => "chainfs reads VHD, VHDX, qcow2 and raw images",
             Foreign::Qcow { .. } => {
-                "chainfs reads VHD, VHDX and raw images (qcow2 is planned); convert it with \
+                "chainfs reads VHD, VHDX, qcow2 (versions 2 and 3) and raw images; convert it with \
                  `qemu-img convert -O vhdx`"
             }
             Foreign::VmdkSparse { .. } | Foreign::VmdkCowd | Foreign::VmdkDescriptor => {
-                "chainfs reads VHD, VHDX and raw images; convert it with `qemu-img convert -O vhdx`"
+                "chainfs reads VHD, VHDX, qcow2 and raw images; convert it with `qemu-img convert -O vhdx`"
             }
             Foreign::Vdi => {
-                "chainfs reads VHD, VHDX and raw images; convert it with `qemu-img convert -O vhdx` \
+                "chainfs reads VHD, VHDX, qcow2 and raw images; convert it with `qemu-img convert -O vhdx` \
                  or `VBoxManage clonemedium --format VHD`"
             }
             Foreign::Luks { .. } => {
-                "chainfs reads VHD, VHDX and raw images; open it with `cryptsetup open` (a LUKS \
+                "chainfs reads VHD, VHDX, qcow2 and raw images; open it with `cryptsetup open` (a LUKS \
                  volume inside a VHD/VHDX is read through `chainfs mount`)"
             }
             Foreign::DamagedVhd => {

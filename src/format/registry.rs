@@ -16,7 +16,9 @@ use std::sync::Arc;
 use crate::cache::MetaCache;
 use crate::error::{Error, ErrorKind, Result};
 
-use super::{open_file, probe, raw, vhd, vhdx, CreateOptions, Layer, LayerOptions, ParentLink};
+use super::{
+    open_file, probe, qcow2, raw, vhd, vhdx, CreateOptions, Layer, LayerOptions, ParentLink,
+};
 
 /// What a driver tells about a file without locking or fully opening it
 /// (finding the children of a layer reads every image in a folder).
@@ -48,16 +50,23 @@ pub struct Driver {
     pub create: fn(&Path, &CreateOptions, Option<&dyn Layer>) -> Result<()>,
     /// Identity and parent link, without locks; `None` when not this format.
     pub peek: fn(&Path) -> Option<Peek>,
+    /// The versions `create` may write ([`CreateOptions::version`]); empty:
+    /// the format has one.
+    pub create_versions: &'static [&'static str],
+    /// `create` can divide blocks into sub-blocks
+    /// ([`CreateOptions::subblocks`]).
+    pub create_subblocks: bool,
 }
 
 /// Every driver, in probe order.
 #[cfg(not(test))]
-pub static DRIVERS: &[&Driver] = &[&vhdx::DRIVER, &vhd::DRIVER, &raw::DRIVER];
+pub static DRIVERS: &[&Driver] = &[&vhdx::DRIVER, &vhd::DRIVER, &qcow2::DRIVER, &raw::DRIVER];
 /// Every driver, in probe order, and the in-memory test layer.
 #[cfg(test)]
 pub static DRIVERS: &[&Driver] = &[
     &vhdx::DRIVER,
     &vhd::DRIVER,
+    &qcow2::DRIVER,
     &raw::DRIVER,
     &super::mem::DRIVER,
 ];
@@ -136,6 +145,27 @@ pub fn peek(path: &Path) -> Option<Peek> {
 /// Create a new image, in the format its name asks for.
 pub fn create(path: &Path, o: &CreateOptions) -> Result<()> {
     let d = driver_for_name(path)?;
+    if let Some(v) = &o.version {
+        if !d.create_versions.contains(&v.as_str()) {
+            return Err(Error::invalid(format!(
+                "{}: --compat {v}: {} images are created as {}",
+                path.display(),
+                d.name,
+                if d.create_versions.is_empty() {
+                    "their one version".to_string()
+                } else {
+                    d.create_versions.join(" or ")
+                }
+            )));
+        }
+    }
+    if o.subblocks && !d.create_subblocks {
+        return Err(Error::invalid(format!(
+            "{}: --extended-l2: {} images have no sub-blocks",
+            path.display(),
+            d.name
+        )));
+    }
     let parent = match &o.parent {
         Some(p) => Some(open_layer(
             p,
@@ -165,6 +195,36 @@ pub fn open_layer(path: &Path, opts: &LayerOptions) -> Result<Arc<dyn Layer>> {
         }
     }
     Err(unknown_error(&file, path))
+}
+
+/// Open one file with the driver a child's link names (`format`, a
+/// registry name, as [`ParentLink::format`] carries it), without probing:
+/// the recorded format decides, as it does for qemu. `None`: probe.
+pub fn open_layer_as(
+    path: &Path,
+    format: Option<&str>,
+    opts: &LayerOptions,
+) -> Result<Arc<dyn Layer>> {
+    let Some(name) = format else {
+        return open_layer(path, opts);
+    };
+    let d =
+        driver(name).ok_or_else(|| unknown_format_error(path, "recorded by its child as", name))?;
+    let file = open_file(path, opts.writable)?;
+    (d.open)(file, path, opts)
+}
+
+/// The refusal for a recorded parent format no driver has: `path` is
+/// `what` format `name` (a child: "records its parent as").
+pub fn unknown_format_error(path: &Path, what: &str, name: &str) -> Error {
+    let known: Vec<&str> = DRIVERS.iter().map(|d| d.name).collect();
+    Error::unsupported(
+        path,
+        format!(
+            "{what} format {name:?}, which chainfs does not read (known: {})",
+            known.join(", ")
+        ),
+    )
 }
 
 /// The error for a file no driver claimed: what it looks like instead

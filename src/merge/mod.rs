@@ -248,6 +248,21 @@ pub fn plan(layers: Layers, req: &MergeRequest, caller: Option<Caller>) -> Resul
             ),
         ));
     }
+    layers[d].refuse_as_merge_destination()?;
+    // Formats that link by name allow layers of other sizes (qemu's
+    // backing files); a merge across them would drop or invent data.
+    let dsize = layers[d].virtual_size();
+    if let Some(l) = layers[s..d].iter().find(|l| l.virtual_size() != dsize) {
+        return Err(Error::new(
+            ErrorKind::Unsupported,
+            format!(
+                "{}: its virtual size {} differs from DESTINATION {}'s {dsize}: merging layers of different sizes is not supported",
+                l.path().display(),
+                l.virtual_size(),
+                layers[d].path().display()
+            ),
+        ));
+    }
     if let Some(c) = caller {
         let mut need: Vec<&Path> = layers[s..=d].iter().map(|l| l.path()).collect();
         if s > 0 {
@@ -432,6 +447,23 @@ fn copy_ranges(
             Ok(())
         });
         let zeros = vec![0u8; BATCH as usize];
+        // DESTINATION's own view (for pieces it stores in larger units:
+        // `Layer::write_fill`): it and the layers below it.
+        let below: Vec<Arc<dyn Layer>> = std::iter::once(dest.clone())
+            .chain(layers[d + 1..].iter().cloned())
+            .collect();
+        let write = |off: u64, part: &[u8]| -> Result<()> {
+            match dest.write_fill(off, part.len() as u64)? {
+                None => dest.write_sectors(off, part),
+                Some((a, b)) => {
+                    let mut buf = vec![0u8; (b.min(size) - a) as usize];
+                    crate::image::read_layers(&below, 0, a, &mut buf)?;
+                    let at = (off - a) as usize;
+                    buf[at..at + part.len()].copy_from_slice(part);
+                    dest.write_sectors(a, &buf)
+                }
+            }
+        };
         let mut written = Ok(());
         for batch in full_rx.iter() {
             let mut at = 0;
@@ -442,7 +474,7 @@ fn copy_ranges(
                     at += n as usize;
                     &batch.data[at - n as usize..at]
                 };
-                if let Err(e) = dest.write_sectors(off, part) {
+                if let Err(e) = write(off, part) {
                     written = Err(e);
                     break;
                 }

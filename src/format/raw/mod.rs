@@ -37,6 +37,8 @@ pub static DRIVER: Driver = Driver {
     open,
     create,
     peek,
+    create_versions: &[],
+    create_subblocks: false,
 };
 
 /// Sector size raw layers present (the unit of `write_sectors`).
@@ -196,10 +198,11 @@ impl Layer for RawLayer {
     }
 
     fn map(&self, offset: u64, len: u64) -> Result<Extent> {
-        let len = len.min(self.size.saturating_sub(offset));
-        if len == 0 {
-            return Ok(Extent::Zero { len: 0 });
+        if offset >= self.size {
+            // Past the end (the parent of a longer child): zeros.
+            return Ok(Extent::Zero { len });
         }
+        let len = len.min(self.size - offset);
         let data = self.seek(offset, libc::SEEK_DATA)?.unwrap_or(u64::MAX);
         if data > offset {
             return Ok(Extent::Zero {

@@ -28,6 +28,7 @@ impl VhdLayer {
         ParentLink {
             // A merge detaches a kept layer by recording the nil id.
             detached: h.parent_id.is_nil(),
+            format: None,
             ids: vec![h.parent_id],
             hints,
         }

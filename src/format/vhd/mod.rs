@@ -75,6 +75,8 @@ pub static DRIVER: Driver = Driver {
     open: |file, path, opts| Ok(Arc::new(VhdLayer::open(file, path, opts)?)),
     create: create_file,
     peek,
+    create_versions: &[],
+    create_subblocks: false,
 };
 
 /// `chainfs create` for a VHD: a base (`--size`, `--fixed`) or a child of
@@ -150,6 +152,7 @@ fn peek(path: &Path) -> Option<Peek> {
             ids: vec![h.parent_id],
             hints: Vec::new(),
             detached: h.parent_id.is_nil(),
+            format: None,
         }),
     })
 }

@@ -65,6 +65,8 @@ pub static DRIVER: Driver = Driver {
     open: |file, path, opts| Ok(Arc::new(VhdxLayer::open(file, path, opts)?)),
     create: create::create_file,
     peek,
+    create_versions: &[],
+    create_subblocks: false,
 };
 
 const BAT_PAGE_ENTRIES: u64 = 512;
@@ -211,6 +213,7 @@ impl VhdxLayer {
         Some(ParentLink {
             // A merge detaches a kept layer by recording the nil id.
             detached: id.is_nil(),
+            format: None,
             ids: std::iter::once(id).chain(alt_id).collect(),
             hints,
         })

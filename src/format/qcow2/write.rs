@@ -1,0 +1,527 @@
+//! Writes and discards into a qcow2 leaf, one cluster at a time, in the
+//! order that keeps every crash at worst a leak:
+//!
+//! 1. First write of the session: autoclear bits the writer does not
+//!    maintain are cleared in the header (then synced).
+//! 2. A cluster stored in place (allocated, COPIED: refcount 1) is written
+//!    in place; nothing else changes.
+//! 3. Otherwise the cluster (or, with extended L2, the subclusters touched)
+//!    gets a new host cluster at the end of the file: counted first
+//!    (`alloc`), the whole new content written (the caller fills what the
+//!    write does not cover from the flattened view: see
+//!    [`Layer::write_fill`]; a layer without a parent fills from its own
+//!    content), then `fdatasync`, then the L2 entry. A missing L2 table, or
+//!    one shared with a snapshot (COPIED clear), is first replaced by a new
+//!    one (zeros or a copy), synced before the L1 entry points to it.
+//! 4. The reference the old entry held (a shared or compressed cluster, an
+//!    L2 table shared with a snapshot) is released only after the new entry
+//!    is synced: a refcount never drops below what the file references.
+//!
+//! Discards: whole clusters get the zero flag (v3; with extended L2 the
+//! subclusters' zero bits), reading as zeros over any backing file; their
+//! host clusters are released (space punched out). A version 2 image has
+//! no zero flag: with a backing file the cluster is written as zeros, and
+//! without one it becomes unallocated.
+//!
+//! An image marked dirty (refcounts lagging after a crash with lazy
+//! refcounts) gets its refcounts rebuilt before the first write
+//! (`rebuild`).
+
+use std::os::unix::fs::FileExt;
+
+use super::alloc::WriteState;
+use super::read::Unit;
+use super::*;
+use crate::error::{ErrorKind, IoContext};
+
+impl Qcow2Layer {
+    fn require_writable(&self) -> Result<()> {
+        if self.writable {
+            Ok(())
+        } else {
+            Err(Error::new(
+                ErrorKind::ReadOnly,
+                format!("{}: opened read-only", self.path.display()),
+            ))
+        }
+    }
+
+    /// The writer state, loaded on first use, with the header made ready
+    /// for writing (step 1).
+    fn state(&self) -> Result<parking_lot::MappedMutexGuard<'_, WriteState>> {
+        let mut g = self.alloc.lock();
+        if g.is_none() {
+            *g = Some(WriteState::load(self)?);
+        }
+        let mut st = parking_lot::MutexGuard::map(g, |s| s.as_mut().expect("loaded"));
+        if !st.started {
+            let clear = self.header.read().autoclear_to_clear();
+            if clear != 0 {
+                self.update_header(|h| h.autoclear_features &= !clear)?;
+                self.sync()?;
+            }
+            if self.header.read().is_dirty() {
+                self.rebuild_refcounts(&mut st)?;
+            }
+            st.started = true;
+        }
+        Ok(st)
+    }
+
+    /// Is the unit (cluster, or subcluster with extended L2) at `at`
+    /// stored in place, so that any part of it can be written directly?
+    fn in_place(&self, e: Option<&ExtendedL2Entry>, at: u64) -> bool {
+        let Some(e) = e else { return false };
+        match e.cluster {
+            Cluster::Data { copied: true, .. } if self.layout.extended_l2 => {
+                let i = (at % self.layout.cluster_size()) / self.layout.subcluster_size();
+                e.allocated & (1 << i) != 0
+            }
+            Cluster::Data { copied: true, .. } => true,
+            _ => false,
+        }
+    }
+
+    /// The range a write of `[offset, offset + len)` must cover: whole
+    /// units wherever a unit is not stored in place (see
+    /// [`Layer::write_fill`]).
+    pub(super) fn write_fill_impl(&self, offset: u64, len: u64) -> Result<Option<(u64, u64)>> {
+        let size = self.header.read().size;
+        let end = (offset + len).min(size);
+        let cs = self.layout.cluster_size();
+        let mut out: Option<(u64, u64)> = None;
+        let mut at = offset;
+        while at < end {
+            let e = self.entry(at)?;
+            let cend = (at / cs + 1) * cs;
+            let unit = match e.map(|e| e.cluster) {
+                // A cluster copied on write is written whole.
+                Some(Cluster::Compressed { .. }) | Some(Cluster::Data { copied: false, .. }) => cs,
+                _ => self.layout.subcluster_size(),
+            };
+            let mut u = at - at % unit;
+            while u < cend.min(end) {
+                if !self.in_place(e.as_ref(), u) {
+                    let (s, t) = (u, (u + unit).min(size));
+                    out = Some(match out {
+                        None => (s.min(offset), t.max(end)),
+                        Some((a, b)) => (a.min(s), b.max(t)),
+                    });
+                }
+                u += unit;
+            }
+            at = cend;
+        }
+        Ok(out)
+    }
+
+    pub(super) fn write_impl(&self, offset: u64, data: &[u8]) -> Result<()> {
+        self.require_writable()?;
+        let size = self.header.read().size;
+        let n = (data.len() as u64).min(size.saturating_sub(offset));
+        let cs = self.layout.cluster_size();
+        let mut st = self.state()?;
+        let mut done = 0u64;
+        while done < n {
+            let at = offset + done;
+            let len = (cs - at % cs).min(n - done);
+            self.write_cluster(&mut st, at, &data[done as usize..(done + len) as usize])?;
+            done += len;
+        }
+        *self.allocated.lock() = None;
+        Ok(())
+    }
+
+    /// The L2 table for guest offset `at`, made writable: present and not
+    /// shared (step 3). Returns (L1 index, table offset).
+    fn writable_l2(&self, st: &mut WriteState, at: u64) -> Result<(u64, u64)> {
+        let (l1i, _) = self.layout.indices(at);
+        let e = self.l1_entry(l1i)?;
+        if e.l2_offset != 0 && e.copied {
+            return Ok((l1i, e.l2_offset));
+        }
+        let cs = self.layout.cluster_size();
+        let mut table = vec![0u8; cs as usize];
+        if e.l2_offset != 0 {
+            self.file.read_exact_at(&mut table, e.l2_offset).ctx(
+                &self.path,
+                "cannot read an L2 table",
+                Some(e.l2_offset),
+            )?;
+        }
+        let t = self.alloc_cluster(st)?;
+        crate::fault::point()?;
+        self.file
+            .write_all_at(&table, t)
+            .ctx(&self.path, "cannot write an L2 table", Some(t))?;
+        self.sync()?;
+        let raw = L1Entry {
+            l2_offset: t,
+            copied: true,
+        }
+        .encode();
+        let l1_at = self.header.read().l1_table_offset + l1i * 8;
+        {
+            let _m = self.meta.write();
+            crate::fault::point()?;
+            self.file.write_all_at(&raw.to_be_bytes(), l1_at).ctx(
+                &self.path,
+                "cannot write the L1 table",
+                Some(l1_at),
+            )?;
+            self.l1.write()[l1i as usize] = raw;
+        }
+        if e.l2_offset != 0 {
+            self.sync()?;
+            self.release(st, e.l2_offset)?;
+        }
+        Ok((l1i, t))
+    }
+
+    /// Write L2 entry `l2i` of the table at `l2_offset` (words of an
+    /// extended entry: both), refreshing the cached slice.
+    fn set_l2(&self, l2_offset: u64, l2i: u64, words: (u64, u64)) -> Result<()> {
+        let es = self.layout.l2_entry_size();
+        let at = l2_offset + l2i * es;
+        let mut b = words.0.to_be_bytes().to_vec();
+        if es == 16 {
+            b.extend_from_slice(&words.1.to_be_bytes());
+        }
+        let sb = self.slice_bytes();
+        let slice_at = at - (at - l2_offset) % sb;
+        let _m = self.meta.write();
+        crate::fault::point()?;
+        self.file
+            .write_all_at(&b, at)
+            .ctx(&self.path, "cannot write an L2 entry", Some(at))?;
+        let mut s = vec![0u8; sb as usize];
+        self.file.read_exact_at(&mut s, slice_at).ctx(
+            &self.path,
+            "cannot read an L2 table",
+            Some(slice_at),
+        )?;
+        self.cache.insert(self.slice_key(slice_at), s.into());
+        Ok(())
+    }
+
+    /// What this layer alone shows for cluster `c0` (guest offset of its
+    /// start): its data, zeros, or an error where the parent's content is
+    /// needed and the caller did not provide it.
+    fn own_content(
+        &self,
+        c0: u64,
+        e: Option<&ExtendedL2Entry>,
+        need: &[(u64, u64)],
+    ) -> Result<Vec<u8>> {
+        let cs = self.layout.cluster_size();
+        let mut buf = vec![0u8; cs as usize];
+        let mut at = c0;
+        while at < c0 + cs {
+            let (u, n) = self.unit(at)?;
+            let n = n.min(c0 + cs - at);
+            let r = (at - c0) as usize..(at - c0 + n) as usize;
+            match u {
+                Unit::Data(h) => self.read_data_at(h, &mut buf[r])?,
+                Unit::Compressed => self.read_encoded_impl(at, &mut buf[r])?,
+                Unit::Zero => {}
+                Unit::Unallocated if self.parent.read().is_none() => {}
+                Unit::Unallocated => {
+                    if need.iter().any(|&(s, t)| s < at + n && at < t) {
+                        return Err(Error::new(
+                            ErrorKind::InvalidState,
+                            format!(
+                                "{}: a partial write at guest offset {at:#x} needs the backing file's data \
+                                 (write through the chain)",
+                                self.path.display()
+                            ),
+                        ));
+                    }
+                }
+            }
+            at += n;
+        }
+        let _ = e;
+        Ok(buf)
+    }
+
+    /// The data's file now reaches `end` (before an entry points there).
+    fn grew(&self, end: u64) {
+        self.data_end
+            .fetch_max(end, std::sync::atomic::Ordering::AcqRel);
+    }
+
+    fn read_data_at(&self, h: u64, buf: &mut [u8]) -> Result<()> {
+        <Self as Layer>::read_data(self, h, buf)
+    }
+
+    /// Write `data` at guest offset `at`, all within one cluster.
+    fn write_cluster(&self, st: &mut WriteState, at: u64, data: &[u8]) -> Result<()> {
+        let cs = self.layout.cluster_size();
+        let c0 = at - at % cs;
+        let e = self.entry(at)?;
+        let end = at + data.len() as u64;
+        // In place where every unit touched is stored in place (step 2).
+        let sc = self.layout.subcluster_size();
+        let all_in_place = (at - at % sc..end)
+            .step_by(sc as usize)
+            .all(|u| self.in_place(e.as_ref(), u));
+        if all_in_place {
+            let Some(Cluster::Data { host_offset, .. }) = e.map(|e| e.cluster) else {
+                unreachable!("in place means data")
+            };
+            let h = host_offset + (at - c0);
+            let (f, p) = self.data_file();
+            crate::fault::point()?;
+            f.write_all_at(data, h)
+                .ctx(p, "cannot write data", Some(h))?;
+            self.grew(h + data.len() as u64);
+            return Ok(());
+        }
+        let (_, l2i) = self.layout.indices(at);
+        let (_, l2_offset) = self.writable_l2(st, at)?;
+        let e = self.entry(at)?;
+        let cluster = e.map(|e| e.cluster).unwrap_or(Cluster::Unallocated);
+        if self.layout.extended_l2 {
+            if let Cluster::Data {
+                host_offset,
+                copied: true,
+            } = cluster
+            {
+                // New subclusters in a cluster of our own: write them, then
+                // mark them allocated.
+                let first = (at - c0) / sc;
+                let last = (end - c0).div_ceil(sc);
+                let (s0, s1) = (c0 + first * sc, (c0 + last * sc).min(c0 + cs));
+                let mut buf = self.own_content(c0, e.as_ref(), &[(s0, at), (end, s1)])?
+                    [(first * sc) as usize..(last * sc) as usize]
+                    .to_vec();
+                buf[(at - c0 - first * sc) as usize..(end - c0 - first * sc) as usize]
+                    .copy_from_slice(data);
+                let h = host_offset + first * sc;
+                let (f, p) = self.data_file();
+                crate::fault::point()?;
+                f.write_all_at(&buf, h)
+                    .ctx(p, "cannot write data", Some(h))?;
+                self.grew(h + buf.len() as u64);
+                self.sync()?;
+                let mask = ((((1u64 << (last - first)) - 1) << first) & 0xffff_ffff) as u32;
+                let ee = e.expect("data has an entry");
+                let ne = ExtendedL2Entry {
+                    cluster,
+                    allocated: ee.allocated | mask,
+                    zero: ee.zero & !mask,
+                };
+                return self.set_l2(l2_offset, l2i, ne.encode(&self.layout));
+            }
+        }
+        // A new host cluster (step 3): the whole cluster's new content
+        // (with extended L2 and no cluster yet, only the touched
+        // subclusters count).
+        let need = if self.layout.extended_l2 && matches!(cluster, Cluster::Unallocated) {
+            [(at - at % sc, at), (end, end.next_multiple_of(sc))]
+        } else {
+            [(c0, at), (end, c0 + cs)]
+        };
+        let mut buf = self.own_content(c0, e.as_ref(), &need)?;
+        buf[(at - c0) as usize..(end - c0) as usize].copy_from_slice(data);
+        let mut allocated = u32::MAX;
+        if self.layout.extended_l2 && matches!(cluster, Cluster::Unallocated) {
+            // Only the subclusters touched become ours; the rest still
+            // read from below (or as zeros where they were zero).
+            let first = (at - c0) / sc;
+            let last = (end - c0).div_ceil(sc);
+            allocated = ((((1u64 << (last - first)) - 1) << first) & 0xffff_ffff) as u32;
+        }
+        let host = self.new_data_cluster(st, c0)?;
+        let (f, p) = self.data_file();
+        crate::fault::point()?;
+        f.write_all_at(&buf, host)
+            .ctx(p, "cannot write data", Some(host))?;
+        self.grew(host + buf.len() as u64);
+        self.sync()?;
+        let old_zero = e.map_or(0, |e| e.zero);
+        let words = if self.layout.extended_l2 {
+            ExtendedL2Entry {
+                cluster: Cluster::Data {
+                    host_offset: host,
+                    copied: true,
+                },
+                allocated,
+                zero: if allocated == u32::MAX {
+                    0
+                } else {
+                    old_zero & !allocated
+                },
+            }
+            .encode(&self.layout)
+        } else {
+            (
+                Cluster::Data {
+                    host_offset: host,
+                    copied: true,
+                }
+                .encode(&self.layout),
+                0,
+            )
+        };
+        self.set_l2(l2_offset, l2i, words)?;
+        self.drop_old(st, cluster)
+    }
+
+    /// A host cluster for new data of the guest cluster at `c0`: appended
+    /// and counted, or, with an external data file, the guest offset
+    /// itself there (data file clusters carry no refcounts).
+    fn new_data_cluster(&self, st: &mut WriteState, c0: u64) -> Result<u64> {
+        if self.layout.external_data {
+            return Ok(c0);
+        }
+        self.alloc_cluster(st)
+    }
+
+    /// Release what a replaced entry referenced, after syncing the
+    /// replacement (step 4).
+    fn drop_old(&self, st: &mut WriteState, old: Cluster) -> Result<()> {
+        let cs = self.layout.cluster_size();
+        let held: Vec<u64> = match old {
+            _ if self.layout.external_data => Vec::new(),
+            Cluster::Data { host_offset, .. } => vec![host_offset],
+            Cluster::Zero {
+                host_offset: Some(h),
+                ..
+            } => vec![h],
+            Cluster::Compressed {
+                host_offset,
+                compressed_len_bytes_upper_bound: b,
+            } => {
+                let first = host_offset / cs;
+                let last = (host_offset + b - 1) / cs;
+                (first..=last).map(|c| c * cs).collect()
+            }
+            _ => Vec::new(),
+        };
+        if held.is_empty() {
+            return Ok(());
+        }
+        self.sync()?;
+        for h in held {
+            self.release(st, h)?;
+        }
+        Ok(())
+    }
+
+    /// Make whole sectors read as zeros (see the module docs); the caller
+    /// passes whole units ([`Layer::discard_unit`]) and writes zeros for
+    /// the rest.
+    pub(super) fn discard_impl(&self, offset: u64, len: u64) -> Result<()> {
+        self.require_writable()?;
+        let size = self.header.read().size;
+        let end = (offset + len).min(size);
+        let cs = self.layout.cluster_size();
+        let sc = self.layout.subcluster_size();
+        let mut at = offset;
+        let mut st = self.state()?;
+        while at < end {
+            let c0 = at - at % cs;
+            let cend = (c0 + cs).min(end);
+            let whole = at == c0 && (cend == c0 + cs || cend == size);
+            if self.header.read().version == 2 {
+                if self.parent.read().is_some() {
+                    let zeros = vec![0u8; (cend - at) as usize];
+                    self.write_cluster(&mut st, at, &zeros)?;
+                } else if whole {
+                    self.unmap_cluster(&mut st, at, Cluster::Unallocated)?;
+                } else {
+                    self.write_cluster(&mut st, at, &vec![0u8; (cend - at) as usize])?;
+                }
+            } else if self.layout.extended_l2 && !whole {
+                let first = (at - c0) / sc;
+                let last = (cend - c0).div_ceil(sc);
+                let mask = ((((1u64 << (last - first)) - 1) << first) & 0xffff_ffff) as u32;
+                let (_, l2_offset) = self.writable_l2(&mut st, at)?;
+                let (_, l2i) = self.layout.indices(at);
+                let e = self.entry(at)?.unwrap_or(ExtendedL2Entry {
+                    cluster: Cluster::Unallocated,
+                    allocated: 0,
+                    zero: 0,
+                });
+                if matches!(
+                    e.cluster,
+                    Cluster::Compressed { .. } | Cluster::Data { copied: false, .. }
+                ) {
+                    // Shared: copy on write with zeros, keeping the rest.
+                    self.write_cluster(&mut st, at, &vec![0u8; (cend - at) as usize])?;
+                } else {
+                    let ne = ExtendedL2Entry {
+                        cluster: e.cluster,
+                        allocated: e.allocated & !mask,
+                        zero: e.zero | mask,
+                    };
+                    self.set_l2(l2_offset, l2i, ne.encode(&self.layout))?;
+                }
+            } else if whole {
+                let zero = if self.layout.extended_l2 {
+                    Cluster::Unallocated
+                } else {
+                    Cluster::Zero {
+                        host_offset: None,
+                        copied: false,
+                    }
+                };
+                self.unmap_cluster(&mut st, at, zero)?;
+            } else {
+                self.write_cluster(&mut st, at, &vec![0u8; (cend - at) as usize])?;
+            }
+            at = cend;
+        }
+        *self.allocated.lock() = None;
+        Ok(())
+    }
+
+    /// Point the whole cluster at `at` to `new` (unallocated or zero; with
+    /// extended L2 all zero bits set) and release what it held.
+    fn unmap_cluster(&self, st: &mut WriteState, at: u64, new: Cluster) -> Result<()> {
+        let (l1i, l2i) = self.layout.indices(at);
+        if self.l1_entry(l1i)?.l2_offset == 0
+            && matches!(new, Cluster::Unallocated)
+            && !self.layout.extended_l2
+        {
+            return Ok(()); // unallocated already
+        }
+        let old = self
+            .entry(at)?
+            .map(|e| e.cluster)
+            .unwrap_or(Cluster::Unallocated);
+        let (_, l2_offset) = self.writable_l2(st, at)?;
+        let words = if self.layout.extended_l2 {
+            ExtendedL2Entry {
+                cluster: Cluster::Unallocated,
+                allocated: 0,
+                zero: u32::MAX,
+            }
+            .encode(&self.layout)
+        } else {
+            (new.encode(&self.layout), 0)
+        };
+        self.set_l2(l2_offset, l2i, words)?;
+        if self.layout.external_data {
+            if let Cluster::Data { host_offset, .. } = old {
+                let (f, _) = self.data_file();
+                let _ =
+                    crate::format::fileio::punch_hole(f, host_offset, self.layout.cluster_size());
+            }
+        }
+        self.drop_old(st, old)
+    }
+
+    pub(super) fn flush_impl(&self) -> Result<()> {
+        if !self.writable {
+            return Ok(());
+        }
+        let _g = self.alloc.lock();
+        crate::fault::point()?;
+        if let Some((f, p)) = &self.data {
+            f.sync_all().ctx(p, "cannot fsync", None)?;
+        }
+        self.file.sync_all().ctx(&self.path, "cannot fsync", None)
+    }
+}
