@@ -145,7 +145,7 @@ impl VhdxLayer {
             let _a = self.alloc.lock();
             e = self.bat(idx)?;
             if !matches!(e & 7, PAYLOAD_FULLY_PRESENT | PAYLOAD_PARTIALLY_PRESENT) {
-                return self.allocate(n, in_off, data);
+                return self.allocate(n, e, in_off, data);
             }
         }
         let at = self.entry_offset(idx, e)? + in_off;
@@ -185,8 +185,18 @@ impl VhdxLayer {
         self.pending.set_entry(idx, entry);
     }
 
-    /// Allocate payload block `n` holding `data` at `in_off`. `alloc` held.
-    fn allocate(&self, n: u64, in_off: u64, data: &[u8]) -> Result<()> {
+    /// Allocate payload block `n`, whose entry is `old` (not stored),
+    /// holding `data` at `in_off`. `alloc` held.
+    ///
+    /// Only a NOT_PRESENT block of a differencing disk shows its parent, so
+    /// only there the new block is PARTIALLY_PRESENT with the bits of `data`
+    /// set and the rest clear (still the parent). Every other state read as
+    /// zeros (ZERO after a discard, UNMAPPED, UNDEFINED; NOT_PRESENT in a
+    /// base) and must go on doing so around `data`: the new region lies past
+    /// the old end of the file, so it reads as zeros, and the block becomes
+    /// FULLY_PRESENT. (A PARTIALLY_PRESENT block there would let the parent
+    /// show through every sector the write did not reach.)
+    fn allocate(&self, n: u64, old: u64, in_off: u64, data: &[u8]) -> Result<()> {
         let (bs, lss, has_parent) = {
             let l = self.layout.read();
             (l.block_size, l.logical_sector as u64, l.has_parent)
@@ -200,7 +210,7 @@ impl VhdxLayer {
                 Some(at + in_off),
             )?;
         }
-        let state = if has_parent {
+        let state = if has_parent && old & 7 == PAYLOAD_NOT_PRESENT {
             self.set_bits(n, in_off / lss, data.len() as u64 / lss, true)?;
             PAYLOAD_PARTIALLY_PRESENT
         } else {
@@ -273,10 +283,13 @@ impl VhdxLayer {
                 let l = self.layout.read();
                 (l.has_parent, l.leave_allocated)
             };
-            let stored =
-                |e: u64| matches!(e & 7, PAYLOAD_FULLY_PRESENT | PAYLOAD_PARTIALLY_PRESENT);
-            if !has_parent && !stored(self.bat(self.idx(n))?) {
-                continue; // a base block not stored reads as zeros already
+            // A block not stored reads as zeros already, but for the parent's
+            // bytes behind a NOT_PRESENT block of a differencing disk.
+            let state = self.bat(self.idx(n))? & 7;
+            if !matches!(state, PAYLOAD_FULLY_PRESENT | PAYLOAD_PARTIALLY_PRESENT)
+                && !(has_parent && state == PAYLOAD_NOT_PRESENT)
+            {
+                continue;
             }
             if cnt < bs || fixed {
                 if fixed && cnt == bs {
