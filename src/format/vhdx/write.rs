@@ -4,11 +4,15 @@
 //!   rewritten by the [MS-VHDX] 2.2.2.1 protocol (the non-current slot gets
 //!   sequence + 1, flush, then the other slot): a new FileWriteGuid, and
 //!   before the first user-visible change a new DataWriteGuid.
-//! - **Blocks** are appended 1 MiB aligned; their data (and for a
-//!   differencing disk the block's slice of the chunk's sector bitmap, written
-//!   whole so no stale bit survives) are written first; the BAT entries wait
-//!   in memory (`pending`, where reads find them) until `flush`: `fsync`,
-//!   then the entries, then `fsync`. A BAT entry is 8 aligned bytes inside one
+//! - **Blocks** are appended 1 MiB aligned, past the end of the file, so
+//!   what a write does not reach reads as zeros. A block over the parent
+//!   (NOT_PRESENT in a differencing disk) becomes PARTIALLY_PRESENT with its
+//!   slice of the chunk's sector bitmap written whole, so no stale bit
+//!   survives; any other (a base's, or one that read as zeros, like ZERO
+//!   after a discard) FULLY_PRESENT, so the parent never shows through it.
+//!   The data and bitmap are written first; the BAT entries wait in memory
+//!   (`pending`, where reads find them) until `flush`: `fsync`, then the
+//!   entries, then `fsync`. A BAT entry is 8 aligned bytes inside one
 //!   sector, so its write is atomic and needs no log: a crash leaves either
 //!   the old entry (the new block is leaked) or the new one with its data.
 //! - **Metadata items** (the parent locator) change through the log: one
