@@ -987,3 +987,58 @@ fn writes_into_new_blocks_survive_a_close_without_flush() {
         "offset 256 KiB after reopen: the child's write was lost"
     );
 }
+
+/// Found by `vhdx::random_chains_match_the_flat_model` on b9d4b25: a write
+/// into a block that a whole-block discard had made ZERO in a differencing
+/// VHDX allocated the block PARTIALLY_PRESENT with only the written sectors'
+/// bits set, so every other sector of the block showed the parent again
+/// (here the base's 0x01 bytes from 0x2924f4 on) instead of the discard's
+/// zeros: at once, and after the close and reopen. The driver now gives a
+/// block that read as zeros a FULLY_PRESENT region of zeros. Shrunk input:
+/// a 4 MiB disk of 1 MiB blocks; the base takes 0x01 bytes over
+/// 0x2924f4..0x300001; the child discards 0x14b000..0x400000 (blocks 2 and
+/// 3 whole) and writes 537 bytes at 0x1ffde8, whose last byte lands in
+/// block 2. VHD, which has no ZERO state (a discarded child block is a
+/// block with every bit set), runs the same steps.
+fn write_after_discard_plan(format: &'static str) -> Plan {
+    Plan {
+        formats: Formats::over(format),
+        size: 4 << 20,
+        base_fixed: false,
+        block_sizes: vec![1 << 20; 5],
+        tiny_cache: false,
+        flush_at_close: false,
+        steps: vec![
+            vec![Op::Write {
+                at: Pos::Any(12538215144270406900),
+                len: 449293,
+                fill: Fill::Byte(1),
+            }],
+            vec![
+                Op::Discard {
+                    at: Pos::Near {
+                        shift: 9,
+                        k: 2846769266438898674,
+                        delta: 0,
+                    },
+                    len: 2838528,
+                },
+                Op::Write {
+                    at: Pos::Any(2653483253823962600),
+                    len: 537,
+                    fill: Fill::Random(0),
+                },
+            ],
+        ],
+    }
+}
+
+#[test]
+fn vhdx_write_into_a_discarded_child_block_keeps_its_zeros() {
+    check(write_after_discard_plan("vhdx"));
+}
+
+#[test]
+fn vhd_write_into_a_discarded_child_block_keeps_its_zeros() {
+    check(write_after_discard_plan("vhd"));
+}

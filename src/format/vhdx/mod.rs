@@ -638,4 +638,79 @@ mod tests {
         }
         assert_eq!(&got[512..1024], &[2u8; 512]);
     }
+
+    /// What `l` says about each of `sectors` sectors from `offset`:
+    /// `Some(byte)` stored or zero (the first byte), `None` the parent's.
+    fn sectors_at(l: &VhdxLayer, offset: u64, sectors: u64) -> Vec<Option<u8>> {
+        (0..sectors)
+            .map(|s| match l.map(offset + s * 512, 512).unwrap() {
+                Extent::Data { file_offset, .. } => {
+                    let mut b = [0u8; 1];
+                    l.read_data(file_offset, &mut b).unwrap();
+                    Some(b[0])
+                }
+                Extent::Zero { .. } => Some(0),
+                Extent::Parent { .. } => None,
+                e => panic!("sector {s}: {e:?}"),
+            })
+            .collect()
+    }
+
+    /// A write into a block a discard made ZERO in a differencing disk
+    /// keeps the block's other sectors zero (FULLY_PRESENT over zeros),
+    /// before and after a close without flush; a write into a NOT_PRESENT
+    /// block still leaves the other sectors to the parent (PARTIALLY_PRESENT).
+    #[test]
+    fn a_write_into_a_zero_block_of_a_child_leaves_the_rest_zero() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base.vhdx");
+        let child = dir.path().join("child.avhdx");
+        let opts = |writable| LayerOptions {
+            writable,
+            ignore_checksums: false,
+            cache: MetaCache::new(1 << 20),
+        };
+        let spec = |parent| create::VhdxSpec {
+            size: 4 << 20,
+            fixed: false,
+            block_size: 1 << 20,
+            logical_sector: 512,
+            parent,
+        };
+        create::create(&base, &spec(None)).unwrap();
+        let b = open_layer(&base, &opts(false)).unwrap();
+        create::create(&child, &spec(Some((base.as_path(), b.as_ref())))).unwrap();
+        let open = |writable| {
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(writable)
+                .open(&child)
+                .unwrap();
+            VhdxLayer::open(file, &child, &opts(writable)).unwrap()
+        };
+        let mib = 1 << 20;
+        let l = open(true);
+        l.discard(0, mib).unwrap();
+        assert_eq!(l.bat(0).unwrap() & 7, PAYLOAD_ZERO);
+        l.write_sectors(512, &[7u8; 512]).unwrap();
+        l.write_sectors(mib + 512, &[8u8; 512]).unwrap();
+        let (e0, e1) = (l.bat(0).unwrap() & 7, l.bat(1).unwrap() & 7);
+        let want0 = vec![Some(0), Some(7), Some(0), Some(0)];
+        let want1 = vec![None, Some(8), None, None];
+        assert_eq!(sectors_at(&l, 0, 4), want0, "the open layer, ZERO block 0");
+        drop(l);
+        let l = open(false);
+        assert_eq!(sectors_at(&l, 0, 4), want0, "reopened, ZERO block 0");
+        assert_eq!(
+            sectors_at(&l, mib, 4),
+            want1,
+            "reopened, NOT_PRESENT block 1"
+        );
+        assert_eq!(
+            (e0, e1),
+            (PAYLOAD_FULLY_PRESENT, PAYLOAD_PARTIALLY_PRESENT),
+            "states of the written blocks"
+        );
+        assert!(l.check().unwrap().is_empty());
+    }
 }

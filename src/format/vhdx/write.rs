@@ -4,11 +4,15 @@
 //!   rewritten by the [MS-VHDX] 2.2.2.1 protocol (the non-current slot gets
 //!   sequence + 1, flush, then the other slot): a new FileWriteGuid, and
 //!   before the first user-visible change a new DataWriteGuid.
-//! - **Blocks** are appended 1 MiB aligned; their data (and for a
-//!   differencing disk the block's slice of the chunk's sector bitmap, written
-//!   whole so no stale bit survives) are written first; the BAT entries wait
-//!   in memory (`pending`, where reads find them) until `flush`: `fsync`,
-//!   then the entries, then `fsync`. A BAT entry is 8 aligned bytes inside one
+//! - **Blocks** are appended 1 MiB aligned, past the end of the file, so
+//!   what a write does not reach reads as zeros. A block over the parent
+//!   (NOT_PRESENT in a differencing disk) becomes PARTIALLY_PRESENT with its
+//!   slice of the chunk's sector bitmap written whole, so no stale bit
+//!   survives; any other (a base's, or one that read as zeros, like ZERO
+//!   after a discard) FULLY_PRESENT, so the parent never shows through it.
+//!   The data and bitmap are written first; the BAT entries wait in memory
+//!   (`pending`, where reads find them) until `flush`: `fsync`, then the
+//!   entries, then `fsync`. A BAT entry is 8 aligned bytes inside one
 //!   sector, so its write is atomic and needs no log: a crash leaves either
 //!   the old entry (the new block is leaked) or the new one with its data.
 //! - **Metadata items** (the parent locator) change through the log: one
@@ -145,7 +149,7 @@ impl VhdxLayer {
             let _a = self.alloc.lock();
             e = self.bat(idx)?;
             if !matches!(e & 7, PAYLOAD_FULLY_PRESENT | PAYLOAD_PARTIALLY_PRESENT) {
-                return self.allocate(n, in_off, data);
+                return self.allocate(n, e, in_off, data);
             }
         }
         let at = self.entry_offset(idx, e)? + in_off;
@@ -185,8 +189,18 @@ impl VhdxLayer {
         self.pending.set_entry(idx, entry);
     }
 
-    /// Allocate payload block `n` holding `data` at `in_off`. `alloc` held.
-    fn allocate(&self, n: u64, in_off: u64, data: &[u8]) -> Result<()> {
+    /// Allocate payload block `n`, whose entry is `old` (not stored),
+    /// holding `data` at `in_off`. `alloc` held.
+    ///
+    /// Only a NOT_PRESENT block of a differencing disk shows its parent, so
+    /// only there the new block is PARTIALLY_PRESENT with the bits of `data`
+    /// set and the rest clear (still the parent). Every other state read as
+    /// zeros (ZERO after a discard, UNMAPPED, UNDEFINED; NOT_PRESENT in a
+    /// base) and must go on doing so around `data`: the new region lies past
+    /// the old end of the file, so it reads as zeros, and the block becomes
+    /// FULLY_PRESENT. (A PARTIALLY_PRESENT block there would let the parent
+    /// show through every sector the write did not reach.)
+    fn allocate(&self, n: u64, old: u64, in_off: u64, data: &[u8]) -> Result<()> {
         let (bs, lss, has_parent) = {
             let l = self.layout.read();
             (l.block_size, l.logical_sector as u64, l.has_parent)
@@ -200,7 +214,7 @@ impl VhdxLayer {
                 Some(at + in_off),
             )?;
         }
-        let state = if has_parent {
+        let state = if has_parent && old & 7 == PAYLOAD_NOT_PRESENT {
             self.set_bits(n, in_off / lss, data.len() as u64 / lss, true)?;
             PAYLOAD_PARTIALLY_PRESENT
         } else {
@@ -273,10 +287,13 @@ impl VhdxLayer {
                 let l = self.layout.read();
                 (l.has_parent, l.leave_allocated)
             };
-            let stored =
-                |e: u64| matches!(e & 7, PAYLOAD_FULLY_PRESENT | PAYLOAD_PARTIALLY_PRESENT);
-            if !has_parent && !stored(self.bat(self.idx(n))?) {
-                continue; // a base block not stored reads as zeros already
+            // A block not stored reads as zeros already, but for the parent's
+            // bytes behind a NOT_PRESENT block of a differencing disk.
+            let state = self.bat(self.idx(n))? & 7;
+            if !matches!(state, PAYLOAD_FULLY_PRESENT | PAYLOAD_PARTIALLY_PRESENT)
+                && !(has_parent && state == PAYLOAD_NOT_PRESENT)
+            {
+                continue;
             }
             if cnt < bs || fixed {
                 if fixed && cnt == bs {
