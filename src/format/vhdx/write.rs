@@ -290,8 +290,8 @@ impl VhdxLayer {
             // A block not stored reads as zeros already, but for the parent's
             // bytes behind a NOT_PRESENT block of a differencing disk.
             let state = self.bat(self.idx(n))? & 7;
-            if !matches!(state, PAYLOAD_FULLY_PRESENT | PAYLOAD_PARTIALLY_PRESENT)
-                && !(has_parent && state == PAYLOAD_NOT_PRESENT)
+            if !(matches!(state, PAYLOAD_FULLY_PRESENT | PAYLOAD_PARTIALLY_PRESENT)
+                || (has_parent && state == PAYLOAD_NOT_PRESENT))
             {
                 continue;
             }
