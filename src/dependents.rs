@@ -84,7 +84,9 @@ pub fn scan(dirs: &[PathBuf]) -> Vec<Found> {
         let mut names: Vec<PathBuf> = rd
             .flatten()
             .map(|e| e.path())
-            .filter(|p| is_image_name(p))
+            // Regular files only (following links): peeking opens the
+            // file, and opening a FIFO named like an image would block.
+            .filter(|p| is_image_name(p) && std::fs::metadata(p).is_ok_and(|m| m.is_file()))
             .collect();
         // Stable order, so messages name the same child every time.
         names.sort();

@@ -239,7 +239,9 @@ fn structures(target: &str, len: usize) -> Vec<(usize, bool)> {
     match target {
         "vhd_footer" => vec![(0, true)],
         "vhd_header" => vec![(0, false)],
-        "control_command" | "intent_record" | "vhdx_layout" | "qcow2_header" | "qcow2_image" => vec![],
+        "control_command" | "intent_record" | "vhdx_layout" | "qcow2_header" | "qcow2_image" => {
+            vec![]
+        }
         _ => {
             let mut v = vec![(0, true), (512, false)];
             if len >= 512 {

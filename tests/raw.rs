@@ -315,3 +315,66 @@ fn compact_of_a_raw_file_digs_holes_where_it_reads_zeros() {
     );
     assert_eq!(check(&img).0, 0);
 }
+
+/// Review findings on the raw driver: a damaged fixed VHD is never read as
+/// raw, a write into the last partial sector of an odd-sized raw file ends,
+/// and a FIFO named like an image next to a chain does not hang a write.
+#[test]
+fn raw_never_claims_damaged_images_and_odd_ends_and_fifos_do_not_hang() {
+    let d = tempfile::tempdir().unwrap();
+    // A fixed VHD holding an MBR, its only footer damaged.
+    let f = d.path().join("f.vhd");
+    chainfs_ok(&["create", p(&f), "--size", "4M", "--type", "fixed"]);
+    let file = fs::OpenOptions::new().write(true).open(&f).unwrap();
+    file.write_all_at(&[0x55, 0xaa], 510).unwrap();
+    let len = file.metadata().unwrap().len();
+    file.write_all_at(b"XXXXXXXX", len - 512).unwrap();
+    drop(file);
+    let o = chainfs(&["info", p(&f)]);
+    assert!(!o.status.success(), "a damaged VHD opened: {}", text(&o));
+    assert!(!text(&o).contains("format:        raw"), "{}", text(&o));
+
+    // An odd-sized raw file: a write into its last partial sector ends.
+    let odd = d.path().join("odd.img");
+    fs::write(&odd, vec![7u8; 1000]).unwrap();
+    let o = Command::new("timeout")
+        .args(["20", p(&bin()), "write", p(&odd), "--offset", "990"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            c.stdin.take().unwrap().write_all(b"abcdefghij")?;
+            c.wait_with_output()
+        })
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let got = fs::read(&odd).unwrap();
+    assert_eq!(got.len(), 1000);
+    assert_eq!(&got[990..], b"abcdefghij");
+
+    // A FIFO named like an image beside a chain: write does not block on it.
+    let b = d.path().join("b.vhd");
+    let c = d.path().join("c.vhd");
+    chainfs_ok(&["create", p(&b), "--size", "4M"]);
+    chainfs_ok(&["create", p(&c), "--parent", p(&b)]);
+    let fifo = d.path().join("pipe.img");
+    assert!(Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    let o = Command::new("timeout")
+        .args([
+            "20",
+            p(&bin()),
+            "write",
+            p(&c),
+            "--offset",
+            "0",
+            "--input",
+            "/dev/null",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "write next to a FIFO: {}", text(&o));
+}

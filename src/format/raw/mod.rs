@@ -45,6 +45,12 @@ pub static DRIVER: Driver = Driver {
 const SECTOR: u32 = 512;
 
 fn claims(head: &[u8], len: u64, path: &Path) -> bool {
+    // A name another format owns (`x.vhd`, `x.qcow2`) is never raw: a
+    // fixed VHD whose only footer is damaged still holds the guest's
+    // partition table at 0, and must be refused, not shown 512 bytes long.
+    if super::registry::driver_for_name(path).is_ok_and(|d| d.name != DRIVER.name) {
+        return false;
+    }
     match probe::identify(head, len) {
         Some(Foreign::Raw(_)) => true,
         Some(_) => false,
@@ -75,8 +81,12 @@ fn open(file: File, path: &Path, opts: &LayerOptions) -> Result<Arc<dyn Layer>> 
 }
 
 fn peek(path: &Path) -> Option<Peek> {
+    // Only regular files: opening a FIFO would block.
+    if !std::fs::metadata(path).ok()?.is_file() {
+        return None;
+    }
     let file = File::open(path).ok()?;
-    if !std::fs::metadata(path).ok()?.is_file() || !probe(&file, path).ok()? {
+    if !probe(&file, path).ok()? {
         return None;
     }
     Some(Peek {
