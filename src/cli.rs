@@ -19,7 +19,7 @@ mod manual;
 #[command(
     name = "chainfs",
     version,
-    about = "Mount, flatten, check and merge chains of differencing virtual disks (VHD, VHDX, raw)",
+    about = "Mount, flatten, check and merge chains of differencing virtual disks (VHD, VHDX, qcow2, raw)",
     long_about = "chainfs reads a chain of differencing disks (a leaf, its parent, ... down to a base) \
 as one flat disk image.\n\nParents are found from the locators stored in each child, verified by \
 their unique id, and opened read-only. Set RUST_LOG=debug for a trace of what is opened and why.\n\n\
@@ -152,12 +152,11 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Write the flattened image to a file (raw, VHD, VHDX), a block device or a pipe.
+    /// Write the flattened image to a file (raw, VHD, VHDX, qcow2), a block device or a pipe.
     ///
-    /// A regular OUTPUT is written in the format its name ends in: .raw,
-    /// .img, .dd or no extension: raw; .vhd: VHD; .vhdx: VHDX (every format
-    /// `create` makes; --format NAME overrides the name, an unknown
-    /// extension without it is refused, exit 9). An image is a new
+    /// A regular OUTPUT is written in the format its name ends in: .vhd:
+    /// VHD; .vhdx: VHDX; .qcow2: qcow2; .raw, .img, .dd, any other name:
+    /// raw (every format `create` makes; --format NAME overrides the name). An image is a new
     /// standalone disk (no parent) of the chain's virtual size, dynamic
     /// (--type fixed, --block-size as for `create`): only data is written,
     /// never blocks of zeros.

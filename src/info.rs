@@ -119,7 +119,7 @@ pub fn render(reports: &[LayerReport]) -> String {
     let mut s = String::new();
     for r in reports {
         s += &format!("[{}] {}\n", r.depth, r.path.display());
-        // "vhd dynamic"; a format whose only type is itself ("raw") once.
+        // "FORMAT TYPE"; a format whose only type is itself once.
         if r.disk_type == r.format {
             s += &format!("    format:        {}\n", r.format);
         } else {

@@ -226,7 +226,7 @@ impl Qcow2Layer {
                 Unit::Zero => {}
                 Unit::Unallocated if self.parent.read().is_none() => {}
                 Unit::Unallocated => {
-                    if need.iter().any(|&(s, t)| s < at + n && at < t) {
+                    if need.iter().any(|&(s, t)| s < t && s < at + n && at < t) {
                         return Err(Error::new(
                             ErrorKind::InvalidState,
                             format!(
@@ -317,10 +317,17 @@ impl Qcow2Layer {
         // A new host cluster (step 3): the whole cluster's new content
         // (with extended L2 and no cluster yet, only the touched
         // subclusters count).
+        // Bytes past the virtual size (the last cluster of a disk whose
+        // size is not a multiple of the cluster size) are never read, so
+        // they are never needed from below.
+        let vsize = self.header.read().size;
         let need = if self.layout.extended_l2 && matches!(cluster, Cluster::Unallocated) {
-            [(at - at % sc, at), (end, end.next_multiple_of(sc))]
+            [
+                (at - at % sc, at),
+                (end, end.next_multiple_of(sc).min(vsize)),
+            ]
         } else {
-            [(c0, at), (end, c0 + cs)]
+            [(c0, at), (end, (c0 + cs).min(vsize))]
         };
         let mut buf = self.own_content(c0, e.as_ref(), &need)?;
         buf[(at - c0) as usize..(end - c0) as usize].copy_from_slice(data);
