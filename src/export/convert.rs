@@ -22,9 +22,8 @@
 //! any failure that one file is removed and the error says what failed.
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use super::{plan, via_temp, write_nonzero, ExportOptions, ExportStats, CHUNK, GRAIN, RUN};
+use super::{plan, via_temp, write_nonzero, ExportOptions, ExportStats, GRAIN, RUN};
 use crate::cache::MetaCache;
 use crate::error::{Error, Result};
 use crate::format::registry::{self, Driver};
@@ -104,41 +103,8 @@ fn fill(
             tmp.display()
         )));
     }
-    let next = AtomicU64::new(0);
-    let done = AtomicU64::new(0);
-    let read = AtomicU64::new(0);
-    let written = AtomicU64::new(0);
-    let failed = AtomicBool::new(false);
-    let chunks = size.div_ceil(CHUNK);
-    std::thread::scope(|s| {
-        let workers: Vec<_> = (0..threads.max(1))
-            .map(|_| {
-                s.spawn(|| -> Result<()> {
-                    let mut buf = vec![0u8; RUN as usize];
-                    loop {
-                        let c = next.fetch_add(1, Ordering::Relaxed);
-                        if c >= chunks || failed.load(Ordering::Relaxed) {
-                            return Ok(());
-                        }
-                        let len = CHUNK.min(size - c * CHUNK);
-                        match copy_chunk(image, &*dst, c * CHUNK, len, &mut buf) {
-                            Ok((r, w)) => {
-                                read.fetch_add(r, Ordering::Relaxed);
-                                written.fetch_add(w, Ordering::Relaxed);
-                            }
-                            Err(e) => {
-                                failed.store(true, Ordering::Relaxed);
-                                return Err(e);
-                            }
-                        }
-                        progress(done.fetch_add(len, Ordering::Relaxed) + len);
-                    }
-                })
-            })
-            .collect();
-        workers
-            .into_iter()
-            .try_for_each(|w| w.join().expect("export worker panicked"))
+    let (read, written, _) = super::in_chunks(size, threads, progress, |start, len, buf| {
+        copy_chunk(image, &*dst, start, len, buf).map(|(r, w)| (r, w, 0))
     })?;
     dst.flush()?;
     // Closed before it is linked into place (the driver finishes the file
@@ -146,8 +112,8 @@ fn fill(
     drop(dst);
     Ok(ExportStats {
         virtual_size: size,
-        data_read: read.into_inner(),
-        data_written: written.into_inner(),
+        data_read: read,
+        data_written: written,
         ..Default::default()
     })
 }

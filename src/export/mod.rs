@@ -404,6 +404,30 @@ fn parallel(
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<ExportStats> {
     let size = image.size();
+    let (read, written, zeroed) = in_chunks(size, threads, progress, |start, len, buf| {
+        copy_chunk(image, f, out, zeros, start, len, buf)
+    })?;
+    Ok(ExportStats {
+        virtual_size: size,
+        data_read: read,
+        data_written: written,
+        zeroed,
+        ..Default::default()
+    })
+}
+
+/// Run `work(start, len, buf)` over the `CHUNK`s of a disk of `size`
+/// bytes, on `threads` workers taking chunks in turn, each with its own
+/// `RUN`-sized buffer; the first error stops every worker. `work` returns
+/// (bytes read, written, zeroed); the totals are returned, and `progress`
+/// gets the bytes done after each chunk. Both the raw targets and image
+/// conversion (`convert`) copy this way.
+pub(crate) fn in_chunks(
+    size: u64,
+    threads: usize,
+    progress: &(dyn Fn(u64) + Sync),
+    work: impl Fn(u64, u64, &mut [u8]) -> Result<(u64, u64, u64)> + Sync,
+) -> Result<(u64, u64, u64)> {
     let next = AtomicU64::new(0);
     let done = AtomicU64::new(0);
     let read = AtomicU64::new(0);
@@ -411,7 +435,7 @@ fn parallel(
     let zeroed = AtomicU64::new(0);
     let failed = AtomicBool::new(false);
     let chunks = size.div_ceil(CHUNK);
-    let result: Result<()> = std::thread::scope(|s| {
+    std::thread::scope(|s| {
         let workers: Vec<_> = (0..threads.max(1))
             .map(|_| {
                 s.spawn(|| -> Result<()> {
@@ -422,16 +446,16 @@ fn parallel(
                             return Ok(());
                         }
                         let len = CHUNK.min(size - c * CHUNK);
-                        let r = copy_chunk(image, f, out, zeros, c * CHUNK, len, &mut buf).map(
-                            |(r, w, z)| {
+                        match work(c * CHUNK, len, &mut buf) {
+                            Ok((r, w, z)) => {
                                 read.fetch_add(r, Ordering::Relaxed);
                                 written.fetch_add(w, Ordering::Relaxed);
                                 zeroed.fetch_add(z, Ordering::Relaxed);
-                            },
-                        );
-                        if r.is_err() {
-                            failed.store(true, Ordering::Relaxed);
-                            return r;
+                            }
+                            Err(e) => {
+                                failed.store(true, Ordering::Relaxed);
+                                return Err(e);
+                            }
                         }
                         progress(done.fetch_add(len, Ordering::Relaxed) + len);
                     }
@@ -441,15 +465,8 @@ fn parallel(
         workers
             .into_iter()
             .try_for_each(|w| w.join().expect("export worker panicked"))
-    });
-    result?;
-    Ok(ExportStats {
-        virtual_size: size,
-        data_read: read.into_inner(),
-        data_written: written.into_inner(),
-        zeroed: zeroed.into_inner(),
-        ..Default::default()
-    })
+    })?;
+    Ok((read.into_inner(), written.into_inner(), zeroed.into_inner()))
 }
 
 /// One run of a chunk: where its bytes come from.
