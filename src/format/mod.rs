@@ -401,6 +401,19 @@ pub struct CreateOptions {
     pub subblocks: bool,
 }
 
+/// The refusal every driver gives for a change to a layer opened
+/// read-only (exit 10, EROFS).
+pub(crate) fn require_writable(writable: bool, path: &Path) -> Result<()> {
+    if writable {
+        Ok(())
+    } else {
+        Err(Error::new(
+            ErrorKind::ReadOnly,
+            format!("{}: opened read-only", path.display()),
+        ))
+    }
+}
+
 /// Open a layer file and take its advisory lock: exclusive when writable,
 /// shared otherwise, so that a writer (a writable mount, a merge, `chainfs
 /// write`) never shares a file with anyone, while readers share freely.

@@ -62,12 +62,7 @@ impl Qcow2Layer {
                 }
             }
         };
-        if !self.writable {
-            return Err(Error::new(
-                ErrorKind::ReadOnly,
-                format!("{}: opened read-only", self.path.display()),
-            ));
-        }
+        crate::format::require_writable(self.writable, &self.path)?;
         let _g = self.alloc.lock();
         let old = self.header();
         let new = relinked_header(&old, name.as_bytes(), format.as_deref()).map_err(|e| {

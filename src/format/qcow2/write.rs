@@ -36,14 +36,7 @@ use crate::error::{ErrorKind, IoContext};
 
 impl Qcow2Layer {
     fn require_writable(&self) -> Result<()> {
-        if self.writable {
-            Ok(())
-        } else {
-            Err(Error::new(
-                ErrorKind::ReadOnly,
-                format!("{}: opened read-only", self.path.display()),
-            ))
-        }
+        crate::format::require_writable(self.writable, &self.path)
     }
 
     /// The writer state, loaded on first use, with the header made ready

@@ -174,14 +174,7 @@ impl RawLayer {
     }
 
     fn require_writable(&self) -> Result<()> {
-        if self.writable {
-            Ok(())
-        } else {
-            Err(Error::new(
-                ErrorKind::ReadOnly,
-                format!("{}: opened read-only", self.path.display()),
-            ))
-        }
+        super::require_writable(self.writable, &self.path)
     }
 }
 

@@ -140,12 +140,7 @@ impl VhdLayer {
                 "a fixed disk has no unused blocks to give back (compact works on dynamic and differencing disks)",
             ));
         }
-        if !self.writable {
-            return Err(Error::new(
-                ErrorKind::ReadOnly,
-                format!("{}: opened read-only", self.path.display()),
-            ));
-        }
+        crate::format::require_writable(self.writable, &self.path)?;
         let p = &self.path;
         let _a = self.alloc.lock();
         self.flush_locked()?;

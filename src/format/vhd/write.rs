@@ -143,12 +143,7 @@ impl VhdLayer {
     }
 
     pub(super) fn check_write(&self, offset: u64, len: u64) -> Result<()> {
-        if !self.writable {
-            return Err(Error::new(
-                ErrorKind::ReadOnly,
-                format!("{}: opened read-only", self.path.display()),
-            ));
-        }
+        crate::format::require_writable(self.writable, &self.path)?;
         if offset % SECTOR != 0 || len % SECTOR != 0 || offset + len > self.size {
             return Err(Error::invalid(format!(
                 "{}: write of {len} bytes at {offset:#x} is not whole sectors inside the disk",

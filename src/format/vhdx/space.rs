@@ -120,12 +120,7 @@ impl VhdxLayer {
                 "a fixed disk has no unused blocks to give back (compact works on dynamic and differencing disks)",
             ));
         }
-        if !self.writable {
-            return Err(Error::new(
-                ErrorKind::ReadOnly,
-                format!("{}: opened read-only", p.display()),
-            ));
-        }
+        crate::format::require_writable(self.writable, &self.path)?;
         let _a = self.alloc.lock();
         self.flush_locked()?;
         let mut stats = CompactStats {

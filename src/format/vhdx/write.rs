@@ -97,12 +97,7 @@ impl VhdxLayer {
     }
 
     fn check_write(&self, offset: u64, len: u64) -> Result<(u64, u64)> {
-        if !self.writable {
-            return Err(Error::new(
-                ErrorKind::ReadOnly,
-                format!("{}: opened read-only", self.path.display()),
-            ));
-        }
+        crate::format::require_writable(self.writable, &self.path)?;
         let l = self.layout.read();
         let lss = l.logical_sector as u64;
         if offset % lss != 0 || len % lss != 0 || offset + len > l.virtual_size {
