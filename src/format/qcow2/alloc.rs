@@ -69,6 +69,19 @@ impl Qcow2Layer {
         Key::map_page(self.key, block)
     }
 
+    /// Write refcount block number `block` at `at` and cache it, under the
+    /// fill lock's write side (a reader cannot cache an older copy).
+    fn put_refcount_block(&self, block: u64, at: u64, b: Vec<u8>) -> Result<()> {
+        let _m = self.meta.write();
+        self.file.write_all_at(&b, at).ctx(
+            &self.path,
+            "cannot write a refcount block",
+            Some(at),
+        )?;
+        self.cache.insert(self.rb_key(block), b.into());
+        Ok(())
+    }
+
     /// The refcount block at `at` (number `block`), cached.
     pub(super) fn refcount_block(&self, block: u64, at: u64) -> Result<Arc<[u8]>> {
         let cs = self.layout.cluster_size();
@@ -118,15 +131,7 @@ impl Qcow2Layer {
                 .map_err(|e| in_file(e, &self.path))?;
         }
         crate::fault::point()?;
-        {
-            let _m = self.meta.write();
-            self.file.write_all_at(&b, at).ctx(
-                &self.path,
-                "cannot write a refcount block",
-                Some(at),
-            )?;
-            self.cache.insert(self.rb_key(block), b.into());
-        }
+        self.put_refcount_block(block, at, b)?;
         if new_block {
             if at / cs / rbe != block {
                 self.add_ref(st, at, 1)?;
@@ -223,15 +228,7 @@ impl Qcow2Layer {
                     .map_err(|e| in_file(e, &self.path))?;
             }
         }
-        {
-            let _m = self.meta.write();
-            self.file.write_all_at(&b, at).ctx(
-                &self.path,
-                "cannot write a refcount block",
-                Some(at),
-            )?;
-            self.cache.insert(self.rb_key(block), b.into());
-        }
+        self.put_refcount_block(block, at, b)?;
         if fresh && at / cs / rbe != block {
             self.count_in_memory(st, at)?;
         }
