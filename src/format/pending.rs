@@ -1,7 +1,10 @@
 //! Metadata changes that wait for a flush, and the order a flush writes
-//! them in. Both drivers keep new table entries (VHD BAT, VHDX BAT) and
-//! changed sector bitmaps here instead of writing them at once; readers of
-//! the layer look here first. `write_out` is the safety argument in code:
+//! them in. The drivers keep new table entries (VHD BAT, VHDX BAT, qcow2
+//! L2 entries) and changed sector bitmaps here instead of writing them at
+//! once; readers of the layer look here first. An entry's value is `V`: a
+//! BAT entry is one `u64`, an extended qcow2 L2 entry two. `write_out`
+//! (the VHD/VHDX order; qcow2 writes its own out in the same order, see
+//! its `write` module) is the safety argument in code:
 //!
 //! 1. `fdatasync`: the data those entries and bits make visible is durable;
 //! 2. the bitmaps, then the table entries (each a write the format makes
@@ -28,15 +31,24 @@ pub const LIMIT: usize = 4096;
 /// A bitmap waiting to be written: (file offset, bytes).
 type WaitingBitmap = (u64, Arc<[u8]>);
 
-#[derive(Default)]
-pub struct Pending {
-    entries: RwLock<HashMap<u64, u64>>,
+pub struct Pending<V = u64> {
+    entries: RwLock<HashMap<u64, V>>,
     /// key -> (file offset, bytes)
     bitmaps: RwLock<HashMap<u64, WaitingBitmap>>,
     count: AtomicUsize,
 }
 
-impl Pending {
+impl<V> Default for Pending<V> {
+    fn default() -> Self {
+        Pending {
+            entries: RwLock::default(),
+            bitmaps: RwLock::default(),
+            count: AtomicUsize::new(0),
+        }
+    }
+}
+
+impl<V: Copy> Pending<V> {
     pub fn is_empty(&self) -> bool {
         self.count.load(Ordering::Acquire) == 0
     }
@@ -47,7 +59,7 @@ impl Pending {
     }
 
     /// The waiting value of table entry `idx`, if any.
-    pub fn entry(&self, idx: u64) -> Option<u64> {
+    pub fn entry(&self, idx: u64) -> Option<V> {
         if self.is_empty() {
             return None;
         }
@@ -63,7 +75,7 @@ impl Pending {
     }
 
     /// Queue a table entry; true when a flush is due.
-    pub fn set_entry(&self, idx: u64, value: u64) -> bool {
+    pub fn set_entry(&self, idx: u64, value: V) -> bool {
         if self.entries.write().insert(idx, value).is_none() {
             self.count.fetch_add(1, Ordering::AcqRel);
         }
@@ -78,6 +90,32 @@ impl Pending {
         self.count.load(Ordering::Acquire) >= LIMIT
     }
 
+    /// The waiting entries with `range.contains(idx)`, in order.
+    pub fn entries_in(&self, range: std::ops::Range<u64>) -> Vec<(u64, V)> {
+        if self.is_empty() {
+            return Vec::new();
+        }
+        let mut v: Vec<(u64, V)> = self
+            .entries
+            .read()
+            .iter()
+            .filter(|(i, _)| range.contains(i))
+            .map(|(i, e)| (*i, *e))
+            .collect();
+        v.sort_unstable_by_key(|&(i, _)| i);
+        v
+    }
+
+    /// Forget everything waiting: the caller wrote it out (under the fill
+    /// lock, so readers go from the waiting copy to the written one).
+    pub fn clear(&self) {
+        self.entries.write().clear();
+        self.bitmaps.write().clear();
+        self.count.store(0, Ordering::Release);
+    }
+}
+
+impl Pending<u64> {
     /// Steps 1 and 2 of the module docs. `write_entry` writes one table
     /// entry (and refreshes any cached copy); it runs under `lock`'s write
     /// side, the lock cache fills take, so no reader caches a stale page.
@@ -120,9 +158,7 @@ impl Pending {
             crate::fault::point()?;
             write_entry(idx, value)?;
         }
-        self.entries.write().clear();
-        self.bitmaps.write().clear();
-        self.count.store(0, Ordering::Release);
+        self.clear();
         Ok(())
     }
 }

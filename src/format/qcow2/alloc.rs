@@ -33,6 +33,12 @@ pub(super) struct WriteState {
     pub next_free: u64,
     /// The header was updated for writing (autoclear bits cleared).
     pub started: bool,
+    /// L1 entries changed in memory (`Qcow2Layer::l1`) but not yet on
+    /// disk, by index.
+    pub l1_dirty: std::collections::BTreeSet<u64>,
+    /// Clusters whose reference a waiting entry dropped: released once
+    /// that entry is durable.
+    pub releases: Vec<u64>,
 }
 
 impl WriteState {
@@ -60,6 +66,8 @@ impl WriteState {
             rt,
             next_free: l.file_len()?.next_multiple_of(cs),
             started: false,
+            l1_dirty: Default::default(),
+            releases: Vec::new(),
         })
     }
 }

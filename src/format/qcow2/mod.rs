@@ -76,6 +76,7 @@ use parking_lot::{Mutex, RwLock};
 
 use crate::cache::{new_layer_key, MetaCache};
 use crate::error::{Error, IoContext, Result};
+use crate::format::pending::Pending;
 use crate::format::registry::{Driver, Peek};
 use crate::format::{
     lock_file, open_file, Extent, Layer, LayerInfo, LayerOptions, LockMode, ParentHint, ParentLink,
@@ -171,6 +172,9 @@ pub struct Qcow2Layer {
     /// The writer's state (`alloc`), loaded on the first write; held
     /// across every write.
     alloc: Mutex<Option<alloc::WriteState>>,
+    /// L2 entries written but not yet on disk, by the entry's file offset
+    /// (both words; the second is 0 without extended L2): see `write`.
+    pending: Pending<(u64, u64)>,
 }
 
 impl Qcow2Layer {
@@ -229,6 +233,7 @@ impl Qcow2Layer {
             allocated: Mutex::new(None),
             data_end: std::sync::atomic::AtomicU64::new(data_end),
             alloc: Mutex::new(None),
+            pending: Pending::default(),
         };
         Ok(layer)
     }

@@ -62,6 +62,11 @@ impl Qcow2Layer {
         let byte = l2i * es;
         let s = byte / sb;
         let slice_at = l2_offset + s * sb;
+        // A waiting entry first, then the cache: a flush writes the entry
+        // and refreshes the cached slice before it forgets the waiting one.
+        if let Some((a, b)) = self.pending.entry(l2_offset + byte) {
+            return Ok((a, b, l2_offset + byte));
+        }
         let buf = self
             .cache
             .get_or_load(self.slice_key(slice_at), &self.meta, || {

@@ -7,15 +7,25 @@
 //!    in place; nothing else changes.
 //! 3. Otherwise the cluster (or, with extended L2, the subclusters touched)
 //!    gets a new host cluster at the end of the file: counted first
-//!    (`alloc`), the whole new content written (the caller fills what the
-//!    write does not cover from the flattened view: see
-//!    [`Layer::write_fill`]; a layer without a parent fills from its own
-//!    content), then `fdatasync`, then the L2 entry. A missing L2 table, or
-//!    one shared with a snapshot (COPIED clear), is first replaced by a new
-//!    one (zeros or a copy), synced before the L1 entry points to it.
+//!    (`alloc`: its refcount block written), the whole new content written
+//!    (the caller fills what the write does not cover from the flattened
+//!    view: see [`Layer::write_fill`]; a layer without a parent fills from
+//!    its own content), and the new L2 entry waits in memory (`pending`,
+//!    where reads find it first). A missing L2 table, or one shared with a
+//!    snapshot (COPIED clear), is first replaced by a new one (zeros or a
+//!    copy) written at the end; its L1 entry changes in memory and waits
+//!    too (`l1_dirty`).
 //! 4. The reference the old entry held (a shared or compressed cluster, an
-//!    L2 table shared with a snapshot) is released only after the new entry
-//!    is synced: a refcount never drops below what the file references.
+//!    L2 table shared with a snapshot) waits in `releases`.
+//! 5. `flush` (an fsync from the user, the end of a command or merge, a
+//!    clean close, or 4096 waiting entries): `fdatasync` (data, new
+//!    tables, refcounts), then the waiting L2 entries (8 or 16 aligned
+//!    bytes in one sector: atomic) and L1 entries, `fdatasync`, then the
+//!    releases (refcounts lowered, space punched), `fsync`. So no entry
+//!    reaches the disk before what it points at and the count it needs,
+//!    and no count drops before the entry that dropped the reference is
+//!    durable: a refcount never falls below what the file references, and
+//!    a crash loses only unflushed writes and leaks at worst.
 //!
 //! Discards: whole clusters get the zero flag (v3; with extended L2 the
 //! subclusters' zero bits), reading as zeros over any backing file; their
@@ -119,6 +129,7 @@ impl Qcow2Layer {
             let at = offset + done;
             let len = (cs - at % cs).min(n - done);
             self.write_cluster(&mut st, at, &data[done as usize..(done + len) as usize])?;
+            self.maybe_flush(&mut st)?;
             done += len;
         }
         *self.allocated.lock() = None;
@@ -141,59 +152,47 @@ impl Qcow2Layer {
                 "cannot read an L2 table",
                 Some(e.l2_offset),
             )?;
+            // A shared table is never written to, so nothing of it waits;
+            // copy what would anyway.
+            let es = self.layout.l2_entry_size();
+            for (at, w) in self.pending.entries_in(e.l2_offset..e.l2_offset + cs) {
+                let i = (at - e.l2_offset) as usize;
+                table[i..i + es as usize].copy_from_slice(&entry_bytes(w, es));
+            }
         }
         let t = self.alloc_cluster(st)?;
         crate::fault::point()?;
         self.file
             .write_all_at(&table, t)
             .ctx(&self.path, "cannot write an L2 table", Some(t))?;
-        self.sync()?;
+        // Readers follow the in-memory L1 to the table just written; the
+        // entry on disk waits for the flush (step 5).
         let raw = L1Entry {
             l2_offset: t,
             copied: true,
         }
         .encode();
-        let l1_at = self.header.read().l1_table_offset + l1i * 8;
-        {
-            let _m = self.meta.write();
-            crate::fault::point()?;
-            self.file.write_all_at(&raw.to_be_bytes(), l1_at).ctx(
-                &self.path,
-                "cannot write the L1 table",
-                Some(l1_at),
-            )?;
-            self.l1.write()[l1i as usize] = raw;
-        }
+        self.l1.write()[l1i as usize] = raw;
+        st.l1_dirty.insert(l1i);
         if e.l2_offset != 0 {
-            self.sync()?;
-            self.release(st, e.l2_offset)?;
+            st.releases.push(e.l2_offset);
         }
         Ok((l1i, t))
     }
 
-    /// Write L2 entry `l2i` of the table at `l2_offset` (words of an
-    /// extended entry: both), refreshing the cached slice.
+    /// Set L2 entry `l2i` of the table at `l2_offset` (words of an
+    /// extended entry: both): it waits for the flush (step 3).
     fn set_l2(&self, l2_offset: u64, l2i: u64, words: (u64, u64)) -> Result<()> {
-        let es = self.layout.l2_entry_size();
-        let at = l2_offset + l2i * es;
-        let mut b = words.0.to_be_bytes().to_vec();
-        if es == 16 {
-            b.extend_from_slice(&words.1.to_be_bytes());
+        let at = l2_offset + l2i * self.layout.l2_entry_size();
+        self.pending.set_entry(at, words);
+        Ok(())
+    }
+
+    /// Flush (step 5) when enough waits: bounds the memory held.
+    fn maybe_flush(&self, st: &mut WriteState) -> Result<()> {
+        if self.pending.due() || st.releases.len() >= crate::format::pending::LIMIT {
+            self.flush_locked(st)?;
         }
-        let sb = self.slice_bytes();
-        let slice_at = at - (at - l2_offset) % sb;
-        let _m = self.meta.write();
-        crate::fault::point()?;
-        self.file
-            .write_all_at(&b, at)
-            .ctx(&self.path, "cannot write an L2 entry", Some(at))?;
-        let mut s = vec![0u8; sb as usize];
-        self.file.read_exact_at(&mut s, slice_at).ctx(
-            &self.path,
-            "cannot read an L2 table",
-            Some(slice_at),
-        )?;
-        self.cache.insert(self.slice_key(slice_at), s.into());
         Ok(())
     }
 
@@ -296,7 +295,6 @@ impl Qcow2Layer {
                 f.write_all_at(&buf, h)
                     .ctx(p, "cannot write data", Some(h))?;
                 self.grew(h + buf.len() as u64);
-                self.sync()?;
                 let mask = ((((1u64 << (last - first)) - 1) << first) & 0xffff_ffff) as u32;
                 let ee = e.expect("data has an entry");
                 let ne = ExtendedL2Entry {
@@ -338,7 +336,6 @@ impl Qcow2Layer {
         f.write_all_at(&buf, host)
             .ctx(p, "cannot write data", Some(host))?;
         self.grew(host + buf.len() as u64);
-        self.sync()?;
         let old_zero = e.map_or(0, |e| e.zero);
         let words = if self.layout.extended_l2 {
             ExtendedL2Entry {
@@ -378,8 +375,8 @@ impl Qcow2Layer {
         self.alloc_cluster(st)
     }
 
-    /// Release what a replaced entry referenced, after syncing the
-    /// replacement (step 4).
+    /// Release what a replaced entry referenced, once the replacement is
+    /// durable (step 4).
     fn drop_old(&self, st: &mut WriteState, old: Cluster) -> Result<()> {
         let cs = self.layout.cluster_size();
         let held: Vec<u64> = match old {
@@ -399,13 +396,7 @@ impl Qcow2Layer {
             }
             _ => Vec::new(),
         };
-        if held.is_empty() {
-            return Ok(());
-        }
-        self.sync()?;
-        for h in held {
-            self.release(st, h)?;
-        }
+        st.releases.extend(held);
         Ok(())
     }
 
@@ -471,6 +462,7 @@ impl Qcow2Layer {
             } else {
                 self.write_cluster(&mut st, at, &vec![0u8; (cend - at) as usize])?;
             }
+            self.maybe_flush(&mut st)?;
             at = cend;
         }
         *self.allocated.lock() = None;
@@ -517,11 +509,136 @@ impl Qcow2Layer {
         if !self.writable {
             return Ok(());
         }
-        let _g = self.alloc.lock();
+        let mut g = self.alloc.lock();
+        match g.as_mut() {
+            Some(st) => self.flush_locked(st),
+            None => self.sync_all(),
+        }
+    }
+
+    /// Step 5 of the module docs. `alloc` held.
+    fn flush_locked(&self, st: &mut WriteState) -> Result<()> {
+        if !self.pending.is_empty() || !st.l1_dirty.is_empty() {
+            self.sync()?;
+            let es = self.layout.l2_entry_size();
+            let sb = self.slice_bytes();
+            let l1_offset = self.header.read().l1_table_offset;
+            // Under the fill lock's write side: no reader caches a slice
+            // between an entry's write and the refresh of its cached copy.
+            let _m = self.meta.write();
+            for (at, w) in self.pending.entries_in(0..u64::MAX) {
+                crate::fault::point()?;
+                self.file.write_all_at(&entry_bytes(w, es), at).ctx(
+                    &self.path,
+                    "cannot write an L2 entry",
+                    Some(at),
+                )?;
+                let slice_at = at - at % sb;
+                let key = self.slice_key(slice_at);
+                if let Some(old) = self.cache.get(&key) {
+                    let mut s = old.to_vec();
+                    let i = (at - slice_at) as usize;
+                    s[i..i + es as usize].copy_from_slice(&entry_bytes(w, es));
+                    self.cache.insert(key, s.into());
+                }
+            }
+            for &i in &st.l1_dirty {
+                let raw = self.l1.read()[i as usize];
+                let at = l1_offset + i * 8;
+                crate::fault::point()?;
+                self.file.write_all_at(&raw.to_be_bytes(), at).ctx(
+                    &self.path,
+                    "cannot write the L1 table",
+                    Some(at),
+                )?;
+            }
+            self.pending.clear();
+            st.l1_dirty.clear();
+        }
+        if !st.releases.is_empty() {
+            self.sync()?;
+            for h in std::mem::take(&mut st.releases) {
+                self.release(st, h)?;
+            }
+        }
+        self.sync_all()
+    }
+
+    /// `fsync` the image file and the data file.
+    fn sync_all(&self) -> Result<()> {
         crate::fault::point()?;
         if let Some((f, p)) = &self.data {
             f.sync_all().ctx(p, "cannot fsync", None)?;
         }
         self.file.sync_all().ctx(&self.path, "cannot fsync", None)
+    }
+}
+
+/// An L2 entry's bytes on disk: one word, or both of an extended entry.
+fn entry_bytes(w: (u64, u64), entry_size: u64) -> Vec<u8> {
+    let mut b = w.0.to_be_bytes().to_vec();
+    if entry_size == 16 {
+        b.extend_from_slice(&w.1.to_be_bytes());
+    }
+    b
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::cache::MetaCache;
+    use crate::format::{open_layer, CreateOptions, Extent, Layer, LayerOptions};
+    use std::path::Path;
+
+    fn opts(writable: bool) -> LayerOptions {
+        LayerOptions {
+            writable,
+            ignore_checksums: false,
+            cache: MetaCache::new(1 << 20),
+        }
+    }
+
+    /// What a fresh open of `path` maps guest offset `at` to (the file as
+    /// a crash would leave it; opened past the writer's lock).
+    fn mapped(path: &Path, at: u64) -> Extent {
+        let f = std::fs::File::open(path).unwrap();
+        super::Qcow2Layer::open(f, path, &opts(false))
+            .unwrap()
+            .map(at, 512)
+            .unwrap()
+    }
+
+    /// Step 5: new entries reach the file only at a flush, after their
+    /// data; the writer reads them before that, and a flush writes them.
+    #[test]
+    fn new_entries_wait_for_the_flush_and_the_writer_reads_them_meanwhile() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.qcow2");
+        let o = CreateOptions {
+            size: Some(8 << 20),
+            fixed: false,
+            block_size: Some(64 << 10),
+            logical_sector: 512,
+            parent: None,
+            version: None,
+            subblocks: false,
+        };
+        crate::format::registry::create(&path, &o).unwrap();
+        let l = open_layer(&path, &opts(true)).unwrap();
+        l.write_sectors(3 << 20, &[7u8; 4096]).unwrap();
+        // The writer sees its data ...
+        let Extent::Data { file_offset, .. } = l.map(3 << 20, 4096).unwrap() else {
+            panic!("the written cluster does not map to data");
+        };
+        let mut b = [0u8; 4096];
+        l.read_data(file_offset, &mut b).unwrap();
+        assert_eq!(b, [7u8; 4096]);
+        // ... the file does not point at it yet ...
+        assert!(
+            matches!(mapped(&path, 3 << 20), Extent::Zero { .. }),
+            "an entry reached the file before the flush"
+        );
+        // ... and does after the flush.
+        l.flush().unwrap();
+        assert!(matches!(mapped(&path, 3 << 20), Extent::Data { .. }));
     }
 }
