@@ -60,9 +60,16 @@ impl Served {
 
     /// Start nbdkit; Err(output) when it exits before listening.
     fn try_start(sock: &Path, args: &[&str]) -> Result<Served, Output> {
+        Self::try_start_with(sock, &[], args)
+    }
+
+    /// Start nbdkit with nbdkit's own `options` too (before the plugin).
+    fn try_start_with(sock: &Path, options: &[&str], args: &[&str]) -> Result<Served, Output> {
         let so = plugin();
         let mut child = Command::new("nbdkit")
-            .args(["-f", "--exit-with-parent", "-U", p(sock), p(&so)])
+            .args(["-f", "--exit-with-parent", "-U", p(sock)])
+            .args(options)
+            .arg(p(&so))
             .args(args)
             .current_dir("/")
             .stdout(Stdio::piped())
@@ -337,6 +344,41 @@ fn readonly_refuses_writes_and_shares_the_chain() {
     assert!(text(&o).contains("in use"), "{}", text(&o));
     drop(s);
     assert_eq!(sha256_file(&leaf), sum);
+}
+
+/// nbdkit's `-r` alone opens the chain read-only: shared locks (a reader
+/// shares it, a writer is refused) and no repair at open (a VHD whose
+/// footer copy a crashed relink left stale is served unchanged).
+#[test]
+fn nbdkit_dash_r_opens_the_chain_read_only() {
+    if !tools_ok() {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let leaf = chain(t.path(), "vhd");
+    // A stale footer copy at offset 0, which a writable open rewrites.
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&leaf).unwrap();
+        f.write_all_at(b"XX", 500).unwrap();
+    }
+    let sum = sha256_file(&leaf);
+    let arg = format!("leaf={}", p(&leaf));
+    let s = Served::try_start_with(&t.path().join("sock"), &["-r"], &[&arg])
+        .unwrap_or_else(|o| panic!("nbdkit -r did not start: {}", text(&o)));
+    run_ok("nbdinfo", &["--map", &s.uri()]);
+    chainfs_ok(&["export", p(&leaf), p(&t.path().join("x.raw"))]);
+    let o = chainfs(&[
+        "write",
+        p(&leaf),
+        "--offset",
+        "0",
+        "--input",
+        p(&t.path().join("chunk")),
+    ]);
+    assert!(text(&o).contains("in use"), "{}", text(&o));
+    drop(s);
+    assert_eq!(sha256_file(&leaf), sum, "nbdkit -r changed the leaf");
 }
 
 #[test]

@@ -61,6 +61,67 @@ fn size(key: &str, v: &str) -> Result<usize, String> {
         .ok_or_else(bad)
 }
 
+/// nbdkit's options that take a value (short letters, long names), from
+/// `nbdkit --help` (1.32): a value never counts as an option of its own.
+const SHORT_WITH_VALUE: &str = "DegiPptUu";
+const LONG_WITH_VALUE: &[&str] = &[
+    "debug",
+    "exportname",
+    "filter",
+    "group",
+    "ipaddr",
+    "log",
+    "mask-handshake",
+    "pidfile",
+    "port",
+    "run",
+    "selinux-label",
+    "threads",
+    "tls",
+    "tls-certificates",
+    "tls-psk",
+    "unix",
+    "user",
+];
+
+/// Was nbdkit started with `-r` (`--readonly`, `--read-only`, or `r` among
+/// combined short flags such as `-fr`)? `args` is nbdkit's command line
+/// without the program name. nbdkit tells a plugin about `-r` only per
+/// connection, after the chain is open; a read-only server must open it
+/// read-only (shared locks, no log replay or repair at open), so the
+/// plugin reads the command line itself.
+pub fn nbdkit_readonly(args: &[String]) -> bool {
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        if a == "--" {
+            break;
+        }
+        if let Some(long) = a.strip_prefix("--") {
+            match long {
+                "readonly" | "read-only" => return true,
+                l if LONG_WITH_VALUE.contains(&l) => {
+                    it.next();
+                }
+                _ => {}
+            }
+        } else if let Some(short) = a.strip_prefix('-') {
+            for (i, c) in short.char_indices() {
+                if c == 'r' {
+                    return true;
+                }
+                if SHORT_WITH_VALUE.contains(c) {
+                    // The rest of this argument, or the next one, is its value.
+                    if i + c.len_utf8() == short.len() {
+                        it.next();
+                    }
+                    break;
+                }
+            }
+        }
+    }
+    false
+}
+
 impl Config {
     /// Take one parameter; the error names it and says what is expected.
     pub fn set(&mut self, key: &str, v: &str) -> Result<(), String> {
@@ -123,6 +184,23 @@ mod tests {
         assert_eq!(o.parent_dirs, vec![PathBuf::from("/base")]);
         assert_eq!(o.overrides[0].1, PathBuf::from("/base/b.vhdx"));
         assert_eq!(o.cache_bytes, 64 << 20);
+    }
+
+    #[test]
+    fn nbdkit_readonly_is_found_among_its_options_only() {
+        let ro = |a: &[&str]| nbdkit_readonly(&a.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        assert!(ro(&["-r", "-U", "/s", "chainfs", "leaf=/x"]));
+        assert!(ro(&["-fr", "chainfs", "leaf=/x"]));
+        assert!(ro(&["--readonly", "chainfs"]));
+        assert!(ro(&["--read-only", "chainfs"]));
+        assert!(ro(&["-f", "-U", "-", "-r", "chainfs"]));
+        // Values of options are not options.
+        assert!(!ro(&["-U", "-r", "chainfs", "leaf=/x"]));
+        assert!(!ro(&["-e", "-r", "chainfs"]));
+        assert!(!ro(&["--run", "-r", "chainfs"]));
+        assert!(!ro(&["-Ur", "chainfs"]), "-U takes r as its socket name");
+        assert!(!ro(&["-f", "--exit-with-parent", "chainfs", "leaf=/x"]));
+        assert!(!ro(&["--", "-r"]));
     }
 
     #[test]

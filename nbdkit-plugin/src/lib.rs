@@ -9,7 +9,8 @@
 //! - The chain is opened once, in `get_ready` (before nbdkit forks and
 //!   changes directory), with the same [`chainfs::Chain::open`] a mount uses:
 //!   the same parent search, identity checks and `flock` locks (shared on
-//!   every layer when `readonly`, exclusive on the leaf otherwise). The
+//!   every layer when `readonly=true` or nbdkit runs with `-r`, exclusive
+//!   on the leaf otherwise). The
 //!   locks stay held by the serving process until it exits, so a chain
 //!   served writable cannot be mounted, written or merged elsewhere, and a
 //!   problem with the chain stops nbdkit at start-up with chainfs's message
@@ -72,7 +73,7 @@ impl Server for Conn {
     }
 
     fn longname() -> Option<&'static str> {
-        Some("chainfs: chains of differencing virtual disks (VHD, VHDX)")
+        Some("chainfs: chains of differencing virtual disks (VHD, VHDX, qcow2)")
     }
 
     fn version() -> Option<&'static str> {
@@ -82,7 +83,7 @@ impl Server for Conn {
     fn description() -> Option<&'static str> {
         Some(
             "Serves the flattened content of a chain of differencing disks \
-             (any format chainfs opens: VHD, VHDX): the leaf and every parent, found and checked \
+             (any format chainfs opens: VHD, VHDX, qcow2, raw bases): the leaf and every parent, found and checked \
              as `chainfs mount` does. Writes go into the leaf.",
         )
     }
@@ -127,7 +128,19 @@ impl Server for Conn {
         let Some(leaf) = cfg.leaf.clone() else {
             return Err(nbdkit::Error::new(libc::EINVAL, "chainfs: no leaf"));
         };
-        let opts = cfg.chain_options();
+        let mut opts = cfg.chain_options();
+        // nbdkit -r: open the chain read-only too (see `nbdkit_readonly`).
+        let args: Vec<String> = std::fs::read("/proc/self/cmdline")
+            .map(|b| {
+                b.split(|&c| c == 0)
+                    .skip(1)
+                    .map(|a| String::from_utf8_lossy(a).into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        if config::nbdkit_readonly(&args) {
+            opts.writable = false;
+        }
         let chain = Chain::open(&leaf, &opts).map_err(nbd_err)?;
         let image = Arc::new(FlatImage::new(&chain));
         drop(chain);
