@@ -161,6 +161,19 @@ pub fn chain_order(layers: &[Arc<dyn Layer>]) -> String {
 /// control-file command; `None` is the command line, and messages then
 /// name its options (`--force`) instead of the control words (`force`).
 pub fn plan(layers: Layers, req: &MergeRequest, caller: Option<Caller>) -> Result<Plan> {
+    plan_with(layers, req, caller, &[])
+}
+
+/// [`plan`], with the `--parent CHILD=PATH` overrides the chain was opened
+/// with: the children and bystanders of a layer are the disks whose chains,
+/// opened with them and `--parent-dir`, take it as their parent
+/// (`crate::dependents`).
+pub fn plan_with(
+    layers: Layers,
+    req: &MergeRequest,
+    caller: Option<Caller>,
+    overrides: &[(PathBuf, PathBuf)],
+) -> Result<Plan> {
     let (force_word, keep_word) = match caller {
         Some(_) => ("`force`", "`keep`"),
         None => ("--force", "--keep"),
@@ -216,12 +229,17 @@ pub fn plan(layers: Layers, req: &MergeRequest, caller: Option<Caller>) -> Resul
     // of the layers below it, down to DESTINATION, are bystanders the merge
     // would break. Whether a file names a layer as its parent is the
     // drivers' answer (identity, or name for formats without one).
+    let chain_opts = crate::chain::ChainOptions {
+        parent_dirs: req.parent_dirs.clone(),
+        overrides: overrides.to_vec(),
+        ..Default::default()
+    };
     let child_of = |f: &dependents::Found, l: &Arc<dyn Layer>| {
-        f.is_child_of(l.path(), l.info().unique_id, &req.parent_dirs)
+        f.is_child_of(l.path(), l.info().unique_id, &chain_opts)
     };
     let mut extra_children = Vec::new();
     let mut siblings = Vec::new();
-    for f in dependents::scan(&dirs) {
+    for f in dependents::scan(&dirs, overrides) {
         let canon = canonical(&f.path);
         if members.contains(&canon) {
             continue;
