@@ -16,13 +16,19 @@
 //! `--ignore-id-mismatch`, when nothing better exists). Where it records
 //! none (a format that names its parent by file name only), the first
 //! candidate that opens in an allowed format wins, and `info`/`check` say
-//! the link is by name only. Either way the chain refuses cycles (by path,
-//! and by identity where there is one), more than [`MAX_DEPTH`] layers and
+//! the link is by name only. Either way the chain refuses cycles (the same
+//! file by device and inode, whatever name reaches it: hard links and
+//! symlinks too; and by identity where there is one), reported as
+//! `loop: A -> B -> A`, more than [`MAX_DEPTH`] layers and
 //! a parent whose virtual size differs (where the link is by name only, as
 //! qemu's backing files are, the sizes may differ: reads past the end of a
 //! shorter parent are zeros). Where the link records the parent's format
 //! ([`ParentLink::format`]), the parent is opened with that driver, not
 //! probed.
+//!
+//! The selection of one parent (`find_parent`) is also what
+//! [`resolve_parent`] answers for `crate::dependents`: a disk is a child
+//! of a layer exactly when its own chain would take that layer's file.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -253,21 +259,33 @@ fn refuse_retired(path: &Path) -> Result<()> {
 /// loop, not a new layer (which would only stop at [`MAX_DEPTH`]).
 #[derive(Default)]
 struct Walked {
-    /// As named (for messages), with the device and inode of the file.
-    files: Vec<(PathBuf, Option<(u64, u64)>, PathBuf)>,
+    files: Vec<WalkedFile>,
+}
+
+/// One file of a [`Walked`] chain.
+struct WalkedFile {
+    /// As named (for messages).
+    name: PathBuf,
+    /// Device and inode (`None`: gone; then the canonical path decides).
+    id: Option<(u64, u64)>,
+    canon: PathBuf,
 }
 
 impl Walked {
     fn push(&mut self, p: &Path) {
-        self.files.push((p.to_path_buf(), file_id(p), canonical(p)));
+        self.files.push(WalkedFile {
+            name: p.to_path_buf(),
+            id: file_id(p),
+            canon: canonical(p),
+        });
     }
 
     /// Where the file `p` names is in the walk already.
     fn position(&self, p: &Path) -> Option<usize> {
         let (id, canon) = (file_id(p), canonical(p));
-        self.files.iter().position(|(_, qid, qc)| match (id, qid) {
-            (Some(a), Some(b)) => a == *b,
-            _ => *qc == canon,
+        self.files.iter().position(|f| match (id, f.id) {
+            (Some(a), Some(b)) => a == b,
+            _ => f.canon == canon,
         })
     }
 
@@ -277,14 +295,17 @@ impl Walked {
     fn loop_error(&self, child: &Path, at: usize, closing: &Path, id: &str) -> Error {
         let mut steps: Vec<String> = self.files[at..]
             .iter()
-            .map(|(p, _, _)| p.display().to_string())
+            .map(|f| f.name.display().to_string())
             .collect();
         steps.push(closing.display().to_string());
-        let first = &self.files[at].0;
-        let same = if first == closing {
+        let first = &self.files[at];
+        let same = if first.name == closing {
             String::new()
+        } else if first.id.is_some() && first.id == file_id(closing) {
+            format!(", the same file as {}", first.name.display())
         } else {
-            format!(", the same file as {}", first.display())
+            // Another file carrying the identity of one in the chain.
+            format!(", the same disk as {}", first.name.display())
         };
         Error::new(
             ErrorKind::BadChain,
@@ -337,11 +358,7 @@ fn find_parent(
     let hints = &link.hints[..];
     if let Some(f) = &link.format {
         if driver(f).is_none() {
-            return Err(unknown_format_error(
-                child,
-                "records its parent as",
-                f,
-            ));
+            return Err(unknown_format_error(child, "records its parent as", f));
         }
     }
     let over = opts

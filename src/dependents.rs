@@ -70,7 +70,8 @@ impl Found {
         let Some(link) = child.parent() else {
             return false;
         };
-        resolve_parent(&self.path, self.format, &link, opts).is_some_and(|p| file_id(&p) == Some(me))
+        resolve_parent(&self.path, self.format, &link, opts)
+            .is_some_and(|p| file_id(&p) == Some(me))
     }
 }
 
