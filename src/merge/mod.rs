@@ -43,7 +43,7 @@ use crate::format::registry::{may_have_parent, mixed_error, peek};
 use crate::format::{open_layer, Layer, LayerOptions, LockMode, ParentChange};
 use crate::image::{resolve_span, FlatImage, Layers, Span};
 use crate::intent::{self, Phase, Record};
-use crate::paths::{canonical, folder_of};
+use crate::paths::{canonical, file_id, folder_of};
 
 /// What was asked.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -204,7 +204,9 @@ pub fn plan_with(
         return Err(mixed_error(c.path(), c.info().format, df, layers[d].path()));
     }
     // Who depends on the layers this merge changes or removes?
-    let members: HashSet<PathBuf> = layers.iter().map(|l| canonical(l.path())).collect();
+    // The chain's own files, by device and inode (a second name of a layer
+    // is that layer, not a child of it).
+    let members: HashSet<(u64, u64)> = layers.iter().filter_map(|l| file_id(l.path())).collect();
     let dirs = dependents::folders(layers.iter().map(|l| l.path()), &req.parent_dirs);
     // A rerun of an interrupted merge: children it already relinked point
     // at DESTINATION; they are this merge's children, not bystanders.
@@ -241,7 +243,7 @@ pub fn plan_with(
     let mut siblings = Vec::new();
     for f in dependents::scan(&dirs, overrides) {
         let canon = canonical(&f.path);
-        if members.contains(&canon) {
+        if file_id(&f.path).is_some_and(|id| members.contains(&id)) {
             continue;
         }
         if child_of(&f, &layers[s]) || relinked.contains(&canon) {

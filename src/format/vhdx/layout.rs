@@ -586,6 +586,24 @@ mod tests {
     }
 
     #[test]
+    fn a_damaged_file_identifier_is_refused_naming_the_signatures_still_there() {
+        let dir = tempfile::tempdir().unwrap();
+        let (base, _) = base_and_child(dir.path());
+        let mut bytes = std::fs::read(&base).unwrap();
+        bytes[..8].copy_from_slice(b"vhdxfilE");
+        bytes[(HEADER1 + 1) as usize] = b'E';
+        let e = Layout::parse(&bytes, &base).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Corrupt);
+        let e = e.to_string();
+        assert!(
+            e.contains("base.vhdx: at offset 0x0")
+                && e.contains("\"vhdxfilE\", not `vhdxfile`")
+                && e.contains("at 0x20000, 0x30000, 0x40000"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn a_bad_metadata_table_is_an_error_that_names_its_offset() {
         let dir = tempfile::tempdir().unwrap();
         let (base, _) = base_and_child(dir.path());
