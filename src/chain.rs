@@ -16,13 +16,19 @@
 //! `--ignore-id-mismatch`, when nothing better exists). Where it records
 //! none (a format that names its parent by file name only), the first
 //! candidate that opens in an allowed format wins, and `info`/`check` say
-//! the link is by name only. Either way the chain refuses cycles (by path,
-//! and by identity where there is one), more than [`MAX_DEPTH`] layers and
+//! the link is by name only. Either way the chain refuses cycles (the same
+//! file by device and inode, whatever name reaches it: hard links and
+//! symlinks too; and by identity where there is one), reported as
+//! `loop: A -> B -> A`, more than [`MAX_DEPTH`] layers and
 //! a parent whose virtual size differs (where the link is by name only, as
 //! qemu's backing files are, the sizes may differ: reads past the end of a
 //! shorter parent are zeros). Where the link records the parent's format
 //! ([`ParentLink::format`]), the parent is opened with that driver, not
 //! probed.
+//!
+//! The selection of one parent (`find_parent`) is also what
+//! [`resolve_parent`] answers for `crate::dependents`: a disk is a child
+//! of a layer exactly when its own chain would take that layer's file.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -33,10 +39,10 @@ use serde::Serialize;
 use crate::cache::{MetaCache, DEFAULT_CACHE_BYTES};
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::registry::{
-    driver, may_have_parent, mixed_error, open_layer_as, unknown_format_error,
+    driver, inspect_as, may_have_parent, mixed_error, open_layer_as, unknown_format_error,
 };
 use crate::format::{open_layer, Layer, LayerOptions, ParentHint, ParentLink};
-use crate::paths::{candidates, canonical};
+use crate::paths::{candidates, canonical, file_id, same_file};
 
 /// The deepest chain chainfs opens.
 pub const MAX_DEPTH: usize = 256;
@@ -129,7 +135,7 @@ impl Chain {
             } else {
                 opts.force_hint
             };
-            crate::dependents::refuse_if_parent(leaf, &opts.parent_dirs, hint)?;
+            crate::dependents::refuse_if_parent(leaf, opts, hint)?;
         }
         let first = open_layer(leaf, &lo)?;
         let ro = LayerOptions {
@@ -142,9 +148,9 @@ impl Chain {
             links: Vec::new(),
             cache,
         };
-        let mut seen_paths: HashSet<PathBuf> = HashSet::new();
+        let mut walked = Walked::default();
+        walked.push(leaf);
         let mut seen_ids = HashSet::new();
-        seen_paths.insert(canonical(leaf));
         seen_ids.extend(chain.layers[0].info().unique_id);
         loop {
             let child = chain.layers.last().unwrap().clone();
@@ -169,20 +175,25 @@ impl Chain {
                         ),
                     ));
                 }
-                let (parent, found) = find_parent(child.as_ref(), &link, opts, &ro, &seen_paths)?;
-                let canon = canonical(&found.resolved);
+                let open = |p: &Path| open_layer_as(p, link.format.as_deref(), &ro);
+                let (parent, found) = find_parent(
+                    child.path(),
+                    child.info().format,
+                    &link,
+                    opts,
+                    &walked,
+                    &open,
+                )?;
                 let pid = parent.info().unique_id;
                 let id_seen = pid.is_some_and(|id| !found.id_mismatch && !seen_ids.insert(id));
-                if !seen_paths.insert(canon) || id_seen {
+                let again = walked.position(&found.resolved).or_else(|| {
+                    id_seen
+                        .then(|| chain.layers.iter().position(|l| l.info().unique_id == pid))
+                        .flatten()
+                });
+                if let Some(at) = again {
                     let id = pid.map(|u| format!(" ({u})")).unwrap_or_default();
-                    return Err(Error::new(
-                        ErrorKind::BadChain,
-                        format!(
-                            "{}: the chain loops: its parent {}{id} is already in the chain",
-                            child.path().display(),
-                            found.resolved.display()
-                        ),
-                    ));
+                    return Err(walked.loop_error(child.path(), at, &found.resolved, &id));
                 }
                 let (cs, ps) = (child.virtual_size(), parent.virtual_size());
                 if cs != ps && !link.allows_other_size() {
@@ -207,6 +218,7 @@ impl Chain {
             });
             match step {
                 Ok((parent, found)) => {
+                    walked.push(&found.resolved);
                     chain.links.push(found);
                     chain.layers.push(parent);
                 }
@@ -241,41 +253,131 @@ fn refuse_retired(path: &Path) -> Result<()> {
     }
 }
 
-fn find_parent(
-    child: &dyn Layer,
+/// The files a chain walk has taken so far, leaf first, by name and by
+/// file identity: hard links and symlinks of one file are one file, so a
+/// chain whose parent names a second name of a layer already taken is a
+/// loop, not a new layer (which would only stop at [`MAX_DEPTH`]).
+#[derive(Default)]
+struct Walked {
+    files: Vec<WalkedFile>,
+}
+
+/// One file of a [`Walked`] chain.
+struct WalkedFile {
+    /// As named (for messages).
+    name: PathBuf,
+    /// Device and inode (`None`: gone; then the canonical path decides).
+    id: Option<(u64, u64)>,
+    canon: PathBuf,
+}
+
+impl Walked {
+    fn push(&mut self, p: &Path) {
+        self.files.push(WalkedFile {
+            name: p.to_path_buf(),
+            id: file_id(p),
+            canon: canonical(p),
+        });
+    }
+
+    /// Where the file `p` names is in the walk already.
+    fn position(&self, p: &Path) -> Option<usize> {
+        let (id, canon) = (file_id(p), canonical(p));
+        self.files.iter().position(|f| match (id, f.id) {
+            (Some(a), Some(b)) => a == b,
+            _ => f.canon == canon,
+        })
+    }
+
+    /// The refusal for `child`, whose parent `closing` is the file at
+    /// `at` of the walk again: `loop: A -> B -> A`. `id`: the parent's
+    /// identity, shown when there is one.
+    fn loop_error(&self, child: &Path, at: usize, closing: &Path, id: &str) -> Error {
+        let mut steps: Vec<String> = self.files[at..]
+            .iter()
+            .map(|f| f.name.display().to_string())
+            .collect();
+        steps.push(closing.display().to_string());
+        let first = &self.files[at];
+        let same = if first.name == closing {
+            String::new()
+        } else if first.id.is_some() && first.id == file_id(closing) {
+            format!(", the same file as {}", first.name.display())
+        } else {
+            // Another file carrying the identity of one in the chain.
+            format!(", the same disk as {}", first.name.display())
+        };
+        Error::new(
+            ErrorKind::BadChain,
+            format!(
+                "{}: the chain loops: its parent {}{id} is already in the chain{same} (loop: {})",
+                child.display(),
+                closing.display(),
+                steps.join(" -> ")
+            ),
+        )
+    }
+}
+
+/// The file the chain of `child` (a `format` file whose parent link is
+/// `link`) would take as its parent: the same candidates, overrides,
+/// format and identity rules as [`Chain::open`] (without
+/// `--ignore-id-mismatch`), each candidate opened read-only **without a
+/// lock** (others may hold these files). `None` when its chain would not
+/// open a parent. How `crate::dependents` decides who is a child.
+pub fn resolve_parent(
+    child: &Path,
+    format: &'static str,
     link: &ParentLink,
     opts: &ChainOptions,
-    ro: &LayerOptions,
-    seen: &HashSet<PathBuf>,
+) -> Option<PathBuf> {
+    let mut walked = Walked::default();
+    walked.push(child);
+    let opts = ChainOptions {
+        ignore_id_mismatch: false,
+        ..opts.clone()
+    };
+    let open = |p: &Path| inspect_as(p, link.format.as_deref());
+    find_parent(child, format, link, &opts, &walked, &open)
+        .ok()
+        .map(|(_, l)| l.resolved)
+}
+
+/// One link of the chain: the parent of `child` (of format `cformat`)
+/// under the rules of the module docs. `walked`: the layers taken so far;
+/// `open` opens one candidate (the chain: with a shared lock; dependents:
+/// without).
+fn find_parent(
+    child: &Path,
+    cformat: &'static str,
+    link: &ParentLink,
+    opts: &ChainOptions,
+    walked: &Walked,
+    open: &dyn Fn(&Path) -> Result<Arc<dyn Layer>>,
 ) -> Result<(Arc<dyn Layer>, Link)> {
     let hints = &link.hints[..];
     if let Some(f) = &link.format {
         if driver(f).is_none() {
-            return Err(unknown_format_error(
-                child.path(),
-                "records its parent as",
-                f,
-            ));
+            return Err(unknown_format_error(child, "records its parent as", f));
         }
     }
-    let cpath = canonical(child.path());
     let over = opts
         .overrides
         .iter()
-        .find(|(c, _)| canonical(c) == cpath)
+        .find(|(c, _)| same_file(c, child))
         .map(|(_, p)| p.clone());
     let list = match &over {
         Some(p) => vec![p.clone()],
-        None => candidates(child.path(), &link.stored_names(), &opts.parent_dirs),
+        None => candidates(child, &link.stored_names(), &opts.parent_dirs),
     };
     let mut tried = Vec::new();
-    let mut looped: Option<PathBuf> = None;
+    let mut looped: Option<(PathBuf, usize)> = None;
     let mut unusable: Option<Error> = None;
     let mut mixed: Option<Error> = None;
-    let cname = child.path().display();
+    let cname = child.display();
     let mut mismatch: Option<(PathBuf, Arc<dyn Layer>, Option<uuid::Uuid>)> = None;
     // The candidates the child's own hints give, without any option.
-    let own = candidates(child.path(), &link.stored_names(), &[]);
+    let own = candidates(child, &link.stored_names(), &[]);
     let want = || match &link.ids[..] {
         [] => "a parent".to_string(),
         [one] => format!("a parent with id {one}"),
@@ -294,12 +396,13 @@ fn find_parent(
         if !cand.is_file() {
             continue;
         }
-        if seen.contains(&canonical(&cand)) {
-            // Already in the chain: taking it would loop. Look further.
-            looped.get_or_insert(cand);
+        if let Some(at) = walked.position(&cand) {
+            // Already in the chain (by any of its names): taking it would
+            // loop. Look further.
+            looped.get_or_insert((cand, at));
             continue;
         }
-        let layer = match open_layer_as(&cand, link.format.as_deref(), ro) {
+        let layer = match open(&cand) {
             Ok(l) => l,
             Err(e) => {
                 // Not this one (corrupt, locked, not an image): look further,
@@ -315,10 +418,10 @@ fn find_parent(
             cand.display(),
             show(got)
         );
-        let (cf, pf) = (child.info().format, layer.info().format);
-        if !may_have_parent(cf, pf) {
+        let pf = layer.info().format;
+        if !may_have_parent(cformat, pf) {
             // The child's driver does not list the parent's format.
-            mixed.get_or_insert(mixed_error(child.path(), cf, pf, &cand));
+            mixed.get_or_insert(mixed_error(child, cformat, pf, &cand));
             continue;
         }
         if link.accepts(got) {
@@ -369,14 +472,8 @@ fn find_parent(
             ),
         ));
     }
-    if let Some(p) = looped {
-        return Err(Error::new(
-            ErrorKind::BadChain,
-            format!(
-                "{cname}: the chain loops: its parent {} is already in the chain",
-                p.display()
-            ),
-        ));
+    if let Some((p, at)) = looped {
+        return Err(walked.loop_error(child, at, &p, ""));
     }
     if let Some(e) = mixed.or(unusable) {
         return Err(e);

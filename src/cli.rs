@@ -763,7 +763,7 @@ fn merge(
         force,
         parent_dirs: chain.parent_dirs.clone(),
     };
-    let plan = chainfs::merge::plan(flat.layers(), &req, None)
+    let plan = chainfs::merge::plan_with(flat.layers(), &req, None, &chain.overrides)
         .map_err(|e| swapped_hint(e, &source, &destination, chain))?;
     let progress = Progress::default();
     let bar = progress_bar(0);

@@ -19,6 +19,24 @@ pub fn canonical(p: &Path) -> PathBuf {
     std::fs::canonicalize(p).unwrap_or_else(|_| std::path::absolute(p).unwrap_or(p.to_path_buf()))
 }
 
+/// Which file a path names: its device and inode, following symlinks.
+/// Two names of one file (hard links, symlinks, `..` forms) have the same
+/// id, which is how the chain tells a loop and dependents tell a parent;
+/// `None` when the path names nothing.
+pub fn file_id(p: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()))
+}
+
+/// Do `a` and `b` name the same file? By [`file_id`] where both exist,
+/// else by [`canonical`] path.
+pub fn same_file(a: &Path, b: &Path) -> bool {
+    match (file_id(a), file_id(b)) {
+        (Some(x), Some(y)) => x == y,
+        _ => canonical(a) == canonical(b),
+    }
+}
+
 /// The local path a parent name stored in a child stands for, seen from
 /// the child's folder `dir`; `None` when it cannot name a file here.
 ///

@@ -137,9 +137,27 @@ pub fn mixed_error(child: &Path, cf: &str, pf: &str, parent: &Path) -> Error {
     )
 }
 
-/// Identity and parent link of `path`, if some driver reads it.
+/// Identity and parent link of `path`, if the driver that claims it reads
+/// it. Only the claiming driver is asked: a damaged VHDX or qcow2 whose
+/// `peek` fails is nobody's (it is never peeked as raw by the next driver).
 pub fn peek(path: &Path) -> Option<Peek> {
-    DRIVERS.iter().find_map(|d| (d.peek)(path))
+    // Only regular files: opening a FIFO would block.
+    if !std::fs::metadata(path).ok()?.is_file() {
+        return None;
+    }
+    let file = File::open(path).ok()?;
+    let d = claimant(&file, path).ok()??;
+    (d.peek)(path)
+}
+
+/// The first driver in [`DRIVERS`] order whose `probe` claims `file`.
+fn claimant(file: &File, path: &Path) -> Result<Option<&'static Driver>> {
+    for d in DRIVERS {
+        if (d.probe)(file, path)? {
+            return Ok(Some(d));
+        }
+    }
+    Ok(None)
 }
 
 /// Create a new image, in the format its name asks for.
@@ -189,12 +207,10 @@ pub fn create(path: &Path, o: &CreateOptions) -> Result<()> {
 /// Open one file, detecting its format from its bytes.
 pub fn open_layer(path: &Path, opts: &LayerOptions) -> Result<Arc<dyn Layer>> {
     let file = open_file(path, opts.writable)?;
-    for d in DRIVERS {
-        if (d.probe)(&file, path)? {
-            return (d.open)(file, path, opts);
-        }
+    match claimant(&file, path)? {
+        Some(d) => (d.open)(file, path, opts),
+        None => Err(unknown_error(&file, path)),
     }
-    Err(unknown_error(&file, path))
 }
 
 /// Open one file with the driver a child's link names (`format`, a
@@ -212,6 +228,36 @@ pub fn open_layer_as(
         driver(name).ok_or_else(|| unknown_format_error(path, "recorded by its child as", name))?;
     let file = open_file(path, opts.writable)?;
     (d.open)(file, path, opts)
+}
+
+/// Open `path` read-only as [`open_layer_as`] would, but **without its
+/// lock**: for looking at files other processes (or this one) may hold
+/// open for writing, as finding the children of a layer does. Nothing is
+/// written; the layer must not be used for more than its metadata.
+pub fn inspect_as(path: &Path, format: Option<&str>) -> Result<Arc<dyn Layer>> {
+    use crate::error::IoContext;
+    // Refuse FIFOs, devices and folders before open(2), which could block.
+    if !std::fs::metadata(path)
+        .ctx(path, "cannot open", None)?
+        .is_file()
+    {
+        return Err(Error::invalid(format!(
+            "{}: not a regular file",
+            path.display()
+        )));
+    }
+    let file = File::open(path).ctx(path, "cannot open", None)?;
+    let d = match format {
+        Some(name) => driver(name)
+            .ok_or_else(|| unknown_format_error(path, "recorded by its child as", name))?,
+        None => claimant(&file, path)?.ok_or_else(|| unknown_error(&file, path))?,
+    };
+    let opts = LayerOptions {
+        writable: false,
+        ignore_checksums: false,
+        cache: MetaCache::new(1 << 20),
+    };
+    (d.open)(file, path, &opts)
 }
 
 /// The refusal for a recorded parent format no driver has: `path` is

@@ -43,7 +43,7 @@ use crate::format::registry::{may_have_parent, mixed_error, peek};
 use crate::format::{open_layer, Layer, LayerOptions, LockMode, ParentChange};
 use crate::image::{resolve_span, FlatImage, Layers, Span};
 use crate::intent::{self, Phase, Record};
-use crate::paths::{canonical, folder_of};
+use crate::paths::{canonical, file_id, folder_of};
 
 /// What was asked.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -161,6 +161,19 @@ pub fn chain_order(layers: &[Arc<dyn Layer>]) -> String {
 /// control-file command; `None` is the command line, and messages then
 /// name its options (`--force`) instead of the control words (`force`).
 pub fn plan(layers: Layers, req: &MergeRequest, caller: Option<Caller>) -> Result<Plan> {
+    plan_with(layers, req, caller, &[])
+}
+
+/// [`plan`], with the `--parent CHILD=PATH` overrides the chain was opened
+/// with: the children and bystanders of a layer are the disks whose chains,
+/// opened with them and `--parent-dir`, take it as their parent
+/// (`crate::dependents`).
+pub fn plan_with(
+    layers: Layers,
+    req: &MergeRequest,
+    caller: Option<Caller>,
+    overrides: &[(PathBuf, PathBuf)],
+) -> Result<Plan> {
     let (force_word, keep_word) = match caller {
         Some(_) => ("`force`", "`keep`"),
         None => ("--force", "--keep"),
@@ -191,7 +204,9 @@ pub fn plan(layers: Layers, req: &MergeRequest, caller: Option<Caller>) -> Resul
         return Err(mixed_error(c.path(), c.info().format, df, layers[d].path()));
     }
     // Who depends on the layers this merge changes or removes?
-    let members: HashSet<PathBuf> = layers.iter().map(|l| canonical(l.path())).collect();
+    // The chain's own files, by device and inode (a second name of a layer
+    // is that layer, not a child of it).
+    let members: HashSet<(u64, u64)> = layers.iter().filter_map(|l| file_id(l.path())).collect();
     let dirs = dependents::folders(layers.iter().map(|l| l.path()), &req.parent_dirs);
     // A rerun of an interrupted merge: children it already relinked point
     // at DESTINATION; they are this merge's children, not bystanders.
@@ -216,14 +231,19 @@ pub fn plan(layers: Layers, req: &MergeRequest, caller: Option<Caller>) -> Resul
     // of the layers below it, down to DESTINATION, are bystanders the merge
     // would break. Whether a file names a layer as its parent is the
     // drivers' answer (identity, or name for formats without one).
+    let chain_opts = crate::chain::ChainOptions {
+        parent_dirs: req.parent_dirs.clone(),
+        overrides: overrides.to_vec(),
+        ..Default::default()
+    };
     let child_of = |f: &dependents::Found, l: &Arc<dyn Layer>| {
-        f.is_child_of(l.path(), l.info().unique_id, &req.parent_dirs)
+        f.is_child_of(l.path(), l.info().unique_id, &chain_opts)
     };
     let mut extra_children = Vec::new();
     let mut siblings = Vec::new();
-    for f in dependents::scan(&dirs) {
+    for f in dependents::scan(&dirs, overrides) {
         let canon = canonical(&f.path);
-        if members.contains(&canon) {
+        if file_id(&f.path).is_some_and(|id| members.contains(&id)) {
             continue;
         }
         if child_of(&f, &layers[s]) || relinked.contains(&canon) {

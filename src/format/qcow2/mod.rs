@@ -107,8 +107,10 @@ pub fn in_file(e: Error, path: &Path) -> Error {
     Error::new(e.kind, format!("{}: {}", path.display(), e.message()))
 }
 
-/// Does this file start with the qcow2 magic and a version qcow2 has (2
-/// or 3)? Version 1 (qcow) is left to the "what is it" message.
+/// Does this file start with the qcow2 magic `QFI\xfb`? Version 1 (the
+/// older qcow, another format) is left to the "what is it" message; any
+/// other version is claimed, so a damaged header is refused by the open
+/// naming the field (never read as raw under a `.img` name).
 pub fn probe(file: &File, path: &Path) -> Result<bool> {
     let len = file.metadata().ctx(path, "cannot stat", None)?.len();
     if len < 8 {
@@ -118,7 +120,7 @@ pub fn probe(file: &File, path: &Path) -> Result<bool> {
     file.read_exact_at(&mut b, 0)
         .ctx(path, "cannot read the header", Some(0))?;
     let version = u32::from_be_bytes([b[4], b[5], b[6], b[7]]);
-    Ok(b[..4] == MAGIC && (version == 2 || version == 3))
+    Ok(b[..4] == MAGIC && version != 1)
 }
 
 /// Read and parse the header from the first cluster of `file`.

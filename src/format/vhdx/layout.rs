@@ -260,12 +260,51 @@ pub(super) fn read_headers(raw: &impl Source, len: u64, ignore: bool) -> Result<
     Ok((h, slot))
 }
 
+/// The VHDX signatures of a file of `len` bytes: the 8 bytes at offset 0
+/// (the identifier, `vhdxfile` when intact; fewer in a shorter file) and
+/// the offsets of [`SECTION_SIGNATURES`] found in place.
+pub(super) fn signatures(raw: &impl Source, len: u64) -> Result<(Vec<u8>, Vec<u64>)> {
+    let mut ident = vec![0u8; len.min(8) as usize];
+    raw.read(0, &mut ident)?;
+    let mut found = Vec::new();
+    for (at, sig) in SECTION_SIGNATURES {
+        if len >= at + 4 {
+            let mut b = [0u8; 4];
+            raw.read(at, &mut b)?;
+            if &b == sig {
+                found.push(at);
+            }
+        }
+    }
+    Ok((ident, found))
+}
+
 fn current_header(raw: &impl Source, len: u64, _ignore: bool) -> Result<(Header, usize)> {
     if len < MIB {
         return Err(Error::corrupt(
             raw.path(),
             0,
             format!("file is {len} bytes, shorter than the 1 MiB VHDX header section"),
+        ));
+    }
+    // The probe also claims a file whose identifier is damaged but whose
+    // headers or region tables are in place: refuse it as what it is.
+    let (ident, found) = signatures(raw, len)?;
+    if ident != FILE_SIGNATURE {
+        let at: Vec<String> = found.iter().map(|o| format!("{o:#x}")).collect();
+        return Err(Error::corrupt(
+            raw.path(),
+            0,
+            format!(
+                "the VHDX file identifier is \"{}\", not `vhdxfile`; a damaged VHDX (its \
+                 header and region table signatures are at {}), refused, not read as raw",
+                ident.escape_ascii(),
+                if at.is_empty() {
+                    "none of 0x10000, 0x20000, 0x30000, 0x40000".to_string()
+                } else {
+                    at.join(", ")
+                }
+            ),
         ));
     }
     let mut hs = Vec::new();
@@ -544,6 +583,24 @@ mod tests {
                 parsed.has_parent
             );
         }
+    }
+
+    #[test]
+    fn a_damaged_file_identifier_is_refused_naming_the_signatures_still_there() {
+        let dir = tempfile::tempdir().unwrap();
+        let (base, _) = base_and_child(dir.path());
+        let mut bytes = std::fs::read(&base).unwrap();
+        bytes[..8].copy_from_slice(b"vhdxfilE");
+        bytes[(HEADER1 + 1) as usize] = b'E';
+        let e = Layout::parse(&bytes, &base).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Corrupt);
+        let e = e.to_string();
+        assert!(
+            e.contains("base.vhdx: at offset 0x0")
+                && e.contains("\"vhdxfilE\", not `vhdxfile`")
+                && e.contains("at 0x20000, 0x30000, 0x40000"),
+            "{e}"
+        );
     }
 
     #[test]

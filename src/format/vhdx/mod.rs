@@ -71,16 +71,17 @@ pub static DRIVER: Driver = Driver {
 
 const BAT_PAGE_ENTRIES: u64 = 512;
 
-/// Does this file start with the `vhdxfile` identifier?
+/// Does this file carry VHDX signatures? The `vhdxfile` identifier at 0,
+/// or at least two of the four structure signatures (`head` at 64 KiB and
+/// 128 KiB, `regi` at 192 KiB and 256 KiB): a VHDX whose identifier is
+/// damaged is still claimed, and its open refuses it naming what is wrong,
+/// so it is never read as raw bytes (a `.img` name would make raw claim
+/// it). One 4-byte tag alone is too weak a sign: a file-system image may
+/// hold one at those offsets by chance.
 pub fn probe(file: &File, path: &Path) -> Result<bool> {
     let len = file.metadata().ctx(path, "cannot stat", None)?.len();
-    if len < 8 {
-        return Ok(false);
-    }
-    let mut c = [0u8; 8];
-    file.read_exact_at(&mut c, 0)
-        .ctx(path, "cannot read file identifier", Some(0))?;
-    Ok(&c == b"vhdxfile")
+    let (ident, found) = layout::signatures(&RawFile { file, path }, len)?;
+    Ok(ident == FILE_SIGNATURE || found.len() >= 2)
 }
 
 pub struct VhdxLayer {

@@ -13,6 +13,16 @@ pub const HEADER2: u64 = 128 * KIB;
 pub const REGION1: u64 = 192 * KIB;
 pub const REGION2: u64 = 256 * KIB;
 pub const HEADER_SIZE: usize = 4096;
+/// The file type identifier's signature, at offset 0.
+pub const FILE_SIGNATURE: &[u8; 8] = b"vhdxfile";
+/// The signatures of the header section's structures, by offset: the two
+/// headers and the two region tables.
+pub const SECTION_SIGNATURES: [(u64, &[u8; 4]); 4] = [
+    (HEADER1, b"head"),
+    (HEADER2, b"head"),
+    (REGION1, b"regi"),
+    (REGION2, b"regi"),
+];
 pub const REGION_SIZE: usize = 64 * 1024;
 
 pub const BAT_GUID: Uuid = Uuid::from_u128(0x2DC27766_F623_4200_9D64_115E9BFD4A08);
