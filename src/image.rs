@@ -331,10 +331,12 @@ impl FlatImage {
         let mut buf = Vec::new();
         while off < end {
             let (src, n) = resolve(&layers, 0, off, end - off)?;
-            if let Source::Data { depth, file_offset } = src {
+            // Stored or encoded (qcow2 compressed clusters) in a parent:
+            // either way the decoded bytes go up.
+            if let Source::Data { depth, .. } | Source::Encoded { depth } = src {
                 if depth > 0 {
                     buf.resize(n as usize, 0);
-                    layers[depth].read_data(file_offset, &mut buf)?;
+                    src.read(&layers, off, &mut buf)?;
                     // Through the fill path: the leaf may store larger
                     // units than the run (`Layer::write_fill`).
                     self.write_inner(off, &buf)?;

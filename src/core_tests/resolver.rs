@@ -193,6 +193,49 @@ fn copy_up_stores_parent_data_in_the_leaf_without_changing_reads() {
 }
 
 #[test]
+fn copy_up_stores_encoded_parent_data_decoded_in_the_leaf() {
+    let dir = tempfile::tempdir().unwrap();
+    let specs = [
+        Spec::of("d.......", 1),
+        Spec::of(".dd.....", 2),
+        Spec::of("..dddd..", 3),
+    ];
+    let layers = build(dir.path(), &specs, BS, |i| i == 0);
+    // The middle layer holds its data encoded (like qcow2 compressed
+    // clusters); the base stores it plainly.
+    layers[1].set_encoded(true);
+    let image = FlatImage::new(&chain_of(&layers));
+    let want = model(&specs);
+    assert_eq!(read_all(&image), want);
+    assert!(matches!(
+        image.resolve(SS, SS).unwrap().0,
+        Source::Encoded { depth: 1 }
+    ));
+    image.copy_up(0, 8 * SS).unwrap();
+    assert_eq!(read_all(&image), want);
+    // Encoded (1, 2) and plain (3, 4, 5) parent sectors now come from the
+    // leaf, decoded.
+    for k in 1u64..6 {
+        assert!(
+            matches!(
+                image.resolve(k * SS, SS).unwrap().0,
+                Source::Data { depth: 0, .. }
+            ),
+            "sector {k}"
+        );
+    }
+    let before = Calls::get(&layers[1].calls.map);
+    let mut buf = vec![0u8; 2 * SS as usize];
+    image.read_at(SS, &mut buf).unwrap();
+    assert_eq!(buf, want[SS as usize..3 * SS as usize]);
+    assert_eq!(
+        Calls::get(&layers[1].calls.map),
+        before,
+        "not asked any more"
+    );
+}
+
+#[test]
 fn mem_layer_runs_stop_at_block_and_state_changes() {
     use crate::format::Extent;
     let l = MemLayer::new("/nonexistent/x.mem", 16 * SS, BS, SS as u32);
