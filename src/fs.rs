@@ -33,6 +33,12 @@
 //! bytes change only through this mount's own writes (which go through the
 //! page cache) and merges (which never change the flattened bytes). `chain`
 //! and job files change, so they are opened `direct_io` with zero TTL.
+//!
+//! Read-ahead: each open handle of `disk.raw` or a layer view keeps its
+//! read pattern (`crate::readahead::Stream`); a sequential reader's next
+//! MiBs are resolved and their layer files asked to start reading
+//! (`crate::image::will_need`) on the request that notices it, before its
+//! own bytes are read.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -48,6 +54,7 @@ use crate::image::{FlatImage, Layers};
 use crate::jobs::Jobs;
 use crate::merge::{Caller, MergeRequest, Progress};
 use crate::perms::{Overrides, ViewPerms};
+use crate::readahead::Stream;
 
 pub const ROOT: u64 = 1;
 pub const DISK: u64 = 2;
@@ -106,6 +113,8 @@ struct Handle {
     /// after `echo cmd >&3` the offset sits past the command, yet `cat <&3`
     /// must show the whole reply (then end of file).
     cursor: usize,
+    /// The read pattern of disk.raw and layer views (`crate::readahead`).
+    stream: Stream,
 }
 
 pub struct ChainFs {
@@ -393,6 +402,7 @@ impl ChainFs {
                 ino,
                 text,
                 cursor: 0,
+                stream: Stream::default(),
             },
         );
         Ok(Opened {
@@ -406,10 +416,31 @@ impl ChainFs {
         self.handles.lock().remove(&fh);
     }
 
+    /// Fetch ahead of a sequential reader of `fh` (`crate::readahead`):
+    /// the chain as seen from `layers[from..]`, `size` bytes long.
+    fn read_ahead(&self, fh: u64, layers: &Layers, from: usize, offset: u64, n: u64, size: u64) {
+        let ahead = match self.handles.lock().get_mut(&fh) {
+            Some(h) => h.stream.on_read(offset, n, size),
+            None => None,
+        };
+        if let Some((at, len)) = ahead {
+            log::trace!("read-ahead: {len} bytes at {at} (handle {fh})");
+            crate::image::will_need(layers, from, at, len);
+        }
+    }
+
     /// Read: full length except at end of file.
     pub fn read(&self, ino: u64, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
         if ino == DISK {
             let n = (size as u64).min(self.image.size().saturating_sub(offset)) as usize;
+            self.read_ahead(
+                fh,
+                &self.image.layers(),
+                0,
+                offset,
+                n as u64,
+                self.image.size(),
+            );
             let mut buf = vec![0u8; n];
             let got = self.image.read_at(offset, &mut buf)?;
             buf.truncate(got);
@@ -424,6 +455,7 @@ impl ChainFs {
             let (depth, layers) = self.view(ino)?;
             let end = layers[depth].virtual_size();
             let n = (size as u64).min(end.saturating_sub(offset)) as usize;
+            self.read_ahead(fh, &layers, depth, offset, n as u64, end);
             let mut buf = vec![0u8; n];
             crate::image::read_layers(&layers, depth, offset, &mut buf)?;
             return Ok(buf);

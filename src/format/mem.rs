@@ -20,7 +20,7 @@
 //! The layer has a path (tests put a real, empty file there when the code
 //! under test touches it: merge records, deletes, permissions) and
 //! [`Calls`] counters to assert that a flush happened or a layer was not
-//! read. [`Layer::relink`] only records the new link and counts the change.
+//! read (and the `will_need` advice it got). [`Layer::relink`] only records the new link and counts the change.
 //! The format is `mem`, registered in test builds only ([`DRIVER`]): a
 //! `mem` child may have a `mem` parent; nothing probes, opens or creates
 //! one from a file.
@@ -57,6 +57,8 @@ pub struct Calls {
     pub set_parent: AtomicU64,
     pub detach: AtomicU64,
     pub expect: AtomicU64,
+    /// `will_need` calls: (file offset, length), in order.
+    pub advised: Mutex<Vec<(u64, u64)>>,
 }
 
 impl Calls {
@@ -311,6 +313,10 @@ impl Layer for MemLayer {
             done += n;
         }
         Ok(())
+    }
+
+    fn will_need(&self, file_offset: u64, len: u64) {
+        self.calls.advised.lock().push((file_offset, len));
     }
 
     fn allocated_bytes(&self) -> Result<u64> {
