@@ -33,10 +33,18 @@
 //! bytes change only through this mount's own writes (which go through the
 //! page cache) and merges (which never change the flattened bytes). `chain`
 //! and job files change, so they are opened `direct_io` with zero TTL.
+//!
+//! Read-ahead: each open handle of `disk.raw` or a layer view keeps its
+//! read pattern (`crate::readahead::Stream`); a sequential reader's next
+//! MiBs are resolved and their layer files asked to start reading
+//! (`crate::image::will_need`) by one worker thread per mount, fed through
+//! a short queue, so no request waits for the resolving (on a deep chain
+//! with cold tables that costs more than the read itself).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::SyncSender;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -48,6 +56,7 @@ use crate::image::{FlatImage, Layers};
 use crate::jobs::Jobs;
 use crate::merge::{Caller, MergeRequest, Progress};
 use crate::perms::{Overrides, ViewPerms};
+use crate::readahead::Stream;
 
 pub const ROOT: u64 = 1;
 pub const DISK: u64 = 2;
@@ -106,6 +115,8 @@ struct Handle {
     /// after `echo cmd >&3` the offset sits past the command, yet `cat <&3`
     /// must show the whole reply (then end of file).
     cursor: usize,
+    /// The read pattern of disk.raw and layer views (`crate::readahead`).
+    stream: Stream,
 }
 
 pub struct ChainFs {
@@ -123,6 +134,36 @@ pub struct ChainFs {
     view_ids: Mutex<Vec<PathBuf>>,
     /// Layer files whose views the running merge changes or retires.
     merging: Arc<Mutex<Vec<PathBuf>>>,
+    /// The read-ahead worker's queue (`None`: it could not be started).
+    ahead: Option<SyncSender<AheadJob>>,
+}
+
+/// A range to fetch ahead: the chain as seen from `layers[from..]`.
+type AheadJob = (Layers, usize, u64, u64);
+
+/// Jobs queued for the read-ahead worker at most; more are dropped (the
+/// reader is then far ahead of the disk anyway).
+const AHEAD_QUEUE: usize = 4;
+
+/// The worker that resolves and advises ranges ahead of sequential
+/// readers, off the request path: it ends when the queue's sender (the
+/// `ChainFs`) goes away.
+fn start_read_ahead() -> Option<SyncSender<AheadJob>> {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<AheadJob>(AHEAD_QUEUE);
+    let spawned = std::thread::Builder::new()
+        .name("read-ahead".into())
+        .spawn(move || {
+            for (layers, from, at, len) in rx {
+                crate::image::will_need(&layers, from, at, len);
+            }
+        });
+    match spawned {
+        Ok(_) => Some(tx),
+        Err(e) => {
+            log::warn!("no read-ahead: cannot start its thread: {e}");
+            None
+        }
+    }
 }
 
 /// The name of the view of `layer` at `depth`.
@@ -176,6 +217,7 @@ impl ChainFs {
             perms: Mutex::new((layers, perms)),
             view_ids: Mutex::new(Vec::new()),
             merging: Arc::new(Mutex::new(Vec::new())),
+            ahead: start_read_ahead(),
         })
     }
 
@@ -393,6 +435,7 @@ impl ChainFs {
                 ino,
                 text,
                 cursor: 0,
+                stream: Stream::default(),
             },
         );
         Ok(Opened {
@@ -406,10 +449,32 @@ impl ChainFs {
         self.handles.lock().remove(&fh);
     }
 
+    /// Fetch ahead of a sequential reader of `fh` (`crate::readahead`):
+    /// the chain as seen from `layers[from..]`, `size` bytes long.
+    fn read_ahead(&self, fh: u64, layers: &Layers, from: usize, offset: u64, n: u64, size: u64) {
+        let ahead = match self.handles.lock().get_mut(&fh) {
+            Some(h) => h.stream.on_read(offset, n, size),
+            None => None,
+        };
+        if let (Some((at, len)), Some(q)) = (ahead, &self.ahead) {
+            log::trace!("read-ahead: {len} bytes at {at} (handle {fh})");
+            // Never waits: a full queue drops the job.
+            let _ = q.try_send((layers.clone(), from, at, len));
+        }
+    }
+
     /// Read: full length except at end of file.
     pub fn read(&self, ino: u64, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
         if ino == DISK {
             let n = (size as u64).min(self.image.size().saturating_sub(offset)) as usize;
+            self.read_ahead(
+                fh,
+                &self.image.layers(),
+                0,
+                offset,
+                n as u64,
+                self.image.size(),
+            );
             let mut buf = vec![0u8; n];
             let got = self.image.read_at(offset, &mut buf)?;
             buf.truncate(got);
@@ -424,6 +489,7 @@ impl ChainFs {
             let (depth, layers) = self.view(ino)?;
             let end = layers[depth].virtual_size();
             let n = (size as u64).min(end.saturating_sub(offset)) as usize;
+            self.read_ahead(fh, &layers, depth, offset, n as u64, end);
             let mut buf = vec![0u8; n];
             crate::image::read_layers(&layers, depth, offset, &mut buf)?;
             return Ok(buf);

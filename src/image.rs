@@ -7,6 +7,10 @@
 //! parallel. Every byte of a read is produced by a decision here: data from
 //! a layer or explicit zeros; the caller's buffer is never trusted.
 //!
+//! [`will_need`] resolves a range ahead of a reader without reading it and
+//! asks each layer to start reading the runs it holds (a mount's sequential
+//! readers, `crate::readahead`); bulk work (export, merge) plans its own.
+//!
 //! The layer list sits behind an `RwLock<Arc<..>>`: a read takes a snapshot
 //! (one brief read lock) and works on it, so a merge can swap in a new chain
 //! atomically while reads are in flight.
@@ -119,6 +123,50 @@ pub fn read_layers(
         done += n;
     }
     Ok(())
+}
+
+/// Largest piece of one `Layer::will_need` call: the kernel reads at most
+/// its read-ahead size per advice, so a long run is advised in pieces.
+const ADVICE: u64 = 2 << 20;
+
+/// Start reading what a read of `[offset, offset + len)` as seen from
+/// `layers[from..]` will need into the page cache, without waiting: each
+/// layer's tables for the range (`Layer::prefetch`), then the data of every
+/// run, contiguous runs of one layer as one advice per [`ADVICE`] bytes,
+/// every layer's reads queued before any completes. Best effort: a run that
+/// cannot be resolved ends the walk (the read itself reports the error).
+/// For sequential readers of the mount (`crate::readahead`).
+pub fn will_need(layers: &[Arc<dyn Layer>], from: usize, offset: u64, len: u64) {
+    for l in layers.iter().skip(from) {
+        l.prefetch(offset, len);
+    }
+    // The pending advice: (depth, file offset, length).
+    let mut run: Option<(usize, u64, u64)> = None;
+    let advise = |r: Option<(usize, u64, u64)>| {
+        if let Some((depth, mut fo, mut n)) = r {
+            while n > 0 {
+                let piece = n.min(ADVICE);
+                layers[depth].will_need(fo, piece);
+                fo += piece;
+                n -= piece;
+            }
+        }
+    };
+    let end = offset.saturating_add(len);
+    let mut off = offset;
+    while off < end {
+        let Ok((src, n)) = resolve(layers, from, off, end - off) else {
+            break;
+        };
+        if let Source::Data { depth, file_offset } = src {
+            match &mut run {
+                Some((d, fo, l)) if *d == depth && *fo + *l == file_offset => *l += n,
+                _ => advise(run.replace((depth, file_offset, n))),
+            }
+        }
+        off += n;
+    }
+    advise(run);
 }
 
 pub struct FlatImage {
@@ -331,10 +379,12 @@ impl FlatImage {
         let mut buf = Vec::new();
         while off < end {
             let (src, n) = resolve(&layers, 0, off, end - off)?;
-            if let Source::Data { depth, file_offset } = src {
+            // Stored or encoded (qcow2 compressed clusters) in a parent:
+            // either way the decoded bytes go up.
+            if let Source::Data { depth, .. } | Source::Encoded { depth } = src {
                 if depth > 0 {
                     buf.resize(n as usize, 0);
-                    layers[depth].read_data(file_offset, &mut buf)?;
+                    src.read(&layers, off, &mut buf)?;
                     // Through the fill path: the leaf may store larger
                     // units than the run (`Layer::write_fill`).
                     self.write_inner(off, &buf)?;

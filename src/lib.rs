@@ -24,6 +24,7 @@
 //! - [`control`]: the control-file command parser and replies; [`jobs`]:
 //!   merge jobs as the mount shows them.
 //! - [`perms`]: who may see and change a mount (owner, group, modes).
+//! - [`readahead`]: noticing sequential readers of the mount, to fetch ahead.
 //! - [`error`]: error kinds, errno and return codes, chosen in one place.
 //! - [`size`]: human sizes; [`fault`]: fault injection for crash tests;
 //!   [`fuzzing`]: the bodies of the fuzz targets.
@@ -52,6 +53,7 @@ pub mod merge;
 pub mod mount;
 pub mod paths;
 pub mod perms;
+pub mod readahead;
 pub mod relink;
 pub mod size;
 pub mod write;

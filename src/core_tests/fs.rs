@@ -130,6 +130,79 @@ fn layer_views_read_the_sub_chains() {
 }
 
 #[test]
+fn sequential_readers_are_fetched_ahead_per_handle_random_ones_not() {
+    const MIB: u64 = 1 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let base = MemLayer::new(dir.path().join("b.mem"), 16 * MIB, MIB, SS as u32);
+    let data: Vec<u8> = (0..16 * MIB).map(|i| (i % 251) as u8 + 1).collect();
+    base.put(0, &data);
+    let base = Arc::new(base);
+    let leaf = Arc::new(
+        MemLayer::new(dir.path().join("l.mem"), 16 * MIB, MIB, SS as u32).child_of(base.as_ref()),
+    );
+    let image = Arc::new(FlatImage::new(&chain_of(&[leaf, base.clone()])));
+    let cfg = MountConfig {
+        writable: false,
+        copy_on_read: false,
+        perms: Overrides::default(),
+    };
+    let fs = ChainFs::new(image, cfg, Box::new(|| Ok(String::new()))).unwrap();
+    let seq = fs.open(DISK, false).unwrap().fh;
+    let random = fs.open(DISK, false).unwrap().fh;
+    let advised = || base.calls.advised.lock().clone();
+    // The worker advises in the background: wait (at most 5 s) until the
+    // advice holds `bytes` in all.
+    let wait_for = |bytes: u64| {
+        let t = Instant::now();
+        while advised().iter().map(|a| a.1).sum::<u64>() < bytes
+            && t.elapsed() < Duration::from_secs(5)
+        {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        advised()
+    };
+    // 4 KiB reads on one handle interleaved with the other's 1 MiB reads:
+    // the streams are told apart by handle.
+    for (i, at) in [9u64, 1, 13, 5].into_iter().enumerate() {
+        let r = fs.read(DISK, random, at * MIB + 4096, 4096).unwrap();
+        assert_eq!(r, data[(at * MIB + 4096) as usize..][..4096]);
+        let off = i as u64 * MIB;
+        let r = fs.read(DISK, seq, off, MIB as u32).unwrap();
+        assert_eq!(r, data[off as usize..][..MIB as usize]);
+        if i == 0 {
+            std::thread::sleep(Duration::from_millis(50));
+            assert_eq!(advised(), vec![], "one read is no stream");
+        }
+    }
+    // After 2 MiB: the rest of the disk, from where the reader stands, in
+    // pieces of at most 2 MiB, once.
+    let a = wait_for(14 * MIB);
+    let h = crate::format::mem::HEADER;
+    assert_eq!(a.first(), Some(&(h + 2 * MIB, 2 * MIB)), "{a:?}");
+    assert_eq!(a.iter().map(|x| x.1).sum::<u64>(), 14 * MIB, "{a:?}");
+    // Random reads alone never fetch ahead: the worker takes jobs in
+    // order, so once the view's reader below is advised, any advice the
+    // random reads caused would have come first.
+    base.calls.advised.lock().clear();
+    for k in 0..200u64 {
+        let at = (k * 7919 * 4096) % (16 * MIB - 4096);
+        fs.read(DISK, random, at, 4096).unwrap();
+    }
+    // A layer view's reader is fetched ahead too.
+    let view = fs.readdir(LAYERS).unwrap()[1].0;
+    let vh = fs.open(view, false).unwrap().fh;
+    for k in 8..11 {
+        fs.read(view, vh, k * MIB, MIB as u32).unwrap();
+    }
+    let a = wait_for(6 * MIB);
+    assert_eq!(a.first(), Some(&(h + 10 * MIB, 2 * MIB)), "{a:?}");
+    assert_eq!(a.iter().map(|x| x.1).sum::<u64>(), 6 * MIB, "{a:?}");
+    for fh in [seq, random, vh] {
+        fs.release(fh);
+    }
+}
+
+#[test]
 fn read_only_mount_refuses_every_change() {
     let dir = tempfile::tempdir().unwrap();
     let (layers, fs) = mount(dir.path(), &specs(), false);

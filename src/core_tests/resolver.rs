@@ -1,6 +1,7 @@
 //! The resolver (`crate::image`) against the hand-resolved model.
 
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use proptest::prelude::*;
 
@@ -190,6 +191,101 @@ fn copy_up_stores_parent_data_in_the_leaf_without_changing_reads() {
         ));
     }
     assert_eq!(image.resolve(2 * SS, SS).unwrap().0, Source::Zero);
+}
+
+#[test]
+fn copy_up_stores_encoded_parent_data_decoded_in_the_leaf() {
+    let dir = tempfile::tempdir().unwrap();
+    let specs = [
+        Spec::of("d.......", 1),
+        Spec::of(".dd.....", 2),
+        Spec::of("..dddd..", 3),
+    ];
+    let layers = build(dir.path(), &specs, BS, |i| i == 0);
+    // The middle layer holds its data encoded (like qcow2 compressed
+    // clusters); the base stores it plainly.
+    layers[1].set_encoded(true);
+    let image = FlatImage::new(&chain_of(&layers));
+    let want = model(&specs);
+    assert_eq!(read_all(&image), want);
+    assert!(matches!(
+        image.resolve(SS, SS).unwrap().0,
+        Source::Encoded { depth: 1 }
+    ));
+    image.copy_up(0, 8 * SS).unwrap();
+    assert_eq!(read_all(&image), want);
+    // Encoded (1, 2) and plain (3, 4, 5) parent sectors now come from the
+    // leaf, decoded.
+    for k in 1u64..6 {
+        assert!(
+            matches!(
+                image.resolve(k * SS, SS).unwrap().0,
+                Source::Data { depth: 0, .. }
+            ),
+            "sector {k}"
+        );
+    }
+    let before = Calls::get(&layers[1].calls.map);
+    let mut buf = vec![0u8; 2 * SS as usize];
+    image.read_at(SS, &mut buf).unwrap();
+    assert_eq!(buf, want[SS as usize..3 * SS as usize]);
+    assert_eq!(
+        Calls::get(&layers[1].calls.map),
+        before,
+        "not asked any more"
+    );
+}
+
+#[test]
+fn will_need_advises_each_layer_of_the_data_runs_it_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    // The leaf's zeros hide base sectors 4-5; sector 7 is nobody's.
+    let specs = [Spec::of("dd..zz..", 1), Spec::of("dddddd.d", 2)];
+    let layers = build(dir.path(), &specs, BS, |_| false);
+    let dyn_layers: Vec<Arc<dyn Layer>> = layers.iter().map(|l| l.clone() as _).collect();
+    let fo = |l: &MemLayer, k: u64| match l.map(k * SS, SS).unwrap() {
+        crate::format::Extent::Data { file_offset, .. } => file_offset,
+        e => panic!("sector {k}: {e:?}"),
+    };
+    crate::image::will_need(&dyn_layers, 0, 0, 8 * SS);
+    assert_eq!(
+        *layers[0].calls.advised.lock(),
+        vec![(fo(&layers[0], 0), 2 * SS)]
+    );
+    // `build` stores blocks last first: base block 1 lies before block 0
+    // in its file, so sectors 2-3 and 7 are two advices.
+    assert_eq!(
+        *layers[1].calls.advised.lock(),
+        vec![(fo(&layers[1], 2), 2 * SS), (fo(&layers[1], 7), SS)]
+    );
+    // From layer 1 down (its view): all of its data, as stored.
+    layers[1].calls.advised.lock().clear();
+    crate::image::will_need(&dyn_layers, 1, 0, 8 * SS);
+    assert_eq!(
+        *layers[1].calls.advised.lock(),
+        vec![
+            (fo(&layers[1], 0), 4 * SS),
+            (fo(&layers[1], 4), 2 * SS),
+            (fo(&layers[1], 7), SS)
+        ]
+    );
+    assert_eq!(layers[0].calls.advised.lock().len(), 1, "leaf not asked");
+}
+
+#[test]
+fn will_need_joins_contiguous_runs_and_splits_long_ones() {
+    const MIB: u64 = 1 << 20;
+    let base = MemLayer::new("/nonexistent/b.mem", 6 * MIB, MIB, SS as u32);
+    // Stored in virtual order: one contiguous 5 MiB run in the file.
+    base.put(0, &vec![3u8; 5 * MIB as usize]);
+    let base = Arc::new(base);
+    let layers: Vec<Arc<dyn Layer>> = vec![base.clone()];
+    crate::image::will_need(&layers, 0, 0, 6 * MIB);
+    let h = crate::format::mem::HEADER;
+    assert_eq!(
+        *base.calls.advised.lock(),
+        vec![(h, 2 * MIB), (h + 2 * MIB, 2 * MIB), (h + 4 * MIB, MIB)]
+    );
 }
 
 #[test]

@@ -12,16 +12,21 @@
 //! across a block boundary as if the file were contiguous, reads the wrong
 //! bytes. `map()` never returns a run that crosses a block boundary.
 //!
+//! [`MemLayer::set_encoded`] makes the layer report its data as
+//! `Extent::Encoded` (read through [`Layer::read_encoded`] at the virtual
+//! offset), the way qcow2 reports compressed clusters: a resolver that
+//! `read_data`s such a run, or skips it, gets caught.
+//!
 //! The layer has a path (tests put a real, empty file there when the code
 //! under test touches it: merge records, deletes, permissions) and
 //! [`Calls`] counters to assert that a flush happened or a layer was not
-//! read. [`Layer::relink`] only records the new link and counts the change.
+//! read (and the `will_need` advice it got). [`Layer::relink`] only records the new link and counts the change.
 //! The format is `mem`, registered in test builds only ([`DRIVER`]): a
 //! `mem` child may have a `mem` parent; nothing probes, opens or creates
 //! one from a file.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use parking_lot::Mutex;
 
@@ -52,6 +57,8 @@ pub struct Calls {
     pub set_parent: AtomicU64,
     pub detach: AtomicU64,
     pub expect: AtomicU64,
+    /// `will_need` calls: (file offset, length), in order.
+    pub advised: Mutex<Vec<(u64, u64)>>,
 }
 
 impl Calls {
@@ -77,6 +84,8 @@ pub struct MemLayer {
     block: u64,
     sector: u32,
     writable: bool,
+    /// Data sectors map as `Extent::Encoded`.
+    encoded: AtomicBool,
     state: Mutex<State>,
     pub calls: Calls,
 }
@@ -100,6 +109,7 @@ impl MemLayer {
             block,
             sector,
             writable: false,
+            encoded: AtomicBool::new(false),
             state: Mutex::new(State {
                 sectors: vec![Sector::Absent; (size / sector as u64) as usize],
                 blocks: Default::default(),
@@ -120,6 +130,11 @@ impl MemLayer {
     pub fn writable(mut self, on: bool) -> MemLayer {
         self.writable = on;
         self
+    }
+
+    /// Report data sectors as `Extent::Encoded` from now on (or not).
+    pub fn set_encoded(&self, on: bool) {
+        self.encoded.store(on, Ordering::Relaxed);
     }
 
     pub fn id(&self) -> uuid::Uuid {
@@ -253,6 +268,7 @@ impl Layer for MemLayer {
         Ok(match s {
             Sector::Absent => Extent::Parent { len },
             Sector::Zero => Extent::Zero { len },
+            Sector::Data if self.encoded.load(Ordering::Relaxed) => Extent::Encoded { len },
             Sector::Data => Extent::Data {
                 file_offset: HEADER + st.blocks[&(offset / bs)].0 * bs + offset % bs,
                 len,
@@ -280,6 +296,27 @@ impl Layer for MemLayer {
             done += n;
         }
         Ok(())
+    }
+
+    fn read_encoded(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let st = self.state.lock();
+        let bs = self.block;
+        let mut done = 0usize;
+        while done < buf.len() {
+            let at = offset + done as u64;
+            let Some((_, block)) = st.blocks.get(&(at / bs)) else {
+                return Err(bug(&self.path, format!("encoded read at {at}: no block")));
+            };
+            let within = (at % bs) as usize;
+            let n = (bs as usize - within).min(buf.len() - done);
+            buf[done..done + n].copy_from_slice(&block[within..within + n]);
+            done += n;
+        }
+        Ok(())
+    }
+
+    fn will_need(&self, file_offset: u64, len: u64) {
+        self.calls.advised.lock().push((file_offset, len));
     }
 
     fn allocated_bytes(&self) -> Result<u64> {

@@ -1,0 +1,158 @@
+//! Read-ahead for sequential readers of the mount, per open file handle.
+//!
+//! The kernel sends a sequential reader's requests 1 MiB at a time, a few
+//! MiB ahead of it. On a fragmented chain each request is several `pread`s
+//! into different layer files, at file offsets that look random to each
+//! file's own read-ahead, so the disk sees one small synchronous read after
+//! another. A [`Stream`] per handle notices a sequential stream and says
+//! which range to fetch ahead; the caller then resolves that range through
+//! the chain and asks each layer to start reading the runs it holds
+//! (`crate::image::will_need`): the reads of every layer are queued at
+//! once, and the reader's `pread`s find the page cache filled.
+//!
+//! ```text
+//!   read(fh, off) ──▶ Stream::on_read ──Some(range)──▶ image::will_need(range)
+//!                                                        ├─ Layer::prefetch (tables)
+//!                                                        └─ Layer::will_need (each data run)
+//! ```
+//!
+//! A stream is a run of reads each starting within [`SLACK`] of where the
+//! stream has reached (the kernel's read-ahead requests may arrive a little
+//! out of order). Only once it has covered [`MIN_RUN`] bytes is anything
+//! fetched, so random reads (which rarely land near each other twice, and
+//! never 2 MiB in a row) never cause extra I/O. Then the stream keeps
+//! [`WINDOW`] bytes fetched ahead of the reader, topped up in steps of at
+//! least half a window, so the resolving is paid once per few MiB. Memory:
+//! three numbers per handle; the data goes to the page cache, not to this
+//! process.
+
+/// How far ahead of a sequential reader data is fetched.
+pub const WINDOW: u64 = 32 << 20;
+/// How far from the stream's end a read may start and still belong to it.
+pub const SLACK: u64 = 8 << 20;
+/// Bytes a stream covers before it is fetched ahead of.
+pub const MIN_RUN: u64 = 2 << 20;
+
+/// One handle's read pattern.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Stream {
+    /// Where the current stream began.
+    start: u64,
+    /// The furthest end of a read in it.
+    next: u64,
+    /// Fetched ahead up to here.
+    ahead: u64,
+    /// Bytes read in it (not its span: a few reads scattered within
+    /// `SLACK` of each other are no stream).
+    read: u64,
+}
+
+impl Stream {
+    /// Note a read of `len` bytes at `offset` of a file of `size` bytes;
+    /// returns the range `(offset, len)` to fetch ahead now, if any.
+    pub fn on_read(&mut self, offset: u64, len: u64, size: u64) -> Option<(u64, u64)> {
+        let end = offset.saturating_add(len).min(size);
+        let near = offset.saturating_add(SLACK) >= self.next
+            && offset <= self.next.saturating_add(SLACK)
+            && offset >= self.start;
+        if !near || self.next == 0 {
+            *self = Stream {
+                start: offset,
+                next: end,
+                ahead: end,
+                read: end.saturating_sub(offset),
+            };
+            return None;
+        }
+        self.next = self.next.max(end);
+        self.read = self.read.saturating_add(end.saturating_sub(offset));
+        if self.read < MIN_RUN {
+            return None;
+        }
+        let from = self.ahead.max(self.next);
+        let to = self.next.saturating_add(WINDOW).min(size);
+        if to <= from || to - from < WINDOW / 2 && to < size {
+            return None;
+        }
+        self.ahead = to;
+        Some((from, to - from))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+    const SIZE: u64 = 1 << 30;
+
+    /// Feed `reads` of `len` bytes; the ranges fetched.
+    fn feed(s: &mut Stream, reads: impl IntoIterator<Item = u64>, len: u64) -> Vec<(u64, u64)> {
+        reads
+            .into_iter()
+            .filter_map(|o| s.on_read(o, len, SIZE))
+            .collect()
+    }
+
+    #[test]
+    fn a_sequential_reader_is_fetched_ahead_in_half_windows_without_gaps() {
+        let mut s = Stream::default();
+        let got = feed(&mut s, (0..64).map(|i| i * MIB), MIB);
+        // Nothing for the first 2 MiB, then one window, then half windows.
+        assert_eq!(got[0], (2 * MIB, WINDOW));
+        assert!(got.len() > 2, "{got:?}");
+        for w in got.windows(2) {
+            assert_eq!(w[0].0 + w[0].1, w[1].0, "contiguous: {got:?}");
+            assert!(w[1].1 >= WINDOW / 2);
+        }
+        // Always at least half a window ahead of the reader.
+        let (o, l) = *got.last().unwrap();
+        assert!(o + l >= 64 * MIB + WINDOW / 2);
+    }
+
+    #[test]
+    fn random_reads_fetch_nothing() {
+        let mut s = Stream::default();
+        // A fixed pseudo-random walk of 4 KiB reads over 1 GiB.
+        let mut x: u64 = 0x2545_F491_4F6C_DD1D;
+        let offs = (0..10_000).map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x % (SIZE / 4096)) * 4096
+        });
+        assert_eq!(feed(&mut s, offs, 4096), vec![]);
+    }
+
+    #[test]
+    fn small_reads_scattered_near_each_other_fetch_nothing() {
+        let mut s = Stream::default();
+        // 4 KiB reads, each a few MiB past the last: near, but no stream.
+        let got = feed(&mut s, (0..200).map(|i| i * 3 * MIB), 4096);
+        assert_eq!(got, vec![]);
+    }
+
+    #[test]
+    fn requests_slightly_out_of_order_stay_one_stream() {
+        let mut s = Stream::default();
+        let offs = [0, 1, 3, 2, 5, 4, 6, 7].map(|i| i * MIB);
+        let got = feed(&mut s, offs, MIB);
+        assert_eq!(got.len(), 1, "{got:?}");
+    }
+
+    #[test]
+    fn a_jump_starts_a_new_stream_and_the_end_of_the_file_stops_it() {
+        let mut s = Stream::default();
+        assert!(!feed(&mut s, (0..4).map(|i| i * MIB), MIB).is_empty());
+        // A jump far away: nothing until 2 MiB of the new stream are
+        // read, then up to the end of the file.
+        let far = SIZE - 8 * MIB;
+        assert_eq!(s.on_read(far, MIB, SIZE), None);
+        assert_eq!(
+            s.on_read(far + MIB, MIB, SIZE),
+            Some((far + 2 * MIB, 6 * MIB))
+        );
+        // Fetched to the end: nothing more.
+        assert_eq!(feed(&mut s, (3..8).map(|i| far + i * MIB), MIB), vec![]);
+    }
+}
