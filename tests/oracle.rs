@@ -206,8 +206,11 @@ fn chain_reads_identically(f: Fmt, size: u64, lss: u32, specs: &[LayerSpec], see
     if f.qemu_reads_chains() && have_qemu_img() {
         // qemu follows the backing files: every level flattened by qemu.
         let q = t.path().join("qemu.raw");
-        for (k, (img, (snapshot, exported))) in
-            c.layers.iter().zip(c.snapshots.iter().zip(&exports)).enumerate()
+        for (k, (img, (snapshot, exported))) in c
+            .layers
+            .iter()
+            .zip(c.snapshots.iter().zip(&exports))
+            .enumerate()
         {
             qemu_check(f, img);
             qemu_convert(f, img, &q);
@@ -269,7 +272,11 @@ fn libvhdi_reads_four_layer_512k_block_chain_as_chainfs_and_model() {
 /// libvhdi (qcow2: qemu) and chainfs read each level as the model; a
 /// qcow2 has no fixed type, so its base is sparse.
 fn oracle_reads_five_layer_2m_block_chain_over_fixed_base_as_chainfs_and_model(f: Fmt) {
-    let base = if f.has_fixed() { fixed(M2) } else { dynamic(M2) };
+    let base = if f.has_fixed() {
+        fixed(M2)
+    } else {
+        dynamic(M2)
+    };
     let specs = [
         base,
         dynamic(M2),

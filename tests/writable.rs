@@ -688,7 +688,15 @@ fn kill_9_after_fsync_or_close_loses_nothing_acknowledged_and_check_passes(fmt: 
     let size = 32 * M;
     // 512 KiB blocks where the format has them (VHDX: 1 MiB).
     let bs = fmt.min_block().max(512 * K).to_string();
-    let c = make_chain(fmt, t.path(), size, &bs, false, false, 3 + 100 * fmt.index());
+    let c = make_chain(
+        fmt,
+        t.path(),
+        size,
+        &bs,
+        false,
+        false,
+        3 + 100 * fmt.index(),
+    );
     let parents_before = c.parent_hashes();
     let mut model = c.model.clone();
     let mnt = t.path().join("mnt");
@@ -838,7 +846,15 @@ fn daemon_dying_at_any_write_point_keeps_every_fsynced_write_and_a_clean_chain(f
     }
     let t = fast_tempdir();
     let size = 16 * M;
-    let c = make_chain(fmt, t.path(), size, "2M", true, false, 10 + 100 * fmt.index());
+    let c = make_chain(
+        fmt,
+        t.path(),
+        size,
+        "2M",
+        true,
+        false,
+        10 + 100 * fmt.index(),
+    );
     let parents_before = c.parent_hashes();
     let pristine = t.path().join("leaf.orig");
     std::fs::copy(c.leaf(), &pristine).unwrap();
@@ -862,7 +878,11 @@ fn daemon_dying_at_any_write_point_keeps_every_fsynced_write_and_a_clean_chain(f
                     qemu_check_no_corruption(fmt, c.leaf(), &what);
                 }
                 assert_check_clean_but_leaks(c.leaf());
-                assert_same(&export(c.leaf(), &t.path().join("out.raw")), &c.model, &what);
+                assert_same(
+                    &export(c.leaf(), &t.path().join("out.raw")),
+                    &c.model,
+                    &what,
+                );
                 k += 1;
                 continue;
             }
@@ -1614,9 +1634,7 @@ fn fault_injection_at_every_point_of_a_differencing_write_keeps_the_chain_readab
                 let (c, probs) = check(&wleaf);
                 let other = probs
                     .iter()
-                    .filter(|l| {
-                        !l.contains("log is not empty") && !is_leak(l)
-                    })
+                    .filter(|l| !l.contains("log is not empty") && !is_leak(l))
                     .count();
                 assert!(
                     c == 0 || other == 0,

@@ -217,6 +217,18 @@ impl Fmt {
         self != Fmt::Qcow2
     }
 
+    /// Known defect, pending the qcow2 write path's rewrite: a cluster a
+    /// crash left counted but unused stays leaked through the next
+    /// writable open (a rerun of the merge, the next write), so `check`
+    /// reports it after the rerun (VHD and VHDX reuse such space). Pinned
+    /// by the ignored `writable::qcow2::a_leak_a_crash_leaves_is_gone_after_the_next_write`
+    /// and `space::qcow2::merge_interrupted_at_every_point_...`; the crash
+    /// loops accept that leak and nothing else. Make it `false` with the
+    /// fix.
+    pub fn crash_leaks_outlive_a_rerun(self) -> bool {
+        self == Fmt::Qcow2
+    }
+
     /// Position in [`FORMATS`]: offsets a seed so each format's case draws
     /// its own data.
     pub fn index(self) -> u64 {
@@ -1252,13 +1264,23 @@ pub fn qemu_check(fmt: Fmt, img: &Path) {
 /// `qemu-img check` of what a stopped process left (fault injection, kill
 /// -9): no corruption; leaked clusters (exit 3: allocated, referenced by
 /// nothing) are what an interrupted allocation may leave and are
-/// accepted. `what` names the point for the message.
+/// accepted. A qcow2 is checked alone (`"backing": null`): a crashed merge
+/// may have retired its parent already. `what` names the point for the
+/// message.
 pub fn qemu_check_no_corruption(fmt: Fmt, img: &Path, what: &str) {
-    let o = Command::new("qemu-img")
-        .args(["check", "-f", fmt.qemu()])
-        .arg(img)
-        .output()
-        .expect("cannot run qemu-img");
+    let mut cmd = Command::new("qemu-img");
+    cmd.arg("check");
+    if fmt == Fmt::Qcow2 {
+        let spec = serde_json::json!({
+            "driver": "qcow2",
+            "file": {"driver": "file", "filename": p(img)},
+            "backing": null,
+        });
+        cmd.arg(format!("json:{spec}"));
+    } else {
+        cmd.args(["-f", fmt.qemu()]).arg(img);
+    }
+    let o = cmd.output().expect("cannot run qemu-img");
     assert!(
         matches!(code(&o), 0 | 3),
         "{what}: qemu-img check {} (exit {}): {}",
