@@ -838,8 +838,9 @@ fn crash_script() -> Vec<Op> {
 /// A writable daemon dying (`CHAINFS_FAULT_AFTER`) at each write or sync
 /// point of a script of writes, discards, fsyncs and closes: every fsynced
 /// write is there, each sector of the epoch in progress old or new, the
-/// remounted chain takes writes and `check` finds nothing but leaks after;
-/// a qcow2 passes `qemu-img check` right after the crash (leaks allowed).
+/// remounted chain takes writes and `check` is clean after (but for the
+/// leaks of [`Fmt::crash_leaks_outlive_a_rerun`]); a qcow2 passes
+/// `qemu-img check` right after the crash (leaks allowed).
 fn daemon_dying_at_any_write_point_keeps_every_fsynced_write_and_a_clean_chain(fmt: Fmt) {
     if !require_fuse() {
         return;
@@ -997,11 +998,12 @@ fn daemon_dying_at_any_write_point_keeps_every_fsynced_write_and_a_clean_chain(f
         fd.sync_all().unwrap();
         drop(fd);
         umount(g);
-        // Leaks the crash left may stay (that a writable open gives them
-        // back is `a_leak_a_crash_leaves_is_gone_after_the_next_write`).
+        // Leaks the crash left are reused by the rw remount, but where a
+        // known defect keeps them (`Fmt::crash_leaks_outlive_a_rerun`).
         let (cc, probs) = check(c.leaf());
+        let leaks_ok = fmt.crash_leaks_outlive_a_rerun();
         assert!(
-            cc == 0 || (cc == 3 && probs.iter().all(|p| is_leak(p))),
+            cc == 0 || (leaks_ok && cc == 3 && probs.iter().all(|p| is_leak(p))),
             "{what}: check after a rw remount: exit {cc} {probs:?}"
         );
         if k % 8 == 0 {
@@ -1727,5 +1729,5 @@ per_format! {
     kill_9_after_fsync_or_close_loses_nothing_acknowledged_and_check_passes();
     daemon_dying_at_any_write_point_keeps_every_fsynced_write_and_a_clean_chain();
     a_leak_a_crash_leaves_is_gone_after_the_next_write()
-        ignore [Qcow2] "qcow2 write path: a cluster a crash left counted but unused is neither reused nor freed by the next writable open";
+        ignore [Qcow2, Vhdx] "qcow2 write path: a cluster a crash left counted but unused is neither reused nor freed by the next writable open; vhdx: a leaked payload block below a referenced sector bitmap block is not reclaimed at open (only the tail is)";
 }
