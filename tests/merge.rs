@@ -17,12 +17,17 @@
 //! Chains are built with `chainfs create` / `chainfs write` from seeded
 //! random data, 4 KiB aligned, so libvhdi can serve as an oracle.
 //!
-//! The offline merges and the crash loops run once per format
-//! (`per_format!` at the end: `vhd::NAME`, `vhdx::NAME`); after every
-//! merge each child must name its parent by the parent's current identity
-//! in its own bytes (`common::link_problems`), and a merge down to the base
-//! leaves a base qemu reads as the chain did. The control-file, mount and
-//! kill -9 cases run on VHD.
+//! The offline merges, the crash loops, the readers hashing `disk.raw`,
+//! the loop-mounted ext4, writes during merges and kill -9 of the daemon
+//! run once per format (`per_format!` at the end: `vhd::NAME`,
+//! `vhdx::NAME`, `qcow2::NAME`); after every merge each child must name its
+//! parent by the parent's current identity in its own bytes
+//! (`common::link_problems`; a qcow2 links by name, checked through
+//! `info`), and a merge down to the base leaves a base qemu reads as the
+//! chain did. libvhdi reads no qcow2: there qemu-img reads every level
+//! after an offline merge and checks every layer a crash left (leaks
+//! allowed). A qcow2 has no fixed type, so the fixed-base merge is VHD and
+//! VHDX only. The control-file and refusal cases run on VHD.
 
 mod common;
 
@@ -124,7 +129,7 @@ fn build(dir: &Path, size: u64, specs: &[Spec], seed: u64) -> Built {
         if i == 0 {
             let kind = if s.fixed { "fixed" } else { "dynamic" };
             assert!(
-                !s.fixed || !path.extension().is_some_and(|x| x == "qcow2"),
+                !s.fixed || path.extension().is_none_or(|x| x != "qcow2"),
                 "a qcow2 has no fixed type"
             );
             chainfs_ok(&[
