@@ -927,6 +927,15 @@ fn ln(f: Fmt, stem: &str) -> &'static str {
     Box::leak(n.into_boxed_str())
 }
 
+/// 512 KiB blocks where format `f` has them (VHDX: 1 MiB at least).
+fn small_block(f: Fmt) -> &'static str {
+    if f.min_block() > 512 << 10 {
+        "1M"
+    } else {
+        "512K"
+    }
+}
+
 /// `merge SRC DST` for the control file, by stem in format `f`.
 fn merge_cmd(f: Fmt, src: &str, dst: &str) -> &'static str {
     Box::leak(format!("merge {} {}", ln(f, src), ln(f, dst)).into_boxed_str())
@@ -1643,7 +1652,7 @@ fn readers_hash_identical_bytes_before_during_and_after_merges(f: Fmt) {
             w.push((K4 * rng.below(size / 2 / K4), 8 * MIB));
             Spec {
                 name,
-                block: if i == 2 { "512K" } else { "2M" },
+                block: if i == 2 { small_block(f) } else { "2M" },
                 fixed: false,
                 writes: w,
             }
@@ -1951,7 +1960,7 @@ fn writes_during_merges_are_never_lost_even_when_the_leaf_is_merged_into_base(f:
         },
         Spec {
             name: ln(f, "leaf"),
-            block: "512K",
+            block: small_block(f),
             fixed: false,
             writes: vec![(48 * MIB, 96 * MIB), (K4, 3 * K4)],
         },
