@@ -3,9 +3,9 @@
 //! ext4 disk whose blocks live in several layers.
 //!
 //! What the mount shows, reads of every alignment and the MBR-partitioned
-//! ext4 run once per format (`per_format!` at the end); errors, locking,
-//! signals and the GPT variant (the partition table is independent of the
-//! format) on VHD.
+//! ext4 run once per format (`per_format!` at the end: `vhd::NAME`,
+//! `vhdx::NAME`, `qcow2::NAME`); errors, locking, signals and the GPT
+//! variant (the partition table is independent of the format) on VHD.
 
 mod common;
 
@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use common::*;
 
 /// The block size of [`three_layers`]' base: 512 KiB where the format
-/// allows it (VHDX: 1 MiB at least).
+/// allows it (VHDX: 1 MiB at least; qcow2 clusters of 512 KiB).
 fn small_block(f: Fmt) -> u64 {
     f.min_block().max(512 << 10)
 }
@@ -107,8 +107,14 @@ fn mount_shows_disk_chain_control_and_jobs(f: Fmt) {
         assert_eq!(l[2], f.name(), "{chain}");
         assert_eq!(l[4], model.len().to_string());
     }
-    assert_eq!(lines[0][3], "differencing");
-    assert_eq!(lines[2][3], "dynamic");
+    assert_eq!(lines[0][3], f.disk_type(true, false), "{chain}");
+    assert_eq!(lines[2][3], f.disk_type(false, false), "{chain}");
+    if f.has_ids() {
+        assert_ne!(lines[1][6], "-", "{chain}");
+    } else {
+        // A qcow2 links by backing file name alone: no ids to show.
+        assert_eq!(lines[1][6], "-", "{chain}");
+    }
     assert_eq!(lines[0][7], lines[1][6], "leaf's parent id is mid's id");
     assert_eq!(lines[2][7], "-");
 
@@ -365,9 +371,10 @@ fn loop_mounted_partition_holds_files_written_in_every_layer(f: Fmt, label: &str
         f.child_name("leaf"),
     ];
     let layers = names.each_ref().map(|n| n.as_str());
-    // VHDX blocks as small as VHD's default keep the layers small.
+    // VHDX blocks as small as VHD's default keep the layers small; qcow2
+    // takes its default 64 KiB clusters.
     let base_args: &[&str] = match f {
-        Fmt::Vhd => &["--size", "64M"],
+        Fmt::Vhd | Fmt::Qcow2 => &["--size", "64M"],
         Fmt::Vhdx => &["--size", "64M", "--block-size", "1M"],
     };
     let mut prev = vec![0u8; size];
@@ -410,6 +417,17 @@ fn loop_mounted_partition_holds_files_written_in_every_layer(f: Fmt, label: &str
         prev = now;
     }
 
+    if f.qemu_reads_chains() && have_qemu_img() {
+        // qemu, qcow2's independent reader, flattens the chain alike.
+        let q = t.path().join("qemu.raw");
+        qemu_convert(f, &t.path().join(layers[2]), &q);
+        assert_same(
+            &std::fs::read(&q).unwrap(),
+            &prev,
+            &format!("{f:?}: qemu's view of the ext4 chain"),
+        );
+        std::fs::remove_file(&q).unwrap();
+    }
     let mnt = t.path().join("mnt");
     let _g = mount(&t.path().join(layers[2]), &mnt, &[]);
     assert_same(

@@ -5,16 +5,21 @@
 //!   leaf flattened) must equal both `chainfs export` of that level and an
 //!   in-memory model of what was written.
 //! * qemu-img reads single-layer fixed and dynamic images (it has no VHD
-//!   parent support, formats.md §4).
+//!   parent support, formats.md §4), and whole qcow2 chains: libvhdi reads
+//!   no qcow2, so for qcow2 `qemu-img convert` of every level (qemu follows
+//!   the backing files) and `qemu-img check` of every layer take its place.
 //! * A known libvhdi 20210425 bug (formats.md, Appendix) is pinned: it shows
 //!   where the oracle, not chainfs, is wrong.
 //!
 //! Writes in the chain tests are 4 KiB aligned and sized, so every bitmap
 //! byte is 0x00 or 0xFF and libvhdi's bitmap bug cannot show.
 //!
-//! The chain and single-layer cases that both formats have run once per
-//! format (`per_format!` at the end); 512 KiB blocks are VHD only, 4096-byte
-//! logical sectors and 32 MiB blocks VHDX only. qemu reads a VHDX base with
+//! The chain and single-layer cases that every format has run once per
+//! format (`per_format!` at the end: `vhd::NAME`, `vhdx::NAME`,
+//! `qcow2::NAME`); 512 KiB blocks are VHD only, 4096-byte logical sectors
+//! and 32 MiB blocks VHDX only. A qcow2 has no fixed type: its chains sit
+//! on a sparse base of the same cluster size, and the fixed-base qemu case
+//! is VHD and VHDX only. qemu reads a VHDX base with
 //! 512-byte sectors (and checks it); it refuses 4096-byte ones and every
 //! differencing VHDX read-only, where libvhdi and the model are the oracle.
 //! libvhdi 20210425 ignores the VHDX log and misreads a differencing VHDX
@@ -93,7 +98,7 @@ fn build_chain(
                 if f == Fmt::Vhdx {
                     args.extend(["--logical-sector", &lss]);
                 } else {
-                    assert_eq!(lss, "512", "VHD has 512-byte sectors only");
+                    assert_eq!(lss, "512", "{f:?} has 512-byte sectors only");
                 }
                 f.create_base(&img, size, &args);
                 img
@@ -146,9 +151,10 @@ fn build_chain(
 /// model; `info --json` shows the format, block size, size and type of
 /// every layer; `check` is clean; qemu reads the base as the model (where
 /// it reads the format: qemu has no VHD parents and no VHDX differencing
-/// read-only, and refuses VHDX sectors other than 512 bytes); libvhdi's
+/// read-only, and refuses VHDX sectors other than 512 bytes), and for
+/// qcow2 every level, each layer passing `qemu-img check`; libvhdi's
 /// `vhdimount` shows exactly `vhdi1..vhdiN`, each equal to the model and to
-/// chainfs's export of that level.
+/// chainfs's export of that level (VHD and VHDX: libvhdi reads no qcow2).
 fn chain_reads_identically(f: Fmt, size: u64, lss: u32, specs: &[LayerSpec], seed: u64) {
     let t = TempDir::new().unwrap();
     let c = build_chain(f, t.path(), size, lss, specs, seed);
@@ -175,24 +181,17 @@ fn chain_reads_identically(f: Fmt, size: u64, lss: u32, specs: &[LayerSpec], see
             assert_eq!(l["block_size"], spec.block, "{v}");
         }
         assert_eq!(l["virtual_size"], size, "{v}");
-        let want = if i > 0 {
-            "differencing"
-        } else if spec.fixed {
-            "fixed"
-        } else {
-            "dynamic"
-        };
-        assert_eq!(l["disk_type"], want, "{v}");
+        assert_eq!(l["disk_type"], f.disk_type(i > 0, spec.fixed), "{v}");
     }
     assert_clean(leaf);
 
     let base = &c.layers[0];
     let qemu_reads_base = match f {
-        Fmt::Vhd => true,
+        Fmt::Vhd | Fmt::Qcow2 => true,
         Fmt::Vhdx => qemu_reads(base, lss),
     };
     if have_qemu_img() && qemu_reads_base {
-        if f == Fmt::Vhdx {
+        if f.qemu_checks() {
             qemu_check(f, base);
         }
         let q = t.path().join("qemu.raw");
@@ -204,7 +203,28 @@ fn chain_reads_identically(f: Fmt, size: u64, lss: u32, specs: &[LayerSpec], see
         );
     }
 
-    if !have_vhdimount() {
+    if f.qemu_reads_chains() && have_qemu_img() {
+        // qemu follows the backing files: every level flattened by qemu.
+        let q = t.path().join("qemu.raw");
+        for (k, (img, (snapshot, exported))) in c
+            .layers
+            .iter()
+            .zip(c.snapshots.iter().zip(&exports))
+            .enumerate()
+        {
+            qemu_check(f, img);
+            qemu_convert(f, img, &q);
+            let got = fs::read(&q).unwrap();
+            assert_same(&got, snapshot, &format!("{f:?}: qemu's level {k} vs model"));
+            assert_same(
+                &got,
+                exported,
+                &format!("{f:?}: qemu's level {k} vs chainfs export"),
+            );
+        }
+    }
+
+    if !f.vhdi_reads() || !have_vhdimount() {
         return;
     }
     let mnt = t.path().join("mnt");
@@ -249,9 +269,16 @@ fn libvhdi_reads_four_layer_512k_block_chain_as_chainfs_and_model() {
     chain_reads_identically(Fmt::Vhd, 16 << 20, 512, &[l, l, l, l], 1);
 }
 
-fn libvhdi_reads_five_layer_2m_block_chain_over_fixed_base_as_chainfs_and_model(f: Fmt) {
+/// libvhdi (qcow2: qemu) and chainfs read each level as the model; a
+/// qcow2 has no fixed type, so its base is sparse.
+fn oracle_reads_five_layer_2m_block_chain_over_fixed_base_as_chainfs_and_model(f: Fmt) {
+    let base = if f.has_fixed() {
+        fixed(M2)
+    } else {
+        dynamic(M2)
+    };
     let specs = [
-        fixed(M2),
+        base,
         dynamic(M2),
         dynamic(small(f)),
         dynamic(M2),
@@ -260,7 +287,8 @@ fn libvhdi_reads_five_layer_2m_block_chain_over_fixed_base_as_chainfs_and_model(
     chain_reads_identically(f, 12 << 20, 512, &specs, 2 + 100 * f.index());
 }
 
-fn libvhdi_reads_three_layer_dynamic_2m_chain_with_partial_last_block_as_chainfs_and_model(f: Fmt) {
+/// libvhdi (qcow2: qemu) and chainfs read each level as the model.
+fn oracle_reads_three_layer_dynamic_2m_chain_with_partial_last_block_as_chainfs_and_model(f: Fmt) {
     let l = dynamic(M2);
     // 10 MiB + 12 KiB: the last 2 MiB block is mostly past the end.
     chain_reads_identically(f, (10 << 20) + 3 * K4, 512, &[l, l, l], 3 + 100 * f.index());
@@ -308,7 +336,7 @@ fn vhdx_chain_512_sectors_fixed_1m_base_reads_identically() {
 /// A base image of format `f` with random 4 KiB-aligned writes (some
 /// straddling 2 MiB boundaries, one at the end); `qemu-img convert -O raw`
 /// must equal the model and chainfs export, `qemu-img info` the virtual
-/// size, and (VHDX) `qemu-img check` pass.
+/// size, and (VHDX, qcow2) `qemu-img check` pass.
 fn check_base_against_qemu(f: Fmt, kind: &str, size: u64, block: &str, seed: u64) {
     if !have_qemu_img() {
         return;
@@ -338,7 +366,7 @@ fn check_base_against_qemu(f: Fmt, kind: &str, size: u64, block: &str, seed: u64
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["format"], f.qemu());
     assert_eq!(v["virtual-size"].as_u64(), Some(size), "qemu-img info: {v}");
-    if f == Fmt::Vhdx {
+    if f.qemu_checks() {
         qemu_check(f, &img);
     }
     let qraw = t.path().join("qemu.raw");
@@ -353,6 +381,8 @@ fn check_base_against_qemu(f: Fmt, kind: &str, size: u64, block: &str, seed: u64
     );
 }
 
+/// VHD and VHDX: a qcow2 has no fixed type (`create --type fixed` refuses
+/// it).
 fn qemu_img_reads_chainfs_fixed_base_as_model_with_same_virtual_size(f: Fmt) {
     // 10 MiB: CHS would give 10479616, so a size mix-up shows.
     check_base_against_qemu(f, "fixed", 10 << 20, "2M", 11 + 100 * f.index());
@@ -534,8 +564,8 @@ fn libvhdi_misreads_a_differencing_vhdx_chunk_without_a_sector_bitmap_block() {
 // The matrix.
 
 per_format! {
-    libvhdi_reads_five_layer_2m_block_chain_over_fixed_base_as_chainfs_and_model();
-    libvhdi_reads_three_layer_dynamic_2m_chain_with_partial_last_block_as_chainfs_and_model();
-    qemu_img_reads_chainfs_fixed_base_as_model_with_same_virtual_size();
+    oracle_reads_five_layer_2m_block_chain_over_fixed_base_as_chainfs_and_model();
+    oracle_reads_three_layer_dynamic_2m_chain_with_partial_last_block_as_chainfs_and_model();
+    qemu_img_reads_chainfs_fixed_base_as_model_with_same_virtual_size() in [Vhd, Vhdx];
     qemu_img_reads_chainfs_dynamic_2m_base_as_model_with_same_virtual_size();
 }

@@ -7,11 +7,14 @@
 //! after: they must never change. Mounts, loop devices and daemons are held
 //! by guards, so a failing assertion leaves nothing behind.
 //!
-//! Writes of every size through a rw mount and a `chainfs write` stopped at
-//! every write/sync point run once per format (`per_format!` at the end; a
-//! VHDX base there has 4096-byte logical sectors); library writes into
-//! 512 and 4096-byte-sector VHDX leaves are VHDX only; the loop-device,
-//! discard, kill -9 and copy-on-read cases run on VHD.
+//! Writes of every size through a rw mount, kill -9 of a writable daemon,
+//! a daemon and a `chainfs write` stopped at every write/sync point run
+//! once per format (`per_format!` at the end: `vhd::NAME`, `vhdx::NAME`,
+//! `qcow2::NAME`; a VHDX base there has 4096-byte logical sectors); after a
+//! crash a qcow2 also passes `qemu-img check` (leaks allowed, corruption
+//! not), qemu-img being its independent reader. Library writes into 512
+//! and 4096-byte-sector VHDX leaves are VHDX only; the loop-device, discard
+//! and copy-on-read cases run on VHD.
 
 mod common;
 
@@ -176,7 +179,7 @@ fn assert_check_clean(leaf: &Path) {
 fn assert_check_clean_but_leaks(leaf: &Path) {
     let o = chainfs(&["check", p(leaf)]);
     let out = String::from_utf8_lossy(&o.stdout);
-    let only_leaks = out.lines().all(|l| l.contains("not referenced by the"));
+    let only_leaks = out.lines().all(is_leak);
     assert!(
         o.status.code() == Some(0) || (o.status.code() == Some(3) && only_leaks),
         "chainfs check {}: {out}{}",
@@ -243,6 +246,23 @@ impl Daemon {
     /// mount. With `fault_after = Some(k)` the daemon dies (`_exit`) at its
     /// k-th write or sync point (`CHAINFS_FAULT_AFTER`, see src/fault.rs).
     fn start(leaf: &Path, mnt: &Path, log: &Path, fault_after: Option<u64>) -> Daemon {
+        Daemon::try_start(leaf, mnt, log, fault_after).unwrap_or_else(|st| {
+            panic!(
+                "daemon exited ({st}) before mounting: {}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            )
+        })
+    }
+
+    /// [`Daemon::start`], or how the daemon ended when it exited before
+    /// the mount appeared (a fault point on the way: a qcow2 opened for
+    /// writing may update its header at mount).
+    fn try_start(
+        leaf: &Path,
+        mnt: &Path,
+        log: &Path,
+        fault_after: Option<u64>,
+    ) -> Result<Daemon, std::process::ExitStatus> {
         let mut cmd = Command::new(bin());
         if let Some(k) = fault_after {
             cmd.env("CHAINFS_FAULT_AFTER", k.to_string());
@@ -256,16 +276,15 @@ impl Daemon {
             .spawn()
             .unwrap();
         let mut d = Daemon { child };
+        let mut early = None;
         wait_for("the foreground mount", || {
-            if let Some(st) = d.child.try_wait().unwrap() {
-                panic!(
-                    "daemon exited ({st}) before mounting: {}",
-                    std::fs::read_to_string(log).unwrap_or_default()
-                );
-            }
-            is_mounted(mnt)
+            early = d.child.try_wait().unwrap();
+            early.is_some() || is_mounted(mnt)
         });
-        d
+        match early {
+            Some(st) => Err(st),
+            None => Ok(d),
+        }
     }
 
     fn kill9(&mut self) {
@@ -657,14 +676,27 @@ fn assert_old_or_new(got: &[u8], old: &[u8], new: &[u8], what: &str) {
     }
 }
 
-#[test]
-fn kill_9_after_fsync_or_close_loses_nothing_acknowledged_and_check_passes() {
+/// kill -9 of a writable daemon after fsync, fdatasync or close (and after
+/// more writes never flushed): the chain opens, every acknowledged write is
+/// there, each unflushed sector is old or new, `check` finds at most leaks
+/// and a qcow2 passes `qemu-img check` (leaks allowed).
+fn kill_9_after_fsync_or_close_loses_nothing_acknowledged_and_check_passes(fmt: Fmt) {
     if !require_fuse() {
         return;
     }
     let t = fast_tempdir();
     let size = 32 * M;
-    let c = make_chain(Fmt::Vhd, t.path(), size, "512K", false, false, 3);
+    // 512 KiB blocks where the format has them (VHDX: 1 MiB).
+    let bs = fmt.min_block().max(512 * K).to_string();
+    let c = make_chain(
+        fmt,
+        t.path(),
+        size,
+        &bs,
+        false,
+        false,
+        3 + 100 * fmt.index(),
+    );
     let parents_before = c.parent_hashes();
     let mut model = c.model.clone();
     let mnt = t.path().join("mnt");
@@ -737,6 +769,9 @@ fn kill_9_after_fsync_or_close_loses_nothing_acknowledged_and_check_passes() {
         // Unflushed blocks a kill leaves are reported as unreferenced
         // space (the next writable open reuses them); nothing else.
         assert_check_clean_but_leaks(c.leaf());
+        if fmt == Fmt::Qcow2 && have_qemu_img() {
+            qemu_check_no_corruption(fmt, c.leaf(), &format!("round {round} ({how})"));
+        }
         let got = export(c.leaf(), &t.path().join("out.raw"));
         if extra {
             assert_old_or_new(&got, &model, &maybe, &format!("round {round} ({how})"));
@@ -800,14 +835,27 @@ fn crash_script() -> Vec<Op> {
     ]
 }
 
-#[test]
-fn daemon_dying_at_any_write_point_keeps_every_fsynced_write_and_a_clean_chain() {
+/// A writable daemon dying (`CHAINFS_FAULT_AFTER`) at each write or sync
+/// point of a script of writes, discards, fsyncs and closes: every fsynced
+/// write is there, each sector of the epoch in progress old or new, the
+/// remounted chain takes writes and `check` is clean after (but for the
+/// leaks of [`Fmt::crash_leaks_outlive_a_rerun`]); a qcow2 passes
+/// `qemu-img check` right after the crash (leaks allowed).
+fn daemon_dying_at_any_write_point_keeps_every_fsynced_write_and_a_clean_chain(fmt: Fmt) {
     if !require_fuse() {
         return;
     }
     let t = fast_tempdir();
     let size = 16 * M;
-    let c = make_chain(Fmt::Vhd, t.path(), size, "2M", true, false, 10);
+    let c = make_chain(
+        fmt,
+        t.path(),
+        size,
+        "2M",
+        true,
+        false,
+        10 + 100 * fmt.index(),
+    );
     let parents_before = c.parent_hashes();
     let pristine = t.path().join("leaf.orig");
     std::fs::copy(c.leaf(), &pristine).unwrap();
@@ -820,14 +868,41 @@ fn daemon_dying_at_any_write_point_keeps_every_fsynced_write_and_a_clean_chain()
         assert!(k < 500, "the script never ran to its end");
         std::fs::copy(&pristine, c.leaf()).unwrap();
         let g = MountGuard::new(&mnt);
-        let mut d = Daemon::start(c.leaf(), &mnt, &log, Some(k));
+        let mut d = match Daemon::try_start(c.leaf(), &mnt, &log, Some(k)) {
+            Ok(d) => d,
+            Err(st) => {
+                // Died while mounting, before any write: nothing changed.
+                assert_eq!(st.code(), Some(FAULT_EXIT), "k={k}: daemon exit {st}");
+                drop(g);
+                let what = format!("daemon died at write point {k}, mounting");
+                if fmt == Fmt::Qcow2 && have_qemu_img() {
+                    qemu_check_no_corruption(fmt, c.leaf(), &what);
+                }
+                assert_check_clean_but_leaks(c.leaf());
+                assert_same(
+                    &export(c.leaf(), &t.path().join("out.raw")),
+                    &c.model,
+                    &what,
+                );
+                k += 1;
+                continue;
+            }
+        };
         let disk = mnt.join("disk.raw");
         let mut durable = c.model.clone();
         let mut latest = c.model.clone();
-        let mut f = Some(open_rw(&disk));
+        // The daemon may die before the first write too (a qcow2 readies
+        // its header when opened for writing): then the open fails.
         let mut failed = None;
+        let mut f = match OpenOptions::new().read(true).write(true).open(&disk) {
+            Ok(fd) => Some(fd),
+            Err(e) => {
+                failed = Some((0, e));
+                None
+            }
+        };
         for (i, op) in script.iter().enumerate() {
-            let fd = f.as_ref().unwrap();
+            let Some(fd) = f.as_ref() else { break };
             let r = match op {
                 Op::Write(off, data) => {
                     latest[*off as usize..*off as usize + data.len()].copy_from_slice(data);
@@ -878,12 +953,23 @@ fn daemon_dying_at_any_write_point_keeps_every_fsynced_write_and_a_clean_chain()
             drop(f);
             umount(g);
             let st = d.child.wait().unwrap();
-            assert!(st.success(), "daemon exit {st}");
             assert_same(
                 &export(c.leaf(), &t.path().join("out.raw")),
                 &latest,
-                "the whole script",
+                &format!("the whole script (daemon exit {st})"),
             );
+            if st.code() == Some(FAULT_EXIT) {
+                // Died at a write point of the unmount (a qcow2 puts its
+                // header back): the script ended with an fsync.
+                let what = format!("daemon died at write point {k}, unmounting");
+                if fmt == Fmt::Qcow2 && have_qemu_img() {
+                    qemu_check_no_corruption(fmt, c.leaf(), &what);
+                }
+                assert_check_clean_but_leaks(c.leaf());
+                k += 1;
+                continue;
+            }
+            assert!(st.success(), "daemon exit {st}");
             break;
         };
         let st = d.child.wait().unwrap();
@@ -896,6 +982,9 @@ fn daemon_dying_at_any_write_point_keeps_every_fsynced_write_and_a_clean_chain()
         drop(g);
         assert!(!is_mounted(&mnt));
         let what = format!("daemon died at write point {k} (op {i} failed: {e})");
+        if fmt == Fmt::Qcow2 && have_qemu_img() {
+            qemu_check_no_corruption(fmt, c.leaf(), &what);
+        }
         // Remounted (a writable open finishes what the crash left, e.g. a
         // missing trailing footer): every fsynced write is there, each
         // sector of the epoch in progress is old or new, the chain takes
@@ -909,7 +998,14 @@ fn daemon_dying_at_any_write_point_keeps_every_fsynced_write_and_a_clean_chain()
         fd.sync_all().unwrap();
         drop(fd);
         umount(g);
-        assert_check_clean(c.leaf());
+        // Leaks the crash left are reused by the rw remount, but where a
+        // known defect keeps them (`Fmt::crash_leaks_outlive_a_rerun`).
+        let (cc, probs) = check(c.leaf());
+        let leaks_ok = fmt.crash_leaks_outlive_a_rerun();
+        assert!(
+            cc == 0 || (leaks_ok && cc == 3 && probs.iter().all(|p| is_leak(p))),
+            "{what}: check after a rw remount: exit {cc} {probs:?}"
+        );
         if k % 8 == 0 {
             let out = t.path().join("out.raw");
             assert_same(&export(c.leaf(), &out), &got, &format!("{what}: export"));
@@ -1480,10 +1576,12 @@ fn library_writes_of_any_alignment_into_a_512_sector_vhdx_leaf_match_the_model()
 // ---------------------------------------------------------------------------
 // A `chainfs write` into a differencing layer stopped at every write/sync point.
 
-/// A crash at any write or sync point of a write into a differencing VHDX
-/// leaf (new blocks, a new sector-bitmap block, their BAT entries, the
-/// header session) leaves the chain readable: every sector reads its old or
-/// its new content, and `check` finds nothing but maybe a log to replay.
+/// A crash at any write or sync point of a write into a differencing leaf
+/// (new blocks, a new sector-bitmap block, their BAT entries, the VHDX
+/// header session; qcow2: new clusters, refcounts, L2 tables and entries)
+/// leaves the chain readable: every sector reads its old or its new
+/// content, `check` finds nothing but maybe a log to replay or a leak, and
+/// a qcow2 passes `qemu-img check` but for leaks.
 fn fault_injection_at_every_point_of_a_differencing_write_keeps_the_chain_readable(fmt: Fmt) {
     let t = tempfile::tempdir().unwrap();
     let pristine = t.path().join("pristine");
@@ -1538,14 +1636,15 @@ fn fault_injection_at_every_point_of_a_differencing_write_keeps_the_chain_readab
                 let (c, probs) = check(&wleaf);
                 let other = probs
                     .iter()
-                    .filter(|l| {
-                        !l.contains("log is not empty") && !l.contains("not referenced by the")
-                    })
+                    .filter(|l| !l.contains("log is not empty") && !is_leak(l))
                     .count();
                 assert!(
                     c == 0 || other == 0,
                     "k={k}: check reports more than a log and leaks: {probs:?}"
                 );
+                if fmt == Fmt::Qcow2 {
+                    qemu_check_no_corruption(fmt, &wleaf, &format!("k={k}"));
+                }
             }
             0 => {
                 assert!(got == new, "k={k}: the completed write reads back wrong");
@@ -1564,10 +1663,71 @@ fn fault_injection_at_every_point_of_a_differencing_write_keeps_the_chain_readab
     );
 }
 
+/// A `chainfs write` of three new blocks stopped at each write/sync point;
+/// wherever that leaves a leak, the next `chainfs write` (a writable open,
+/// a write into a new block, a flush) leaves `check` clean: space a crash
+/// left is reused or given back, never held for good.
+fn a_leak_a_crash_leaves_is_gone_after_the_next_write(fmt: Fmt) {
+    let t = fast_tempdir();
+    let pristine = t.path().join("pristine");
+    fs::create_dir(&pristine).unwrap();
+    let (base_name, leaf_name) = (fmt.base_name("base"), fmt.child_name("leaf"));
+    let base = pristine.join(&base_name);
+    let leaf = pristine.join(&leaf_name);
+    let bs = fmt.min_block();
+    let size = 16 * bs;
+    fmt.create_base(&base, size, &["--block-size", &bs.to_string()]);
+    let mut rng = Rng(0x1ea4 + fmt.index());
+    let scratch = t.path().join("scratch");
+    let mut model = vec![0u8; size as usize];
+    chainfs_write_mirrored(&base, 0, &rng.bytes(bs as usize), &scratch, &mut model);
+    fmt.create_child(&leaf, &base, &[]);
+    let data = rng.bytes((3 * bs) as usize);
+    let more = rng.bytes(4096);
+    let (mut leaks, mut bad, mut finished) = (0, Vec::new(), false);
+    for k in 1..=300u32 {
+        let work = t.path().join(format!("k{k}"));
+        copy_dir(&pristine, &work);
+        let wleaf = work.join(&leaf_name);
+        fs::write(&scratch, &data).unwrap();
+        let o = Command::new(bin())
+            .args(["write", p(&wleaf), "--offset", &(2 * bs + 512).to_string()])
+            .args(["--input", p(&scratch)])
+            .env("CHAINFS_FAULT_AFTER", k.to_string())
+            .output()
+            .unwrap();
+        match code(&o) {
+            0 => {
+                finished = true;
+                break;
+            }
+            FAULT_EXIT => {}
+            c => panic!("k={k}: exit {c}: {}", text(&o)),
+        }
+        let (c, probs) = check(&wleaf);
+        if c != 0 && probs.iter().all(|p| is_leak(p)) {
+            leaks += 1;
+            chainfs_write(&wleaf, 12 * bs, &more, &scratch);
+            let (c, probs) = check(&wleaf);
+            if c != 0 {
+                bad.push(format!("k={k}: after the next write: exit {c} {probs:?}"));
+            }
+        }
+        fs::remove_dir_all(&work).unwrap();
+    }
+    assert!(finished, "the write never completed");
+    assert!(bad.is_empty(), "{fmt:?}:\n{}", bad.join("\n"));
+    eprintln!("{fmt:?}: {leaks} crash points left a leak");
+}
+
 // ---------------------------------------------------------------------------
 // The matrix.
 
 per_format! {
     writes_of_any_size_and_alignment_land_in_the_leaf_and_read_back_after_remount();
     fault_injection_at_every_point_of_a_differencing_write_keeps_the_chain_readable();
+    kill_9_after_fsync_or_close_loses_nothing_acknowledged_and_check_passes();
+    daemon_dying_at_any_write_point_keeps_every_fsynced_write_and_a_clean_chain();
+    a_leak_a_crash_leaves_is_gone_after_the_next_write()
+        ignore [Qcow2, Vhdx] "qcow2 write path: a cluster a crash left counted but unused is neither reused nor freed by the next writable open; vhdx: a leaked payload block below a referenced sector bitmap block is not reclaimed at open (only the tail is)";
 }

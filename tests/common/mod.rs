@@ -108,10 +108,11 @@ fn utf8(path: &Path) -> &str {
 pub enum Fmt {
     Vhd,
     Vhdx,
+    Qcow2,
 }
 
 /// Every format, in the order the matrix runs them.
-pub const FORMATS: &[Fmt] = &[Fmt::Vhd, Fmt::Vhdx];
+pub const FORMATS: &[Fmt] = &[Fmt::Vhd, Fmt::Vhdx, Fmt::Qcow2];
 
 impl Fmt {
     /// Lowercase name, as in test module names and messages.
@@ -119,6 +120,7 @@ impl Fmt {
         match self {
             Fmt::Vhd => "vhd",
             Fmt::Vhdx => "vhdx",
+            Fmt::Qcow2 => "qcow2",
         }
     }
 
@@ -128,11 +130,12 @@ impl Fmt {
     }
 
     /// Extension of a differencing layer (Hyper-V names checkpoints
-    /// `.avhdx`).
+    /// `.avhdx`; a qcow2 overlay is a `.qcow2` like its base).
     pub fn child_ext(self) -> &'static str {
         match self {
             Fmt::Vhd => "vhd",
             Fmt::Vhdx => "avhdx",
+            Fmt::Qcow2 => "qcow2",
         }
     }
 
@@ -147,11 +150,16 @@ impl Fmt {
     }
 
     /// The smallest block size the format allows: crash loops over few,
-    /// small blocks have tens of points, not thousands.
+    /// small blocks have tens of points, not thousands. A qcow2 allows
+    /// clusters down to 512 bytes, but every cluster of a write is a
+    /// refcount and an L2 update of its own; 64 KiB (qemu's default) keeps
+    /// a crash loop's points as few as VHD's while one L2 table still maps
+    /// 512 MiB. `--block-size` is `create`'s name for the cluster size too.
     pub fn min_block(self) -> u64 {
         match self {
             Fmt::Vhd => 256 << 10,
             Fmt::Vhdx => 1 << 20,
+            Fmt::Qcow2 => 64 << 10,
         }
     }
 
@@ -160,7 +168,68 @@ impl Fmt {
         match self {
             Fmt::Vhd => "vpc",
             Fmt::Vhdx => "vhdx",
+            Fmt::Qcow2 => "qcow2",
         }
+    }
+
+    /// Does the format have a fixed (fully allocated) type? qcow2 has
+    /// none: `create --type fixed` is refused (qemu preallocates instead).
+    pub fn has_fixed(self) -> bool {
+        self != Fmt::Qcow2
+    }
+
+    /// Does libvhdi (`vhdimount`) read it? It reads VHD and VHDX only; for
+    /// qcow2 qemu-img is the independent reader ([`Fmt::qemu_reads_chains`]).
+    pub fn vhdi_reads(self) -> bool {
+        self != Fmt::Qcow2
+    }
+
+    /// Does qemu-img read whole chains of this format, following parents?
+    /// qemu follows qcow2 backing files; it has no VHD parents and opens
+    /// no differencing VHDX (formats.md §4), so it reads single VHD and
+    /// VHDX layers only.
+    pub fn qemu_reads_chains(self) -> bool {
+        self == Fmt::Qcow2
+    }
+
+    /// Does `qemu-img check` judge the format's metadata? It checks VHDX
+    /// and qcow2 (qcow2: refcounts, L1/L2 tables, leaks) and says "does
+    /// not support checks" for VHD.
+    pub fn qemu_checks(self) -> bool {
+        self != Fmt::Vhd
+    }
+
+    /// The `disk_type` `info` and the mount's `chain` file show for a layer:
+    /// VHD and VHDX say fixed, dynamic or differencing; a qcow2 records no
+    /// type, so chainfs shows its version (`v3`, what `create` writes).
+    pub fn disk_type(self, child: bool, fixed: bool) -> &'static str {
+        match (self, child, fixed) {
+            (Fmt::Qcow2, _, _) => "v3",
+            (_, true, _) => "differencing",
+            (_, false, true) => "fixed",
+            (_, false, false) => "dynamic",
+        }
+    }
+
+    /// Does a layer carry an id its children record (VHD and VHDX), or is
+    /// the link by name alone (a qcow2 backing file)?
+    pub fn has_ids(self) -> bool {
+        self != Fmt::Qcow2
+    }
+
+    /// Known defects: space a crash leaked can outlive the next writable
+    /// open (a rerun of the merge, the next write), so `check` still
+    /// reports it after the rerun. qcow2 (pending the write path's
+    /// rewrite): a cluster counted but unused is never reused or freed.
+    /// VHDX: only the unreferenced tail is cut at open; a leaked payload
+    /// block before a sector bitmap block whose BAT entry became durable
+    /// stays until `chainfs compact`. VHD reuses all of it. Pinned by the
+    /// ignored `writable::{qcow2,vhdx}::a_leak_a_crash_leaves_is_gone_after_the_next_write`
+    /// and `space::qcow2::merge_interrupted_at_every_point_...`; the crash
+    /// loops accept such leaks and nothing else. Drop a format here with
+    /// its fix.
+    pub fn crash_leaks_outlive_a_rerun(self) -> bool {
+        matches!(self, Fmt::Qcow2 | Fmt::Vhdx)
     }
 
     /// Position in [`FORMATS`]: offsets a seed so each format's case draws
@@ -187,25 +256,77 @@ impl Fmt {
 }
 
 /// One `#[test]` per format for each case: `per_format! { NAME(ARGS); }`
-/// makes `vhd::NAME` calling `NAME(Fmt::Vhd, ARGS)` and `vhdx::NAME`
-/// likewise, for functions `NAME` of the calling file. Use it once per
-/// file, listing every case (it defines the modules `vhd` and `vhdx`).
+/// makes `vhd::NAME` calling `NAME(Fmt::Vhd, ARGS)`, `vhdx::NAME` and
+/// `qcow2::NAME` likewise, for functions `NAME` of the calling file. Use it
+/// once per file, listing every case (it defines the modules `vhd`, `vhdx`
+/// and `qcow2`).
+///
+/// A case that only some formats can have names them:
+/// `NAME(ARGS) in [Vhd, Vhdx];` makes tests in those modules only. It is
+/// for what a format lacks (qcow2 has no fixed type), never for an oracle
+/// that cannot read a format: swap the oracle there ([`Fmt::vhdi_reads`]).
+/// The case's doc says why the others are left out.
+///
+/// A case that finds a known defect of one format, pending a fix the test
+/// must not wait for, keeps its test there but ignored with the reason:
+/// `NAME(ARGS) ignore [Qcow2] "qcow2 write path: WHAT";` (nextest lists it
+/// as ignored; `--run-ignored only` runs it). A misspelt format is a
+/// compile error.
 #[macro_export]
 macro_rules! per_format {
-    ($($name:ident($($arg:expr),* $(,)?);)*) => {
-        $crate::per_format!(@one vhd Vhd; $($name($($arg),*);)*);
-        $crate::per_format!(@one vhdx Vhdx; $($name($($arg),*);)*);
+    ($($name:ident($($arg:expr),* $(,)?)
+       $(in [$($only:ident),+ $(,)?])?
+       $(ignore [$($ig:ident),+ $(,)?] $why:literal)?;)*) => {
+        $crate::per_format!(@one vhd Vhd;
+            $($name($($arg),*) [$($($only)+)?] [$($($ig)+)?] [$($why)?];)*);
+        $crate::per_format!(@one vhdx Vhdx;
+            $($name($($arg),*) [$($($only)+)?] [$($($ig)+)?] [$($why)?];)*);
+        $crate::per_format!(@one qcow2 Qcow2;
+            $($name($($arg),*) [$($($only)+)?] [$($($ig)+)?] [$($why)?];)*);
     };
-    (@one $m:ident $v:ident; $($name:ident($($arg:expr),*);)*) => {
+    (@one $m:ident $v:ident;
+     $($name:ident($($arg:expr),*) [$($only:ident)*] [$($ig:ident)*] [$($why:literal)?];)*) => {
         mod $m {
-            $(
-                #[test]
-                fn $name() {
-                    super::$name($crate::common::Fmt::$v $(, $arg)*);
-                }
-            )*
+            $($crate::per_format!(
+                @case $v $name($($arg),*) [$($only)*] [$($ig)*] [$($why)?]
+            );)*
         }
     };
+    // Every format.
+    (@case $v:ident $name:ident($($arg:expr),*) [] [] []) => {
+        #[test]
+        fn $name() {
+            super::$name($crate::common::Fmt::$v $(, $arg)*);
+        }
+    };
+    // Only the listed ones (each must name a `Fmt`).
+    (@case $v:ident $name:ident($($arg:expr),*) [$($only:ident)+] [] []) => {
+        $(const _: $crate::common::Fmt = $crate::common::Fmt::$only;)+
+        $crate::per_format!(@in $v [$($only)+] {
+            $crate::per_format!(@case $v $name($($arg),*) [] [] []);
+        } {});
+    };
+    // Ignored, with the reason, for the listed ones.
+    (@case $v:ident $name:ident($($arg:expr),*) [$($only:ident)*] [$($ig:ident)+] [$why:literal]) => {
+        $(const _: $crate::common::Fmt = $crate::common::Fmt::$ig;)+
+        $crate::per_format!(@in $v [$($ig)+] {
+            #[test]
+            #[ignore = $why]
+            fn $name() {
+                super::$name($crate::common::Fmt::$v $(, $arg)*);
+            }
+        } {
+            $crate::per_format!(@case $v $name($($arg),*) [$($only)*] [] []);
+        });
+    };
+    // `@in V [LIST] {YES} {NO}`: YES when V is in LIST, else NO.
+    (@in Vhd [Vhd $($rest:ident)*] {$($y:tt)*} {$($n:tt)*}) => { $($y)* };
+    (@in Vhdx [Vhdx $($rest:ident)*] {$($y:tt)*} {$($n:tt)*}) => { $($y)* };
+    (@in Qcow2 [Qcow2 $($rest:ident)*] {$($y:tt)*} {$($n:tt)*}) => { $($y)* };
+    (@in $v:ident [$first:ident $($rest:ident)*] {$($y:tt)*} {$($n:tt)*}) => {
+        $crate::per_format!(@in $v [$($rest)*] {$($y)*} {$($n)*});
+    };
+    (@in $v:ident [] {$($y:tt)*} {$($n:tt)*}) => { $($n)* };
 }
 
 // ---------------------------------------------------------------------------
@@ -1133,13 +1254,50 @@ pub fn qemu_convert(fmt: Fmt, img: &Path, out: &Path) {
     );
 }
 
-/// `qemu-img check` of a file of format `fmt`.
+/// `qemu-img check` of a file of format `fmt`: no corruption and (qcow2)
+/// no leaked clusters.
 pub fn qemu_check(fmt: Fmt, img: &Path) {
     run_ok(
         Command::new("qemu-img")
             .args(["check", "-f", fmt.qemu()])
             .arg(img),
     );
+}
+
+/// `qemu-img check` of what a stopped process left (fault injection, kill
+/// -9): no corruption; leaked clusters (exit 3: allocated, referenced by
+/// nothing) are what an interrupted allocation may leave and are
+/// accepted. A qcow2 is checked alone (`"backing": null`): a crashed merge
+/// may have retired its parent already. `what` names the point for the
+/// message.
+pub fn qemu_check_no_corruption(fmt: Fmt, img: &Path, what: &str) {
+    let mut cmd = Command::new("qemu-img");
+    cmd.arg("check");
+    if fmt == Fmt::Qcow2 {
+        let spec = serde_json::json!({
+            "driver": "qcow2",
+            "file": {"driver": "file", "filename": p(img)},
+            "backing": null,
+        });
+        cmd.arg(format!("json:{spec}"));
+    } else {
+        cmd.args(["-f", fmt.qemu()]).arg(img);
+    }
+    let o = cmd.output().expect("cannot run qemu-img");
+    assert!(
+        matches!(code(&o), 0 | 3),
+        "{what}: qemu-img check {} (exit {}): {}",
+        img.display(),
+        code(&o),
+        text(&o)
+    );
+}
+
+/// Is this `chainfs check` problem space that nothing references, what a
+/// crash may leave (VHD, VHDX: "not referenced by the BAT"; qcow2: a
+/// cluster counted but unused, "leaked")?
+pub fn is_leak(problem: &str) -> bool {
+    problem.contains("not referenced by the") || problem.contains("leaked: counted but unused")
 }
 
 /// `chainfs check IMG` exits 0 and reports nothing.
