@@ -47,24 +47,66 @@
 #              qemu-nbd -r (qcow2 chain, same content), with 1, 2 and 4
 #              connections; each server's copy is checked against the flat
 #              file first.
-#   8. report  the tables, ratios and targets as markdown.
+#   8. qcow2   (issue 11) chainfs's qcow2 driver against qemu on qemu's own
+#              images. Its parts run inside 1-4: the data chain as qcow2
+#              (qemu-img create -b, qemu-io write -s) mounted by chainfs in the
+#              read rounds next to qemu-storage-daemon's export of it (every
+#              kind of read); chainfs export of it to raw vs qemu-img convert
+#              -O raw, and to a new qcow2 (export --format qcow2, checked by
+#              qemu-img check/compare) vs qemu-img convert -O qcow2; `chainfs
+#              merge leaf.qcow2 base.qcow2` (and --keep) vs qemu-img commit -b
+#              on the merge chain as qcow2 (the result checked by chainfs and
+#              by qemu-img). Then memory: a sparse qcow2 chain of
+#              BENCH_QMEM_SIZE (2 TiB), depth BENCH_QMEM_DEPTH (64), 64 KiB
+#              clusters, BENCH_QMEM_WRITES (4) qemu-io writes per layer: every
+#              write read back through each mount, then cold random 4 KiB reads
+#              over the whole disk; peak RSS (VmHWM) of chainfs (cache from
+#              BENCH_MOUNT_OPTS) and of qemu-storage-daemon.
+#   9. frag    (issue 12) a fragmented chain of BENCH_FRAG_SIZE (1 GiB): a base
+#              full of random bytes, two overlays each rewriting a third of the
+#              disk in 1 MiB extents at random 1 MiB-aligned places; as VHDX
+#              (chainfs create/write), as qcow2 (qemu-img/qemu-io) and as the
+#              flat file. Cold `dd bs=1M`, fio sequential (1 and 4 readers) and
+#              random 4 KiB reads of chainfs mount (VHDX) vs the flat file vs
+#              qemu-storage-daemon (qcow2); chainfs export vs qemu-img convert;
+#              both overlays merged into the base: chainfs merge (and --keep)
+#              vs qemu-img commit -d -b vs cat of the merged bytes + sync.
+#  10. depth   (issue 12) the same content (extents of mean 1 MiB over 3/4 of
+#              BENCH_DEPTH_SIZE = 1 GiB, each in one random layer) as chains of
+#              each depth in BENCH_DEPTHS (1,8,64), format BENCH_DEPTH_FORMAT
+#              (vhdx), all made with chainfs create/write: cold sequential,
+#              cold random (1 and 4 readers) and warm reads of each view, and
+#              of the flat file; the ratio deepest / shallowest.
+#  11. report  the tables, ratios and targets as markdown; each section's
+#              table states the target next to the measured ratio.
 #
-# Needs root (drop_caches, FUSE mounts). Full run (all sections): ~20-25 min
-# on 2 cores.
+# Needs root (drop_caches, FUSE mounts). Full run (all default sections): about
+# 40 min on 2 cores (the qcow2, frag and depth sections add about 20 of them;
+# an estimate from small runs). Every section checks its views and results
+# against the flat content first; a failed run or check is printed, named in
+# the report and makes the script exit non-zero.
 # Environment:
 #   BENCH_QUICK=1        256 MiB and short runs (checks the script works)
-#   BENCH_SIZE=1G        virtual size (K/M/G suffix or bytes; default 2G)
+#   BENCH_SIZE=1G        virtual size of the data and merge chains (K/M/G/T
+#                        suffix or bytes; default 2G)
 #   BENCH_DIR=DIR        where the images go (default target/bench; a run
 #                        makes DIR/run.XXXXXX and removes it at the end);
 #                        must be a disk file system, not tmpfs
 #   BENCH_REPS=3         export and merge runs per tool (median)
 #   BENCH_READ_REPS=3    rounds of read and write runs (median; 1 in quick mode)
-#   BENCH_SECTIONS=export,read,merge,write,vhdx,nbd   (any subset, comma separated;
-#                        default: all but nbd)
+#   BENCH_SECTIONS=export,read,merge,write,vhdx,nbd,qcow2,frag,depth   (any
+#                        subset, comma separated; default: all but nbd)
+#   BENCH_FRAG_SIZE=1G   virtual size of the frag chain (256M in quick mode)
+#   BENCH_DEPTH_SIZE=1G  virtual size of the depth chains (256M in quick mode)
+#   BENCH_DEPTHS=1,8,64  the chain depths of the depth section
+#   BENCH_DEPTH_FORMAT=vhdx   vhd, vhdx or qcow2 (all made by chainfs)
+#   BENCH_QMEM_SIZE=2T   BENCH_QMEM_DEPTH=64   BENCH_QMEM_WRITES=4   the memory
+#                        test's qcow2 chain (virtual size, depth, writes per layer)
 #   BENCH_MOUNT_OPTS=ro,cache=64M   options for `chainfs mount -o` (reads)
 #   BENCH_KEEP=1         keep the images (and the run directory)
 #   BENCH_REPORT=FILE    where the report goes (default docs/BENCHMARKS.md for a
-#                        full 2 GiB run of all sections, else DIR/BENCHMARKS.md)
+#                        full run of the default sections at the default sizes,
+#                        else DIR/BENCHMARKS.md)
 #   CHAINFS=PATH         chainfs binary to use (default: cargo build --release)
 #   NBD_PLUGIN=PATH      the nbdkit plugin for the nbd section (default: cargo
 #                        build --release -p nbdkit-chainfs-plugin)
@@ -308,7 +350,7 @@ if awk -v l="${LOAD%% *}" -v n="$(nproc)" 'BEGIN { exit !(l > n / 4) }'; then
   rec meta.note "Other work was running on this machine (load average $LOAD at the start, $(nproc) cores): the numbers are noisy. Re-run on a quiet machine before judging the targets."
 fi
 
-say "== chainfs benchmark: $((SIZE >> 20)) MiB virtual, work dir $W$([ "$QUICK" = 1 ] && echo ', QUICK mode')"
+say "== chainfs benchmark ($SECTIONS): $((SIZE >> 20)) MiB virtual$(has frag && echo ", frag $((FSIZE >> 20)) MiB")$(has depth && echo ", depth $((DSIZE >> 20)) MiB"), work dir $W$([ "$QUICK" = 1 ] && echo ', QUICK mode')"
 
 # ------------------------------------------------------------------ 1. data
 if has export || has read || has write || has vhdx || has nbd || has qcow2; then

@@ -1162,6 +1162,13 @@ def qcow2_section(P, meta, vals, read_med, one):
     P("### Results")
     P("")
     out = results_table(P, "chainfs", "qemu", rows)
+    xs = sorted(set(vals.get("merge.m3.chainfs_qcow2.copied", []) + vals.get("merge.m3.chainfs_qcow2_keep.copied", [])))
+    if xs and meta.get("merge_bytes3"):
+        P(f"`bytes_copied` reported by `chainfs merge --json` on the qcow2 chain: {', '.join(xs)}, for "
+          f"{meta['merge_bytes3']} bytes of merged data: a qcow2 layer holds whole 64 KiB clusters (qemu-io "
+          "filled the rest of each cluster it wrote from the layers below), and chainfs copies what the layers "
+          "hold; MiB/s above is of the merged data, the same number for both tools.")
+        P("")
     if meta.get("qmem_data"):
         P("### Memory on a huge, deep, sparse qcow2 chain")
         P("")
@@ -1570,7 +1577,9 @@ def cmd_report(results, report):
     elif any(k.startswith("nbd.") for k in vals):
         P("| `nbdcopy` from the chainfs plugin >= 1.0x qemu-nbd | not measured | – |")
     P("")
-    P("The read targets are judged on the 1-reader rows as the issue states them; the 4-reader rows are extra. "
+    P("The read section's targets are judged on the 1-reader rows as the issue states them; the 4-reader rows are "
+      "extra. The qcow2, frag and depth rows judge 1 and 4 readers alike (issue 11 names both; issue 12 names no "
+      "reader count). "
       "Differences under about 1.5x between cold numbers can be host caching or noise "
       "(see /work/shared/docs/perf-notes.md); compare columns of one run, not runs.")
     P("")
@@ -1628,10 +1637,11 @@ def cmd_report(results, report):
     P("## Re-running")
     P("")
     P("```sh")
-    P("sudo scripts/bench.sh                 # full: 2 GiB, all sections, ~20-25 min, writes docs/BENCHMARKS.md")
+    P("sudo scripts/bench.sh                 # full: 2 GiB, all default sections, ~40 min, writes docs/BENCHMARKS.md")
     P("sudo BENCH_QUICK=1 scripts/bench.sh   # 256 MiB, short runs, report in $BENCH_DIR/BENCHMARKS.md")
     P("# BENCH_SIZE=1G  BENCH_DIR=/path/on/disk  BENCH_REPS=5  BENCH_MOUNT_OPTS=ro,cache=64M  CHAINFS=path/to/chainfs")
-    P("# BENCH_SECTIONS=export,read,merge,write,vhdx,nbd (any subset; nbd is not in the default)  BENCH_KEEP=1 (keep the images)  BENCH_REPORT=file.md")
+    P("# BENCH_SECTIONS=export,read,merge,write,vhdx,nbd,qcow2,frag,depth (any subset; nbd is not in the default)  BENCH_KEEP=1 (keep the images)  BENCH_REPORT=file.md")
+    P("# BENCH_FRAG_SIZE=1G  BENCH_DEPTH_SIZE=1G  BENCH_DEPTHS=1,8,64  BENCH_DEPTH_FORMAT=vhdx  BENCH_QMEM_SIZE=2T  BENCH_QMEM_DEPTH=64  BENCH_QMEM_WRITES=4")
     P("```")
     text = "\n".join(out) + "\n"
     with open(report, "w") as f:
