@@ -47,24 +47,66 @@
 #              qemu-nbd -r (qcow2 chain, same content), with 1, 2 and 4
 #              connections; each server's copy is checked against the flat
 #              file first.
-#   8. report  the tables, ratios and targets as markdown.
+#   8. qcow2   (issue 11) chainfs's qcow2 driver against qemu on qemu's own
+#              images. Its parts run inside 1-4: the data chain as qcow2
+#              (qemu-img create -b, qemu-io write -s) mounted by chainfs in the
+#              read rounds next to qemu-storage-daemon's export of it (every
+#              kind of read); chainfs export of it to raw vs qemu-img convert
+#              -O raw, and to a new qcow2 (export --format qcow2, checked by
+#              qemu-img check/compare) vs qemu-img convert -O qcow2; `chainfs
+#              merge leaf.qcow2 base.qcow2` (and --keep) vs qemu-img commit -b
+#              on the merge chain as qcow2 (the result checked by chainfs and
+#              by qemu-img). Then memory: a sparse qcow2 chain of
+#              BENCH_QMEM_SIZE (2 TiB), depth BENCH_QMEM_DEPTH (64), 64 KiB
+#              clusters, BENCH_QMEM_WRITES (4) qemu-io writes per layer: every
+#              write read back through each mount, then cold random 4 KiB reads
+#              over the whole disk; peak RSS (VmHWM) of chainfs (cache from
+#              BENCH_MOUNT_OPTS) and of qemu-storage-daemon.
+#   9. frag    (issue 12) a fragmented chain of BENCH_FRAG_SIZE (1 GiB): a base
+#              full of random bytes, two overlays each rewriting a third of the
+#              disk in 1 MiB extents at random 1 MiB-aligned places; as VHDX
+#              (chainfs create/write), as qcow2 (qemu-img/qemu-io) and as the
+#              flat file. Cold `dd bs=1M`, fio sequential (1 and 4 readers) and
+#              random 4 KiB reads of chainfs mount (VHDX) vs the flat file vs
+#              qemu-storage-daemon (qcow2); chainfs export vs qemu-img convert;
+#              both overlays merged into the base: chainfs merge (and --keep)
+#              vs qemu-img commit -d -b vs cat of the merged bytes + sync.
+#  10. depth   (issue 12) the same content (extents of mean 1 MiB over 3/4 of
+#              BENCH_DEPTH_SIZE = 1 GiB, each in one random layer) as chains of
+#              each depth in BENCH_DEPTHS (1,8,64), format BENCH_DEPTH_FORMAT
+#              (vhdx), all made with chainfs create/write: cold sequential,
+#              cold random (1 and 4 readers) and warm reads of each view, and
+#              of the flat file; the ratio deepest / shallowest.
+#  11. report  the tables, ratios and targets as markdown; each section's
+#              table states the target next to the measured ratio.
 #
-# Needs root (drop_caches, FUSE mounts). Full run (all sections): ~20-25 min
-# on 2 cores.
+# Needs root (drop_caches, FUSE mounts). Full run (all default sections): about
+# 40 min on 2 cores (the qcow2, frag and depth sections add about 20 of them;
+# an estimate from small runs). Every section checks its views and results
+# against the flat content first; a failed run or check is printed, named in
+# the report and makes the script exit non-zero.
 # Environment:
 #   BENCH_QUICK=1        256 MiB and short runs (checks the script works)
-#   BENCH_SIZE=1G        virtual size (K/M/G suffix or bytes; default 2G)
+#   BENCH_SIZE=1G        virtual size of the data and merge chains (K/M/G/T
+#                        suffix or bytes; default 2G)
 #   BENCH_DIR=DIR        where the images go (default target/bench; a run
 #                        makes DIR/run.XXXXXX and removes it at the end);
 #                        must be a disk file system, not tmpfs
 #   BENCH_REPS=3         export and merge runs per tool (median)
 #   BENCH_READ_REPS=3    rounds of read and write runs (median; 1 in quick mode)
-#   BENCH_SECTIONS=export,read,merge,write,vhdx,nbd   (any subset, comma separated;
-#                        default: all but nbd)
+#   BENCH_SECTIONS=export,read,merge,write,vhdx,nbd,qcow2,frag,depth   (any
+#                        subset, comma separated; default: all but nbd)
+#   BENCH_FRAG_SIZE=1G   virtual size of the frag chain (256M in quick mode)
+#   BENCH_DEPTH_SIZE=1G  virtual size of the depth chains (256M in quick mode)
+#   BENCH_DEPTHS=1,8,64  the chain depths of the depth section
+#   BENCH_DEPTH_FORMAT=vhdx   vhd, vhdx or qcow2 (all made by chainfs)
+#   BENCH_QMEM_SIZE=2T   BENCH_QMEM_DEPTH=64   BENCH_QMEM_WRITES=4   the memory
+#                        test's qcow2 chain (virtual size, depth, writes per layer)
 #   BENCH_MOUNT_OPTS=ro,cache=64M   options for `chainfs mount -o` (reads)
 #   BENCH_KEEP=1         keep the images (and the run directory)
 #   BENCH_REPORT=FILE    where the report goes (default docs/BENCHMARKS.md for a
-#                        full 2 GiB run of all sections, else DIR/BENCHMARKS.md)
+#                        full run of the default sections at the default sizes,
+#                        else DIR/BENCHMARKS.md)
 #   CHAINFS=PATH         chainfs binary to use (default: cargo build --release)
 #   NBD_PLUGIN=PATH      the nbdkit plugin for the nbd section (default: cargo
 #                        build --release -p nbdkit-chainfs-plugin)
@@ -91,6 +133,7 @@ to_bytes() {
     *K) echo $((${v%K} << 10)) ;;
     *M) echo $((${v%M} << 20)) ;;
     *G) echo $((${v%G} << 30)) ;;
+    *T) echo $((${v%T} << 40)) ;;
     *[0-9]) echo $((v)) ;;
     *) die "cannot parse size '$1'" ;;
   esac
@@ -106,16 +149,32 @@ else
   SEQ_CAP=12 WARM_RT=3 RAND_IOS=40000 RAND_CAP=8 VERIFY_PROBES=32 READ_REPS=${BENCH_READ_REPS:-3}
   W_CAP=6 RAND_W_IOS=40000 VERIFY_W=32M
 fi
-SIZE=$(to_bytes "$SIZE_ARG")
-if [ $((SIZE % (4 << 20))) -ne 0 ] || [ "$SIZE" -lt $((64 << 20)) ]; then
-  die "BENCH_SIZE must be a multiple of 4 MiB and at least 64 MiB"
-fi
+disk_size() { # NAME VALUE: a virtual size for the bench, a multiple of 4 MiB, >= 64 MiB
+  local b
+  b=$(to_bytes "$2")
+  if [ $((b % (4 << 20))) -ne 0 ] || [ "$b" -lt $((64 << 20)) ]; then
+    die "$1 must be a multiple of 4 MiB and at least 64 MiB"
+  fi
+  echo "$b"
+}
+SIZE=$(disk_size BENCH_SIZE "$SIZE_ARG")
+FSIZE=$(disk_size BENCH_FRAG_SIZE "${BENCH_FRAG_SIZE:-$([ "$QUICK" = 1 ] && echo 256M || echo 1G)}")
+DSIZE=$(disk_size BENCH_DEPTH_SIZE "${BENCH_DEPTH_SIZE:-$([ "$QUICK" = 1 ] && echo 256M || echo 1G)}")
+DEPTHS=${BENCH_DEPTHS:-1,8,64}
+[[ $DEPTHS =~ ^[1-9][0-9]*(,[1-9][0-9]*)+$ ]] || die "BENCH_DEPTHS=$DEPTHS: give two or more depths, comma separated (e.g. 1,8,64)"
+DFMT=${BENCH_DEPTH_FORMAT:-vhdx}
+case $DFMT in vhd | vhdx | qcow2) ;; *) die "BENCH_DEPTH_FORMAT=$DFMT: vhd, vhdx or qcow2" ;; esac
+QMSIZE=$(disk_size BENCH_QMEM_SIZE "${BENCH_QMEM_SIZE:-2T}")
+QMDEPTH=${BENCH_QMEM_DEPTH:-64}
+QMWRITES=${BENCH_QMEM_WRITES:-4}
+[[ $QMDEPTH =~ ^[1-9][0-9]*$ && $QMWRITES =~ ^[1-9][0-9]*$ ]] || die "BENCH_QMEM_DEPTH and BENCH_QMEM_WRITES must be positive numbers"
 REPS=${BENCH_REPS:-3}
-SECTIONS=${BENCH_SECTIONS:-export,read,merge,write,vhdx}
+ALL_SECTIONS="export, read, merge, write, vhdx, nbd, qcow2, frag, depth"
+SECTIONS=${BENCH_SECTIONS:-export,read,merge,write,vhdx,qcow2,frag,depth}
 for sec in ${SECTIONS//,/ }; do
   case $sec in
-    export | read | merge | write | vhdx | nbd) ;;
-    *) die "unknown section '$sec' in BENCH_SECTIONS (export, read, merge, write, vhdx, nbd)" ;;
+    export | read | merge | write | vhdx | nbd | qcow2 | frag | depth) ;;
+    *) die "unknown section '$sec' in BENCH_SECTIONS ($ALL_SECTIONS)" ;;
   esac
 done
 has() { [[ ",$SECTIONS," == *,$1,* ]]; }
@@ -123,8 +182,9 @@ MOUNT_OPTS=${BENCH_MOUNT_OPTS:-ro,cache=64M}
 BENCH_DIR=${BENCH_DIR:-$REPO/target/bench}
 if [ -n "${BENCH_REPORT:-}" ]; then
   REPORT=$BENCH_REPORT
-elif [ "$QUICK" != 1 ] && [ "$SIZE" -eq $((2 << 30)) ] &&
-  has export && has read && has merge && has write && has vhdx; then
+elif [ "$QUICK" != 1 ] && [ "$SIZE" -eq $((2 << 30)) ] && [ "$FSIZE" -eq $((1 << 30)) ] &&
+  [ "$DSIZE" -eq $((1 << 30)) ] && [ "$DEPTHS" = 1,8,64 ] && [ "$QMSIZE" -eq $((2 << 40)) ] &&
+  has export && has read && has merge && has write && has vhdx && has qcow2 && has frag && has depth; then
   REPORT=$REPO/docs/BENCHMARKS.md
 else
   REPORT=$BENCH_DIR/BENCHMARKS.md
@@ -290,10 +350,10 @@ if awk -v l="${LOAD%% *}" -v n="$(nproc)" 'BEGIN { exit !(l > n / 4) }'; then
   rec meta.note "Other work was running on this machine (load average $LOAD at the start, $(nproc) cores): the numbers are noisy. Re-run on a quiet machine before judging the targets."
 fi
 
-say "== chainfs benchmark: $((SIZE >> 20)) MiB virtual, work dir $W$([ "$QUICK" = 1 ] && echo ', QUICK mode')"
+say "== chainfs benchmark ($SECTIONS): $((SIZE >> 20)) MiB virtual$(has frag && echo ", frag $((FSIZE >> 20)) MiB")$(has depth && echo ", depth $((DSIZE >> 20)) MiB"), work dir $W$([ "$QUICK" = 1 ] && echo ', QUICK mode')"
 
 # ------------------------------------------------------------------ 1. data
-if has export || has read || has write || has vhdx || has nbd; then
+if has export || has read || has write || has vhdx || has nbd || has qcow2; then
   say "== 1. data: VHD chain, qcow2 chain and flat file with the same bytes"
   t=$EPOCHREALTIME
   python3 "$HELPER" build "$IMG" "$SIZE" "$CH" "$RES" "$(has vhdx && echo vhdx)"
@@ -345,6 +405,23 @@ EOF
     "$CH" check "$IMG/top.avhdx" >"$LOGD/check-vhdx.log" 2>&1 || die "chainfs check of the VHDX chain failed (see $LOGD/check-vhdx.log)"
     vx_verify=", \`chainfs export\` of the VHDX chain (which \`chainfs check\` passes)"
   fi
+  if has qcow2; then
+    # chainfs's own reading of the qcow2 chain qemu-io wrote, and its qcow2
+    # writer (export --format qcow2) judged by qemu-img, before any timing.
+    logcmd "chainfs export \$W/img/top.qcow2 \$W/out/verify.raw; python3 scripts/bench/helper.py sha256 \$W/out/verify.raw"
+    "$CH" export "$IMG/top.qcow2" "$OUTD/verify.raw" >/dev/null || die "chainfs export of the qcow2 chain failed"
+    h_cq=$(python3 "$HELPER" sha256 "$OUTD/verify.raw" | cut -d' ' -f1)
+    rm -f "$OUTD/verify.raw"
+    say "   qcow (chainfs export) $h_cq"
+    [ "$h_raw" = "$h_cq" ] || die "chainfs export of the qcow2 chain differs from the flat file"
+    "$CH" check "$IMG/top.qcow2" >"$LOGD/check-qcow2.log" 2>&1 || die "chainfs check of the qcow2 chain failed (see $LOGD/check-qcow2.log)"
+    logcmd "chainfs export \$W/img/top.qcow2 \$W/out/verify.qcow2 --format qcow2; qemu-img check -q \$W/out/verify.qcow2; qemu-img compare -q -f qcow2 -F raw \$W/out/verify.qcow2 \$W/img/raw.img"
+    "$CH" export "$IMG/top.qcow2" "$OUTD/verify.qcow2" --format qcow2 >/dev/null || die "chainfs export --format qcow2 of the qcow2 chain failed"
+    qemu-img check -q -f qcow2 "$OUTD/verify.qcow2" || die "qemu-img check finds chainfs's qcow2 export broken"
+    qemu-img compare -q -f qcow2 -F raw "$OUTD/verify.qcow2" "$IMG/raw.img" || die "chainfs's qcow2 export differs from the flat file (qemu-img compare)"
+    rm -f "$OUTD/verify.qcow2"
+    vx_verify="$vx_verify, \`chainfs export\` of the qcow2 chain (which \`chainfs check\` passes; its export to a new qcow2 passes \`qemu-img check\` and \`qemu-img compare\` with the flat file)"
+  fi
   rec meta.verify "sha256 $h_raw for the flat file, \`chainfs export\` of the VHD chain$vx_verify and \`qemu-img convert\` of the qcow2 chain (each mounted view is also probed against the flat file before it is measured)."
 else
   rec meta.verify "not needed (BENCH_SECTIONS=$SECTIONS)"
@@ -352,27 +429,30 @@ fi
 
 # ------------------------------------------------------------------ 2. export
 OUT=$OUTD/export.raw
-export_cmd() {
+VSIZE=$SIZE # the virtual size of the images being measured (each section sets its own)
+export_argv() { # tool: its command, as the array EXA
   case $1 in
-    chainfs) "$CH" export "$IMG/top.vhd" "$OUT" --force >/dev/null ;;
-    chainfs_vhdx) "$CH" export "$IMG/top.avhdx" "$OUT" --force >/dev/null ;;
-    chainfs_to_vhdx) "$CH" export "$IMG/top.avhdx" "$OUT" --format vhdx --force >/dev/null ;;
-    qemu_to_vhdx) qemu-img convert -f qcow2 -O vhdx "$IMG/top.qcow2" "$OUT" ;;
-    qemu) qemu-img convert -f qcow2 -O raw "$IMG/top.qcow2" "$OUT" ;;
-    qemu_w) qemu-img convert -f qcow2 -O raw -m 8 -W "$IMG/top.qcow2" "$OUT" ;;
-    cp) cp --sparse=always "$IMG/raw.img" "$OUT" ;;
+    chainfs) EXA=("$CH" export "$IMG/top.vhd" "$OUT" --force) ;;
+    chainfs_vhdx) EXA=("$CH" export "$IMG/top.avhdx" "$OUT" --force) ;;
+    chainfs_to_vhdx) EXA=("$CH" export "$IMG/top.avhdx" "$OUT" --format vhdx --force) ;;
+    chainfs_qcow2) EXA=("$CH" export "$IMG/top.qcow2" "$OUT" --force) ;;
+    chainfs_q2q) EXA=("$CH" export "$IMG/top.qcow2" "$OUT" --format qcow2 --force) ;;
+    qemu_to_vhdx) EXA=(qemu-img convert -f qcow2 -O vhdx "$IMG/top.qcow2" "$OUT") ;;
+    qemu_q2q) EXA=(qemu-img convert -f qcow2 -O qcow2 "$IMG/top.qcow2" "$OUT") ;;
+    qemu) EXA=(qemu-img convert -f qcow2 -O raw "$IMG/top.qcow2" "$OUT") ;;
+    qemu_w) EXA=(qemu-img convert -f qcow2 -O raw -m 8 -W "$IMG/top.qcow2" "$OUT") ;;
+    cp) EXA=(cp --sparse=always "$IMG/raw.img" "$OUT") ;;
+    f_chainfs) EXA=("$CH" export "$FW/top.avhdx" "$OUT" --force) ;;
+    f_qemu) EXA=(qemu-img convert -f qcow2 -O raw "$FW/top.qcow2" "$OUT") ;;
+    *) die "unknown export tool $1" ;;
   esac
 }
+export_cmd() { export_argv "$1" && "${EXA[@]}" >/dev/null; }
 export_log() {
-  case $1 in
-    chainfs) logcmd "drop; chainfs export \$W/img/top.vhd \$W/out/export.raw --force; sync \$W/out/export.raw" ;;
-    chainfs_vhdx) logcmd "drop; chainfs export \$W/img/top.avhdx \$W/out/export.raw --force; sync \$W/out/export.raw" ;;
-    chainfs_to_vhdx) logcmd "drop; chainfs export \$W/img/top.avhdx \$W/out/export.raw --format vhdx --force; sync \$W/out/export.raw" ;;
-    qemu_to_vhdx) logcmd "drop; qemu-img convert -f qcow2 -O vhdx \$W/img/top.qcow2 \$W/out/export.raw; sync \$W/out/export.raw" ;;
-    qemu) logcmd "drop; qemu-img convert -f qcow2 -O raw \$W/img/top.qcow2 \$W/out/export.raw; sync \$W/out/export.raw" ;;
-    qemu_w) logcmd "drop; qemu-img convert -f qcow2 -O raw -m 8 -W \$W/img/top.qcow2 \$W/out/export.raw; sync \$W/out/export.raw" ;;
-    cp) logcmd "drop; cp --sparse=always \$W/img/raw.img \$W/out/export.raw; sync \$W/out/export.raw" ;;
-  esac
+  export_argv "$1"
+  local c="${EXA[*]}"
+  c=${c//"$CH"/chainfs}
+  logcmd "drop; ${c//"$W"/\$W}; sync \$W/out/export.raw"
 }
 export_loop() { # tools...: REPS rounds, every tool in each round, cold
   local tool rep s
@@ -386,26 +466,35 @@ export_loop() { # tools...: REPS rounds, every tool in each round, cold
         s=$(secs_since "$t")
         rec "export.$tool.s" "$s"
         rec "export.$tool.alloc_mib" "$(alloc_mib "$OUT")"
-        printf '   run %d  %-12s %7.2f s  %7.0f MiB/s\n' "$rep" "$tool" "$s" \
-          "$(awk -v s="$s" -v z="$SIZE" 'BEGIN { print z / 1048576 / s }')"
+        printf '   run %d  %-15s %7.2f s  %7.0f MiB/s\n' "$rep" "$tool" "$s" \
+          "$(awk -v s="$s" -v z="$VSIZE" 'BEGIN { print z / 1048576 / s }')"
       else
         echo "bench.sh: FAILED: export with $tool" >&2
+        rec "export.$tool.s" FAILED
         FAILURES=$((FAILURES + 1))
       fi
     done
   done
   rm -f "$OUT"
 }
+# The vhdx and qcow2 sections add their exports to these rounds.
+QX_TOOLS=()
+has qcow2 && QX_TOOLS=(chainfs_qcow2 chainfs_q2q qemu_q2q)
 if has export; then
   say "== 2. export: cold, $REPS runs each, MiB/s of the $((SIZE >> 20)) MiB virtual size"
   if has vhdx; then
-    export_loop chainfs chainfs_vhdx chainfs_to_vhdx qemu qemu_to_vhdx qemu_w cp
+    export_loop chainfs chainfs_vhdx chainfs_to_vhdx qemu qemu_to_vhdx qemu_w cp "${QX_TOOLS[@]}"
   else
-    export_loop chainfs qemu qemu_w cp
+    export_loop chainfs qemu qemu_w cp "${QX_TOOLS[@]}"
   fi
-elif has vhdx; then
-  say "== 2. export (vhdx section only): cold, $REPS runs each"
-  export_loop chainfs chainfs_vhdx
+else
+  x=()
+  has vhdx && x+=(chainfs chainfs_vhdx)
+  has qcow2 && x+=(chainfs_qcow2 qemu chainfs_q2q qemu_q2q)
+  if [ ${#x[@]} -gt 0 ]; then
+    say "== 2. export (for the $(has vhdx && echo 'vhdx ')$(has qcow2 && echo 'qcow2 ')section): ${x[*]}, cold, $REPS runs each"
+    export_loop "${x[@]}"
+  fi
 fi
 
 # ------------------------------------------------------------------ 3. read
@@ -420,9 +509,10 @@ rec meta.chainfs_mount "$HAVE_MOUNT"
 TFILE="" TPID="" TMP=""
 RW_OPTS="rw,cache=${CACHE_MIB}M"
 MW=$W/merge/work WD=$W/write
+FD=$W/frag FW=$W/frag/work DD=$W/depth QD=$W/qmem QLEAF=""
 declare -A RSS LOGGED
 
-wait_mount() { # the daemon TPID must show TFILE on a FUSE mount at TMP
+wait_mount() { # the daemon TPID must show TFILE, VSIZE bytes, on a FUSE mount at TMP
   local t=$1 i
   for i in $(seq 200); do
     if ! kill -0 "$TPID" 2>/dev/null; then
@@ -432,34 +522,60 @@ wait_mount() { # the daemon TPID must show TFILE on a FUSE mount at TMP
       return 1
     fi
     if findmnt -n -o FSTYPE -M "$TMP" 2>/dev/null | grep -q '^fuse' &&
-      [ -f "$TFILE" ] && [ "$(stat -c %s "$TFILE")" = "$SIZE" ]; then
+      [ -f "$TFILE" ] && [ "$(stat -c %s "$TFILE")" = "$VSIZE" ]; then
       return 0
     fi
     sleep 0.1
   done
   tail -20 "$LOGD/$t.log" >&2
-  echo "bench.sh: ERROR: $t: $TFILE did not appear as a $SIZE-byte file on a FUSE mount at $TMP within 20 s" >&2
+  echo "bench.sh: ERROR: $t: $TFILE did not appear as a $VSIZE-byte file on a FUSE mount at $TMP within 20 s" >&2
   stop_target "$t"
   return 1
+}
+
+mount_chainfs() { # target leaf options: chainfs mount -f LEAF $MNT/TARGET in the background
+  TMP=$MNT/$1 TFILE=$MNT/$1/disk.raw
+  mkdir -p "$TMP"
+  "$CH" mount -f "$2" "$TMP" -o "$3" >>"$LOGD/$1.log" 2>&1 &
+  TPID=$!
+  logcmd "chainfs mount -f ${2//"$W"/\$W} \$W/mnt/$1 -o $3 &   # file: \$W/mnt/$1/disk.raw"
+}
+
+export_qsd() { # target image raw|qcow2: a read-only qemu-storage-daemon FUSE export at $MNT/TARGET
+  local bd
+  TMP=$MNT/$1 TFILE=$MNT/$1
+  : >"$TMP"
+  if [ "$3" = raw ]; then
+    bd=(--blockdev "driver=file,node-name=f0,filename=$2,read-only=on"
+      --blockdev "driver=raw,node-name=n0,file=f0,read-only=on")
+  else
+    bd=(--blockdev "driver=qcow2,node-name=n0,read-only=on,file.driver=file,file.filename=$2")
+  fi
+  qemu-storage-daemon "${bd[@]}" \
+    --export "type=fuse,id=e0,node-name=n0,mountpoint=$TMP,writable=off" >>"$LOGD/$1.log" 2>&1 &
+  TPID=$!
+  logcmd "qemu-storage-daemon ${bd[*]//"$W"/\$W} --export type=fuse,id=e0,node-name=n0,mountpoint=\$W/mnt/$1,writable=off &"
 }
 
 start_target() {
   local t=$1
   TPID="" TMP=""
   case $t in
-    raw)
-      TFILE=$IMG/raw.img
+    raw | f_raw | d_raw | w_raw) # plain files, read directly
+      case $t in
+        raw) TFILE=$IMG/raw.img ;;
+        f_raw) TFILE=$FD/raw.img ;;
+        d_raw) TFILE=$DD/raw.img ;;
+        w_raw) TFILE=$WD/raw.img ;;
+      esac
       return 0
       ;;
-    chainfs | chainfs_vhdx) # the VHD chain, or the same content as VHDX
-      local top=top.vhd
-      [ "$t" = chainfs_vhdx ] && top=top.avhdx
-      TMP=$MNT/$t TFILE=$MNT/$t/disk.raw
-      mkdir -p "$TMP"
-      "$CH" mount -f "$IMG/$top" "$TMP" -o "$MOUNT_OPTS" >>"$LOGD/$t.log" 2>&1 &
-      TPID=$!
-      logcmd "chainfs mount -f \$W/img/$top \$W/mnt/$t -o $MOUNT_OPTS &   # file: \$W/mnt/$t/disk.raw"
-      ;;
+    chainfs) mount_chainfs "$t" "$IMG/top.vhd" "$MOUNT_OPTS" ;;
+    chainfs_vhdx) mount_chainfs "$t" "$IMG/top.avhdx" "$MOUNT_OPTS" ;; # the same content as VHDX
+    chainfs_qcow2) mount_chainfs "$t" "$IMG/top.qcow2" "$MOUNT_OPTS" ;; # the same content as qcow2 (qemu-io made it)
+    f_chainfs) mount_chainfs "$t" "$FW/top.avhdx" "$MOUNT_OPTS" ;;
+    depth*) mount_chainfs "$t" "$(python3 "$HELPER" layoutinfo "$DD/layout.json" "leaf${t#depth}")" "$MOUNT_OPTS" ;;
+    qm_chainfs) mount_chainfs "$t" "$QLEAF" "$MOUNT_OPTS" ;;
     vhdimount | vhdimount_vhdx)
       local top=top.vhd dir=vhdi
       [ "$t" = vhdimount_vhdx ] && top=top.avhdx dir=vhdi_vhdx
@@ -472,21 +588,10 @@ start_target() {
       TPID=$!
       logcmd "(cd \$W/img && vhdimount -v $top \$W/mnt/$dir) &   # file: \$W/mnt/$dir/vhdi3 (the flattened top of 3 layers)"
       ;;
-    qsd_raw | qsd_qcow2)
-      TMP=$MNT/$t TFILE=$MNT/$t
-      : >"$TMP"
-      local bd
-      if [ "$t" = qsd_raw ]; then
-        bd=(--blockdev "driver=file,node-name=f0,filename=$IMG/raw.img,read-only=on"
-          --blockdev "driver=raw,node-name=n0,file=f0,read-only=on")
-      else
-        bd=(--blockdev "driver=qcow2,node-name=n0,read-only=on,file.driver=file,file.filename=$IMG/top.qcow2")
-      fi
-      qemu-storage-daemon "${bd[@]}" \
-        --export "type=fuse,id=e0,node-name=n0,mountpoint=$TMP,writable=off" >>"$LOGD/$t.log" 2>&1 &
-      TPID=$!
-      logcmd "qemu-storage-daemon ${bd[*]//$W/\$W} --export type=fuse,id=e0,node-name=n0,mountpoint=\$W/mnt/$t,writable=off &"
-      ;;
+    qsd_raw) export_qsd "$t" "$IMG/raw.img" raw ;;
+    qsd_qcow2) export_qsd "$t" "$IMG/top.qcow2" qcow2 ;;
+    f_qsd) export_qsd "$t" "$FW/top.qcow2" qcow2 ;;
+    qm_qsd) export_qsd "$t" "$QLEAF" qcow2 ;;
     m_chainfs) # the merge chain's leaf, writable (merges need -o rw)
       TMP=$MNT/merge TFILE=$MNT/merge/disk.raw
       mkdir -p "$TMP"
@@ -494,17 +599,7 @@ start_target() {
       TPID=$!
       logcmd "chainfs mount -f \$W/merge/work/leaf.vhd \$W/mnt/merge -o $RW_OPTS &"
       ;;
-    w_raw)
-      TFILE=$WD/raw.img
-      return 0
-      ;;
-    w_chainfs)
-      TMP=$MNT/w_chainfs TFILE=$MNT/w_chainfs/disk.raw
-      mkdir -p "$TMP"
-      "$CH" mount -f "$WD/ovl.vhd" "$TMP" -o "$RW_OPTS" >>"$LOGD/$t.log" 2>&1 &
-      TPID=$!
-      logcmd "chainfs mount -f \$W/write/ovl.vhd \$W/mnt/w_chainfs -o $RW_OPTS &   # file: \$W/mnt/w_chainfs/disk.raw"
-      ;;
+    w_chainfs) mount_chainfs "$t" "$WD/ovl.vhd" "$RW_OPTS" ;;
     w_qsd)
       TMP=$MNT/w_qsd TFILE=$MNT/w_qsd
       : >"$TMP"
@@ -558,9 +653,9 @@ fio_run() { # target metric fio-args...   (FIO_MODE=write: a write job, results 
   local common=("${FIO_COMMON[@]}")
   [ "$kind" = write ] && common=("${FIO_WCOMMON[@]}")
   local j=$FIOD/$t.$m.$EPOCHSECONDS.json
-  LAST_IO=$SIZE
-  if [ -z "${LOGGED[$kind.$m]:-}" ]; then
-    LOGGED[$kind.$m]=1
+  LAST_IO=$VSIZE
+  if [ -z "${LOGGED[$kind.$m.$VSIZE]:-}" ]; then
+    LOGGED[$kind.$m.$VSIZE]=1
     logcmd "fio --name=$m --filename=FILE ${common[*]} $*"
   fi
   if [ -n "$TPID" ] && ! kill -0 "$TPID" 2>/dev/null; then
@@ -588,6 +683,7 @@ SEQ=(--rw=read --bs=1M)
 RAND=(--rw=randread --bs=4k --norandommap --randrepeat=1)
 declare -A WARM # target -> bytes the cold sequential pass read (the warm range)
 
+VREF=$IMG/raw.img VLAYOUT=$IMG/layout.json # the flat file and layout the views are checked against
 verify_target() { # mount once and probe the mounted view against the flat file
   local t=$1
   if ! start_target "$t"; then
@@ -595,7 +691,7 @@ verify_target() { # mount once and probe the mounted view against the flat file
     return 1
   fi
   say "   $t: $TFILE"
-  if ! python3 "$HELPER" compare "$IMG/raw.img" "$TFILE" "$IMG/layout.json" "$VERIFY_PROBES"; then
+  if ! python3 "$HELPER" compare "$VREF" "$TFILE" "$VLAYOUT" "$VERIFY_PROBES"; then
     stop_target "$t"
     fail_target "$t" "the mounted file shows different bytes from the flat file"
     return 1
@@ -604,17 +700,41 @@ verify_target() { # mount once and probe the mounted view against the flat file
 }
 
 warm_size() { # $1 target, $2 readers: bytes per reader inside the warm range
-  local w=${WARM[$1]:-$SIZE} n=$2
+  local w=${WARM[$1]:-$VSIZE} n=$2
   w=$(((w / n) >> 20 << 20))
   [ "$w" -ge $((1 << 20)) ] || w=$((1 << 20))
   echo "$w"
 }
 
+dd_run() { # target: dd bs=1M of the whole view to /dev/null (recorded as fio results are)
+  local t=$1 t0 s out n
+  if [ -z "${LOGGED[dd.$VSIZE]:-}" ]; then
+    LOGGED[dd.$VSIZE]=1
+    logcmd "dd if=FILE of=/dev/null bs=1M   # $((VSIZE >> 20)) MiB; MiB/s = size / wall time"
+  fi
+  t0=$EPOCHREALTIME
+  if out=$(dd if="$TFILE" of=/dev/null bs=1M 2>&1); then
+    s=$(secs_since "$t0")
+    n=$(printf '%s\n' "$out" | awk '/bytes/ { print $1 }' | tail -1)
+    if [ "$n" = "$VSIZE" ]; then
+      out=$(awk -v s="$s" -v z="$VSIZE" 'BEGIN { printf "%.1f 0 %.2f %d", z / 1048576 / s, s, z / 1048576 }')
+      rec "read.$t.dd_cold" "$out"
+      printf '   %-10s %-12s %9s MiB/s  (%s s)\n' "$t" dd_cold "${out%% *}" "$s"
+      return 0
+    fi
+    out="dd read $n bytes, not $VSIZE: $out"
+  fi
+  echo "bench.sh: FAILED: dd of $t ($TFILE): $out" >&2
+  rec "read.$t.dd_cold" FAILED
+  FAILURES=$((FAILURES + 1))
+}
+
 # One group = a fresh mount, a dropped page cache, then some fio runs.
 group() {
-  local g=$1 t=$2 q=$((SIZE / 4)) w m
+  local g=$1 t=$2 q=$((VSIZE / 4)) w m
   if ! start_target "$t"; then
     case $g in
+      dd) m=dd_cold ;;
       seq1c) m=seq_cold_1 ;;
       seq1) m="seq_cold_1 seq_warm_1 rand_warm_1 rand_warm_4" ;;
       seq4) m="seq_cold_4 seq_warm_4" ;;
@@ -628,9 +748,10 @@ group() {
   fi
   drop_caches
   case $g in
-    seq1c) fio_run "$t" seq_cold_1 "${SEQ[@]}" --size="$SIZE" --runtime="$SEQ_CAP" ;;
+    dd) dd_run "$t" ;;
+    seq1c) fio_run "$t" seq_cold_1 "${SEQ[@]}" --size="$VSIZE" --runtime="$SEQ_CAP" ;;
     seq1)
-      fio_run "$t" seq_cold_1 "${SEQ[@]}" --size="$SIZE" --runtime="$SEQ_CAP"
+      fio_run "$t" seq_cold_1 "${SEQ[@]}" --size="$VSIZE" --runtime="$SEQ_CAP"
       WARM[$t]=$LAST_IO
       w=$(warm_size "$t" 1)
       fio_run "$t" seq_warm_1 "${SEQ[@]}" --size="$w" --time_based --runtime="$WARM_RT"
@@ -643,8 +764,8 @@ group() {
       w=$(warm_size "$t" 4)
       fio_run "$t" seq_warm_4 "${SEQ[@]}" --size="$w" --offset_increment="$q" --numjobs=4 --time_based --runtime="$WARM_RT"
       ;;
-    rand1) fio_run "$t" rand_cold_1 "${RAND[@]}" --size="$SIZE" --numjobs=1 --number_ios="$RAND_IOS" --runtime="$RAND_CAP" ;;
-    rand4) fio_run "$t" rand_cold_4 "${RAND[@]}" --size="$SIZE" --numjobs=4 --number_ios=$((RAND_IOS / 4)) --runtime="$RAND_CAP" ;;
+    rand1) fio_run "$t" rand_cold_1 "${RAND[@]}" --size="$VSIZE" --numjobs=1 --number_ios="$RAND_IOS" --runtime="$RAND_CAP" ;;
+    rand4) fio_run "$t" rand_cold_4 "${RAND[@]}" --size="$VSIZE" --numjobs=4 --number_ios=$((RAND_IOS / 4)) --runtime="$RAND_CAP" ;;
   esac
   stop_target "$t"
 }
@@ -656,11 +777,15 @@ vx_group() { # the groups a VHDX target runs: cold sequential (1 reader) and col
     *) echo "$1" ;;
   esac
 }
-read_rounds() { # targets...: verify each view, then READ_REPS rounds
+RGROUPS="seq1 seq4 rand1 rand4" # the groups read_rounds runs
+read_rounds() { # targets...: verify each view, then READ_REPS rounds of RGROUPS
   local t g gg i round n ok=() order
   say "   checking each mounted view against the flat file"
   for t in "$@"; do
-    if [ "$t" = raw ]; then ok+=(raw); else verify_target "$t" && ok+=("$t"); fi
+    case $t in
+      raw | f_raw | d_raw) ok+=("$t") ;;
+      *) verify_target "$t" && ok+=("$t") ;;
+    esac
   done
   n=${#ok[@]}
   [ "$n" -gt 0 ] || return 0
@@ -668,7 +793,7 @@ read_rounds() { # targets...: verify each view, then READ_REPS rounds
     order=()
     for i in $(seq 0 $((n - 1))); do order+=("${ok[$(((i + round - 1) % n))]}"); done
     say "-- round $round/$READ_REPS: ${order[*]}"
-    for g in seq1 seq4 rand1 rand4; do
+    for g in $RGROUPS; do
       for t in "${order[@]}"; do
         case $t in
           *_vhdx) gg=$(vx_group "$g"); [ -z "$gg" ] || group "$gg" "$t" ;;
@@ -682,22 +807,28 @@ read_rounds() { # targets...: verify each view, then READ_REPS rounds
   done
   return 0
 }
+how_reads() { # the text that says how the read rounds run, for the report
+  echo "fio $(fio --version), psync, buffered (direct=0); fio does not invalidate the page cache itself (invalidate=0). \
+Every cell is the median of $READ_REPS rounds; in each round every kind of run is done for all targets in turn (the order rotates from round to round), \
+so the targets compared in a row were measured minutes apart at most. \
+'Cold' = a fresh mount (daemon started anew) and \`sync; echo 3 > /proc/sys/vm/drop_caches\` just before. \
+Sequential: 1 MiB reads of the whole $((VSIZE >> 20)) MiB (4 readers: one quarter each), cold runs capped at $SEQ_CAP s. \
+'Warm' = on the same mount right after the cold 1-reader (or 4-reader) sequential pass, over the range that pass read (the whole file unless the cap stopped it), time-based $WARM_RT s. \
+Random: 4 KiB reads at the same seeded offsets for every target (randrepeat, norandommap; fio's default fadvise RANDOM turns readahead off), \
+cold: $RAND_IOS reads in all (capped at $RAND_CAP s). chainfs is mounted with \`-o $MOUNT_OPTS\`."
+}
+# The vhdx and qcow2 sections add their views to the read rounds (the qcow2
+# chain through chainfs next to qemu-storage-daemon's export of it).
 VX_TARGETS=()
 if has vhdx; then
   [ "$HAVE_MOUNT" = 1 ] && VX_TARGETS+=(chainfs_vhdx)
   VX_TARGETS+=(vhdimount_vhdx)
 fi
+if has qcow2 && [ "$HAVE_MOUNT" = 1 ]; then VX_TARGETS+=(chainfs_qcow2); fi
 if has read; then
   rec meta.read_section 1
   rec meta.read_reps "$READ_REPS"
-  rec meta.read_how "fio $(fio --version), psync, buffered (direct=0); fio does not invalidate the page cache itself (invalidate=0). \
-Every cell is the median of $READ_REPS rounds; in each round every kind of run is done for all targets in turn (the order rotates from round to round), \
-so the targets compared in a row were measured minutes apart at most. \
-'Cold' = a fresh mount (daemon started anew) and \`sync; echo 3 > /proc/sys/vm/drop_caches\` just before. \
-Sequential: 1 MiB reads of the whole $((SIZE >> 20)) MiB (4 readers: one quarter each), cold runs capped at $SEQ_CAP s. \
-'Warm' = on the same mount right after the cold 1-reader (or 4-reader) sequential pass, over the range that pass read (the whole file unless the cap stopped it), time-based $WARM_RT s. \
-Random: 4 KiB reads at the same seeded offsets for every target (randrepeat, norandommap; fio's default fadvise RANDOM turns readahead off), \
-cold: $RAND_IOS reads in all (capped at $RAND_CAP s). chainfs is mounted with \`-o $MOUNT_OPTS\`."
+  rec meta.read_how "$(how_reads)"
   targets=(raw)
   if [ "$HAVE_MOUNT" = 1 ]; then
     targets+=(chainfs)
@@ -706,30 +837,163 @@ cold: $RAND_IOS reads in all (capped at $RAND_CAP s). chainfs is mounted with \`
     say "== 3. read: \`chainfs mount\` does not exist in this build; measuring the peers only, $READ_REPS round(s)"
   fi
   targets+=(vhdimount qsd_raw qsd_qcow2 "${VX_TARGETS[@]}")
-  [ ${#VX_TARGETS[@]} -eq 0 ] || say "   with the VHDX chain (${VX_TARGETS[*]}): cold sequential 1 reader, cold random 1 and 4 readers"
+  has vhdx && say "   with the VHDX chain: cold sequential 1 reader, cold random 1 and 4 readers"
+  has qcow2 && say "   with chainfs on the qcow2 chain (every kind of run)"
   read_rounds "${targets[@]}"
 else
   rec meta.read_section 0
   rec meta.read_skip "BENCH_SECTIONS=$SECTIONS"
+  has qcow2 && VX_TARGETS+=(qsd_qcow2)
   if [ ${#VX_TARGETS[@]} -gt 0 ]; then
-    say "== 3. read (vhdx section only): ${VX_TARGETS[*]}, $READ_REPS round(s)"
+    say "== 3. read (for the $(has vhdx && echo 'vhdx ')$(has qcow2 && echo 'qcow2 ')section): ${VX_TARGETS[*]}, $READ_REPS round(s)"
     rec meta.vx_read_how "Rounds as in the read section (fio, psync, buffered, cold = fresh mount + drop_caches; median of $READ_REPS)."
+    rec meta.q_read_how "$(how_reads)"
     read_rounds "${VX_TARGETS[@]}"
   fi
 fi
 
 # ------------------------------------------------------------------ 4. merge
-if has merge; then
-  say "== 4. merge: build the merge chain (VHD and qcow2, same bytes)"
-  MD=$W/merge MP=$W/merge/pristine
+# Timed merges, shared by the merge, qcow2 and frag sections. A case names the
+# chain (m2: merge chain, leaf into mid; m3: merge chain, leaf into base
+# through mid; f3: fragmented chain, top into base through mid); a tool the
+# command. Every run starts from fresh copies of the pristine files at the
+# paths they were made at (the chains record absolute parent paths).
+MD=$W/merge MP=$W/merge/pristine FP=$W/frag/pristine MJ=$W/merge.json
+hm="" hf=""
+restore_copies() { # pristine-dir work-dir ext...: fresh copies of the pristine files with these extensions
+  local from=$1 to=$2 e f
+  shift 2
+  rm -rf "$to"
+  mkdir -p "$to"
+  for e in "$@"; do
+    for f in "$from"/*."$e"; do cp --sparse=always "$f" "$to/"; done
+  done
+}
+restore() { restore_copies "$MP" "$MW" "$@"; } # the merge chain: vhd or qcow2
+merge_paths() { # case tool: SRC, BETWEEN (may be empty), DEST, FLAT (the content), HASH (its sha256)
+  local e=vhd
+  case $2 in *qcow2* | qemu*) e=qcow2 ;; esac
+  case $1 in
+    m2) SRC=$MW/leaf.$e BETWEEN="" DEST=$MW/mid.$e FLAT=$MD/flat.raw HASH=$hm ;;
+    m3) SRC=$MW/leaf.$e BETWEEN=$MW/mid.$e DEST=$MW/base.$e FLAT=$MD/flat.raw HASH=$hm ;;
+    f3)
+      if [ "$e" = qcow2 ]; then
+        SRC=$FW/top.qcow2 BETWEEN=$FW/mid.qcow2 DEST=$FW/base.qcow2
+      else
+        SRC=$FW/top.avhdx BETWEEN=$FW/mid.avhdx DEST=$FW/base.vhdx
+      fi
+      FLAT=$FD/raw.img HASH=$hf
+      ;;
+  esac
+}
+merge_prep() { # case tool: the fresh copies the run starts from
+  case $1.$2 in
+    m*.chainfs_qcow2* | m*.qemu*) restore qcow2 ;;
+    m*.chainfs* | m*.rm) restore vhd ;;
+    m*.cp) rm -f "$MD/cp.out" ;;
+    f3.chainfs*) restore_copies "$FP" "$FW" vhdx avhdx ;;
+    f3.qemu*) restore_copies "$FP" "$FW" qcow2 ;;
+    f3.cat) rm -f "$FD/cat.out" ;;
+  esac
+}
+merge_cmd() { # case tool
+  merge_paths "$1" "$2"
+  case $1.$2 in
+    *.chainfs | *.chainfs_qcow2) "$CH" merge "$SRC" "$DEST" --json >"$MJ" && sync "$DEST" ;;
+    *.chainfs_keep | *.chainfs_qcow2_keep)
+      # shellcheck disable=SC2086 # BETWEEN is one path or empty
+      "$CH" merge "$SRC" "$DEST" --keep --json >"$MJ" && sync "$DEST" $BETWEEN "$SRC"
+      ;;
+    m2.rm) rm "$MW/leaf.vhd" && sync "$MW" ;;
+    m3.rm) rm "$MW/leaf.vhd" "$MW/mid.vhd" && sync "$MW" ;;
+    m2.qemu) qemu-img commit -q -f qcow2 "$SRC" && sync "$DEST" "$SRC" ;;
+    m2.qemu_d) qemu-img commit -q -d -f qcow2 "$SRC" && sync "$DEST" ;;
+    m3.qemu) qemu-img commit -q -f qcow2 -b "$DEST" "$SRC" && sync "$DEST" ;;
+    f3.qemu) qemu-img commit -q -d -f qcow2 -b "$DEST" "$SRC" && sync "$DEST" ;;
+    m2.cp | m3.cp) cp "$MD/cp${1#m}.bin" "$MD/cp.out" && sync "$MD/cp.out" ;;
+    f3.cat) cat "$FD/changed.bin" >"$FD/cat.out" && sync "$FD/cat.out" ;;
+    *) die "unknown merge $1.$2" ;;
+  esac
+}
+detached() { { "$CH" info "$1" 2>&1 || true; } | grep -qi detached; }
+verify_merge() { # case tool: the merged chain must show the pre-merge content
+  local c=$1 tool=$2 h f
+  merge_paths "$c" "$tool"
+  case $tool in
+    chainfs*)
+      for f in "$SRC" $BETWEEN; do
+        if [ "$tool" = "${tool%_keep}" ]; then
+          [ ! -e "$f" ] || { echo "${f##*/} is still there after the merge" >&2; return 1; }
+        else
+          [ -e "$f" ] || { echo "${f##*/} is gone despite --keep" >&2; return 1; }
+          detached "$f" || { echo "${f##*/} is not detached after merge --keep" >&2; return 1; }
+        fi
+      done
+      "$CH" check "$DEST" >"$LOGD/merge-check.log" 2>&1 || { cat "$LOGD/merge-check.log" >&2; return 1; }
+      "$CH" export "$DEST" "$W/verify.raw" --force >/dev/null || return 1
+      h=$(python3 "$HELPER" sha256 "$W/verify.raw" | cut -d' ' -f1)
+      rm -f "$W/verify.raw"
+      [ "$h" = "$HASH" ] || { echo "the merged chain shows sha256 $h, not $HASH" >&2; return 1; }
+      if [ "${DEST##*.}" = qcow2 ]; then # and qemu-img's view of chainfs's result
+        qemu-img check -q -f qcow2 "$DEST" || return 1
+        qemu-img compare -q -f qcow2 -F raw "$DEST" "$FLAT" ||
+          { echo "qemu-img compare: the merged base differs from the flat file" >&2; return 1; }
+      fi
+      ;;
+    qemu | qemu_d)
+      qemu-img check -q -f qcow2 "$DEST" || return 1
+      qemu-img compare -q -f qcow2 -F raw "$DEST" "$FLAT" ||
+        { echo "qemu-img compare: the committed chain differs from the flat file" >&2; return 1; }
+      ;;
+    cp) cmp -s "$MD/cp.out" "$MD/cp${c#m}.bin" || { echo "the copy differs" >&2; return 1; } ;;
+    cat) cmp -s "$FD/cat.out" "$FD/changed.bin" || { echo "the copy differs" >&2; return 1; } ;;
+    rm) [ ! -e "$MW/leaf.vhd" ] || { echo "leaf.vhd still there" >&2; return 1; } ;;
+  esac
+}
+merge_run() { # rep case tool bytes: one timed run, checked afterwards
+  local rep=$1 c=$2 tool=$3 b=$4 s copied=""
+  merge_prep "$c" "$tool"
+  drop_caches
+  t=$EPOCHREALTIME
+  if merge_cmd "$c" "$tool" >"$LOGD/merge.out" 2>&1; then
+    s=$(secs_since "$t")
+    if verify_merge "$c" "$tool"; then
+      rec "merge.$c.$tool.s" "$s"
+      if [ "$tool" != "${tool#chainfs}" ]; then
+        copied=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["bytes_copied"])' "$MJ")
+        rec "merge.$c.$tool.copied" "$copied"
+      fi
+      printf '   run %d  %-22s %7.2f s  %7.0f MiB/s of merged data%s\n' "$rep" "$c.$tool" "$s" \
+        "$(awk -v s="$s" -v z="$b" 'BEGIN { print z / 1048576 / s }')" \
+        "$([ -n "$copied" ] && echo "  (bytes_copied $copied)")"
+    else
+      echo "bench.sh: FAILED: merge $c.$tool: the result is wrong (see above)" >&2
+      rec "meta.failed.merge_$c.$tool" "the merged result differs from the pre-merge content (run $rep)"
+      rec "merge.$c.$tool.s" FAILED
+      FAILURES=$((FAILURES + 1))
+    fi
+  else
+    echo "bench.sh: FAILED: merge $c.$tool:" >&2
+    tail -5 "$LOGD/merge.out" >&2
+    rec "meta.failed.merge_$c.$tool" "$(tail -1 "$LOGD/merge.out") (run $rep)"
+    rec "merge.$c.$tool.s" FAILED
+    FAILURES=$((FAILURES + 1))
+  fi
+}
+
+if has merge || has qcow2; then
+  mfmts=qcow2
+  has merge && mfmts=vhd,qcow2
+  say "== 4. merge: build the merge chain ($mfmts, same bytes)"
   mkdir -p "$MW" "$MP"
   t=$EPOCHREALTIME
-  python3 "$HELPER" mergebuild "$MD" "$SIZE" "$CH" "$RES"
+  python3 "$HELPER" mergebuild "$MD" "$SIZE" "$CH" "$RES" "$mfmts"
   say "   built in $(secs_since "$t") s"
   M2=$(python3 "$HELPER" layoutinfo "$MD/layout.json" merge2)
   M3=$(python3 "$HELPER" layoutinfo "$MD/layout.json" merge3)
   rec meta.merge_bytes2 "$M2"
   rec meta.merge_bytes3 "$M3"
+  has merge && rec meta.merge_section 1
   MDATA=$(python3 - "$MD/layout.json" <<'PY'
 import json, sys
 j = json.load(open(sys.argv[1]))
@@ -742,126 +1006,65 @@ print(f"{j['size'] // M} MiB virtual disk, chain base <- mid <- leaf: {parts} of
       f"{j['merge3'] / M:.0f} MiB (the union of the leaf's and mid's regions).")
 PY
   )
-  mfiles=$(cd "$MW" && for f in base.vhd mid.vhd leaf.vhd base.qcow2 mid.qcow2 leaf.qcow2; do
-    printf '%s %s MiB, ' "$f" "$(alloc_mib "$f")"
-  done)
+  mfiles=""
+  for f in base.vhd mid.vhd leaf.vhd base.qcow2 mid.qcow2 leaf.qcow2; do
+    [ -e "$MW/$f" ] && mfiles="$mfiles$f $(alloc_mib "$MW/$f") MiB, "
+  done
   rec meta.merge_data "$MDATA Allocated on disk: ${mfiles%, }."
-  say "   verifying: sha256 of the flat file, chainfs export (VHD chain), qemu-img convert (qcow2 chain)"
+  say "   verifying: sha256 of the flat file, $(has merge && echo 'chainfs export (VHD chain), ')qemu-img convert (qcow2 chain)"
   hm=$(python3 "$HELPER" sha256 "$MD/flat.raw" | cut -d' ' -f1)
-  "$CH" export "$MW/leaf.vhd" "$MD/verify.raw" --force >/dev/null || die "chainfs export of the merge chain failed"
-  hmv=$(python3 "$HELPER" sha256 "$MD/verify.raw" | cut -d' ' -f1)
+  say "   flat $hm"
+  if has merge; then
+    "$CH" export "$MW/leaf.vhd" "$MD/verify.raw" --force >/dev/null || die "chainfs export of the merge chain failed"
+    hmv=$(python3 "$HELPER" sha256 "$MD/verify.raw" | cut -d' ' -f1)
+    [ "$hm" = "$hmv" ] || die "the VHD merge chain differs from its flat file ($hmv)"
+  fi
   qemu-img convert -f qcow2 -O raw "$MW/leaf.qcow2" "$MD/verify.raw" || die "qemu-img convert of the merge chain failed"
   hmq=$(python3 "$HELPER" sha256 "$MD/verify.raw" | cut -d' ' -f1)
   rm -f "$MD/verify.raw"
-  say "   flat $hm"
-  [ "$hm" = "$hmv" ] || die "the VHD merge chain differs from its flat file ($hmv)"
   [ "$hm" = "$hmq" ] || die "the qcow2 merge chain differs from its flat file ($hmq)"
-  mv "$MW"/*.vhd "$MW"/*.qcow2 "$MP"/
-  rec meta.merge_verify "Before: sha256 $hm for the flat file, \`chainfs export\` of the VHD chain and \`qemu-img convert\` of the qcow2 chain. After every timed merge: the merged layers are gone (chainfs; with \`--keep\`: still there and detached, per \`chainfs info\`) and the flattened result equals that content (\`chainfs export DEST\` + sha256 for chainfs, \`qemu-img compare DEST flat.raw\` for qemu), and \`chainfs check\` / \`qemu-img check\` pass; \`chainfs merge --json\` reports the merged byte count."
+  mv "$MW"/*.qcow2 "$MP"/
+  if has merge; then mv "$MW"/*.vhd "$MP"/; fi
+  rec meta.merge_verify "Before: sha256 $hm for the flat file$(has merge && echo ", \`chainfs export\` of the VHD chain") and \`qemu-img convert\` of the qcow2 chain. After every timed merge: the merged layers are gone (chainfs; with \`--keep\`: still there and detached, per \`chainfs info\`), \`chainfs check DEST\` passes and the flattened result equals that content (\`chainfs export DEST\` + sha256; for a qcow2 DEST also \`qemu-img check\` and \`qemu-img compare DEST flat.raw\`); after \`qemu-img commit\`: \`qemu-img check\` and \`qemu-img compare\`. \`chainfs merge --json\` reports the merged byte count."
 
-  restore() { # fmt: a fresh copy of the pristine chain in $MW (same paths)
-    rm -rf "$MW"
-    mkdir -p "$MW"
-    local f
-    for f in "$MP"/*."$1"; do cp --sparse=always "$f" "$MW/"; done
-  }
-  verify_merge() { # case tool: the merged chain must show the pre-merge content
-    local c=$1 tool=$2 dest=$MW/mid
-    [ "$c" = m3 ] && dest=$MW/base
-    case $tool in
-      chainfs | chainfs_keep)
-        if [ "$tool" = chainfs_keep ]; then
-          [ -e "$MW/leaf.vhd" ] || { echo "leaf.vhd is gone despite --keep" >&2; return 1; }
-          { "$CH" info "$MW/leaf.vhd" 2>&1 || true; } | grep -qi detached || { echo "leaf.vhd is not detached after merge --keep" >&2; return 1; }
-        else
-          [ ! -e "$MW/leaf.vhd" ] || { echo "leaf.vhd still there" >&2; return 1; }
-        fi
-        if [ "$c" = m3 ] && [ "$tool" = chainfs ]; then [ ! -e "$MW/mid.vhd" ] || { echo "mid.vhd still there" >&2; return 1; }; fi
-        if [ "$c" = m3 ] && [ "$tool" = chainfs_keep ]; then
-          { "$CH" info "$MW/mid.vhd" 2>&1 || true; } | grep -qi detached || { echo "mid.vhd is not detached after merge --keep" >&2; return 1; }
-        fi
-        "$CH" check "$dest.vhd" >"$LOGD/merge-check.log" 2>&1 || { cat "$LOGD/merge-check.log" >&2; return 1; }
-        "$CH" export "$dest.vhd" "$MD/verify.raw" --force >/dev/null || return 1
-        local h
-        h=$(python3 "$HELPER" sha256 "$MD/verify.raw" | cut -d' ' -f1)
-        rm -f "$MD/verify.raw"
-        [ "$h" = "$hm" ] || { echo "the merged chain shows sha256 $h, not $hm" >&2; return 1; }
-        ;;
-      qemu | qemu_d)
-        qemu-img check -q -f qcow2 "$dest.qcow2" || return 1
-        qemu-img compare -q -f qcow2 -F raw "$dest.qcow2" "$MD/flat.raw" ||
-          { echo "qemu-img compare: the committed chain differs from the flat file" >&2; return 1; }
-        ;;
-      cp) cmp -s "$MD/cp.out" "$MD/cp${c#m}.bin" || { echo "the copy differs" >&2; return 1; } ;;
-      rm) [ ! -e "$MW/leaf.vhd" ] || { echo "leaf.vhd still there" >&2; return 1; } ;;
-    esac
-  }
-  merge_cmd() { # case tool
-    case $1.$2 in
-      m2.chainfs) "$CH" merge "$MW/leaf.vhd" "$MW/mid.vhd" --json >"$MD/merge.json" && sync "$MW/mid.vhd" ;;
-      m2.chainfs_keep) "$CH" merge "$MW/leaf.vhd" "$MW/mid.vhd" --keep --json >"$MD/merge.json" && sync "$MW/mid.vhd" "$MW/leaf.vhd" ;;
-      m3.chainfs) "$CH" merge "$MW/leaf.vhd" "$MW/base.vhd" --json >"$MD/merge.json" && sync "$MW/base.vhd" ;;
-      m3.chainfs_keep) "$CH" merge "$MW/leaf.vhd" "$MW/base.vhd" --keep --json >"$MD/merge.json" && sync "$MW/base.vhd" "$MW/mid.vhd" "$MW/leaf.vhd" ;;
-      m2.rm) rm "$MW/leaf.vhd" && sync "$MW" ;;
-      m3.rm) rm "$MW/leaf.vhd" "$MW/mid.vhd" && sync "$MW" ;;
-      m2.qemu) qemu-img commit -q -f qcow2 "$MW/leaf.qcow2" && sync "$MW/mid.qcow2" "$MW/leaf.qcow2" ;;
-      m2.qemu_d) qemu-img commit -q -d -f qcow2 "$MW/leaf.qcow2" && sync "$MW/mid.qcow2" ;;
-      m3.qemu) qemu-img commit -q -f qcow2 -b "$MW/base.qcow2" "$MW/leaf.qcow2" && sync "$MW/base.qcow2" ;;
-      m2.cp | m3.cp) cp "$MD/cp${1#m}.bin" "$MD/cp.out" && sync "$MD/cp.out" ;;
-    esac
-  }
   logcmd "cp --sparse=always \$W/merge/pristine/{base,mid,leaf}.vhd (or .qcow2) \$W/merge/work/; drop   # before every merge run"
-  logcmd "chainfs merge \$W/merge/work/leaf.vhd \$W/merge/work/mid.vhd --json; sync \$W/merge/work/mid.vhd"
-  logcmd "chainfs merge \$W/merge/work/leaf.vhd \$W/merge/work/mid.vhd --keep --json; sync \$W/merge/work/mid.vhd \$W/merge/work/leaf.vhd"
-  logcmd "qemu-img commit -q -f qcow2 \$W/merge/work/leaf.qcow2; sync \$W/merge/work/mid.qcow2 \$W/merge/work/leaf.qcow2"
-  logcmd "qemu-img commit -q -d -f qcow2 \$W/merge/work/leaf.qcow2; sync \$W/merge/work/mid.qcow2"
-  logcmd "chainfs merge \$W/merge/work/leaf.vhd \$W/merge/work/base.vhd --json; sync \$W/merge/work/base.vhd"
-  logcmd "chainfs merge \$W/merge/work/leaf.vhd \$W/merge/work/base.vhd --keep --json; sync \$W/merge/work/{base,mid,leaf}.vhd"
+  if has merge; then
+    logcmd "chainfs merge \$W/merge/work/leaf.vhd \$W/merge/work/mid.vhd --json; sync \$W/merge/work/mid.vhd"
+    logcmd "chainfs merge \$W/merge/work/leaf.vhd \$W/merge/work/mid.vhd --keep --json; sync \$W/merge/work/mid.vhd \$W/merge/work/leaf.vhd"
+    logcmd "qemu-img commit -q -f qcow2 \$W/merge/work/leaf.qcow2; sync \$W/merge/work/mid.qcow2 \$W/merge/work/leaf.qcow2"
+    logcmd "qemu-img commit -q -d -f qcow2 \$W/merge/work/leaf.qcow2; sync \$W/merge/work/mid.qcow2"
+    logcmd "chainfs merge \$W/merge/work/leaf.vhd \$W/merge/work/base.vhd --json; sync \$W/merge/work/base.vhd"
+    logcmd "chainfs merge \$W/merge/work/leaf.vhd \$W/merge/work/base.vhd --keep --json; sync \$W/merge/work/{base,mid,leaf}.vhd"
+  fi
+  if has qcow2; then
+    logcmd "chainfs merge \$W/merge/work/leaf.qcow2 \$W/merge/work/base.qcow2 --json; sync \$W/merge/work/base.qcow2"
+    logcmd "chainfs merge \$W/merge/work/leaf.qcow2 \$W/merge/work/base.qcow2 --keep --json; sync \$W/merge/work/{base,mid,leaf}.qcow2"
+  fi
   logcmd "qemu-img commit -q -f qcow2 -b \$W/merge/work/base.qcow2 \$W/merge/work/leaf.qcow2; sync \$W/merge/work/base.qcow2"
-  logcmd "rm \$W/merge/work/leaf.vhd; sync \$W/merge/work   # rm leaf.vhd mid.vhd for the 3-layer case: what deleting the merged layers costs by itself"
-  logcmd "drop; cp \$W/merge/cp2.bin \$W/merge/cp.out; sync \$W/merge/cp.out   # cp3.bin for the 3-layer case: files of the merged byte counts"
-  logcmd "chainfs check DEST.vhd; chainfs export DEST.vhd \$W/merge/verify.raw --force; python3 scripts/bench/helper.py sha256 \$W/merge/verify.raw   # after each chainfs merge"
-  logcmd "qemu-img check -q -f qcow2 DEST.qcow2; qemu-img compare -q -f qcow2 -F raw DEST.qcow2 \$W/merge/flat.raw   # after each qemu-img commit"
+  if has merge; then
+    logcmd "rm \$W/merge/work/leaf.vhd; sync \$W/merge/work   # rm leaf.vhd mid.vhd for the 3-layer case: what deleting the merged layers costs by itself"
+    logcmd "drop; cp \$W/merge/cp2.bin \$W/merge/cp.out; sync \$W/merge/cp.out   # cp3.bin for the 3-layer case: files of the merged byte counts"
+  fi
+  logcmd "chainfs check DEST; chainfs export DEST \$W/verify.raw --force; python3 scripts/bench/helper.py sha256 \$W/verify.raw   # after each chainfs merge"
+  logcmd "qemu-img check -q -f qcow2 DEST.qcow2; qemu-img compare -q -f qcow2 -F raw DEST.qcow2 FLAT   # after each qemu-img commit, and after each chainfs merge into a qcow2"
+  cts=()
+  has merge && cts+=(m2.chainfs m2.chainfs_keep m2.qemu m2.qemu_d m2.cp m2.rm m3.chainfs m3.chainfs_keep)
+  has qcow2 && cts+=(m3.chainfs_qcow2 m3.chainfs_qcow2_keep)
+  cts+=(m3.qemu)
+  has merge && cts+=(m3.cp m3.rm)
   say "== 4. merge: cold, $REPS runs each, fresh copies; MiB/s of merged data (leaf->mid $(awk -v b="$M2" 'BEGIN { printf "%.0f", b / 1048576 }') MiB, leaf->base $(awk -v b="$M3" 'BEGIN { printf "%.0f", b / 1048576 }') MiB)"
   for rep in $(seq "$REPS"); do
-    for ct in m2.chainfs m2.chainfs_keep m2.qemu m2.qemu_d m2.cp m2.rm m3.chainfs m3.chainfs_keep m3.qemu m3.cp m3.rm; do
-      c=${ct%%.*} tool=${ct#*.}
-      case $tool in
-        chainfs* | rm) restore vhd ;;
-        qemu*) restore qcow2 ;;
-        cp) rm -f "$MD/cp.out" ;;
-      esac
-      drop_caches
-      t=$EPOCHREALTIME
-      if merge_cmd "$c" "$tool" >"$LOGD/merge.out" 2>&1; then
-        s=$(secs_since "$t")
-        if verify_merge "$c" "$tool"; then
-          rec "merge.$c.$tool.s" "$s"
-          if [ "$tool" != "${tool#chainfs}" ]; then
-            copied=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["bytes_copied"])' "$MD/merge.json")
-            rec "merge.$c.$tool.copied" "$copied"
-          fi
-          b=$M2
-          [ "$c" = m3 ] && b=$M3
-          printf '   run %d  %-10s %7.2f s  %7.0f MiB/s of merged data%s\n' "$rep" "$ct" "$s" \
-            "$(awk -v s="$s" -v z="$b" 'BEGIN { print z / 1048576 / s }')" \
-            "$([ "$tool" != "${tool#chainfs}" ] && echo "  (bytes_copied $copied)")"
-        else
-          echo "bench.sh: FAILED: merge $ct: the result is wrong (see above)" >&2
-          rec "meta.failed.merge_$ct" "the merged result differs from the pre-merge content (run $rep)"
-          rec "merge.$c.$tool.s" FAILED
-          FAILURES=$((FAILURES + 1))
-        fi
-      else
-        echo "bench.sh: FAILED: merge $ct:" >&2
-        tail -5 "$LOGD/merge.out" >&2
-        rec "merge.$c.$tool.s" FAILED
-        FAILURES=$((FAILURES + 1))
-      fi
+    for ct in "${cts[@]}"; do
+      c=${ct%%.*}
+      b=$M2
+      [ "$c" = m3 ] && b=$M3
+      merge_run "$rep" "$c" "${ct#*.}" "$b"
     done
   done
   rm -f "$MD/cp.out"
+fi
 
+if has merge; then
   # Reads through a writable mount, unloaded and during `merge leaf mid`.
   say "== 4b. reads of a -o rw mount (O_DIRECT, 1 MiB, sequential from offset 0): unloaded, then during 'merge leaf mid' through MNT/control"
   logcmd "python3 scripts/bench/helper.py mergeread \$W/mnt/merge 'merge \$W/merge/work/leaf.vhd \$W/merge/work/mid.vhd' $SEQ_CAP   # warm-up pass; drop; one O_DIRECT pass (<= $SEQ_CAP s); drop; reader + the merge command on MNT/control, poll MNT/jobs/N to JobState 7"
@@ -900,8 +1103,8 @@ PY
     fi
   done
   [ -n "${RSS[m_chainfs]:-}" ] && rec rss.m_chainfs "${RSS[m_chainfs]}"
-  rm -rf "$MD"
 fi
+rm -rf "$MD"
 
 # ------------------------------------------------------------------ 5. write
 if has write; then
@@ -1086,7 +1289,136 @@ if has nbd; then
   say "   nbd done"
 fi
 
-# ------------------------------------------------------------------ 8. report
+# ------------------------------------------------------------------ 8. qcow2 memory
+# The rest of the qcow2 section (its reads, exports and merges ran above):
+# the daemon's peak memory on a huge, deep, sparse qcow2 chain.
+if has qcow2; then
+  VSIZE=$QMSIZE
+  say "== 8. qcow2 memory: a $((QMSIZE >> 30)) GiB qcow2 chain of depth $QMDEPTH (64 KiB clusters, $QMWRITES writes per layer)"
+  mkdir -p "$QD"
+  t=$EPOCHREALTIME
+  python3 "$HELPER" qmembuild "$QD" "$QMSIZE" "$QMDEPTH" "$QMWRITES" "$RES"
+  say "   built in $(secs_since "$t") s"
+  QLEAF=$(python3 "$HELPER" layoutinfo "$QD/layout.json" leaf)
+  rec meta.qmem_data "$(python3 "$HELPER" layoutinfo "$QD/layout.json" desc); on disk $(du -sm "$QD" | cut -f1) MiB in all."
+  rec meta.qmem_how "Each daemon mounted anew (chainfs: \`-o $MOUNT_OPTS\`, so a metadata cache of $CACHE_MIB MiB; qemu-storage-daemon: its defaults), then every written range read back through the mount (with 4 KiB either side) and compared with what the writes make, then the page cache dropped and fio random 4 KiB reads over the whole $((QMSIZE >> 30)) GiB with 4 readers ($RAND_IOS in all, capped at $RAND_CAP s; nearly all of them fall where no layer wrote, so every layer's tables are asked). Peak RSS = VmHWM of the daemon's /proc/PID/status just before it is stopped; the highest of $READ_REPS round(s)."
+  logcmd "python3 scripts/bench/helper.py qmemcheck FILE \$W/qmem/layout.json   # every written range, read back through the mount"
+  QM_TARGETS=(qm_qsd)
+  [ "$HAVE_MOUNT" = 1 ] && QM_TARGETS=(qm_chainfs qm_qsd)
+  for round in $(seq "$READ_REPS"); do
+    for t in "${QM_TARGETS[@]}"; do
+      if ! start_target "$t"; then
+        fail_target "$t" "the mount of the $((QMSIZE >> 30)) GiB qcow2 chain did not come up (log: $LOGD/$t.log)"
+        continue
+      fi
+      if ! python3 "$HELPER" qmemcheck "$TFILE" "$QD/layout.json"; then
+        stop_target "$t"
+        fail_target "$t" "the view of the $((QMSIZE >> 30)) GiB qcow2 chain reads wrong bytes"
+        continue
+      fi
+      drop_caches
+      fio_run "$t" rand_cold_4 "${RAND[@]}" --size="$VSIZE" --numjobs=4 --number_ios=$((RAND_IOS / 4)) --runtime="$RAND_CAP"
+      stop_target "$t"
+      say "   $t: peak RSS ${RSS[$t]:-?} KiB so far"
+    done
+  done
+  for t in "${QM_TARGETS[@]}"; do
+    [ -n "${RSS[$t]:-}" ] && rec "rss.$t" "${RSS[$t]}"
+  done
+  rm -rf "$QD"
+  VSIZE=$SIZE
+fi
+
+# ------------------------------------------------------------------ 9. frag
+if has frag; then
+  say "== 9. frag: a fragmented $((FSIZE >> 20)) MiB chain (VHDX, qcow2, flat file; same bytes)"
+  mkdir -p "$FW" "$FP"
+  t=$EPOCHREALTIME
+  python3 "$HELPER" fragbuild "$FD" "$FSIZE" "$CH" "$RES"
+  say "   built in $(secs_since "$t") s"
+  F3=$(python3 "$HELPER" layoutinfo "$FD/layout.json" merged)
+  rec meta.frag_size "$FSIZE"
+  rec meta.frag_merged "$F3"
+  ffiles=""
+  for f in base.vhdx mid.avhdx top.avhdx base.qcow2 mid.qcow2 top.qcow2; do
+    ffiles="$ffiles$f $(alloc_mib "$FW/$f") MiB, "
+  done
+  rec meta.frag_data "$(python3 "$HELPER" layoutinfo "$FD/layout.json" desc) Allocated on disk: ${ffiles%, }."
+  say "   verifying: sha256 of the flat file, chainfs export (VHDX chain), qemu-img convert (qcow2 chain)"
+  hf=$(python3 "$HELPER" sha256 "$FD/raw.img" | cut -d' ' -f1)
+  "$CH" export "$FW/top.avhdx" "$W/verify.raw" --force >/dev/null || die "chainfs export of the fragmented VHDX chain failed"
+  h=$(python3 "$HELPER" sha256 "$W/verify.raw" | cut -d' ' -f1)
+  [ "$h" = "$hf" ] || die "the fragmented VHDX chain (chainfs export) differs from its flat file ($h, not $hf)"
+  qemu-img convert -f qcow2 -O raw "$FW/top.qcow2" "$W/verify.raw" || die "qemu-img convert of the fragmented qcow2 chain failed"
+  h=$(python3 "$HELPER" sha256 "$W/verify.raw" | cut -d' ' -f1)
+  rm -f "$W/verify.raw"
+  [ "$h" = "$hf" ] || die "the fragmented qcow2 chain (qemu-img convert) differs from its flat file ($h, not $hf)"
+  "$CH" check "$FW/top.avhdx" >"$LOGD/check-frag.log" 2>&1 || die "chainfs check of the fragmented VHDX chain failed (see $LOGD/check-frag.log)"
+  say "   flat $hf"
+  rec meta.frag_verify "sha256 $hf for the flat file, \`chainfs export\` of the VHDX chain (which \`chainfs check\` passes) and \`qemu-img convert\` of the qcow2 chain; each mounted view is probed against the flat file before it is measured."
+
+  VSIZE=$FSIZE VREF=$FD/raw.img VLAYOUT=$FD/layout.json
+  say "== 9. frag export: cold, $REPS runs each, MiB/s of the $((FSIZE >> 20)) MiB virtual size"
+  export_loop f_chainfs f_qemu
+
+  F_TARGETS=(f_raw)
+  [ "$HAVE_MOUNT" = 1 ] && F_TARGETS+=(f_chainfs)
+  F_TARGETS+=(f_qsd)
+  say "== 9. frag reads: ${F_TARGETS[*]}, $READ_REPS round(s)"
+  rec meta.frag_read_how "$(how_reads) 'dd' = \`dd if=FILE of=/dev/null bs=1M\` of the whole file on a fresh mount after drop_caches, MiB/s = size / wall time."
+  RGROUPS="dd seq1 seq4 rand1 rand4" read_rounds "${F_TARGETS[@]}"
+
+  say "== 9. frag merge: both overlays into the base, cold, $REPS runs each, fresh copies; $((F3 >> 20)) MiB of merged data"
+  mv "$FW"/*.vhdx "$FW"/*.avhdx "$FW"/*.qcow2 "$FP"/
+  logcmd "cp --sparse=always \$W/frag/pristine/{base.vhdx,mid.avhdx,top.avhdx} (or {base,mid,top}.qcow2) \$W/frag/work/; drop   # before every merge run"
+  logcmd "chainfs merge \$W/frag/work/top.avhdx \$W/frag/work/base.vhdx --json; sync \$W/frag/work/base.vhdx"
+  logcmd "chainfs merge \$W/frag/work/top.avhdx \$W/frag/work/base.vhdx --keep --json; sync \$W/frag/work/{base.vhdx,mid.avhdx,top.avhdx}"
+  logcmd "qemu-img commit -q -d -f qcow2 -b \$W/frag/work/base.qcow2 \$W/frag/work/top.qcow2; sync \$W/frag/work/base.qcow2"
+  logcmd "drop; cat \$W/frag/changed.bin > \$W/frag/cat.out; sync \$W/frag/cat.out   # a file of the merged byte count"
+  for rep in $(seq "$REPS"); do
+    for tool in chainfs chainfs_keep qemu cat; do merge_run "$rep" f3 "$tool" "$F3"; done
+  done
+  rm -rf "$FD"
+  VSIZE=$SIZE VREF=$IMG/raw.img VLAYOUT=$IMG/layout.json
+fi
+
+# ------------------------------------------------------------------ 10. depth
+if has depth; then
+  say "== 10. depth: the same $((DSIZE >> 20)) MiB of content as $DFMT chains of depth ${DEPTHS//,/, }"
+  mkdir -p "$DD"
+  t=$EPOCHREALTIME
+  python3 "$HELPER" depthbuild "$DD" "$DSIZE" "$CH" "$RES" "$DFMT" "$DEPTHS"
+  say "   built in $(secs_since "$t") s"
+  rec meta.depth_size "$DSIZE"
+  rec meta.depths "$DEPTHS"
+  hd=$(python3 "$HELPER" sha256 "$DD/raw.img" | cut -d' ' -f1)
+  dfiles=""
+  for d in ${DEPTHS//,/ }; do
+    leaf=$(python3 "$HELPER" layoutinfo "$DD/layout.json" "leaf$d")
+    logcmd "chainfs export \$W/depth/d$d/${leaf##*/} \$W/verify.raw; python3 scripts/bench/helper.py sha256 \$W/verify.raw"
+    "$CH" export "$leaf" "$W/verify.raw" --force >/dev/null || die "chainfs export of the depth-$d chain failed"
+    h=$(python3 "$HELPER" sha256 "$W/verify.raw" | cut -d' ' -f1)
+    rm -f "$W/verify.raw"
+    [ "$h" = "$hd" ] || die "the depth-$d chain (chainfs export) differs from its flat file ($h, not $hd)"
+    "$CH" check "$leaf" >"$LOGD/check-depth.log" 2>&1 || die "chainfs check of the depth-$d chain failed (see $LOGD/check-depth.log)"
+    dfiles="$dfiles depth $d $(du -sm "$DD/d$d" | cut -f1) MiB,"
+  done
+  say "   flat $hd = every chain"
+  rec meta.depth_data "$(python3 "$HELPER" layoutinfo "$DD/layout.json" desc) Allocated on disk:${dfiles%,}; the flat file $(alloc_mib "$DD/raw.img") MiB."
+  rec meta.depth_verify "sha256 $hd for the flat file and \`chainfs export\` of every chain (each passes \`chainfs check\`); each mounted view is probed against the flat file before it is measured."
+  VSIZE=$DSIZE VREF=$DD/raw.img VLAYOUT=$DD/layout.json
+  D_TARGETS=(d_raw)
+  if [ "$HAVE_MOUNT" = 1 ]; then
+    for d in ${DEPTHS//,/ }; do D_TARGETS+=("depth$d"); done
+  fi
+  rec meta.depth_read_how "$(how_reads)"
+  say "== 10. depth reads: ${D_TARGETS[*]}, $READ_REPS round(s)"
+  RGROUPS="seq1 rand1 rand4" read_rounds "${D_TARGETS[@]}"
+  rm -rf "$DD"
+  VSIZE=$SIZE VREF=$IMG/raw.img VLAYOUT=$IMG/layout.json
+fi
+
+# ------------------------------------------------------------------ 11. report
 el=$(secs_since "$T_START")
 rec meta.load_end "$(cut -d' ' -f1-3 /proc/loadavg)"
 rec meta.elapsed "$(awk -v s="$el" 'BEGIN { printf "%d min %02d s", s / 60, s % 60 }')"

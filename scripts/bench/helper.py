@@ -12,6 +12,19 @@ Subcommands:
                                   the merge chain base <- mid <- leaf (VHD and
                                   qcow2) in DIR/work, DIR/flat.raw, DIR/layout.json,
                                   DIR/cp2.bin and DIR/cp3.bin (the merged byte counts)
+  fragbuild DIR SIZE CHAINFS CMDLOG
+                                  the fragmented chain base <- mid <- top as VHDX
+                                  (chainfs) and qcow2 (qemu-img + qemu-io) in
+                                  DIR/work, DIR/raw.img, DIR/layout.json and
+                                  DIR/changed.bin (the merged byte count)
+  depthbuild DIR SIZE CHAINFS CMDLOG FMT DEPTHS
+                                  the same content as chains of each depth
+                                  (DIR/dN/lKK.EXT, chainfs create/write),
+                                  DIR/raw.img, DIR/layout.json
+  qmembuild DIR SIZE DEPTH WRITES CMDLOG
+                                  a sparse qcow2 chain of DEPTH layers, WRITES
+                                  qemu-io writes each (the memory test)
+  qmemcheck FILE LAYOUT           read every write of that chain through FILE
   layoutinfo LAYOUT KEY           print one value of a layout file
   sha256 FILE...                  print "digest  file" (OpenSSL-backed hashlib,
                                   ~1 GB/s; coreutils sha256sum is ~170 MB/s here)
@@ -259,15 +272,16 @@ def write_random(path, n):
             left -= k
 
 
-def cmd_mergebuild(d, size, chainfs, cmdlog):
-    """DIR/work/{base,mid,leaf}.{vhd,qcow2}, DIR/flat.raw, DIR/layout.json,
-    DIR/cp2.bin and DIR/cp3.bin (random files of the merged byte counts)."""
+def cmd_mergebuild(d, size, chainfs, cmdlog, fmts="vhd,qcow2"):
+    """DIR/work/{base,mid,leaf}.{vhd,qcow2} (the formats in FMTS), DIR/flat.raw,
+    DIR/layout.json, DIR/cp2.bin and DIR/cp3.bin (random files of the merged
+    byte counts)."""
     size = int(size)
     names = ["base", "mid", "leaf"]
     lay = merge_layout(size)
     work = os.path.join(d, "work")
     os.makedirs(work, exist_ok=True)
-    total = build_chain(work, size, chainfs, cmdlog, names, lay, ["vhd", "qcow2"],
+    total = build_chain(work, size, chainfs, cmdlog, names, lay, fmts.split(","),
                         os.path.join(d, "flat.raw"))
     m2 = union_bytes(lay[2])
     m3 = union_bytes(lay[1] + lay[2])
@@ -286,6 +300,214 @@ def cmd_mergebuild(d, size, chainfs, cmdlog):
     write_random(os.path.join(d, "cp3.bin"), m3)
     print(f"  merge chain: {total / MiB:.0f} MiB written; leaf {m2 / MiB:.0f} MiB, "
           f"leaf+mid {m3 / MiB:.0f} MiB")
+
+
+def frag_layout(size):
+    """The fragmented chain (issue 12): a base holding data over the whole
+    disk, then two overlays that each rewrite a third of it in 1 MiB extents
+    at random 1 MiB-aligned places (a random sample of the disk's 1 MiB
+    slots, written in random order). The overlays overlap each other where
+    their samples meet."""
+    rng = random.Random(SEED + 2)
+    slots = size // MiB
+    lay = [[(0, size)]]
+    for _ in range(2):
+        lay.append([(s * MiB, MiB) for s in rng.sample(range(slots), slots // 3)])
+    return lay
+
+
+def cmd_fragbuild(d, size, chainfs, cmdlog):
+    """DIR/work/base.vhdx <- mid.avhdx <- top.avhdx (chainfs create/write) and
+    base/mid/top.qcow2 (qemu-img create, qemu-io write), DIR/raw.img (flat),
+    DIR/layout.json and DIR/changed.bin (a random file of the merged bytes)."""
+    size = int(size)
+    names = ["base", "mid", "top"]
+    lay = frag_layout(size)
+    work = os.path.join(d, "work")
+    os.makedirs(work, exist_ok=True)
+    total = build_chain(work, size, chainfs, cmdlog, names, lay, ["vhdx", "qcow2"],
+                        os.path.join(d, "raw.img"))
+    merged = union_bytes(lay[1] + lay[2])
+    desc = (f"{size // MiB} MiB virtual disk, chain base <- mid <- top: base {size // MiB} MiB of random bytes "
+            f"(the whole disk, one write), mid and top each {len(lay[1])} extents of 1 MiB (a third of the disk) "
+            "at random 1 MiB-aligned offsets, written in random order (they overlap each other at random); "
+            f"{total // MiB} MiB written in all; the overlays change {merged // MiB} MiB of the base "
+            "(what a merge of both into the base copies). As VHDX (base.vhdx 32 MiB blocks, .avhdx 2 MiB blocks: "
+            "every block of an overlay is partly present, so a sequential read alternates between the layers "
+            "every MiB), as qcow2 (qemu-img create -b, qemu-io write -s; 64 KiB clusters) and as the flat file.")
+    info = {
+        "size": size,
+        "layers": [{"name": n, "regions": [list(r) for r in regs],
+                    "bytes": sum(ln for _, ln in regs)} for n, regs in zip(names, lay)],
+        "written": total,
+        "merged": merged,
+        "desc": desc,
+    }
+    with open(os.path.join(d, "layout.json"), "w") as f:
+        json.dump(info, f)
+    write_random(os.path.join(d, "changed.bin"), merged)
+    print(f"  fragmented chain: {total / MiB:.0f} MiB written; the overlays change {merged / MiB:.0f} MiB")
+
+
+DEPTH_EXT = {"vhd": (".vhd", ".vhd"), "vhdx": (".vhdx", ".avhdx"), "qcow2": (".qcow2", ".qcow2")}
+
+
+def depth_layer(d, depth, layer, fmt):
+    """Layer LAYER (0 = base) of the depth-DEPTH chain: DIR/dDEPTH/lNN.EXT."""
+    return os.path.join(d, f"d{depth}", f"l{layer:02d}{DEPTH_EXT[fmt][0 if layer == 0 else 1]}")
+
+
+def cmd_depthbuild(d, size, chainfs, cmdlog, fmt, depths):
+    """The same content as chains of each depth in DEPTHS (comma separated),
+    DIR/dN/l00.EXT <- l01 <- ..., all made with chainfs create/write in FMT;
+    DIR/raw.img (flat) and DIR/layout.json (with the leaf of each chain).
+
+    The content: extents of random 4 KiB-aligned lengths (mean 1 MiB) covering
+    3/4 of the disk, at random places, never overlapping; the rest reads as
+    zeros (found only after asking every layer). Each extent goes into one
+    layer chosen at random (seeded per depth), so every chain holds the same
+    bytes and no layer shadows another. Extents are written in the same
+    random order in every chain (each layer's extents before its child is
+    created), so the layers' files are laid out alike at every depth."""
+    size = int(size)
+    if fmt not in DEPTH_EXT:
+        sys.exit(f"bench: BENCH_DEPTH_FORMAT={fmt}: use vhd, vhdx or qcow2")
+    ds = [int(x) for x in depths.split(",")]
+    rng = random.Random(SEED + 3)
+    ext = spread(rng, size, _aligned(size * 3 // 4), max(16, size * 3 // 4 // MiB))
+    raw = os.path.join(d, "raw.img")
+    with open(raw, "wb") as f:
+        f.truncate(size)
+    fd = os.open(raw, os.O_RDWR)
+    for off, ln in ext:
+        os.pwrite(fd, os.urandom(ln), off)
+    with open(cmdlog, "a") as f:
+        f.write("cmd\tpython3: os.pwrite of random bytes at the extents into the flat file $W/depth/raw.img\n")
+    info = {"size": size, "format": fmt, "depths": ds,
+            "layers": [{"name": "extents", "regions": [list(r) for r in ext],
+                        "bytes": sum(ln for _, ln in ext)}]}
+    t0 = time.time()
+    for depth in ds:
+        lr = random.Random(SEED + 4 + depth)
+        owner = [lr.randrange(depth) for _ in ext]
+        os.makedirs(os.path.join(d, f"d{depth}"), exist_ok=True)
+        prev = None
+        for layer in range(depth):
+            path = depth_layer(d, depth, layer, fmt)
+            c = ([chainfs, "create", path, "--size", str(size)] if prev is None else
+                 [chainfs, "create", path, "--parent", prev])
+            run(c)
+            for (off, ln), o in zip(ext, owner):
+                if o == layer:
+                    w = [chainfs, "write", path, "--offset", str(off)]
+                    r = subprocess.run(w, input=os.pread(fd, ln, off), stdout=subprocess.PIPE,
+                                       stderr=subprocess.PIPE)
+                    if r.returncode != 0:
+                        sys.exit(f"bench: command failed ({r.returncode}): {shlex.join(w)} "
+                                 f"< {ln} bytes\n{r.stderr.decode(errors='replace')}")
+            prev = path
+        info[f"leaf{depth}"] = prev
+        print(f"  depth {depth}: {len(ext)} extents in {depth} layer(s) "
+              f"({time.time() - t0:.0f} s so far)", flush=True)
+    os.close(fd)
+    with open(cmdlog, "a") as f:
+        f.write(f"cmd\tchainfs create $W/depth/dN/l00{DEPTH_EXT[fmt][0]} --size {size}; "
+                f"chainfs create $W/depth/dN/l01{DEPTH_EXT[fmt][1]} --parent $W/depth/dN/l00{DEPTH_EXT[fmt][0]}; ...   "
+                "# N = each depth; each layer written before its child is created\n")
+        f.write("cmd\tchainfs write $W/depth/dN/lKK.EXT --offset OFF < (the extent's bytes, from the flat file)   "
+                "# one per extent, into the layer the extent is given to\n")
+    info["desc"] = (f"{size // MiB} MiB virtual disk; {len(ext)} extents of random 4 KiB-aligned lengths "
+                    f"(mean {size * 3 // 4 // len(ext) // KiB} KiB) cover 3/4 of it with random bytes, never "
+                    "overlapping; the other quarter reads as zeros (every layer is asked before a read there "
+                    "returns zeros). The same bytes as a chain of depth "
+                    + ", ".join(str(x) for x in ds)
+                    + f" ({fmt}, made with `chainfs create` / `chainfs write`): each extent is written into one "
+                    "layer chosen at random, so deeper chains spread the same data over more files; extents "
+                    "are written in the same random order in every chain.")
+    with open(os.path.join(d, "layout.json"), "w") as f:
+        json.dump(info, f)
+
+
+def qmem_layout(size, depth, per_layer):
+    """A few writes per layer: (layer, offset, length, pattern byte), at
+    random 4 KiB-aligned places over the whole disk, 4 KiB to 1 MiB long."""
+    rng = random.Random(SEED + 5)
+    ws = []
+    for layer in range(depth):
+        for j in range(per_layer):
+            ln = rng.choice((4 * KiB, 64 * KiB, 192 * KiB, MiB))
+            off = rng.randrange(0, (size - ln) // ALIGN) * ALIGN
+            ws.append((layer, off, ln, 1 + (layer * per_layer + j) % 255))
+    return ws
+
+
+def cmd_qmembuild(d, size, depth, per_layer, cmdlog):
+    """A sparse qcow2 chain DIR/q00.qcow2 <- ... <- qNN.qcow2 of DEPTH
+    layers, 64 KiB clusters, made with qemu-img create and qemu-io write -P
+    (PER_LAYER writes per layer); DIR/layout.json (writes and leaf)."""
+    size, depth, per_layer = int(size), int(depth), int(per_layer)
+    ws = qmem_layout(size, depth, per_layer)
+    prev = None
+    for layer in range(depth):
+        path = os.path.join(d, f"q{layer:02d}.qcow2")
+        c = ["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=65536"]
+        c += ([path, str(size)] if prev is None else ["-b", prev, "-F", "qcow2", path])
+        run(c)
+        io = ["qemu-io", "-f", "qcow2"]
+        for l, off, ln, pat in ws:
+            if l == layer:
+                io += ["-c", f"write -q -P {pat} {off} {ln}"]
+        run(io + [path])
+        prev = path
+    with open(cmdlog, "a") as f:
+        f.write(f"cmd\tqemu-img create -q -f qcow2 -o cluster_size=65536 $W/qmem/q00.qcow2 {size}; "
+                "qemu-img create -q -f qcow2 -o cluster_size=65536 -b $W/qmem/q00.qcow2 -F qcow2 $W/qmem/q01.qcow2; ... "
+                f"up to q{depth - 1:02d}.qcow2\n")
+        f.write(f"cmd\tqemu-io -f qcow2 -c 'write -q -P PATTERN OFF LEN' (x {per_layer}) $W/qmem/qNN.qcow2   "
+                "# after each create, before the next\n")
+    info = {"size": size, "depth": depth, "leaf": prev, "writes": [list(w) for w in ws],
+            "desc": (f"a {size / GiB:.0f} GiB qcow2 chain of depth {depth}, 64 KiB clusters, sparse: "
+                     f"{per_layer} writes per layer (4 KiB to 1 MiB, a pattern byte each, at random 4 KiB-aligned "
+                     f"offsets over the whole disk; {sum(w[2] for w in ws) // KiB} KiB in all), made with "
+                     "`qemu-img create -b` and `qemu-io write -P`")}
+    with open(os.path.join(d, "layout.json"), "w") as f:
+        json.dump(info, f)
+    print(f"  qcow2 chain of depth {depth}, {size / GiB:.0f} GiB virtual, {len(ws)} writes")
+
+
+def cmd_qmemcheck(path, lay):
+    """Read every write of the memory chain (with 4 KiB either side) through
+    PATH and compare with what the writes make: the top-most layer's pattern
+    byte, zeros where no layer wrote. Also checks PATH's size."""
+    with open(lay) as f:
+        info = json.load(f)
+    size, ws = info["size"], sorted(info["writes"], key=lambda w: w[0])
+    fd = os.open(path, os.O_RDONLY)
+    if os.fstat(fd).st_size != size:
+        sys.exit(f"bench: {path} has size {os.fstat(fd).st_size}, not {size}")
+    bad = 0
+    for _, off, ln, _ in ws:
+        a, b = max(0, off - 4 * KiB), min(size, off + ln + 4 * KiB)
+        exp = bytearray(b - a)
+        for _, o2, l2, p2 in ws:
+            lo, hi = max(a, o2), min(b, o2 + l2)
+            if lo < hi:
+                exp[lo - a:hi - a] = bytes([p2]) * (hi - lo)
+        got = b""
+        while len(got) < b - a:
+            more = os.pread(fd, b - a - len(got), a + len(got))
+            if not more:
+                break
+            got += more
+        if got != exp:
+            bad += 1
+            if bad <= 5:
+                i = next((k for k in range(min(len(got), len(exp))) if got[k] != exp[k]), min(len(got), len(exp)))
+                print(f"  MISMATCH at {a + i} (probe {a}+{b - a}, got {len(got)} bytes)", file=sys.stderr)
+    os.close(fd)
+    if bad:
+        sys.exit(f"bench: {path}: {bad} of {len(ws)} written ranges read wrong")
+    print(f"  {len(ws)} written ranges read back right")
 
 
 def cmd_layoutinfo(lay, key):
@@ -535,6 +757,8 @@ MERGE_ROWS = [
     ("m2", "rm", "`rm leaf.vhd` + `sync` of the folder (reference: what deleting SOURCE costs by itself)"),
     ("m3", "chainfs", "`chainfs merge leaf.vhd base.vhd`"),
     ("m3", "chainfs_keep", "`chainfs merge --keep leaf.vhd base.vhd` (reference: leaf and mid kept, detached)"),
+    ("m3", "chainfs_qcow2", "`chainfs merge leaf.qcow2 base.qcow2` (the same chain as qcow2; qcow2 section)"),
+    ("m3", "chainfs_qcow2_keep", "`chainfs merge --keep leaf.qcow2 base.qcow2` (qcow2; leaf and mid kept, detached)"),
     ("m3", "qemu", "`qemu-img commit -b base.qcow2 leaf.qcow2` (`-b` implies `-d`: no layer emptied)"),
     ("m3", "cp", "`cp` of a file of the same bytes + `sync` (reference)"),
     ("m3", "rm", "`rm leaf.vhd mid.vhd` + `sync` of the folder (reference: what deleting the merged layers costs)"),
@@ -768,7 +992,7 @@ def sections_extra(P, meta, vals, one, read_med):
 
 def targets_extra(P, meta, vals, read_med, verdict):
     mr = merge_rates(meta, vals)
-    if "merge_data" in meta:
+    if meta.get("merge_section") == "1":
         # The first line of each pair deletes the merged layers (Hyper-V's
         # merge); `--keep` against the qemu-img form that frees nothing either
         # is the like-for-like copy.
@@ -817,6 +1041,265 @@ def targets_extra(P, meta, vals, read_med, verdict):
               f"({_fmt(a)} vs {_fmt(b)} {unit}) | no target |")
 
 
+
+
+# ---- the qcow2, frag and depth sections (issues 11 and 12): each section's
+# results table states the target next to the measured ratio; the rows with a
+# target also go to the Targets table at the end.
+
+def _cell(vals, x, key, unit=""):
+    if key and "FAILED" in vals.get(key, []):
+        return "**FAILED**"
+    return "–" if x is None else _fmt(x) + (f" {unit}" if unit else "")
+
+
+def cmp_row(vals, what, a, akey, b, bkey, unit, need, short=None):
+    """(what, a, b, a/b, target, met?, label for the Targets table) as table
+    cells; need None = no target."""
+    r = a / b if a is not None and b else None
+    if r is None:
+        met = "not measured"
+    elif need is None:
+        met = "no target"
+    else:
+        met = "**yes**" if r >= need else "**NO**"
+    return (what, _cell(vals, a, akey, unit), _cell(vals, b, bkey, unit),
+            f"{r:.2f}x" if r is not None else "–", f">= {need:.1f}x" if need is not None else "none set", met,
+            short or what)
+
+
+def results_table(P, head_a, head_b, rows):
+    """Print the rows; return the Targets-table lines of those with a target."""
+    P(f"| measurement | {head_a} | {head_b} | ratio | target | met? |")
+    P("|---|---|---|---|---|---|")
+    out = []
+    for row in rows:
+        P("| " + " | ".join(row[:6]) + " |")
+        if row[4] != "none set":
+            out.append(f"| {row[6]} {row[4]} | {row[3]} ({row[1]} vs {row[2]}) | {row[5]} |")
+    P("")
+    return out
+
+
+def export_rate(vals, t, size):
+    runs = _runs(vals, f"export.{t}.s")
+    return size / MiB / statistics.median(runs) if runs and size else None
+
+
+def all_runs(P, vals, targets, metrics):
+    """A collapsed table of every run (MiB/s for seq and dd rows, IOPS for random rows)."""
+    P("<details><summary>all runs (MiB/s for sequential rows, IOPS for random rows)</summary>")
+    P("")
+    P("| metric | " + " | ".join(t for t in targets) + " |")
+    P("|---|" + "---|" * len(targets))
+    for m, label, unit in metrics:
+        col = 0 if unit == "MiB/s" else 1
+        row = [label]
+        for t in targets:
+            v = vals.get(f"read.{t}.{m}", [])
+            row.append(", ".join("FAILED" if x == "FAILED" else _fmt(_num(x.split()[col])) for x in v) or "–")
+        P("| " + " | ".join(row) + " |")
+    P("")
+    P("</details>")
+    P("")
+
+
+READ_METRICS = [("seq_cold_1", "seq 1 MiB cold, 1 reader", "MiB/s"),
+                ("seq_cold_4", "seq 1 MiB cold, 4 readers", "MiB/s"),
+                ("seq_warm_1", "seq 1 MiB warm (re-read), 1 reader", "MiB/s"),
+                ("seq_warm_4", "seq 1 MiB warm (re-read), 4 readers", "MiB/s"),
+                ("rand_cold_1", "random 4 KiB cold, 1 reader", "IOPS"),
+                ("rand_cold_4", "random 4 KiB cold, 4 readers", "IOPS"),
+                ("rand_warm_1", "random 4 KiB warm, 1 reader", "IOPS"),
+                ("rand_warm_4", "random 4 KiB warm, 4 readers", "IOPS")]
+
+
+def qcow2_section(P, meta, vals, read_med, one):
+    """Issue 11: chainfs on a qcow2 chain against qemu's own tools."""
+    have = [k for k in vals if k.startswith(("read.chainfs_qcow2.", "export.chainfs_qcow2", "merge.m3.chainfs_qcow2",
+                                             "rss.qm_", "read.qm_"))]
+    if not have and "qmem_data" not in meta:
+        return []
+    size = _num(meta.get("size_bytes"))
+    P("## qcow2 chains (issue 11)")
+    P("")
+    P("The data chain's content as a qcow2 chain `base.qcow2 <- mid.qcow2 <- top.qcow2` made by qemu "
+      "(`qemu-img create -f qcow2 -b PARENT -F qcow2`, data written with `qemu-io -c 'write -s FILE OFF LEN'`; "
+      "64 KiB clusters; see Data above), read by chainfs's qcow2 driver and by qemu. Exports: "
+      "MiB/s of the virtual size, cold, median of "
+      f"{meta.get('reps', '?')} runs. Merge: the merge section's chain as qcow2 (made the same way), both "
+      "overlays into the base, MiB/s of merged data, fresh copies and a dropped page cache before every run.")
+    P("")
+    how = meta.get("read_how") if meta.get("read_section") == "1" else meta.get("q_read_how")
+    if how:
+        P(f"Reads: {how}")
+        P("")
+    rows = []
+    for m, label, unit in READ_METRICS:
+        col = 0 if unit == "MiB/s" else 1
+        need = {"seq_cold_1": 1.2, "rand_cold_1": 1.5, "rand_cold_4": 1.5, "seq_warm_1": 5.0}.get(m)
+        rows.append(cmp_row(vals, f"{label}: `chainfs mount` vs qemu-storage-daemon FUSE export",
+                            read_med("chainfs_qcow2", m, col), f"read.chainfs_qcow2.{m}",
+                            read_med("qsd_qcow2", m, col), f"read.qsd_qcow2.{m}", unit, need,
+                            f"chainfs {label} vs qsd"))
+    rows.append(cmp_row(vals, "`chainfs export top.qcow2 OUT.raw` vs `qemu-img convert -O raw`",
+                        export_rate(vals, "chainfs_qcow2", size), "export.chainfs_qcow2.s",
+                        export_rate(vals, "qemu", size), "export.qemu.s", "MiB/s", 1.0,
+                        "`chainfs export` to raw vs `qemu-img convert -O raw`"))
+    rows.append(cmp_row(vals, "`chainfs export --format qcow2` (a new qcow2) vs `qemu-img convert -O qcow2`",
+                        export_rate(vals, "chainfs_q2q", size), "export.chainfs_q2q.s",
+                        export_rate(vals, "qemu_q2q", size), "export.qemu_q2q.s", "MiB/s", None))
+    mr = merge_rates(meta, vals)
+    q = mr.get(("m3", "qemu"))
+    for t, what, need in (("chainfs_qcow2", "`chainfs merge leaf.qcow2 base.qcow2` vs `qemu-img commit -b base.qcow2 "
+                           "leaf.qcow2` (chainfs also relinks and deletes mid and leaf; qemu-img leaves them in place "
+                           "and invalid: their data no longer matches the changed base)", 1.0),
+                          ("chainfs_qcow2_keep", "`chainfs merge --keep` (mid and leaf kept, detached, nothing "
+                           "deleted) vs `qemu-img commit -b`", None)):
+        c = mr.get(("m3", t))
+        rows.append(cmp_row(vals, what, c[1] if c else None, f"merge.m3.{t}.s", q[1] if q else None,
+                            "merge.m3.qemu.s", "MiB/s", need, "`chainfs merge` of both overlays vs `qemu-img commit -b`"))
+    P("### Results")
+    P("")
+    out = results_table(P, "chainfs", "qemu", rows)
+    xs = sorted(set(vals.get("merge.m3.chainfs_qcow2.copied", []) + vals.get("merge.m3.chainfs_qcow2_keep.copied", [])))
+    if xs and meta.get("merge_bytes3"):
+        P(f"`bytes_copied` reported by `chainfs merge --json` on the qcow2 chain: {', '.join(xs)}, for "
+          f"{meta['merge_bytes3']} bytes of merged data: a qcow2 layer holds whole 64 KiB clusters (qemu-io "
+          "filled the rest of each cluster it wrote from the layers below), and chainfs copies what the layers "
+          "hold; MiB/s above is of the merged data, the same number for both tools.")
+        P("")
+    if meta.get("qmem_data"):
+        P("### Memory on a huge, deep, sparse qcow2 chain")
+        P("")
+        P(f"{meta['qmem_data']} {meta.get('qmem_how', '')}")
+        P("")
+        rss, rq = one("rss.qm_chainfs"), one("rss.qm_qsd")
+        cache = _num(meta.get("cache_mib"))
+        P("| daemon | cache setting | peak RSS (VmHWM) | random 4 KiB cold, 4 readers (IOPS) | target | met? |")
+        P("|---|---|---|---|---|---|")
+        io_c, io_q = read_med("qm_chainfs", "rand_cold_4", 1), read_med("qm_qsd", "rand_cold_4", 1)
+        if rss is not None and cache is not None:
+            met = "**yes**" if rss / 1024 <= cache + 32 else "**NO**"
+        else:
+            met = "not measured"
+        tgt = f"<= cache + 32 MiB = {cache + 32:.0f} MiB" if cache is not None else "<= cache + 32 MiB"
+        rss_c = f"{rss / 1024:.1f} MiB" if rss is not None else "–"
+        P(f"| `chainfs mount` | `cache={cache:.0f}M` (metadata cache) | {rss_c} | "
+          f"{_cell(vals, io_c, 'read.qm_chainfs.rand_cold_4')} | {tgt} | {met} |")
+        P(f"| qemu-storage-daemon (reference) | qemu's defaults | "
+          f"{f'{rq / 1024:.1f} MiB' if rq is not None else '–'} | {_cell(vals, io_q, 'read.qm_qsd.rand_cold_4')} "
+          "| – | – |")
+        P("")
+        out.append(f"| daemon peak RSS, {meta['qmem_data'].split(',')[0]}: {tgt} | {rss_c} (cache={cache:.0f}M) | {met} |")
+    all_runs(P, vals, ["chainfs_qcow2", "qsd_qcow2"], READ_METRICS)
+    return [r.replace("| ", "| (qcow2) ", 1) for r in out]
+
+
+def frag_section(P, meta, vals, read_med):
+    """Issue 12: a fragmented chain against the flat file and qemu."""
+    if "frag_data" not in meta:
+        return []
+    size = _num(meta.get("frag_size"))
+    P("## Fragmented chain (issue 12)")
+    P("")
+    P(meta["frag_data"])
+    P("")
+    P(f"All views agree before anything is measured: {meta.get('frag_verify', 'not checked')}")
+    P("")
+    if meta.get("frag_read_how"):
+        P(f"Reads: {meta['frag_read_how']}")
+        P("")
+    metrics = [("dd_cold", "`dd bs=1M` cold, whole file", "MiB/s")] + READ_METRICS
+    tg = [("f_raw", "flat file, no FUSE"), ("f_chainfs", "`chainfs mount` (VHDX chain)"),
+          ("f_qsd", "qemu-storage-daemon FUSE (qcow2 chain)")]
+    P("| metric | " + " | ".join(l for _, l in tg) + " |")
+    P("|---|---|---|---|")
+    for m, label, unit in metrics:
+        col = 0 if unit == "MiB/s" else 1
+        P(f"| {label} ({unit}) | " + " | ".join(_cell(vals, read_med(t, m, col), f"read.{t}.{m}") for t, _ in tg) + " |")
+    P("")
+    rows = []
+    for m, label, unit in metrics:
+        col = 0 if unit == "MiB/s" else 1
+        c = read_med("f_chainfs", m, col)
+        n_raw = {"dd_cold": 0.9, "rand_cold_1": 0.8, "rand_cold_4": 0.8}.get(m)
+        n_qsd = {"rand_cold_1": 2.0, "rand_cold_4": 2.0}.get(m)
+        if m.startswith(("dd", "seq_cold", "rand_cold")):
+            rows.append(cmp_row(vals, f"{label}: chainfs vs the flat file", c, f"read.f_chainfs.{m}",
+                                read_med("f_raw", m, col), f"read.f_raw.{m}", unit, n_raw))
+            rows.append(cmp_row(vals, f"{label}: chainfs vs qemu-storage-daemon", c, f"read.f_chainfs.{m}",
+                                read_med("f_qsd", m, col), f"read.f_qsd.{m}", unit, n_qsd))
+    short = {0: "`chainfs export` vs `qemu-img convert -O raw`",
+             1: "`chainfs merge` of both overlays vs `qemu-img commit -b`"}
+    rows.append(cmp_row(vals, "`chainfs export top.avhdx OUT.raw` vs `qemu-img convert -O raw top.qcow2`",
+                        export_rate(vals, "f_chainfs", size), "export.f_chainfs.s",
+                        export_rate(vals, "f_qemu", size), "export.f_qemu.s", "MiB/s", 1.2, short[0]))
+    fm = _num(meta.get("frag_merged"))
+    rate = {}
+    for t in ("chainfs", "chainfs_keep", "qemu", "cat"):
+        runs = _runs(vals, f"merge.f3.{t}.s")
+        rate[t] = fm / MiB / statistics.median(runs) if runs and fm else None
+    for a, b, what, need in (
+            ("chainfs", "qemu", "`chainfs merge top.avhdx base.vhdx` vs `qemu-img commit -b base.qcow2 top.qcow2` "
+             "(chainfs also relinks and deletes mid and top; qemu-img leaves them in place and invalid)", 1.0),
+            ("chainfs", "cat", "`chainfs merge` vs `cat` of a file of the merged bytes + `sync`", None),
+            ("chainfs_keep", "qemu", "`chainfs merge --keep` (mid and top kept, detached) vs `qemu-img commit -d -b` "
+             "(`-b` implies `-d`: the same command as above; both leave the overlays on disk)", None),
+            ("chainfs_keep", "cat", "`chainfs merge --keep` vs `cat` + `sync`", None)):
+        rows.append(cmp_row(vals, f"{what}, MiB/s of merged data", rate[a], f"merge.f3.{a}.s", rate[b],
+                            f"merge.f3.{b}.s", "MiB/s", need, short[1]))
+    P("### Results")
+    P("")
+    P(f"Merges: both overlays into the base, {fm / MiB if fm else 0:.0f} MiB of merged data (the union of the "
+      f"overlays' extents), fresh copies and a dropped page cache before every run, median of "
+      f"{meta.get('reps', '?')} runs; each result checked as in the merge section (sha256 of `chainfs export`, "
+      "`qemu-img compare`). The peer column is the tool named after 'vs'.")
+    P("")
+    out = results_table(P, "chainfs", "peer", rows)
+    all_runs(P, vals, [t for t, _ in tg], metrics)
+    return [r.replace("| ", "| (frag) ", 1) for r in out]
+
+
+def depth_section(P, meta, vals, read_med):
+    """Issue 12: the same content at several chain depths."""
+    if "depth_data" not in meta:
+        return []
+    ds = [int(x) for x in meta.get("depths", "1,8,64").split(",")]
+    lo, hi = f"depth{min(ds)}", f"depth{max(ds)}"
+    P("## Chain depth (issue 12)")
+    P("")
+    P(meta["depth_data"])
+    P("")
+    P(f"All views agree before anything is measured: {meta.get('depth_verify', 'not checked')}")
+    P("")
+    if meta.get("depth_read_how"):
+        P(f"Reads: {meta['depth_read_how']}")
+        P("")
+    metrics = [m for m in READ_METRICS if m[0] in ("seq_cold_1", "seq_warm_1", "rand_cold_1", "rand_cold_4",
+                                                   "rand_warm_1", "rand_warm_4")]
+    cols = [("d_raw", "flat file")] + [(f"depth{d}", f"depth {d}") for d in ds]
+    P("| metric | " + " | ".join(l for _, l in cols) + f" | depth {max(ds)} / depth {min(ds)} | target | met? |")
+    P("|---|" + "---|" * (len(cols) + 3))
+    out = []
+    for m, label, unit in metrics:
+        col = 0 if unit == "MiB/s" else 1
+        cells = [_cell(vals, read_med(t, m, col), f"read.{t}.{m}") for t, _ in cols]
+        a, b = read_med(hi, m, col), read_med(lo, m, col)
+        r = a / b if a is not None and b else None
+        met = "not measured" if r is None else ("**yes**" if r >= 0.8 else "**NO**")
+        rc = f"{r:.2f}x" if r is not None else "–"
+        P(f"| {label} ({unit}) | " + " | ".join(cells) + f" | {rc} | >= 0.8x | {met} |")
+        out.append(f"| (depth) {label}: depth {max(ds)} / depth {min(ds)} >= 0.8x | {rc} ({_fmt(a)} vs {_fmt(b)} "
+                   f"{unit}) | {met} |")
+    row = ["daemon peak RSS (VmHWM, MiB)"]
+    for t, _ in cols:
+        v = vals.get(f"rss.{t}")
+        row.append(f"{_num(v[-1]) / 1024:.1f}" if v else "–")
+    P("| " + " | ".join(row) + " | | | |")
+    P("")
+    all_runs(P, vals, [t for t, _ in cols], metrics)
+    return out
 
 
 def nbd_section(P, meta, vals, size_mib):
@@ -919,24 +1402,27 @@ def cmd_report(results, report):
 
     # Export
     size_mib = _num(meta.get("size_bytes")) / MiB if meta.get("size_bytes") else None
-    P("## Export (flatten to a raw file, or convert to a new VHDX)")
+    P("## Export (flatten to a raw file, or convert to a new VHDX or qcow2)")
     P("")
     P(f"Cold (page cache dropped before each run), median of {meta.get('reps', '?')} runs, MiB/s of virtual size "
       f"({_fmt(size_mib)} MiB); each time includes an fsync of the output.")
     P("")
-    if not any(k.startswith("export.") for k in vals):
+    tools = [("chainfs", "`chainfs export` (VHD chain)"),
+             ("chainfs_vhdx", "`chainfs export` (VHDX chain, same content)"),
+             ("chainfs_qcow2", "`chainfs export` (qcow2 chain, same content; qcow2 section)"),
+             ("chainfs_to_vhdx", "`chainfs export --format vhdx` (VHDX chain to a new VHDX)"),
+             ("chainfs_q2q", "`chainfs export --format qcow2` (qcow2 chain to a new qcow2)"),
+             ("qemu", "`qemu-img convert -O raw` (qcow2 chain)"),
+             ("qemu_to_vhdx", "`qemu-img convert -O vhdx` (qcow2 chain to a new VHDX)"),
+             ("qemu_q2q", "`qemu-img convert -O qcow2` (qcow2 chain to a new qcow2)"),
+             ("qemu_w", "`qemu-img convert -O raw -m 8 -W` (qcow2 chain, reference)"),
+             ("cp", "`cp --sparse=always` (flat file, reference)")]
+    if not any(f"export.{t}.s" in vals for t, _ in tools):
         P("Not run (BENCH_SECTIONS).")
         P("")
     else:
         P("| tool | median s | MiB/s | runs (s) | output allocated MiB | vs qemu-img convert |")
         P("|---|---|---|---|---|---|")
-    tools = [("chainfs", "`chainfs export` (VHD chain)"),
-             ("chainfs_vhdx", "`chainfs export` (VHDX chain, same content)"),
-             ("chainfs_to_vhdx", "`chainfs export --format vhdx` (VHDX chain to a new VHDX)"),
-             ("qemu", "`qemu-img convert -O raw` (qcow2 chain)"),
-             ("qemu_to_vhdx", "`qemu-img convert -O vhdx` (qcow2 chain to a new VHDX)"),
-             ("qemu_w", "`qemu-img convert -O raw -m 8 -W` (qcow2 chain, reference)"),
-             ("cp", "`cp --sparse=always` (flat file, reference)")]
     med = {}
     for t, label in tools:
         runs = [_num(x) for x in vals.get(f"export.{t}.s", []) if _num(x) is not None]
@@ -1034,6 +1520,8 @@ def cmd_report(results, report):
 
     sections_extra(P, meta, vals, one, read_med)
     nbd = nbd_section(P, meta, vals, size_mib)
+    issue_rows = (qcow2_section(P, meta, vals, read_med, one) + frag_section(P, meta, vals, read_med)
+                  + depth_section(P, meta, vals, read_med))
 
     # Targets
     P("## Targets")
@@ -1078,6 +1566,8 @@ def cmd_report(results, report):
     else:
         P("| chainfs peak RSS <= cache + 32 MiB | not measured | – |")
     targets_extra(P, meta, vals, read_med, verdict)
+    for r in issue_rows:
+        P(r)
     if nbd.get(("chainfs", 1)) and nbd.get(("qemu", 1)):
         for c in (1, 2, 4):
             a, b = nbd.get(("chainfs", c)), nbd.get(("qemu", c))
@@ -1087,7 +1577,9 @@ def cmd_report(results, report):
     elif any(k.startswith("nbd.") for k in vals):
         P("| `nbdcopy` from the chainfs plugin >= 1.0x qemu-nbd | not measured | – |")
     P("")
-    P("The read targets are judged on the 1-reader rows as the issue states them; the 4-reader rows are extra. "
+    P("The read section's targets are judged on the 1-reader rows as the issue states them; the 4-reader rows are "
+      "extra. The qcow2, frag and depth rows judge 1 and 4 readers alike (issue 11 names both; issue 12 names no "
+      "reader count). "
       "Differences under about 1.5x between cold numbers can be host caching or noise "
       "(see /work/shared/docs/perf-notes.md); compare columns of one run, not runs.")
     P("")
@@ -1145,10 +1637,11 @@ def cmd_report(results, report):
     P("## Re-running")
     P("")
     P("```sh")
-    P("sudo scripts/bench.sh                 # full: 2 GiB, all sections, ~20-25 min, writes docs/BENCHMARKS.md")
+    P("sudo scripts/bench.sh                 # full: 2 GiB, all default sections, ~40 min, writes docs/BENCHMARKS.md")
     P("sudo BENCH_QUICK=1 scripts/bench.sh   # 256 MiB, short runs, report in $BENCH_DIR/BENCHMARKS.md")
     P("# BENCH_SIZE=1G  BENCH_DIR=/path/on/disk  BENCH_REPS=5  BENCH_MOUNT_OPTS=ro,cache=64M  CHAINFS=path/to/chainfs")
-    P("# BENCH_SECTIONS=export,read,merge,write,vhdx,nbd (any subset; nbd is not in the default)  BENCH_KEEP=1 (keep the images)  BENCH_REPORT=file.md")
+    P("# BENCH_SECTIONS=export,read,merge,write,vhdx,nbd,qcow2,frag,depth (any subset; nbd is not in the default)  BENCH_KEEP=1 (keep the images)  BENCH_REPORT=file.md")
+    P("# BENCH_FRAG_SIZE=1G  BENCH_DEPTH_SIZE=1G  BENCH_DEPTHS=1,8,64  BENCH_DEPTH_FORMAT=vhdx  BENCH_QMEM_SIZE=2T  BENCH_QMEM_DEPTH=64  BENCH_QMEM_WRITES=4")
     P("```")
     text = "\n".join(out) + "\n"
     with open(report, "w") as f:
@@ -1161,7 +1654,9 @@ def main():
     cmd, args = sys.argv[1], sys.argv[2:]
     fn = {"build": cmd_build, "sha256": cmd_sha256, "compare": cmd_compare,
           "fio": cmd_fio, "report": cmd_report, "mergebuild": cmd_mergebuild,
-          "mergeread": cmd_mergeread, "layoutinfo": cmd_layoutinfo}.get(cmd)
+          "mergeread": cmd_mergeread, "layoutinfo": cmd_layoutinfo,
+          "fragbuild": cmd_fragbuild, "depthbuild": cmd_depthbuild,
+          "qmembuild": cmd_qmembuild, "qmemcheck": cmd_qmemcheck}.get(cmd)
     if fn is None:
         sys.exit(__doc__)
     fn(*args)
