@@ -511,14 +511,12 @@ fn merge_that_cannot_fit_is_refused_before_writing_and_the_rerun_reuses_blocks(f
 // The matrix: every case above that takes a format, once per format.
 
 per_format! {
-    merge_interrupted_at_every_point_and_rerun_is_within_one_block_of_a_clean_merge()
-        ignore [Qcow2] "qcow2 write path: a cluster the interrupted merge left counted but unused is not reused by the rerun (check: 1 cluster leaked)";
+    merge_interrupted_at_every_point_and_rerun_is_within_one_block_of_a_clean_merge();
     check_reports_planted_unreferenced_space_and_compact_gives_it_back() in [Vhd, Vhdx];
     compact_of_a_base_at_every_crash_point_keeps_the_content() in [Vhd, Vhdx];
     compact_of_a_child_at_every_crash_point_keeps_the_content() in [Vhd, Vhdx];
     compact_unallocates_zero_blocks_of_a_base_but_not_zeros_hiding_a_parent() in [Vhd, Vhdx];
-    merge_that_cannot_fit_is_refused_before_writing_and_the_rerun_reuses_blocks()
-        ignore [Qcow2] "qcow2: no pre-flight space check (Layer::space_for is the default 0): the merge starts, fails with ENOSPC and exits 1, not 9";
+    merge_that_cannot_fit_is_refused_before_writing_and_the_rerun_reuses_blocks();
     compact_is_refused_while_a_mount_uses_the_chain();
     compact_of_a_fixed_disk_is_unsupported() in [Vhd, Vhdx];
 }

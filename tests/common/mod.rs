@@ -217,19 +217,18 @@ impl Fmt {
         self != Fmt::Qcow2
     }
 
-    /// Known defects: space a crash leaked can outlive the next writable
+    /// Known defect: space a crash leaked can outlive the next writable
     /// open (a rerun of the merge, the next write), so `check` still
-    /// reports it after the rerun. qcow2 (pending the write path's
-    /// rewrite): a cluster counted but unused is never reused or freed.
-    /// VHDX: only the unreferenced tail is cut at open; a leaked payload
-    /// block before a sector bitmap block whose BAT entry became durable
-    /// stays until `chainfs compact`. VHD reuses all of it. Pinned by the
-    /// ignored `writable::{qcow2,vhdx}::a_leak_a_crash_leaves_is_gone_after_the_next_write`
-    /// and `space::qcow2::merge_interrupted_at_every_point_...`; the crash
-    /// loops accept such leaks and nothing else. Drop a format here with
-    /// its fix.
+    /// reports it after the rerun. VHDX: only the unreferenced tail is cut
+    /// at open; a leaked payload block before a sector bitmap block whose
+    /// BAT entry became durable stays until `chainfs compact`. VHD reuses
+    /// all of it; a qcow2 (version 3) is dirty after a crash, and the next
+    /// writable open rebuilds its refcounts and frees the leaks. Pinned by
+    /// the ignored `writable::vhdx::a_leak_a_crash_leaves_is_gone_after_the_next_write`;
+    /// the crash loops accept such leaks and nothing else. Drop a format
+    /// here with its fix.
     pub fn crash_leaks_outlive_a_rerun(self) -> bool {
-        matches!(self, Fmt::Qcow2 | Fmt::Vhdx)
+        matches!(self, Fmt::Vhdx)
     }
 
     /// Position in [`FORMATS`]: offsets a seed so each format's case draws

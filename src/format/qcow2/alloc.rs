@@ -31,8 +31,11 @@ pub(super) struct WriteState {
     pub rt: Vec<u64>,
     /// Where the next cluster is appended (cluster aligned).
     pub next_free: u64,
-    /// The header was updated for writing (autoclear bits cleared).
+    /// The header was updated for writing (autoclear bits cleared, the
+    /// refcounts of a dirty image rebuilt).
     pub started: bool,
+    /// This session set the dirty bit (cleared again at a clean close).
+    pub marked: bool,
     /// L1 entries changed in memory (`Qcow2Layer::l1`) but not yet on
     /// disk, by index.
     pub l1_dirty: std::collections::BTreeSet<u64>,
@@ -66,6 +69,7 @@ impl WriteState {
             rt,
             next_free: l.file_len()?.next_multiple_of(cs),
             started: false,
+            marked: false,
             l1_dirty: Default::default(),
             releases: Vec::new(),
         })

@@ -1,4 +1,6 @@
-//! `check` of one qcow2 file: the header's state bits, the tables' places
+//! `check` of one qcow2 file: the header's state bits (the dirty bit alone
+//! is no problem: it marks a session, and what a crash hid behind it is
+//! counted below), the tables' places
 //! (L1, refcount table, every L2 table of the active L1 inside the file)
 //! and every entry of the active L2 tables (decodable, data inside the
 //! file), then the refcounts against the references the tables hold
@@ -18,10 +20,13 @@ pub(super) fn check(l: &Qcow2Layer) -> Result<Vec<String>> {
     let cs = h.cluster_size();
     let mut out = Vec::new();
     if h.is_dirty() {
-        out.push(format!(
-            "{p}: the dirty bit is set (incompatible bit 0): refcounts may lag behind the tables \
-             after a crash with lazy refcounts (`qemu-img check -r all` rebuilds them)"
-        ));
+        // Not a problem by itself (a writer's session, or one a crash
+        // ended): what it hides, refcounts below the references or leaks,
+        // is reported below.
+        log::info!(
+            "{p}: the dirty bit is set (incompatible bit 0): the next writable open rebuilds the \
+             refcounts"
+        );
     }
     if h.is_corrupt() {
         out.push(format!(
@@ -102,7 +107,7 @@ pub(super) fn check(l: &Qcow2Layer) -> Result<Vec<String>> {
             at += cs;
         }
     }
-    if out.is_empty() || out.len() == usize::from(h.is_dirty()) + usize::from(h.is_corrupt()) {
+    if out.is_empty() || out.len() == usize::from(h.is_corrupt()) {
         out.extend(refcounts(l)?);
     }
     Ok(out)
@@ -169,8 +174,13 @@ fn refcounts(l: &Qcow2Layer) -> Result<Vec<String>> {
         first.push(format!("{p}: {errors} refcount errors in all"));
     }
     if leaks > 0 {
+        let cure = if l.header.read().is_dirty() {
+            "the next write through chainfs (or any writable open in qemu) frees them"
+        } else {
+            "`qemu-img check -r leaks` frees them"
+        };
         first.push(format!(
-            "{p}: {leaks} cluster(s) leaked: counted but unused ({} bytes; left by an interrupted write, `qemu-img check -r leaks` frees them)",
+            "{p}: {leaks} cluster(s) leaked: counted but unused ({} bytes; left by an interrupted write, {cure})",
             leaks * cs
         ));
     }

@@ -415,6 +415,10 @@ impl Layer for Qcow2Layer {
         check::check(self)
     }
 
+    fn space_for(&self, ranges: &[(u64, u64)]) -> Result<u64> {
+        self.space_for_impl(ranges)
+    }
+
     fn set_lock(&self, mode: LockMode) -> Result<()> {
         lock_file(&self.file, &self.path, mode)?;
         if let Some((f, p)) = &self.data {
@@ -455,7 +459,7 @@ impl Layer for Qcow2Layer {
 impl Drop for Qcow2Layer {
     fn drop(&mut self) {
         if self.writable {
-            if let Err(e) = self.flush_impl() {
+            if let Err(e) = self.close_impl() {
                 log::error!("{}: flush at close failed: {e}", self.path.display());
             }
         }

@@ -10,8 +10,10 @@
 //! per entry, as qemu counts them. Persistent bitmaps are not counted:
 //! the first write clears their autoclear bit first, so qemu no longer
 //! uses them. Refcount blocks the counts need and the image lacks are
-//! appended; then every block is rewritten with the counts, synced, and
-//! only then the dirty bit is cleared (and synced). A crash in between
+//! appended; then every block is rewritten with the counts, synced, the
+//! space nothing references is given back (the unreferenced tail cut off,
+//! clusters before it punched out: what a crash of chainfs's own writer
+//! leaked), and only then the dirty bit is cleared (and synced). A crash in between
 //! leaves the image dirty, so the rebuild simply runs again (in chainfs or
 //! qemu).
 
@@ -87,7 +89,52 @@ impl Qcow2Layer {
             );
         }
         self.sync()?;
+        self.free_unreferenced(st, &refs)?;
         self.update_header(|h| h.incompatible_features &= !INCOMPAT_DIRTY)?;
+        self.sync()
+    }
+
+    /// After the rebuilt counts are durable: the unreferenced tail is cut
+    /// off (the next cluster is appended where it began, so a rerun reuses
+    /// what a crash left) and unreferenced clusters before it are punched
+    /// out. A crash here leaves the image dirty: the rebuild runs again.
+    fn free_unreferenced(&self, st: &mut WriteState, refs: &[u64]) -> Result<()> {
+        let cs = self.layout.cluster_size();
+        let len = self.file_len()?;
+        let used_end = refs
+            .iter()
+            .rposition(|&r| r > 0)
+            .map_or(cs, |c| (c as u64 + 1) * cs);
+        if used_end < len {
+            crate::fault::point()?;
+            self.file.set_len(used_end).ctx(
+                &self.path,
+                "cannot cut off the unreferenced tail",
+                Some(used_end),
+            )?;
+            st.next_free = used_end;
+            log::info!(
+                "{}: cut off {} unreferenced bytes at the end",
+                self.path.display(),
+                len - used_end
+            );
+        }
+        let last = (used_end / cs) as usize;
+        let mut c = 0;
+        while c < last.min(refs.len()) {
+            if refs[c] != 0 {
+                c += 1;
+                continue;
+            }
+            let start = c;
+            while c < last.min(refs.len()) && refs[c] == 0 {
+                c += 1;
+            }
+            let (at, n) = (start as u64 * cs, (c - start) as u64 * cs);
+            if let Err(e) = crate::format::fileio::punch_hole(&self.file, at, n) {
+                log::debug!("{}: punch hole at {at:#x}: {e}", self.path.display());
+            }
+        }
         self.sync()
     }
 

@@ -1,7 +1,9 @@
 //! Writes and discards into a qcow2 leaf, one cluster at a time, in the
 //! order that keeps every crash at worst a leak:
 //!
-//! 1. First write of the session: autoclear bits the writer does not
+//! 0. First change of the session: the dirty bit is set (then synced),
+//!    see below.
+//! 1. First write of the layer: autoclear bits the writer does not
 //!    maintain are cleared in the header (then synced).
 //! 2. A cluster stored in place (allocated, COPIED: refcount 1) is written
 //!    in place; nothing else changes.
@@ -33,9 +35,16 @@
 //! no zero flag: with a backing file the cluster is written as zeros, and
 //! without one it becomes unallocated.
 //!
-//! An image marked dirty (refcounts lagging after a crash with lazy
-//! refcounts) gets its refcounts rebuilt before the first write
-//! (`rebuild`).
+//! The dirty bit (version 3) guards the session: set and synced before
+//! the first change (step 0), cleared at a clean close once the last
+//! flush is durable. A crash in between leaves it set, and the next
+//! writable open (here, or qemu's) rebuilds the refcounts from the tables
+//! before anything else (`rebuild`), which frees what the crash leaked:
+//! clusters counted for entries that never reached the disk. Refcounts
+//! here are never lower than the references (steps 3 to 5), so until then
+//! the image reads correctly and `check` sees leaks at worst. A version 2
+//! image has no dirty bit: a crash leaks there until `qemu-img check -r
+//! leaks`.
 
 use std::os::unix::fs::FileExt;
 
@@ -50,7 +59,7 @@ impl Qcow2Layer {
     }
 
     /// The writer state, loaded on first use, with the header made ready
-    /// for writing (step 1).
+    /// for writing (step 1) and the refcounts of a dirty image rebuilt.
     fn state(&self) -> Result<parking_lot::MappedMutexGuard<'_, WriteState>> {
         let mut g = self.alloc.lock();
         if g.is_none() {
@@ -69,6 +78,100 @@ impl Qcow2Layer {
             st.started = true;
         }
         Ok(st)
+    }
+
+    /// [`Self::state`] for a change: the dirty bit set first (step 0).
+    fn session(&self) -> Result<parking_lot::MappedMutexGuard<'_, WriteState>> {
+        let mut st = self.state()?;
+        if !st.marked && self.header.read().version >= 3 {
+            self.update_header(|h| h.incompatible_features |= INCOMPAT_DIRTY)?;
+            self.sync()?;
+            st.marked = true;
+        }
+        Ok(st)
+    }
+
+    /// What a crash left (the dirty bit set) is repaired now, before a
+    /// merge measures the space it needs; a clean image is not touched.
+    fn recover(&self) -> Result<()> {
+        if self.writable && self.header.read().is_dirty() {
+            drop(self.state()?);
+        }
+        Ok(())
+    }
+
+    /// A clean close: everything flushed, then the dirty bit this session
+    /// set is cleared (step 0).
+    pub(super) fn close_impl(&self) -> Result<()> {
+        let mut g = self.alloc.lock();
+        let Some(st) = g.as_mut() else {
+            return self.sync_all();
+        };
+        self.flush_locked(st)?;
+        if st.marked {
+            self.update_header(|h| h.incompatible_features &= !INCOMPAT_DIRTY)?;
+            self.sync_all()?;
+            st.marked = false;
+        }
+        Ok(())
+    }
+
+    /// New file space writing `ranges` (guest offsets, sorted) would take
+    /// at most: a cluster for every cluster not stored in place, an L2
+    /// table for every table missing or shared, and the refcount blocks
+    /// (and a grown refcount table) counting them all.
+    pub(super) fn space_for_impl(&self, ranges: &[(u64, u64)]) -> Result<u64> {
+        self.recover()?;
+        let cs = self.layout.cluster_size();
+        let cov = self.layout.l2_coverage();
+        let size = self.header.read().size;
+        let (mut clusters, mut tables) = (0u64, 0u64);
+        let (mut last_c, mut last_t): (Option<u64>, Option<u64>) = (None, None);
+        for &(off, len) in ranges {
+            let end = (off + len).min(size);
+            if len == 0 || off >= end {
+                continue;
+            }
+            let mut at = off - off % cs;
+            while at < end {
+                let c = at / cs;
+                if last_c.is_none_or(|l| c > l) {
+                    let e = self.entry(at)?;
+                    let whole_in_place = match e.map(|e| e.cluster) {
+                        Some(Cluster::Data { copied: true, .. }) if self.layout.extended_l2 => {
+                            e.is_some_and(|e| e.allocated == u32::MAX)
+                        }
+                        Some(Cluster::Data { copied: true, .. }) => true,
+                        _ => false,
+                    };
+                    if !whole_in_place && !self.layout.external_data {
+                        clusters += 1;
+                    }
+                    last_c = Some(c);
+                }
+                let t = at / cov;
+                if last_t.is_none_or(|l| t > l) {
+                    let l1 = self.l1_entry(t)?;
+                    if l1.l2_offset == 0 || !l1.copied {
+                        tables += 1;
+                    }
+                    last_t = Some(t);
+                }
+                at += cs;
+            }
+        }
+        let new = clusters + tables;
+        if new == 0 {
+            return Ok(0);
+        }
+        // Refcount blocks for the new clusters (and for themselves), and
+        // room for a refcount table twice as large as it may need to be.
+        let rbe = self.layout.refcount_block_entries();
+        let blocks = new.div_ceil(rbe) + 1;
+        let table = ((self.file_len()? / cs + new + blocks).div_ceil(rbe) * 8)
+            .div_ceil(cs)
+            .saturating_mul(2);
+        Ok((new + blocks + table) * cs)
     }
 
     /// Is the unit (cluster, or subcluster with extended L2) at `at`
@@ -123,7 +226,7 @@ impl Qcow2Layer {
         let size = self.header.read().size;
         let n = (data.len() as u64).min(size.saturating_sub(offset));
         let cs = self.layout.cluster_size();
-        let mut st = self.state()?;
+        let mut st = self.session()?;
         let mut done = 0u64;
         while done < n {
             let at = offset + done;
@@ -410,7 +513,7 @@ impl Qcow2Layer {
         let cs = self.layout.cluster_size();
         let sc = self.layout.subcluster_size();
         let mut at = offset;
-        let mut st = self.state()?;
+        let mut st = self.session()?;
         while at < end {
             let c0 = at - at % cs;
             let cend = (c0 + cs).min(end);
@@ -640,5 +743,34 @@ mod tests {
         // ... and does after the flush.
         l.flush().unwrap();
         assert!(matches!(mapped(&path, 3 << 20), Extent::Data { .. }));
+    }
+
+    /// Step 0: the dirty bit is on disk from the first change until a
+    /// clean close (a flush alone keeps it); a read-only open never sets it.
+    #[test]
+    fn the_dirty_bit_marks_a_write_session_until_the_clean_close() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.qcow2");
+        let o = CreateOptions {
+            size: Some(8 << 20),
+            fixed: false,
+            block_size: Some(64 << 10),
+            logical_sector: 512,
+            parent: None,
+            version: None,
+            subblocks: false,
+        };
+        crate::format::registry::create(&path, &o).unwrap();
+        let dirty = || std::fs::read(&path).unwrap()[79] & 1 == 1;
+        let l = open_layer(&path, &opts(true)).unwrap();
+        assert!(!dirty(), "a writable open alone marks the image");
+        l.write_sectors(1 << 20, &[9u8; 512]).unwrap();
+        assert!(dirty(), "the first write does not mark the image");
+        l.flush().unwrap();
+        assert!(dirty(), "a flush ends the session");
+        drop(l);
+        assert!(!dirty(), "the clean close leaves the image marked");
+        drop(open_layer(&path, &opts(false)).unwrap());
+        assert!(!dirty());
     }
 }
