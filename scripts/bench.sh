@@ -574,6 +574,7 @@ start_target() {
     chainfs_vhdx) mount_chainfs "$t" "$IMG/top.avhdx" "$MOUNT_OPTS" ;; # the same content as VHDX
     chainfs_qcow2) mount_chainfs "$t" "$IMG/top.qcow2" "$MOUNT_OPTS" ;; # the same content as qcow2 (qemu-io made it)
     f_chainfs) mount_chainfs "$t" "$FW/top.avhdx" "$MOUNT_OPTS" ;;
+    f_fuse) mount_chainfs "$t" "$FD/raw.img" "$MOUNT_OPTS" ;; # the flat file through chainfs: what FUSE alone costs
     depth*) mount_chainfs "$t" "$(python3 "$HELPER" layoutinfo "$DD/layout.json" "leaf${t#depth}")" "$MOUNT_OPTS" ;;
     qm_chainfs) mount_chainfs "$t" "$QLEAF" "$MOUNT_OPTS" ;;
     vhdimount | vhdimount_vhdx)
@@ -1362,7 +1363,7 @@ if has frag; then
   export_loop f_chainfs f_qemu
 
   F_TARGETS=(f_raw)
-  [ "$HAVE_MOUNT" = 1 ] && F_TARGETS+=(f_chainfs)
+  [ "$HAVE_MOUNT" = 1 ] && F_TARGETS+=(f_chainfs f_fuse)
   F_TARGETS+=(f_qsd)
   say "== 9. frag reads: ${F_TARGETS[*]}, $READ_REPS round(s)"
   rec meta.frag_read_how "$(how_reads) 'dd' = \`dd if=FILE of=/dev/null bs=1M\` of the whole file on a fresh mount after drop_caches, MiB/s = size / wall time."

@@ -2194,7 +2194,7 @@ fn kill_9_of_the_daemon_during_merges_loses_nothing_and_the_merge_can_be_finishe
         p(&probe.join(ln(f, "leaf"))),
         p(&probe.join(ln(f, "base"))),
     ]);
-    let full = t0.elapsed();
+    let mut full = t0.elapsed();
     fs::remove_dir_all(&probe).unwrap();
 
     let mut rng = Rng(82);
@@ -2245,8 +2245,12 @@ fn kill_9_of_the_daemon_during_merges_loses_nothing_and_the_merge_can_be_finishe
         let leaks_ok = f.crash_leaks_outlive_a_rerun();
         let (bad, state) =
             verify_interrupted(&work, &m, b.model(), &b.snaps[m.src], &scratch, leaks_ok);
-        if state.starts_with("record copy") || state.starts_with("record relinked") {
+        if state.starts_with("record copy") || state.starts_with("record relink") {
             interrupted += 1;
+        } else if state.contains("SOURCE deleted") {
+            // The merge in the daemon ran faster than the offline probe:
+            // aim the next kills earlier.
+            full = full.mul_f64(0.5);
         }
         report.push(format!("merge {src} killed after {delay:?}: {state}"));
         violations.extend(

@@ -209,6 +209,12 @@ pub trait Layer: Send + Sync {
     /// into the page cache (best effort, asynchronous).
     fn will_need(&self, _file_offset: u64, _len: u64) {}
 
+    /// Start writing what this layer has written back to disk (best
+    /// effort, asynchronous; no durability promised: `flush` is still
+    /// needed). A long copy calls it as it goes, so its final flush has
+    /// little left to wait for.
+    fn write_behind(&self) {}
+
     /// Bytes of file space holding data (allocated blocks).
     fn allocated_bytes(&self) -> Result<u64>;
 

@@ -374,6 +374,10 @@ impl Layer for Qcow2Layer {
         crate::format::fileio::will_need(self.data_file().0, file_offset, len);
     }
 
+    fn write_behind(&self) {
+        crate::format::fileio::write_behind(self.data_file().0);
+    }
+
     fn allocated_bytes(&self) -> Result<u64> {
         let mut cached = self.allocated.lock();
         if let Some(n) = *cached {

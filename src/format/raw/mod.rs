@@ -229,6 +229,10 @@ impl Layer for RawLayer {
         fileio::will_need(&self.file, file_offset, len);
     }
 
+    fn write_behind(&self) {
+        fileio::write_behind(&self.file);
+    }
+
     fn allocated_bytes(&self) -> Result<u64> {
         let mut total = 0;
         let mut at = 0;

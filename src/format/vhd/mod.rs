@@ -550,6 +550,10 @@ impl Layer for VhdLayer {
         crate::format::fileio::will_need(&self.file, file_offset, len);
     }
 
+    fn write_behind(&self) {
+        crate::format::fileio::write_behind(&self.file);
+    }
+
     fn read_data(&self, file_offset: u64, buf: &mut [u8]) -> Result<()> {
         self.file.read_exact_at(buf, file_offset).ctx(
             &self.path,

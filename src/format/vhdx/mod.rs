@@ -449,6 +449,10 @@ impl Layer for VhdxLayer {
         crate::format::fileio::will_need(&self.file, file_offset, len);
     }
 
+    fn write_behind(&self) {
+        crate::format::fileio::write_behind(&self.file);
+    }
+
     fn read_data(&self, file_offset: u64, buf: &mut [u8]) -> Result<()> {
         let mut done = 0;
         while done < buf.len() {
