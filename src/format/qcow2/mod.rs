@@ -424,6 +424,13 @@ impl Layer for Qcow2Layer {
     }
 
     fn set_lock(&self, mode: LockMode) -> Result<()> {
+        // Giving up the exclusive lock ends the write session (its dirty
+        // bit cleared while the lock still keeps other writers out): the
+        // header is never written later from a copy another writer may
+        // have changed meanwhile.
+        if self.writable && mode != LockMode::Exclusive {
+            self.close_impl()?;
+        }
         lock_file(&self.file, &self.path, mode)?;
         if let Some((f, p)) = &self.data {
             lock_file(f, p, mode)?;

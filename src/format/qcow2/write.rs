@@ -772,5 +772,12 @@ mod tests {
         assert!(!dirty(), "the clean close leaves the image marked");
         drop(open_layer(&path, &opts(false)).unwrap());
         assert!(!dirty());
+        // Giving up the write lock ends the session too (a merge shares
+        // its DESTINATION again that way, before the object is dropped).
+        let l = open_layer(&path, &opts(true)).unwrap();
+        l.write_sectors(2 << 20, &[3u8; 512]).unwrap();
+        assert!(dirty());
+        l.set_lock(crate::format::LockMode::Unlocked).unwrap();
+        assert!(!dirty(), "unlocked with the session still open");
     }
 }
