@@ -119,20 +119,15 @@ impl Qcow2Layer {
                 len - used_end
             );
         }
-        let last = (used_end / cs) as usize;
+        let last = ((used_end / cs) as usize).min(refs.len());
         let mut c = 0;
-        while c < last.min(refs.len()) {
-            if refs[c] != 0 {
-                c += 1;
-                continue;
-            }
-            let start = c;
-            while c < last.min(refs.len()) && refs[c] == 0 {
-                c += 1;
-            }
-            let (at, n) = (start as u64 * cs, (c - start) as u64 * cs);
-            if let Err(e) = crate::format::fileio::punch_hole(&self.file, at, n) {
-                log::debug!("{}: punch hole at {at:#x}: {e}", self.path.display());
+        for run in refs[..last].chunk_by(|a, b| (*a == 0) == (*b == 0)) {
+            let (s, e) = (c as u64 * cs, (c + run.len()) as u64 * cs);
+            c += run.len();
+            if run[0] == 0 {
+                if let Err(err) = crate::format::space::punch_range(&self.file, &self.path, s, e) {
+                    log::debug!("{}: punch hole at {s:#x}: {err}", self.path.display());
+                }
             }
         }
         self.sync()

@@ -137,13 +137,10 @@ impl Qcow2Layer {
                 let c = at / cs;
                 if last_c.is_none_or(|l| c > l) {
                     let e = self.entry(at)?;
-                    let whole_in_place = match e.map(|e| e.cluster) {
-                        Some(Cluster::Data { copied: true, .. }) if self.layout.extended_l2 => {
-                            e.is_some_and(|e| e.allocated == u32::MAX)
-                        }
-                        Some(Cluster::Data { copied: true, .. }) => true,
-                        _ => false,
-                    };
+                    let sc = self.layout.subcluster_size() as usize;
+                    let whole_in_place = (at..at + cs)
+                        .step_by(sc)
+                        .all(|u| self.in_place(e.as_ref(), u));
                     if !whole_in_place && !self.layout.external_data {
                         clusters += 1;
                     }
@@ -710,12 +707,8 @@ mod tests {
             .unwrap()
     }
 
-    /// Step 5: new entries reach the file only at a flush, after their
-    /// data; the writer reads them before that, and a flush writes them.
-    #[test]
-    fn new_entries_wait_for_the_flush_and_the_writer_reads_them_meanwhile() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("d.qcow2");
+    /// A new 8 MiB qcow2 with 64 KiB clusters at `path`.
+    fn create_8m(path: &Path) {
         let o = CreateOptions {
             size: Some(8 << 20),
             fixed: false,
@@ -725,7 +718,16 @@ mod tests {
             version: None,
             subblocks: false,
         };
-        crate::format::registry::create(&path, &o).unwrap();
+        crate::format::registry::create(path, &o).unwrap();
+    }
+
+    /// Step 5: new entries reach the file only at a flush, after their
+    /// data; the writer reads them before that, and a flush writes them.
+    #[test]
+    fn new_entries_wait_for_the_flush_and_the_writer_reads_them_meanwhile() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.qcow2");
+        create_8m(&path);
         let l = open_layer(&path, &opts(true)).unwrap();
         l.write_sectors(3 << 20, &[7u8; 4096]).unwrap();
         // The writer sees its data ...
@@ -751,16 +753,7 @@ mod tests {
     fn the_dirty_bit_marks_a_write_session_until_the_clean_close() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("d.qcow2");
-        let o = CreateOptions {
-            size: Some(8 << 20),
-            fixed: false,
-            block_size: Some(64 << 10),
-            logical_sector: 512,
-            parent: None,
-            version: None,
-            subblocks: false,
-        };
-        crate::format::registry::create(&path, &o).unwrap();
+        create_8m(&path);
         let dirty = || std::fs::read(&path).unwrap()[79] & 1 == 1;
         let l = open_layer(&path, &opts(true)).unwrap();
         assert!(!dirty(), "a writable open alone marks the image");
