@@ -42,7 +42,7 @@
 #              a remount, and `chainfs check` / `qemu-img check`.
 #   6. vhdx    the VHDX parts of 1-3 (build, export, reads) when selected.
 #   7. nbd     the data chain served over NBD on a Unix socket, copied with
-#              `nbdcopy -C N -T N URI null:` (cold, median of BENCH_REPS):
+#              `nbdcopy -C N -T N URI null:` (cold, median of BENCH_NBD_REPS):
 #              nbdkit with the chainfs plugin (VHD chain, readonly=true) vs
 #              qemu-nbd -r (qcow2 chain, same content), with 1, 2 and 4
 #              connections; each server's copy is checked against the flat
@@ -81,10 +81,10 @@
 #              table states the target next to the measured ratio.
 #
 # Needs root (drop_caches, FUSE mounts). Full run (all default sections): about
-# 40 min on 2 cores (the qcow2, frag and depth sections add about 20 of them;
-# an estimate from small runs). Every section checks its views and results
-# against the flat content first; a failed run or check is printed, named in
-# the report and makes the script exit non-zero.
+# 35 min on 2 cores (33 min measured; the qcow2, frag and depth sections take
+# about 20 of them). Every section checks its views and results against the
+# flat content first; a failed run or check is printed, named in the report
+# and makes the script exit non-zero.
 # Environment:
 #   BENCH_QUICK=1        256 MiB and short runs (checks the script works)
 #   BENCH_SIZE=1G        virtual size of the data and merge chains (K/M/G/T
@@ -93,9 +93,11 @@
 #                        makes DIR/run.XXXXXX and removes it at the end);
 #                        must be a disk file system, not tmpfs
 #   BENCH_REPS=3         export and merge runs per tool (median)
+#   BENCH_NBD_REPS=7     nbdcopy runs per server and connection count (median;
+#                        cold NBD copies vary more than the others)
 #   BENCH_READ_REPS=3    rounds of read and write runs (median; 1 in quick mode)
 #   BENCH_SECTIONS=export,read,merge,write,vhdx,nbd,qcow2,frag,depth   (any
-#                        subset, comma separated; default: all but nbd)
+#                        subset, comma separated; default: all)
 #   BENCH_FRAG_SIZE=1G   virtual size of the frag chain (256M in quick mode)
 #   BENCH_DEPTH_SIZE=1G  virtual size of the depth chains (256M in quick mode)
 #   BENCH_DEPTHS=1,8,64  the chain depths of the depth section
@@ -169,8 +171,10 @@ QMDEPTH=${BENCH_QMEM_DEPTH:-64}
 QMWRITES=${BENCH_QMEM_WRITES:-4}
 [[ $QMDEPTH =~ ^[1-9][0-9]*$ && $QMWRITES =~ ^[1-9][0-9]*$ ]] || die "BENCH_QMEM_DEPTH and BENCH_QMEM_WRITES must be positive numbers"
 REPS=${BENCH_REPS:-3}
+NBD_REPS=${BENCH_NBD_REPS:-$([ "$QUICK" = 1 ] && echo 1 || echo 7)}
+[[ $NBD_REPS =~ ^[1-9][0-9]*$ ]] || die "BENCH_NBD_REPS must be a positive number"
 ALL_SECTIONS="export, read, merge, write, vhdx, nbd, qcow2, frag, depth"
-SECTIONS=${BENCH_SECTIONS:-export,read,merge,write,vhdx,qcow2,frag,depth}
+SECTIONS=${BENCH_SECTIONS:-export,read,merge,write,vhdx,nbd,qcow2,frag,depth}
 for sec in ${SECTIONS//,/ }; do
   case $sec in
     export | read | merge | write | vhdx | nbd | qcow2 | frag | depth) ;;
@@ -184,7 +188,7 @@ if [ -n "${BENCH_REPORT:-}" ]; then
   REPORT=$BENCH_REPORT
 elif [ "$QUICK" != 1 ] && [ "$SIZE" -eq $((2 << 30)) ] && [ "$FSIZE" -eq $((1 << 30)) ] &&
   [ "$DSIZE" -eq $((1 << 30)) ] && [ "$DEPTHS" = 1,8,64 ] && [ "$QMSIZE" -eq $((2 << 40)) ] &&
-  has export && has read && has merge && has write && has vhdx && has qcow2 && has frag && has depth; then
+  has export && has read && has merge && has write && has vhdx && has nbd && has qcow2 && has frag && has depth; then
   REPORT=$REPO/docs/BENCHMARKS.md
 else
   REPORT=$BENCH_DIR/BENCHMARKS.md
@@ -1265,10 +1269,15 @@ if has nbd; then
     fi
     NBD_OK+=("$srv")
   done
+  rec meta.nbd_reps "$NBD_REPS"
   rec meta.nbd_verify "sha256 $h_flat: \`nbdcopy\` from each server that came up ($(IFS=,; echo "${NBD_OK[*]}")) equals the flat file."
-  for round in $(seq "$REPS"); do
+  for round in $(seq "$NBD_REPS"); do
     for c in 1 2 4; do
-      for srv in "${NBD_OK[@]}"; do
+      # The order alternates from round to round, so neither server always
+      # runs right after the other's reads.
+      order=("${NBD_OK[@]}")
+      [ $((round % 2)) = 0 ] && [ "${#order[@]}" = 2 ] && order=("${order[1]}" "${order[0]}")
+      for srv in "${order[@]}"; do
         if ! nbd_start "$srv"; then
           rec "nbd.$srv.c$c.s" FAILED
           FAILURES=$((FAILURES + 1))

@@ -37,14 +37,12 @@
 //! Read-ahead: each open handle of `disk.raw` or a layer view keeps its
 //! read pattern (`crate::readahead::Stream`); a sequential reader's next
 //! MiBs are resolved and their layer files asked to start reading
-//! (`crate::image::will_need`) by one worker thread per mount, fed through
-//! a short queue, so no request waits for the resolving (on a deep chain
-//! with cold tables that costs more than the read itself).
+//! (`crate::image::will_need`) by one `crate::readahead::Fetcher` per
+//! mount, so no request waits for the resolving.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::SyncSender;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -56,7 +54,7 @@ use crate::image::{FlatImage, Layers};
 use crate::jobs::Jobs;
 use crate::merge::{Caller, MergeRequest, Progress};
 use crate::perms::{Overrides, ViewPerms};
-use crate::readahead::Stream;
+use crate::readahead::{Fetcher, Stream};
 
 pub const ROOT: u64 = 1;
 pub const DISK: u64 = 2;
@@ -135,35 +133,7 @@ pub struct ChainFs {
     /// Layer files whose views the running merge changes or retires.
     merging: Arc<Mutex<Vec<PathBuf>>>,
     /// The read-ahead worker's queue (`None`: it could not be started).
-    ahead: Option<SyncSender<AheadJob>>,
-}
-
-/// A range to fetch ahead: the chain as seen from `layers[from..]`.
-type AheadJob = (Layers, usize, u64, u64);
-
-/// Jobs queued for the read-ahead worker at most; more are dropped (the
-/// reader is then far ahead of the disk anyway).
-const AHEAD_QUEUE: usize = 4;
-
-/// The worker that resolves and advises ranges ahead of sequential
-/// readers, off the request path: it ends when the queue's sender (the
-/// `ChainFs`) goes away.
-fn start_read_ahead() -> Option<SyncSender<AheadJob>> {
-    let (tx, rx) = std::sync::mpsc::sync_channel::<AheadJob>(AHEAD_QUEUE);
-    let spawned = std::thread::Builder::new()
-        .name("read-ahead".into())
-        .spawn(move || {
-            for (layers, from, at, len) in rx {
-                crate::image::will_need(&layers, from, at, len);
-            }
-        });
-    match spawned {
-        Ok(_) => Some(tx),
-        Err(e) => {
-            log::warn!("no read-ahead: cannot start its thread: {e}");
-            None
-        }
-    }
+    ahead: Option<Fetcher>,
 }
 
 /// The name of the view of `layer` at `depth`.
@@ -217,7 +187,7 @@ impl ChainFs {
             perms: Mutex::new((layers, perms)),
             view_ids: Mutex::new(Vec::new()),
             merging: Arc::new(Mutex::new(Vec::new())),
-            ahead: start_read_ahead(),
+            ahead: Fetcher::start(),
         })
     }
 
@@ -456,10 +426,8 @@ impl ChainFs {
             Some(h) => h.stream.on_read(offset, n, size),
             None => None,
         };
-        if let (Some((at, len)), Some(q)) = (ahead, &self.ahead) {
-            log::trace!("read-ahead: {len} bytes at {at} (handle {fh})");
-            // Never waits: a full queue drops the job.
-            let _ = q.try_send((layers.clone(), from, at, len));
+        if let (Some((at, len)), Some(f)) = (ahead, &self.ahead) {
+            f.fetch(layers.clone(), from, at, len);
         }
     }
 

@@ -25,6 +25,16 @@
 //! least half a window, so the resolving is paid once per few MiB. Memory:
 //! three numbers per handle; the data goes to the page cache, not to this
 //! process.
+//!
+//! The resolving and advising run on a [`Fetcher`]: one worker thread fed
+//! through a short queue, so no request waits for them (on a deep chain
+//! with cold tables resolving costs more than the read itself). The mount
+//! (`crate::fs`, per open handle) and the nbdkit plugin (per connection)
+//! both use it.
+
+use std::sync::mpsc::SyncSender;
+
+use crate::image::Layers;
 
 /// How far ahead of a sequential reader data is fetched.
 pub const WINDOW: u64 = 32 << 20;
@@ -76,6 +86,50 @@ impl Stream {
         }
         self.ahead = to;
         Some((from, to - from))
+    }
+}
+
+/// A range to fetch ahead: the chain as seen from `layers[from..]`,
+/// `len` bytes at `offset`.
+type Job = (Layers, usize, u64, u64);
+
+/// Jobs queued for the worker at most; more are dropped (the reader is
+/// then far ahead of the disk anyway).
+const QUEUE: usize = 4;
+
+/// The worker that resolves and advises ranges ahead of sequential
+/// readers, off the request path. It ends when the `Fetcher` is dropped.
+#[derive(Debug)]
+pub struct Fetcher {
+    tx: SyncSender<Job>,
+}
+
+impl Fetcher {
+    /// Start the worker thread; `None` (logged) if it cannot be started,
+    /// and reads then go without read-ahead.
+    pub fn start() -> Option<Fetcher> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Job>(QUEUE);
+        let spawned = std::thread::Builder::new()
+            .name("read-ahead".into())
+            .spawn(move || {
+                for (layers, from, offset, len) in rx {
+                    crate::image::will_need(&layers, from, offset, len);
+                }
+            });
+        match spawned {
+            Ok(_) => Some(Fetcher { tx }),
+            Err(e) => {
+                log::warn!("no read-ahead: cannot start its thread: {e}");
+                None
+            }
+        }
+    }
+
+    /// Queue `len` bytes at `offset` of the chain `layers[from..]`. Never
+    /// waits: a full queue drops the job.
+    pub fn fetch(&self, layers: Layers, from: usize, offset: u64, len: u64) {
+        log::trace!("read-ahead: {len} bytes at {offset}");
+        let _ = self.tx.try_send((layers, from, offset, len));
     }
 }
 

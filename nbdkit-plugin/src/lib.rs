@@ -26,22 +26,31 @@
 //!   `nbdcopy` and `qemu-img convert` skip them without reading.
 //! - Zero and trim both make the range read as zeros through the leaf's
 //!   discard; FUA is emulated by nbdkit with a flush after the request.
+//! - Read-ahead as the mount does it (`chainfs::readahead`): each
+//!   connection keeps its read pattern, and a sequential reader's next MiBs
+//!   are resolved and their layer files asked to start reading by one
+//!   worker thread. It is started at the first read, in the serving
+//!   process (threads do not survive nbdkit's fork into the background).
 
 mod config;
 
 use std::ffi::CString;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use chainfs::image::Source;
+use chainfs::readahead::{Fetcher, Stream};
 use chainfs::{Chain, FlatImage};
 use nbdkit::{plugin, ExtentHandle, ExtentType, Flags, FuaFlags, Result, Server, ThreadModel};
 
 use config::Config;
 
 /// The parsed `key=value` parameters (filled by `config`).
-static CONFIG: std::sync::Mutex<Option<Config>> = std::sync::Mutex::new(None);
+static CONFIG: Mutex<Option<Config>> = Mutex::new(None);
 /// The open chain, shared by every connection.
 static IMAGE: OnceLock<Served> = OnceLock::new();
+/// The read-ahead worker, started at the first read (`None`: it could not
+/// be started).
+static FETCHER: OnceLock<Option<Fetcher>> = OnceLock::new();
 
 struct Served {
     image: Arc<FlatImage>,
@@ -65,6 +74,25 @@ fn served() -> Result<&'static Served> {
 struct Conn {
     image: Arc<FlatImage>,
     writable: bool,
+    /// This connection's read pattern (`chainfs::readahead`).
+    stream: Mutex<Stream>,
+}
+
+impl Conn {
+    /// Fetch ahead of a sequential reader on this connection.
+    fn read_ahead(&self, offset: u64, len: u64) {
+        let size = self.image.size();
+        let ahead = self
+            .stream
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .on_read(offset, len, size);
+        if let Some((at, n)) = ahead {
+            if let Some(f) = FETCHER.get_or_init(Fetcher::start) {
+                f.fetch(self.image.layers(), 0, at, n);
+            }
+        }
+    }
 }
 
 impl Server for Conn {
@@ -170,6 +198,7 @@ impl Server for Conn {
         Ok(Box::new(Conn {
             image: s.image.clone(),
             writable: s.writable && !readonly,
+            stream: Mutex::new(Stream::default()),
         }))
     }
 
@@ -211,6 +240,7 @@ impl Server for Conn {
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.read_ahead(offset, buf.len() as u64);
         let n = self.image.read_at(offset, buf).map_err(nbd_err)?;
         if n < buf.len() {
             return Err(nbdkit::Error::new(

@@ -1318,7 +1318,7 @@ def nbd_section(P, meta, vals, size_mib):
     P("## Serving over NBD (nbdcopy)")
     P("")
     P(f"`nbdcopy -C N -T N URI null:` over a Unix socket, cold (page cache dropped, server restarted before "
-      f"each run), median of {meta.get('reps', '?')} runs, MiB/s of virtual size ({_fmt(size_mib)} MiB). "
+      f"each run; the two servers take turns going first), median of {meta.get('nbd_reps', meta.get('reps', '?'))} runs, MiB/s of virtual size ({_fmt(size_mib)} MiB). "
       "nbdcopy asks for block status and reads only the extents the server reports as data. "
       f"{meta.get('nbdkit', '')}; {meta.get('libnbd', '')}.")
     if meta.get("nbd_verify"):
