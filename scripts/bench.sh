@@ -93,6 +93,8 @@
 #                        makes DIR/run.XXXXXX and removes it at the end);
 #                        must be a disk file system, not tmpfs
 #   BENCH_REPS=3         export and merge runs per tool (median)
+#   BENCH_DEPTH_REPS=5   rounds of the depth section's reads (median; its rows
+#                        compare chains with each other, so they get more)
 #   BENCH_NBD_REPS=7     nbdcopy runs per server and connection count (median;
 #                        cold NBD copies vary more than the others)
 #   BENCH_READ_REPS=3    rounds of read and write runs (median; 1 in quick mode)
@@ -171,6 +173,8 @@ QMDEPTH=${BENCH_QMEM_DEPTH:-64}
 QMWRITES=${BENCH_QMEM_WRITES:-4}
 [[ $QMDEPTH =~ ^[1-9][0-9]*$ && $QMWRITES =~ ^[1-9][0-9]*$ ]] || die "BENCH_QMEM_DEPTH and BENCH_QMEM_WRITES must be positive numbers"
 REPS=${BENCH_REPS:-3}
+DEPTH_REPS=${BENCH_DEPTH_REPS:-$([ "$QUICK" = 1 ] && echo 1 || echo 5)}
+[[ $DEPTH_REPS =~ ^[1-9][0-9]*$ ]] || die "BENCH_DEPTH_REPS must be a positive number"
 NBD_REPS=${BENCH_NBD_REPS:-$([ "$QUICK" = 1 ] && echo 1 || echo 7)}
 [[ $NBD_REPS =~ ^[1-9][0-9]*$ ]] || die "BENCH_NBD_REPS must be a positive number"
 ALL_SECTIONS="export, read, merge, write, vhdx, nbd, qcow2, frag, depth"
@@ -326,6 +330,7 @@ alloc_mib() { du -B1M "$1" | cut -f1; }
 
 # ------------------------------------------------------------------ meta
 rec meta.quick "$QUICK"
+rec meta.warm_rt "$WARM_RT"
 rec meta.workdir "$W"
 rec meta.size_bytes "$SIZE"
 rec meta.reps "$REPS"
@@ -734,9 +739,14 @@ dd_run() { # target: dd bs=1M of the whole view to /dev/null (recorded as fio re
   FAILURES=$((FAILURES + 1))
 }
 
+daemon_cpu() { # the target daemon's CPU time so far (user + system, seconds), if it runs
+  [ -n "$TPID" ] && [ -r "/proc/$TPID/stat" ] || return 0
+  awk -v hz="$(getconf CLK_TCK)" '{ sub(/^.*\) /, ""); printf "%.3f", ($12 + $13) / hz }' "/proc/$TPID/stat"
+}
+
 # One group = a fresh mount, a dropped page cache, then some fio runs.
 group() {
-  local g=$1 t=$2 q=$((VSIZE / 4)) w m
+  local g=$1 t=$2 q=$((VSIZE / 4)) w m c0
   if ! start_target "$t"; then
     case $g in
       dd) m=dd_cold ;;
@@ -759,9 +769,12 @@ group() {
       fio_run "$t" seq_cold_1 "${SEQ[@]}" --size="$VSIZE" --runtime="$SEQ_CAP"
       WARM[$t]=$LAST_IO
       w=$(warm_size "$t" 1)
+      c0=$(daemon_cpu)
       fio_run "$t" seq_warm_1 "${SEQ[@]}" --size="$w" --time_based --runtime="$WARM_RT"
       fio_run "$t" rand_warm_1 "${RAND[@]}" --size="$w" --numjobs=1 --time_based --runtime="$WARM_RT"
       fio_run "$t" rand_warm_4 "${RAND[@]}" --size="$w" --numjobs=4 --time_based --runtime="$WARM_RT"
+      # What the daemon did while the page cache served the warm runs.
+      [ -z "$c0" ] || rec "cpu.$t.warm1" "$(awk -v a="$c0" -v b="$(daemon_cpu)" 'BEGIN { printf "%d", (b - a) * 1000 }')"
       ;;
     seq4)
       fio_run "$t" seq_cold_4 "${SEQ[@]}" --size="$q" --offset_increment="$q" --numjobs=4 --runtime="$SEQ_CAP"
@@ -896,7 +909,7 @@ merge_prep() { # case tool: the fresh copies the run starts from
     m*.chainfs_qcow2* | m*.qemu*) restore qcow2 ;;
     m*.chainfs* | m*.rm) restore vhd ;;
     m*.cp) rm -f "$MD/cp.out" ;;
-    f3.chainfs*) restore_copies "$FP" "$FW" vhdx avhdx ;;
+    f3.chainfs* | f3.rm) restore_copies "$FP" "$FW" vhdx avhdx ;;
     f3.qemu*) restore_copies "$FP" "$FW" qcow2 ;;
     f3.cat) rm -f "$FD/cat.out" ;;
   esac
@@ -911,6 +924,7 @@ merge_cmd() { # case tool
       ;;
     m2.rm) rm "$MW/leaf.vhd" && sync "$MW" ;;
     m3.rm) rm "$MW/leaf.vhd" "$MW/mid.vhd" && sync "$MW" ;;
+    f3.rm) rm "$FW/top.avhdx" "$FW/mid.avhdx" && sync "$FW" ;;
     m2.qemu) qemu-img commit -q -f qcow2 "$SRC" && sync "$DEST" "$SRC" ;;
     m2.qemu_d) qemu-img commit -q -d -f qcow2 "$SRC" && sync "$DEST" ;;
     m3.qemu) qemu-img commit -q -f qcow2 -b "$DEST" "$SRC" && sync "$DEST" ;;
@@ -952,7 +966,10 @@ verify_merge() { # case tool: the merged chain must show the pre-merge content
       ;;
     cp) cmp -s "$MD/cp.out" "$MD/cp${c#m}.bin" || { echo "the copy differs" >&2; return 1; } ;;
     cat) cmp -s "$FD/cat.out" "$FD/changed.bin" || { echo "the copy differs" >&2; return 1; } ;;
-    rm) [ ! -e "$MW/leaf.vhd" ] || { echo "leaf.vhd still there" >&2; return 1; } ;;
+    rm)
+      [ "$c" = f3 ] && f=$FW/top.avhdx || f=$MW/leaf.vhd
+      [ ! -e "$f" ] || { echo "${f##*/} still there" >&2; return 1; }
+      ;;
   esac
 }
 merge_run() { # rep case tool bytes: one timed run, checked afterwards
@@ -1385,8 +1402,9 @@ if has frag; then
   logcmd "chainfs merge \$W/frag/work/top.avhdx \$W/frag/work/base.vhdx --keep --json; sync \$W/frag/work/{base.vhdx,mid.avhdx,top.avhdx}"
   logcmd "qemu-img commit -q -d -f qcow2 -b \$W/frag/work/base.qcow2 \$W/frag/work/top.qcow2; sync \$W/frag/work/base.qcow2"
   logcmd "drop; cat \$W/frag/changed.bin > \$W/frag/cat.out; sync \$W/frag/cat.out   # a file of the merged byte count"
+  logcmd "rm \$W/frag/work/top.avhdx \$W/frag/work/mid.avhdx; sync \$W/frag/work   # fresh copies: what deleting the merged layers costs by itself"
   for rep in $(seq "$REPS"); do
-    for tool in chainfs chainfs_keep qemu cat; do merge_run "$rep" f3 "$tool" "$F3"; done
+    for tool in chainfs chainfs_keep qemu cat rm; do merge_run "$rep" f3 "$tool" "$F3"; done
   done
   rm -rf "$FD"
   VSIZE=$SIZE VREF=$IMG/raw.img VLAYOUT=$IMG/layout.json
@@ -1421,9 +1439,9 @@ if has depth; then
   if [ "$HAVE_MOUNT" = 1 ]; then
     for d in ${DEPTHS//,/ }; do D_TARGETS+=("depth$d"); done
   fi
-  rec meta.depth_read_how "$(how_reads)"
-  say "== 10. depth reads: ${D_TARGETS[*]}, $READ_REPS round(s)"
-  RGROUPS="seq1 rand1 rand4" read_rounds "${D_TARGETS[@]}"
+  rec meta.depth_read_how "$(READ_REPS=$DEPTH_REPS how_reads)"
+  say "== 10. depth reads: ${D_TARGETS[*]}, $DEPTH_REPS round(s)"
+  READ_REPS=$DEPTH_REPS RGROUPS="seq1 rand1 rand4" read_rounds "${D_TARGETS[@]}"
   rm -rf "$DD"
   VSIZE=$SIZE VREF=$IMG/raw.img VLAYOUT=$IMG/layout.json
 fi

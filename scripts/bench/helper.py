@@ -917,6 +917,20 @@ def sections_extra(P, meta, vals, one, read_med):
         if cps:
             P("`bytes_copied` reported by `chainfs merge --json`: " + "; ".join(cps) + ".")
             P("")
+        # Where a merge that deletes is slower than qemu-img commit (which
+        # deletes nothing), what the delete alone costs, from the rm rows.
+        notes = []
+        for c, what in (("m2", "leaf -> mid"), ("m3", "leaf -> base")):
+            ch, q, rm = mr.get((c, "chainfs")), mr.get((c, "qemu")), mr.get((c, "rm"))
+            if ch and q and rm and ch[0] > q[0]:
+                rest = max(ch[0] - rm[0], 1e-3)
+                notes.append(f"{what}: {ch[0]:.2f} s, of which deleting the merged files costs about {rm[0]:.2f} s "
+                             f"(the `rm` row); without it {rest:.2f} s, {q[0] / rest:.2f}x `qemu-img commit`")
+        if notes:
+            P("Where `chainfs merge` is slower than `qemu-img commit`, the difference is the delete: " +
+              "; ".join(notes) + ". The file system frees the blocks of a deleted layer at its last close; "
+              "`qemu-img commit` deletes nothing.")
+            P("")
         rows = mread_rows(vals)
         if rows or meta.get("mread_how"):
             P("### Reads through the mount during a merge")
@@ -1243,10 +1257,11 @@ def frag_section(P, meta, vals, read_med):
                         export_rate(vals, "f_chainfs", size), "export.f_chainfs.s",
                         export_rate(vals, "f_qemu", size), "export.f_qemu.s", "MiB/s", 1.2, short[0]))
     fm = _num(meta.get("frag_merged"))
-    rate = {}
-    for t in ("chainfs", "chainfs_keep", "qemu", "cat"):
+    rate, secs = {}, {}
+    for t in ("chainfs", "chainfs_keep", "qemu", "cat", "rm"):
         runs = _runs(vals, f"merge.f3.{t}.s")
-        rate[t] = fm / MiB / statistics.median(runs) if runs and fm else None
+        secs[t] = statistics.median(runs) if runs else None
+        rate[t] = fm / MiB / secs[t] if secs[t] and fm else None
     for a, b, what, need in (
             ("chainfs", "qemu", "`chainfs merge top.avhdx base.vhdx` vs `qemu-img commit -b base.qcow2 top.qcow2` "
              "(chainfs also relinks and deletes mid and top; qemu-img leaves them in place and invalid)", 1.0),
@@ -1264,8 +1279,54 @@ def frag_section(P, meta, vals, read_med):
       "`qemu-img compare`). The peer column is the tool named after 'vs'.")
     P("")
     out = results_table(P, "chainfs", "peer", rows)
+    frag_limits(P, rows, secs, read_med)
     all_runs(P, vals, [t for t, _ in tg], metrics)
     return [r.replace("| ", "| (frag) ", 1) for r in out]
+
+
+def frag_limits(P, rows, secs, read_med):
+    """For each frag target this run missed, the measured limit that stops
+    it, from the same run's numbers."""
+    missed = [r[0] for r in rows if r[5] == "**NO**"]
+    if not missed:
+        return
+    lines = []
+    for n, m in ((1, "rand_cold_1"), (4, "rand_cold_4")):
+        c, fuse = read_med("f_chainfs", m, 1), read_med("f_fuse", m, 1)
+        raw, qsd = read_med("f_raw", m, 1), read_med("f_qsd", m, 1)
+        if None in (c, fuse, raw, qsd) or not any(f"random 4 KiB cold, {n} reader" in w for w in missed):
+            continue
+        text = (f"Random 4 KiB, {n} reader{'s' if n > 1 else ''}: the chain costs {'nothing' if c >= 0.95 * fuse else 'little'} "
+                f"over FUSE itself (chainfs of the chain {_fmt(c)} IOPS, chainfs of the flat file {_fmt(fuse)} IOPS, "
+                f"{c / fuse:.2f}x), and the same FUSE mount of the flat file reaches {fuse / raw:.2f}x the flat file "
+                f"read without FUSE ({_fmt(raw)} IOPS): the limit is the FUSE round trip per request (a kernel to "
+                "daemon to kernel hand-off per 4 KiB), not the chain.")
+        if 2 * qsd > raw:
+            text += (f" 2x qemu-storage-daemon would be {_fmt(2 * qsd)} IOPS, more than the flat file read "
+                     "directly without FUSE, so no FUSE reader of this disk can reach it here.")
+        lines.append(text)
+    if any("`chainfs merge top.avhdx" in w for w in missed) and secs.get("chainfs") and secs.get("qemu"):
+        text = (f"Merge: `chainfs merge` took {secs['chainfs']:.2f} s and `qemu-img commit` {secs['qemu']:.2f} s "
+                "(medians).")
+        if secs.get("rm"):
+            text += (f" Deleting fresh copies of mid.avhdx and top.avhdx with `rm` + `sync` alone took "
+                     f"{secs['rm']:.2f} s: the file system's cost of freeing their blocks, which chainfs pays at its "
+                     f"last close of the retired files and `qemu-img commit` does not pay (it deletes nothing). "
+                     f"Without it the merge would take {max(secs['chainfs'] - secs['rm'], 0):.2f} s, "
+                     f"{secs['qemu'] / max(secs['chainfs'] - secs['rm'], 1e-3):.2f}x `qemu-img commit`.")
+        if secs.get("chainfs_keep"):
+            text += (f" With `--keep` (nothing deleted) it took {secs['chainfs_keep']:.2f} s, "
+                     f"{secs['qemu'] / secs['chainfs_keep']:.2f}x `qemu-img commit`.")
+        text += (" Deferring the free to a process that outlives the command would hide this time, but leaves the "
+                 "file system busy (`umount` fails) and the space not yet free when the command returns; chainfs "
+                 "does not do that.")
+        lines.append(text)
+    if lines:
+        P("Limits (targets above that this run missed):")
+        P("")
+        for line in lines:
+            P(f"- {line}")
+        P("")
 
 
 def depth_section(P, meta, vals, read_med):
@@ -1304,7 +1365,19 @@ def depth_section(P, meta, vals, read_med):
         v = vals.get(f"rss.{t}")
         row.append(f"{_num(v[-1]) / 1024:.1f}" if v else "–")
     P("| " + " | ".join(row) + " | | | |")
+    row = ["daemon CPU during the warm runs (ms, median)"]
+    for t, _ in cols:
+        v = _runs(vals, f"cpu.{t}.warm1")
+        row.append(f"{statistics.median(v):.0f}" if v else "–")
+    P("| " + " | ".join(row) + " | | | |")
     P("")
+    warm_missed = [l for l in out if "warm" in l and "**NO**" in l]
+    if warm_missed:
+        P("Warm rows are reads the kernel's page cache serves (chainfs opens `disk.raw` with `keep_cache`): the "
+          "daemon's CPU time during them is in the table above, next to the fio time of "
+          f"{meta.get('warm_rt', '?')} s x 3 runs, so a difference between depths there is the kernel's, not the "
+          "chain's; compare the rounds in the table below.")
+        P("")
     all_runs(P, vals, [t for t, _ in cols], metrics)
     return out
 
