@@ -81,8 +81,8 @@
 #              table states the target next to the measured ratio.
 #
 # Needs root (drop_caches, FUSE mounts). Full run (all default sections): about
-# 35 min on 2 cores (33 min measured; the qcow2, frag and depth sections take
-# about 20 of them). Every section checks its views and results against the
+# 45 min on 2 cores (the qcow2, frag and depth sections take about 20 of
+# them). Every section checks its views and results against the
 # flat content first; a failed run or check is printed, named in the report
 # and makes the script exit non-zero.
 # Environment:
@@ -92,7 +92,8 @@
 #   BENCH_DIR=DIR        where the images go (default target/bench; a run
 #                        makes DIR/run.XXXXXX and removes it at the end);
 #                        must be a disk file system, not tmpfs
-#   BENCH_REPS=3         export and merge runs per tool (median)
+#   BENCH_REPS=5         export and merge runs per tool (median; 3 in quick
+#                        mode): single exports and merges vary most here
 #   BENCH_DEPTH_REPS=5   rounds of the depth section's reads (median; its rows
 #                        compare chains with each other, so they get more)
 #   BENCH_NBD_REPS=7     nbdcopy runs per server and connection count (median;
@@ -172,7 +173,7 @@ QMSIZE=$(disk_size BENCH_QMEM_SIZE "${BENCH_QMEM_SIZE:-2T}")
 QMDEPTH=${BENCH_QMEM_DEPTH:-64}
 QMWRITES=${BENCH_QMEM_WRITES:-4}
 [[ $QMDEPTH =~ ^[1-9][0-9]*$ && $QMWRITES =~ ^[1-9][0-9]*$ ]] || die "BENCH_QMEM_DEPTH and BENCH_QMEM_WRITES must be positive numbers"
-REPS=${BENCH_REPS:-3}
+REPS=${BENCH_REPS:-$([ "$QUICK" = 1 ] && echo 3 || echo 5)}
 DEPTH_REPS=${BENCH_DEPTH_REPS:-$([ "$QUICK" = 1 ] && echo 1 || echo 5)}
 [[ $DEPTH_REPS =~ ^[1-9][0-9]*$ ]] || die "BENCH_DEPTH_REPS must be a positive number"
 NBD_REPS=${BENCH_NBD_REPS:-$([ "$QUICK" = 1 ] && echo 1 || echo 7)}
@@ -324,6 +325,10 @@ logcmd() { rec cmd "$*"; }
 drop_caches() {
   sync
   echo 3 >/proc/sys/vm/drop_caches
+  # And compact free memory, so every target starts from the same state
+  # (page cache folio sizes depend on how fragmented free memory is, and
+  # warm reads on those sizes), not from what the runs before it left.
+  echo 1 >/proc/sys/vm/compact_memory 2>/dev/null || true
 }
 secs_since() { awk -v a="$1" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.3f", b - a }'; }
 alloc_mib() { du -B1M "$1" | cut -f1; }
@@ -829,7 +834,7 @@ how_reads() { # the text that says how the read rounds run, for the report
   echo "fio $(fio --version), psync, buffered (direct=0); fio does not invalidate the page cache itself (invalidate=0). \
 Every cell is the median of $READ_REPS rounds; in each round every kind of run is done for all targets in turn (the order rotates from round to round), \
 so the targets compared in a row were measured minutes apart at most. \
-'Cold' = a fresh mount (daemon started anew) and \`sync; echo 3 > /proc/sys/vm/drop_caches\` just before. \
+'Cold' = a fresh mount (daemon started anew) and \`sync; echo 3 > /proc/sys/vm/drop_caches; echo 1 > /proc/sys/vm/compact_memory\` just before. \
 Sequential: 1 MiB reads of the whole $((VSIZE >> 20)) MiB (4 readers: one quarter each), cold runs capped at $SEQ_CAP s. \
 'Warm' = on the same mount right after the cold 1-reader (or 4-reader) sequential pass, over the range that pass read (the whole file unless the cap stopped it), time-based $WARM_RT s. \
 Random: 4 KiB reads at the same seeded offsets for every target (randrepeat, norandommap; fio's default fadvise RANDOM turns readahead off), \

@@ -103,6 +103,11 @@ pub struct MountConfig {
     pub copy_on_read: bool,
     /// `-o uid=,gid=,umask=`.
     pub perms: Overrides,
+    /// `--parent-dir` folders and `--parent CHILD=PATH` overrides the
+    /// chain was opened with: merges through `control` find the children
+    /// of the layers they change with them, as `chainfs merge` does.
+    pub parent_dirs: Vec<PathBuf>,
+    pub overrides: Vec<(PathBuf, PathBuf)>,
 }
 
 struct Handle {
@@ -583,9 +588,14 @@ impl ChainFs {
                     destination,
                     keep,
                     force,
-                    parent_dirs: Vec::new(),
+                    parent_dirs: self.cfg.parent_dirs.clone(),
                 };
-                let plan = crate::merge::plan(self.image.layers(), &req, Some(caller))?;
+                let plan = crate::merge::plan_with(
+                    self.image.layers(),
+                    &req,
+                    Some(caller),
+                    &self.cfg.overrides,
+                )?;
                 // The merge changes DESTINATION's view and retires those of
                 // SOURCE and the layers between; views of the layers above
                 // SOURCE show the same bytes before and after.

@@ -211,7 +211,7 @@ pub fn mount(
     };
     let chain = Chain::open(&leaf, &co)?;
     if foreground {
-        return serve(chain, &mnt, mo, None);
+        return serve(chain, &mnt, mo, &co, None);
     }
     let mut fds = [0; 2];
     // SAFETY: `fds` is a live, writable array of two c_ints, which is what
@@ -245,7 +245,7 @@ pub fn mount(
             // SAFETY: setsid() takes no arguments and touches no memory; a
             // fresh fork child is never a group leader, so it cannot fail.
             unsafe { libc::setsid() };
-            let code = match serve(chain, &mnt, mo, Some(wr)) {
+            let code = match serve(chain, &mnt, mo, &co, Some(wr)) {
                 Ok(()) => 0,
                 Err(e) => {
                     log::error!("{e}");
@@ -305,11 +305,17 @@ fn tell(parent: &mut Option<OwnedFd>, msg: &str) {
     }
 }
 
-fn serve(chain: Chain, mnt: &Path, mo: &MountOptions, mut parent: Option<OwnedFd>) -> Result<()> {
+fn serve(
+    chain: Chain,
+    mnt: &Path,
+    mo: &MountOptions,
+    co: &ChainOptions,
+    mut parent: Option<OwnedFd>,
+) -> Result<()> {
     // A daemon must not die because whoever started it closed its stderr.
     // SAFETY: setting a signal disposition; no handler code runs.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
-    let r = serve_inner(chain, mnt, mo, &mut parent);
+    let r = serve_inner(chain, mnt, mo, co, &mut parent);
     if let Err(e) = &r {
         tell(&mut parent, &format!("{} {e}", e.exit_code()));
     }
@@ -320,6 +326,7 @@ fn serve_inner(
     chain: Chain,
     mnt: &Path,
     mo: &MountOptions,
+    co: &ChainOptions,
     parent: &mut Option<OwnedFd>,
 ) -> Result<()> {
     let image = Arc::new(FlatImage::new(&chain));
@@ -341,6 +348,8 @@ fn serve_inner(
         writable: mo.writable,
         copy_on_read: mo.copy_on_read,
         perms: mo.perms,
+        parent_dirs: co.parent_dirs.clone(),
+        overrides: co.overrides.clone(),
     };
     let fs = Arc::new(ChainFs::new(image, cfg, refresh)?);
     let jobs = fs.jobs().clone();

@@ -1483,6 +1483,55 @@ fn big_chain(
     build(dir, size, &specs, seed)
 }
 
+/// A mount's `--parent-dir` folders count for merges through `control` as
+/// they do for `chainfs merge --parent-dir`: a child of a layer the merge
+/// would retire, kept in such a folder, stops the merge (32775, named);
+/// the files stay as they were.
+#[test]
+fn a_control_merge_looks_for_children_in_the_mounts_parent_dirs() {
+    if !require_fuse() {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path().join("c");
+    let kids = t.path().join("kids");
+    fs::create_dir(&kids).unwrap();
+    let b = small_chain(&dir, &["base.vhd", "l1.vhd", "leaf.vhd"], false, 3, 41);
+    let sibling = kids.join("sibling.vhd");
+    chainfs_ok(&["create", p(&sibling), "--parent", p(&b.path("l1.vhd"))]);
+    let before = (hashes(&dir), hashes(&kids));
+    // Offline, the folder makes the merge refuse (the reference).
+    let o = chainfs(&[
+        "merge",
+        p(&b.leaf()),
+        p(&b.path("base.vhd")),
+        "--parent-dir",
+        p(&kids),
+    ]);
+    assert_ne!(code(&o), 0, "offline merge: {}", text(&o));
+    assert!(text(&o).contains("sibling.vhd"), "{}", text(&o));
+
+    let mnt = t.path().join("mnt");
+    let g = mount(&b.leaf(), &mnt, &["-o", "rw", "--parent-dir", p(&kids)]);
+    expect_refusal(
+        &mnt,
+        "merge leaf.vhd base.vhd",
+        INVALID_STATE,
+        32775,
+        "sibling.vhd",
+    );
+    assert_eq!(fs::read_dir(mnt.join("jobs")).unwrap().count(), 0);
+    assert_eq!(mount_chain_names(&mnt).len(), 3);
+    unmount(&mnt);
+    drop(g);
+    assert_eq!(
+        (hashes(&dir), hashes(&kids)),
+        before,
+        "a refused merge changed files"
+    );
+    chainfs_ok(&["check", p(&sibling)]);
+}
+
 #[test]
 fn control_merge_job_refuses_a_second_merge_cancels_cleanly_and_completes() {
     if !require_fuse() {

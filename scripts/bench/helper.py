@@ -881,7 +881,7 @@ def sections_extra(P, meta, vals, one, read_med):
         P(meta.get("merge_verify", ""))
         P("")
         P(f"Every run starts from fresh copies of the pristine images (`cp --sparse=always`, same paths) and a "
-          f"dropped page cache (`sync; echo 3 > /proc/sys/vm/drop_caches`); the time includes `sync` of the "
+          f"dropped page cache (`drop` in the exact commands below); the time includes `sync` of the "
           f"changed files (chainfs fsyncs by itself; qemu-img does not). Median of {meta.get('reps', '?')} runs. "
           "MiB/s = merged data (the logical bytes the destination receives, the same number for every tool) / "
           "seconds; qemu-img copies whole 64 KiB clusters, chainfs only the sectors the layers hold.")
@@ -921,15 +921,16 @@ def sections_extra(P, meta, vals, one, read_med):
         # deletes nothing), what the delete alone costs, from the rm rows.
         notes = []
         for c, what in (("m2", "leaf -> mid"), ("m3", "leaf -> base")):
-            ch, q, rm = mr.get((c, "chainfs")), mr.get((c, "qemu")), mr.get((c, "rm"))
-            if ch and q and rm and ch[0] > q[0]:
+            ch, q, rm, cp = (mr.get((c, t)) for t in ("chainfs", "qemu", "rm", "cp"))
+            if ch and q and rm and cp and (ch[0] > q[0] or ch[0] > cp[0]):
                 rest = max(ch[0] - rm[0], 1e-3)
                 notes.append(f"{what}: {ch[0]:.2f} s, of which deleting the merged files costs about {rm[0]:.2f} s "
-                             f"(the `rm` row); without it {rest:.2f} s, {q[0] / rest:.2f}x `qemu-img commit`")
+                             f"(the `rm` row); without it {rest:.2f} s, {q[0] / rest:.2f}x `qemu-img commit` and "
+                             f"{cp[0] / rest:.2f}x `cp`")
         if notes:
-            P("Where `chainfs merge` is slower than `qemu-img commit`, the difference is the delete: " +
-              "; ".join(notes) + ". The file system frees the blocks of a deleted layer at its last close; "
-              "`qemu-img commit` deletes nothing.")
+            P("Where `chainfs merge` is slower than `qemu-img commit` or `cp`, most of the difference is the "
+              "delete: " + "; ".join(notes) + ". The file system frees the blocks of a deleted layer at its last "
+              "close; `qemu-img commit` and `cp` delete nothing.")
             P("")
         rows = mread_rows(vals)
         if rows or meta.get("mread_how"):
@@ -1252,7 +1253,8 @@ def frag_section(P, meta, vals, read_med):
                                 f"read.f_chainfs.{m}", read_med("f_fuse", m, col), f"read.f_fuse.{m}", unit,
                                 None))
     short = {0: "`chainfs export` vs `qemu-img convert -O raw`",
-             1: "`chainfs merge` of both overlays vs `qemu-img commit -b`"}
+             1: "`chainfs merge` of both overlays vs `qemu-img commit -b`",
+             2: "`chainfs merge` of both overlays vs `cat` of the merged bytes + `sync`"}
     rows.append(cmp_row(vals, "`chainfs export top.avhdx OUT.raw` vs `qemu-img convert -O raw top.qcow2`",
                         export_rate(vals, "f_chainfs", size), "export.f_chainfs.s",
                         export_rate(vals, "f_qemu", size), "export.f_qemu.s", "MiB/s", 1.2, short[0]))
@@ -1265,12 +1267,12 @@ def frag_section(P, meta, vals, read_med):
     for a, b, what, need in (
             ("chainfs", "qemu", "`chainfs merge top.avhdx base.vhdx` vs `qemu-img commit -b base.qcow2 top.qcow2` "
              "(chainfs also relinks and deletes mid and top; qemu-img leaves them in place and invalid)", 1.0),
-            ("chainfs", "cat", "`chainfs merge` vs `cat` of a file of the merged bytes + `sync`", None),
+            ("chainfs", "cat", "`chainfs merge` vs `cat` of a file of the merged bytes + `sync`", 1.0),
             ("chainfs_keep", "qemu", "`chainfs merge --keep` (mid and top kept, detached) vs `qemu-img commit -d -b` "
              "(`-b` implies `-d`: the same command as above; both leave the overlays on disk)", None),
             ("chainfs_keep", "cat", "`chainfs merge --keep` vs `cat` + `sync`", None)):
         rows.append(cmp_row(vals, f"{what}, MiB/s of merged data", rate[a], f"merge.f3.{a}.s", rate[b],
-                            f"merge.f3.{b}.s", "MiB/s", need, short[1]))
+                            f"merge.f3.{b}.s", "MiB/s", need, short[1] if b == "qemu" else short[2]))
     P("### Results")
     P("")
     P(f"Merges: both overlays into the base, {fm / MiB if fm else 0:.0f} MiB of merged data (the union of the "
@@ -1305,18 +1307,22 @@ def frag_limits(P, rows, secs, read_med):
             text += (f" 2x qemu-storage-daemon would be {_fmt(2 * qsd)} IOPS, more than the flat file read "
                      "directly without FUSE, so no FUSE reader of this disk can reach it here.")
         lines.append(text)
-    if any("`chainfs merge top.avhdx" in w for w in missed) and secs.get("chainfs") and secs.get("qemu"):
-        text = (f"Merge: `chainfs merge` took {secs['chainfs']:.2f} s and `qemu-img commit` {secs['qemu']:.2f} s "
-                "(medians).")
+    merge_missed = any(w.startswith("`chainfs merge` vs") or w.startswith("`chainfs merge top.avhdx")
+                       for w in missed)
+    if merge_missed and secs.get("chainfs") and secs.get("qemu") and secs.get("cat"):
+        text = (f"Merge: `chainfs merge` took {secs['chainfs']:.2f} s, `qemu-img commit` {secs['qemu']:.2f} s and "
+                f"`cat` + `sync` {secs['cat']:.2f} s (medians).")
         if secs.get("rm"):
+            rest = max(secs["chainfs"] - secs["rm"], 1e-3)
             text += (f" Deleting fresh copies of mid.avhdx and top.avhdx with `rm` + `sync` alone took "
                      f"{secs['rm']:.2f} s: the file system's cost of freeing their blocks, which chainfs pays at its "
-                     f"last close of the retired files and `qemu-img commit` does not pay (it deletes nothing). "
-                     f"Without it the merge would take {max(secs['chainfs'] - secs['rm'], 0):.2f} s, "
-                     f"{secs['qemu'] / max(secs['chainfs'] - secs['rm'], 1e-3):.2f}x `qemu-img commit`.")
+                     f"last close of the retired files and neither `qemu-img commit` nor `cat` pays (they delete "
+                     f"nothing). Without it the merge would take {rest:.2f} s: {secs['qemu'] / rest:.2f}x "
+                     f"`qemu-img commit`, {secs['cat'] / rest:.2f}x `cat`.")
         if secs.get("chainfs_keep"):
-            text += (f" With `--keep` (nothing deleted) it took {secs['chainfs_keep']:.2f} s, "
-                     f"{secs['qemu'] / secs['chainfs_keep']:.2f}x `qemu-img commit`.")
+            text += (f" With `--keep` (nothing deleted) it took {secs['chainfs_keep']:.2f} s: "
+                     f"{secs['qemu'] / secs['chainfs_keep']:.2f}x `qemu-img commit`, "
+                     f"{secs['cat'] / secs['chainfs_keep']:.2f}x `cat`.")
         text += (" Deferring the free to a process that outlives the command would hide this time, but leaves the "
                  "file system busy (`umount` fails) and the space not yet free when the command returns; chainfs "
                  "does not do that.")
@@ -1703,7 +1709,7 @@ def cmd_report(results, report):
     P("")
     P("`$W` is the run directory under `BENCH_DIR`; `FILE` is the file a target shows (the flat file, "
       "`disk.raw` of the chainfs mount, `vhdi3`, or the qemu-storage-daemon export file). `drop` means "
-      "`sync; echo 3 > /proc/sys/vm/drop_caches`. Each fio line is the first run of its kind; the warm runs use "
+      "`sync; echo 3 > /proc/sys/vm/drop_caches; echo 1 > /proc/sys/vm/compact_memory`. Each fio line is the first run of its kind; the warm runs use "
       "`--size` = the range the cold pass before them read (the whole file unless its time cap stopped it). "
       "In the merge lines `DEST` is the destination (mid or base); in the write lines `FILE` is the writable "
       "view (`disk.raw` of the chainfs mount, the qemu-storage-daemon export file or the sparse file).")
@@ -1717,11 +1723,11 @@ def cmd_report(results, report):
     P("## Re-running")
     P("")
     P("```sh")
-    P("sudo scripts/bench.sh                 # full: 2 GiB, all default sections, ~40 min, writes docs/BENCHMARKS.md")
+    P("sudo scripts/bench.sh                 # full: 2 GiB, all sections, ~45 min, writes docs/BENCHMARKS.md")
     P("sudo BENCH_QUICK=1 scripts/bench.sh   # 256 MiB, short runs, report in $BENCH_DIR/BENCHMARKS.md")
-    P("# BENCH_SIZE=1G  BENCH_DIR=/path/on/disk  BENCH_REPS=5  BENCH_MOUNT_OPTS=ro,cache=64M  CHAINFS=path/to/chainfs")
-    P("# BENCH_SECTIONS=export,read,merge,write,vhdx,nbd,qcow2,frag,depth (any subset; nbd is not in the default)  BENCH_KEEP=1 (keep the images)  BENCH_REPORT=file.md")
-    P("# BENCH_FRAG_SIZE=1G  BENCH_DEPTH_SIZE=1G  BENCH_DEPTHS=1,8,64  BENCH_DEPTH_FORMAT=vhdx  BENCH_QMEM_SIZE=2T  BENCH_QMEM_DEPTH=64  BENCH_QMEM_WRITES=4")
+    P("# BENCH_SIZE=1G  BENCH_DIR=/path/on/disk  BENCH_REPS=7  BENCH_MOUNT_OPTS=ro,cache=64M  CHAINFS=path/to/chainfs")
+    P("# BENCH_SECTIONS=export,read,merge,write,vhdx,nbd,qcow2,frag,depth (any subset)  BENCH_KEEP=1 (keep the images)  BENCH_REPORT=file.md")
+    P("# BENCH_NBD_REPS=7  BENCH_DEPTH_REPS=5  BENCH_FRAG_SIZE=1G  BENCH_DEPTH_SIZE=1G  BENCH_DEPTHS=1,8,64  BENCH_DEPTH_FORMAT=vhdx  BENCH_QMEM_SIZE=2T  BENCH_QMEM_DEPTH=64  BENCH_QMEM_WRITES=4")
     P("```")
     text = "\n".join(out) + "\n"
     with open(report, "w") as f:

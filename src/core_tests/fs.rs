@@ -32,6 +32,8 @@ fn mount(dir: &std::path::Path, specs: &[Spec], writable: bool) -> (Vec<Arc<MemL
         writable,
         copy_on_read: false,
         perms: Overrides::default(),
+        parent_dirs: Vec::new(),
+        overrides: Vec::new(),
     };
     let fs = ChainFs::new(image, cfg, Box::new(|| Ok("l0 -> l1 -> l2\n".into()))).unwrap();
     (layers, fs)
@@ -145,6 +147,8 @@ fn sequential_readers_are_fetched_ahead_per_handle_random_ones_not() {
         writable: false,
         copy_on_read: false,
         perms: Overrides::default(),
+        parent_dirs: Vec::new(),
+        overrides: Vec::new(),
     };
     let fs = ChainFs::new(image, cfg, Box::new(|| Ok(String::new()))).unwrap();
     let seq = fs.open(DISK, false).unwrap().fh;
@@ -375,6 +379,8 @@ fn copy_on_read_moves_parent_data_into_the_leaf_without_changing_reads() {
         writable: true,
         copy_on_read: true,
         perms: Overrides::default(),
+        parent_dirs: Vec::new(),
+        overrides: Vec::new(),
     };
     let fs = ChainFs::new(image.clone(), cfg, Box::new(|| Ok(String::new()))).unwrap();
     let fh = fs.open(DISK, false).unwrap().fh;
