@@ -469,10 +469,15 @@ export_log() {
   logcmd "drop; ${c//"$W"/\$W}; sync \$W/out/export.raw"
 }
 export_loop() { # tools...: REPS rounds, every tool in each round, cold
-  local tool rep s
+  local tool rep s i tools=("$@") order
   for tool in "$@"; do export_log "$tool"; done
   for rep in $(seq "$REPS"); do
-    for tool in "$@"; do
+    # The order rotates from round to round: no tool always runs right
+    # after the same other tool's output was deleted (its freed blocks
+    # are still being discarded while the next run writes).
+    order=()
+    for i in $(seq 0 $((${#tools[@]} - 1))); do order+=("${tools[$(((i + rep - 1) % ${#tools[@]}))]}"); done
+    for tool in "${order[@]}"; do
       rm -f "$OUT"
       drop_caches
       t=$EPOCHREALTIME
@@ -1081,7 +1086,9 @@ PY
   has merge && cts+=(m3.cp m3.rm)
   say "== 4. merge: cold, $REPS runs each, fresh copies; MiB/s of merged data (leaf->mid $(awk -v b="$M2" 'BEGIN { printf "%.0f", b / 1048576 }') MiB, leaf->base $(awk -v b="$M3" 'BEGIN { printf "%.0f", b / 1048576 }') MiB)"
   for rep in $(seq "$REPS"); do
-    for ct in "${cts[@]}"; do
+    order=()
+    for i in $(seq 0 $((${#cts[@]} - 1))); do order+=("${cts[$(((i + rep - 1) % ${#cts[@]}))]}"); done
+    for ct in "${order[@]}"; do
       c=${ct%%.*}
       b=$M2
       [ "$c" = m3 ] && b=$M3
@@ -1409,7 +1416,8 @@ if has frag; then
   logcmd "drop; cat \$W/frag/changed.bin > \$W/frag/cat.out; sync \$W/frag/cat.out   # a file of the merged byte count"
   logcmd "rm \$W/frag/work/top.avhdx \$W/frag/work/mid.avhdx; sync \$W/frag/work   # fresh copies: what deleting the merged layers costs by itself"
   for rep in $(seq "$REPS"); do
-    for tool in chainfs chainfs_keep qemu cat rm; do merge_run "$rep" f3 "$tool" "$F3"; done
+    ftools=(chainfs chainfs_keep qemu cat rm)
+    for i in $(seq 0 4); do merge_run "$rep" f3 "${ftools[$(((i + rep - 1) % 5))]}" "$F3"; done
   done
   rm -rf "$FD"
   VSIZE=$SIZE VREF=$IMG/raw.img VLAYOUT=$IMG/layout.json

@@ -137,7 +137,7 @@ pub struct ChainFs {
     view_ids: Mutex<Vec<PathBuf>>,
     /// Layer files whose views the running merge changes or retires.
     merging: Arc<Mutex<Vec<PathBuf>>>,
-    /// The read-ahead worker's queue (`None`: it could not be started).
+    /// The read-ahead worker (`None`: it could not be started).
     ahead: Option<Fetcher>,
 }
 

@@ -1,4 +1,5 @@
-//! Read-ahead for sequential readers of the mount, per open file handle.
+//! Read-ahead for sequential readers: of the mount, per open file handle,
+//! and of the nbdkit plugin, per connection.
 //!
 //! The kernel sends a sequential reader's requests 1 MiB at a time, a few
 //! MiB ahead of it. On a fragmented chain each request is several `pread`s
