@@ -330,6 +330,15 @@ drop_caches() {
   # warm reads on those sizes), not from what the runs before it left.
   echo 1 >/proc/sys/vm/compact_memory 2>/dev/null || true
 }
+rotated() { # round items...: ORDER = the items, rotated left by round - 1 (the
+  # order of runs changes from round to round, so no item always runs first)
+  local r=$1 i
+  shift
+  ORDER=()
+  for ((i = 0; i < $#; i++)); do
+    ORDER+=("${@:$(((i + r - 1) % $# + 1)):1}")
+  done
+}
 secs_since() { awk -v a="$1" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.3f", b - a }'; }
 alloc_mib() { du -B1M "$1" | cut -f1; }
 
@@ -469,15 +478,14 @@ export_log() {
   logcmd "drop; ${c//"$W"/\$W}; sync \$W/out/export.raw"
 }
 export_loop() { # tools...: REPS rounds, every tool in each round, cold
-  local tool rep s i tools=("$@") order
+  local tool rep s
   for tool in "$@"; do export_log "$tool"; done
   for rep in $(seq "$REPS"); do
     # The order rotates from round to round: no tool always runs right
     # after the same other tool's output was deleted (its freed blocks
     # are still being discarded while the next run writes).
-    order=()
-    for i in $(seq 0 $((${#tools[@]} - 1))); do order+=("${tools[$(((i + rep - 1) % ${#tools[@]}))]}"); done
-    for tool in "${order[@]}"; do
+    rotated "$rep" "$@"
+    for tool in "${ORDER[@]}"; do
       rm -f "$OUT"
       drop_caches
       t=$EPOCHREALTIME
@@ -807,7 +815,7 @@ vx_group() { # the groups a VHDX target runs: cold sequential (1 reader) and col
 }
 RGROUPS="seq1 seq4 rand1 rand4" # the groups read_rounds runs
 read_rounds() { # targets...: verify each view, then READ_REPS rounds of RGROUPS
-  local t g gg i round n ok=() order
+  local t g gg round n ok=()
   say "   checking each mounted view against the flat file"
   for t in "$@"; do
     case $t in
@@ -818,11 +826,10 @@ read_rounds() { # targets...: verify each view, then READ_REPS rounds of RGROUPS
   n=${#ok[@]}
   [ "$n" -gt 0 ] || return 0
   for round in $(seq "$READ_REPS"); do
-    order=()
-    for i in $(seq 0 $((n - 1))); do order+=("${ok[$(((i + round - 1) % n))]}"); done
-    say "-- round $round/$READ_REPS: ${order[*]}"
+    rotated "$round" "${ok[@]}"
+    say "-- round $round/$READ_REPS: ${ORDER[*]}"
     for g in $RGROUPS; do
-      for t in "${order[@]}"; do
+      for t in "${ORDER[@]}"; do
         case $t in
           *_vhdx) gg=$(vx_group "$g"); [ -z "$gg" ] || group "$gg" "$t" ;;
           *) group "$g" "$t" ;;
@@ -1086,9 +1093,8 @@ PY
   has merge && cts+=(m3.cp m3.rm)
   say "== 4. merge: cold, $REPS runs each, fresh copies; MiB/s of merged data (leaf->mid $(awk -v b="$M2" 'BEGIN { printf "%.0f", b / 1048576 }') MiB, leaf->base $(awk -v b="$M3" 'BEGIN { printf "%.0f", b / 1048576 }') MiB)"
   for rep in $(seq "$REPS"); do
-    order=()
-    for i in $(seq 0 $((${#cts[@]} - 1))); do order+=("${cts[$(((i + rep - 1) % ${#cts[@]}))]}"); done
-    for ct in "${order[@]}"; do
+    rotated "$rep" "${cts[@]}"
+    for ct in "${ORDER[@]}"; do
       c=${ct%%.*}
       b=$M2
       [ "$c" = m3 ] && b=$M3
@@ -1207,11 +1213,10 @@ Sequential: 1 MiB writes from offset 0, $((WSEQ >> 20)) MiB (capped at $W_CAP s)
 Before timing, every target passed: its view probed against the flat file, $((2 * $(to_bytes "$VERIFY_W") >> 20)) MiB of fio writes with crc32c verify headers read back, again after unmount + remount (--verify_only), and \`chainfs check\` / \`qemu-img check\` of the overlay; the parents' size and mtime are unchanged at the end."
   n=${#wok[@]}
   for round in $(seq "$READ_REPS"); do
-    order=()
-    for i in $(seq 0 $((n - 1))); do order+=("${wok[$(((i + round - 1) % n))]}"); done
-    say "-- write round $round/$READ_REPS: ${order[*]}"
+    rotated "$round" "${wok[@]}"
+    say "-- write round $round/$READ_REPS: ${ORDER[*]}"
     for m in seqw seqw_fsync randw randw_fsync; do
-      for t in "${order[@]}"; do
+      for t in "${ORDER[@]}"; do
         if ! fresh_overlay "$t" || ! start_target "$t"; then
           rec "write.$t.$m" FAILED
           echo "bench.sh: FAILED: $t did not come up for $m" >&2
@@ -1302,11 +1307,10 @@ if has nbd; then
   rec meta.nbd_verify "sha256 $h_flat: \`nbdcopy\` from each server that came up ($(IFS=,; echo "${NBD_OK[*]}")) equals the flat file."
   for round in $(seq "$NBD_REPS"); do
     for c in 1 2 4; do
-      # The order alternates from round to round, so neither server always
-      # runs right after the other's reads.
-      order=("${NBD_OK[@]}")
-      [ $((round % 2)) = 0 ] && [ "${#order[@]}" = 2 ] && order=("${order[1]}" "${order[0]}")
-      for srv in "${order[@]}"; do
+      # The servers take turns going first, so neither always runs right
+      # after the other's reads.
+      rotated "$round" "${NBD_OK[@]}"
+      for srv in "${ORDER[@]}"; do
         if ! nbd_start "$srv"; then
           rec "nbd.$srv.c$c.s" FAILED
           FAILURES=$((FAILURES + 1))
@@ -1416,8 +1420,8 @@ if has frag; then
   logcmd "drop; cat \$W/frag/changed.bin > \$W/frag/cat.out; sync \$W/frag/cat.out   # a file of the merged byte count"
   logcmd "rm \$W/frag/work/top.avhdx \$W/frag/work/mid.avhdx; sync \$W/frag/work   # fresh copies: what deleting the merged layers costs by itself"
   for rep in $(seq "$REPS"); do
-    ftools=(chainfs chainfs_keep qemu cat rm)
-    for i in $(seq 0 4); do merge_run "$rep" f3 "${ftools[$(((i + rep - 1) % 5))]}" "$F3"; done
+    rotated "$rep" chainfs chainfs_keep qemu cat rm
+    for tool in "${ORDER[@]}"; do merge_run "$rep" f3 "$tool" "$F3"; done
   done
   rm -rf "$FD"
   VSIZE=$SIZE VREF=$IMG/raw.img VLAYOUT=$IMG/layout.json
