@@ -339,6 +339,19 @@ rotated() { # round items...: ORDER = the items, rotated left by round - 1 (the
     ORDER+=("${@:$(((i + r - 1) % $# + 1)):1}")
   done
 }
+shuffled() { # round items...: ORDER = the items in an order drawn for this
+  # round (the same for the same round in every run). Exports and merges
+  # use it: each deletes a large output or layer whose blocks the file
+  # system is still discarding when the next run starts, so a rotation,
+  # which keeps every tool behind the same neighbour, would charge one
+  # tool the same neighbour's cleanup in every round.
+  local r=$1
+  shift
+  mapfile -t ORDER < <(printf '%s\n' "$@" | awk -v seed="$r" '
+    { a[NR] = $0 }
+    END { srand(seed); for (i = NR; i > 1; i--) { j = int(rand() * i) + 1; t = a[i]; a[i] = a[j]; a[j] = t }
+      for (i = 1; i <= NR; i++) print a[i] }')
+}
 secs_since() { awk -v a="$1" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.3f", b - a }'; }
 alloc_mib() { du -B1M "$1" | cut -f1; }
 
@@ -481,10 +494,7 @@ export_loop() { # tools...: REPS rounds, every tool in each round, cold
   local tool rep s
   for tool in "$@"; do export_log "$tool"; done
   for rep in $(seq "$REPS"); do
-    # The order rotates from round to round: no tool always runs right
-    # after the same other tool's output was deleted (its freed blocks
-    # are still being discarded while the next run writes).
-    rotated "$rep" "$@"
+    shuffled "$rep" "$@"
     for tool in "${ORDER[@]}"; do
       rm -f "$OUT"
       drop_caches
@@ -1093,7 +1103,7 @@ PY
   has merge && cts+=(m3.cp m3.rm)
   say "== 4. merge: cold, $REPS runs each, fresh copies; MiB/s of merged data (leaf->mid $(awk -v b="$M2" 'BEGIN { printf "%.0f", b / 1048576 }') MiB, leaf->base $(awk -v b="$M3" 'BEGIN { printf "%.0f", b / 1048576 }') MiB)"
   for rep in $(seq "$REPS"); do
-    rotated "$rep" "${cts[@]}"
+    shuffled "$rep" "${cts[@]}"
     for ct in "${ORDER[@]}"; do
       c=${ct%%.*}
       b=$M2
@@ -1420,7 +1430,7 @@ if has frag; then
   logcmd "drop; cat \$W/frag/changed.bin > \$W/frag/cat.out; sync \$W/frag/cat.out   # a file of the merged byte count"
   logcmd "rm \$W/frag/work/top.avhdx \$W/frag/work/mid.avhdx; sync \$W/frag/work   # fresh copies: what deleting the merged layers costs by itself"
   for rep in $(seq "$REPS"); do
-    rotated "$rep" chainfs chainfs_keep qemu cat rm
+    shuffled "$rep" chainfs chainfs_keep qemu cat rm
     for tool in "${ORDER[@]}"; do merge_run "$rep" f3 "$tool" "$F3"; done
   done
   rm -rf "$FD"

@@ -776,6 +776,21 @@ def _runs(vals, key):
     return [_num(x) for x in vals.get(key, []) if _num(x) is not None]
 
 
+def discard_note(meta):
+    """Why freeing a deleted layer costs what it does, where the work dir's
+    mount options say so (measured by hand on this machine: kernel stacks of
+    the merge's threads sampled from /proc/PID/task/*/stack during the
+    retired files' last close)."""
+    opts = meta.get("disk_opts", "").split(",")
+    if "discard" not in opts:
+        return ""
+    return (" The work dir's file system is mounted `discard`, so ext4 discards every freed extent before the "
+            "close returns: the merge's kernel stacks during that close (sampled by hand on this machine from "
+            "`/proc/PID/task/*/stack`; not part of this run) show "
+            "`ext4_evict_inode` -> `ext4_truncate` -> `ext4_free_blocks` -> `blkdev_issue_discard` (the device's "
+            "discard, one per extent of the deleted file; a fragmented layer has hundreds).")
+
+
 def merge_rates(meta, vals):
     """{(case, tool): (median s, MiB/s of merged data, runs)}"""
     out = {}
@@ -882,7 +897,9 @@ def sections_extra(P, meta, vals, one, read_med):
         P("")
         P(f"Every run starts from fresh copies of the pristine images (`cp --sparse=always`, same paths) and a "
           f"dropped page cache (`drop` in the exact commands below); the time includes `sync` of the "
-          f"changed files (chainfs fsyncs by itself; qemu-img does not). Median of {meta.get('reps', '?')} runs. "
+          f"changed files (chainfs fsyncs by itself; qemu-img does not). Median of {meta.get('reps', '?')} runs; "
+          "in each round every tool runs once, in an order shuffled anew per round (no tool always follows "
+          "the same neighbour's deleted files). "
           "MiB/s = merged data (the logical bytes the destination receives, the same number for every tool) / "
           "seconds; qemu-img copies whole 64 KiB clusters, chainfs only the sectors the layers hold.")
         P("")
@@ -930,7 +947,7 @@ def sections_extra(P, meta, vals, one, read_med):
         if notes:
             P("Where `chainfs merge` is slower than `qemu-img commit` or `cp`, most of the difference is the "
               "delete: " + "; ".join(notes) + ". The file system frees the blocks of a deleted layer at its last "
-              "close; `qemu-img commit` and `cp` delete nothing.")
+              "close; `qemu-img commit` and `cp` delete nothing." + discard_note(meta))
             P("")
         rows = mread_rows(vals)
         if rows or meta.get("mread_how"):
@@ -1277,16 +1294,16 @@ def frag_section(P, meta, vals, read_med):
     P("")
     P(f"Merges: both overlays into the base, {fm / MiB if fm else 0:.0f} MiB of merged data (the union of the "
       f"overlays' extents), fresh copies and a dropped page cache before every run, median of "
-      f"{meta.get('reps', '?')} runs; each result checked as in the merge section (sha256 of `chainfs export`, "
+      f"{meta.get('reps', '?')} runs (the tools in an order shuffled anew per round); each result checked as in the merge section (sha256 of `chainfs export`, "
       "`qemu-img compare`). The peer column is the tool named after 'vs'.")
     P("")
     out = results_table(P, "chainfs", "peer", rows)
-    frag_limits(P, rows, secs, read_med)
+    frag_limits(P, meta, rows, secs, read_med)
     all_runs(P, vals, [t for t, _ in tg], metrics)
     return [r.replace("| ", "| (frag) ", 1) for r in out]
 
 
-def frag_limits(P, rows, secs, read_med):
+def frag_limits(P, meta, rows, secs, read_med):
     """For each frag target this run missed, the measured limit that stops
     it, from the same run's numbers."""
     missed = [r[0] for r in rows if r[5] == "**NO**"]
@@ -1323,6 +1340,7 @@ def frag_limits(P, rows, secs, read_med):
             text += (f" With `--keep` (nothing deleted) it took {secs['chainfs_keep']:.2f} s: "
                      f"{secs['qemu'] / secs['chainfs_keep']:.2f}x `qemu-img commit`, "
                      f"{secs['cat'] / secs['chainfs_keep']:.2f}x `cat`.")
+        text += discard_note(meta)
         text += (" Deferring the free to a process that outlives the command would hide this time, but leaves the "
                  "file system busy (`umount` fails) and the space not yet free when the command returns; chainfs "
                  "does not do that.")
@@ -1491,7 +1509,9 @@ def cmd_report(results, report):
     P("## Export (flatten to a raw file, or convert to a new VHDX or qcow2)")
     P("")
     P(f"Cold (page cache dropped before each run), median of {meta.get('reps', '?')} runs, MiB/s of virtual size "
-      f"({_fmt(size_mib)} MiB); each time includes an fsync of the output.")
+      f"({_fmt(size_mib)} MiB); each time includes an fsync of the output. In each round every tool runs once, "
+      "in an order shuffled anew per round, so no tool always follows the same neighbour's deleted output "
+      "(the 'runs' column lists the rounds in order).")
     P("")
     tools = [("chainfs", "`chainfs export` (VHD chain)"),
              ("chainfs_vhdx", "`chainfs export` (VHDX chain, same content)"),

@@ -104,7 +104,10 @@ fn fill(
         )));
     }
     let (read, written, _) = super::in_chunks(size, threads, progress, |start, len, buf| {
-        copy_chunk(image, &*dst, start, len, buf).map(|(r, w)| (r, w, 0))
+        let (r, w) = copy_chunk(image, &*dst, start, len, buf)?;
+        // Write-behind, as for a raw file: the final flush has little left.
+        dst.write_behind();
+        Ok((r, w, 0))
     })?;
     dst.flush()?;
     // Closed before it is linked into place (the driver finishes the file

@@ -21,10 +21,23 @@ pub fn will_need(file: &File, off: u64, len: u64) {
 /// them (`sync_file_range(SYNC_FILE_RANGE_WRITE)`), so that a later
 /// `fsync` finds little left to do.
 pub fn write_behind(file: &File) {
+    write_behind_range(file, 0, 0);
+}
+
+/// [`write_behind`] for the `len` bytes at `off` only (`len` 0: to the
+/// end of the file).
+pub fn write_behind_range(file: &File, off: u64, len: u64) {
     use std::os::fd::AsRawFd;
     // SAFETY: a writeback request on a descriptor we own; no memory is
     // involved.
-    unsafe { libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
+    unsafe {
+        libc::sync_file_range(
+            file.as_raw_fd(),
+            off as libc::off64_t,
+            len as libc::off64_t,
+            libc::SYNC_FILE_RANGE_WRITE,
+        )
+    };
 }
 
 /// Deallocate `len` bytes of `file` at `off` (they read as zeros after).
