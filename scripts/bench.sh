@@ -341,10 +341,10 @@ rotated() { # round items...: ORDER = the items, rotated left by round - 1 (the
 }
 shuffled() { # round items...: ORDER = the items in an order drawn for this
   # round (the same for the same round in every run). Exports and merges
-  # use it: each deletes a large output or layer whose blocks the file
-  # system is still discarding when the next run starts, so a rotation,
-  # which keeps every tool behind the same neighbour, would charge one
-  # tool the same neighbour's cleanup in every round.
+  # use it: every run follows the deletion of another run's large output
+  # or layers, and a rotation, which keeps every tool behind the same
+  # neighbour, would give one tool the same neighbour's after-effects in
+  # every round.
   local r=$1
   shift
   mapfile -t ORDER < <(printf '%s\n' "$@" | awk -v seed="$r" '

@@ -776,21 +776,6 @@ def _runs(vals, key):
     return [_num(x) for x in vals.get(key, []) if _num(x) is not None]
 
 
-def discard_note(meta):
-    """Why freeing a deleted layer costs what it does, where the work dir's
-    mount options say so (measured by hand on this machine: kernel stacks of
-    the merge's threads sampled from /proc/PID/task/*/stack during the
-    retired files' last close)."""
-    opts = meta.get("disk_opts", "").split(",")
-    if "discard" not in opts:
-        return ""
-    return (" The work dir's file system is mounted `discard`, so ext4 discards every freed extent before the "
-            "close returns: the merge's kernel stacks during that close (sampled by hand on this machine from "
-            "`/proc/PID/task/*/stack`; not part of this run) show "
-            "`ext4_evict_inode` -> `ext4_truncate` -> `ext4_free_blocks` -> `blkdev_issue_discard` (the device's "
-            "discard, one per extent of the deleted file; a fragmented layer has hundreds).")
-
-
 def merge_rates(meta, vals):
     """{(case, tool): (median s, MiB/s of merged data, runs)}"""
     out = {}
@@ -947,7 +932,7 @@ def sections_extra(P, meta, vals, one, read_med):
         if notes:
             P("Where `chainfs merge` is slower than `qemu-img commit` or `cp`, most of the difference is the "
               "delete: " + "; ".join(notes) + ". The file system frees the blocks of a deleted layer at its last "
-              "close; `qemu-img commit` and `cp` delete nothing." + discard_note(meta))
+              "close; `qemu-img commit` and `cp` delete nothing.")
             P("")
         rows = mread_rows(vals)
         if rows or meta.get("mread_how"):
@@ -1310,25 +1295,27 @@ def frag_limits(P, meta, rows, secs, read_med):
     if not missed:
         return
     lines = []
-    c, fuse, raw = (read_med(t, "dd_cold", 0) for t in ("f_chainfs", "f_fuse", "f_raw"))
-    if None not in (c, fuse, raw) and any(w.startswith("`dd bs=1M` cold, whole file: chainfs vs the flat file")
-                                          for w in missed):
-        lines.append(f"`dd bs=1M`: the chain costs {'nothing' if c >= 0.95 * fuse else 'little'} over FUSE itself "
-                     f"(chainfs of the chain {_fmt(c)} MiB/s, chainfs of the flat file {_fmt(fuse)} MiB/s, "
-                     f"{c / fuse:.2f}x), and the same FUSE mount of the flat file reaches {fuse / raw:.2f}x the flat "
-                     f"file read without FUSE ({_fmt(raw)} MiB/s): the limit is FUSE (1 MiB requests, one at a time per "
-                     "reader) against the kernel's own 8 MiB read-ahead on the flat file, not the chain.")
-    for n, m in ((1, "rand_cold_1"), (4, "rand_cold_4")):
-        c, fuse = read_med("f_chainfs", m, 1), read_med("f_fuse", m, 1)
-        raw, qsd = read_med("f_raw", m, 1), read_med("f_qsd", m, 1)
-        if None in (c, fuse, raw, qsd) or not any(f"random 4 KiB cold, {n} reader" in w for w in missed):
+    # Where the chain costs little over the same FUSE mount of the flat
+    # file, FUSE is the limit, not the chain.
+    fuse_limits = (
+        ("`dd bs=1M`", "`dd bs=1M` cold, whole file:", "dd_cold", 0, "MiB/s",
+         "FUSE (1 MiB requests, one at a time per reader) against the kernel's own 8 MiB read-ahead on the "
+         "flat file"),
+        ("Random 4 KiB, 1 reader", "random 4 KiB cold, 1 reader", "rand_cold_1", 1, "IOPS",
+         "the FUSE round trip per request (a kernel to daemon to kernel hand-off per 4 KiB)"),
+        ("Random 4 KiB, 4 readers", "random 4 KiB cold, 4 reader", "rand_cold_4", 1, "IOPS",
+         "the FUSE round trip per request (a kernel to daemon to kernel hand-off per 4 KiB)"),
+    )
+    for label, row, m, col, unit, limit in fuse_limits:
+        c, fuse = read_med("f_chainfs", m, col), read_med("f_fuse", m, col)
+        raw, qsd = read_med("f_raw", m, col), read_med("f_qsd", m, col)
+        if None in (c, fuse, raw) or (m.startswith("rand") and qsd is None) or not any(row in w for w in missed):
             continue
-        text = (f"Random 4 KiB, {n} reader{'s' if n > 1 else ''}: the chain costs {'nothing' if c >= 0.95 * fuse else 'little'} "
-                f"over FUSE itself (chainfs of the chain {_fmt(c)} IOPS, chainfs of the flat file {_fmt(fuse)} IOPS, "
-                f"{c / fuse:.2f}x), and the same FUSE mount of the flat file reaches {fuse / raw:.2f}x the flat file "
-                f"read without FUSE ({_fmt(raw)} IOPS): the limit is the FUSE round trip per request (a kernel to "
-                "daemon to kernel hand-off per 4 KiB), not the chain.")
-        if 2 * qsd > raw:
+        text = (f"{label}: the chain costs {'nothing' if c >= 0.95 * fuse else 'little'} "
+                f"over FUSE itself (chainfs of the chain {_fmt(c)} {unit}, chainfs of the flat file {_fmt(fuse)} "
+                f"{unit}, {c / fuse:.2f}x), and the same FUSE mount of the flat file reaches {fuse / raw:.2f}x the "
+                f"flat file read without FUSE ({_fmt(raw)} {unit}): the limit is {limit}, not the chain.")
+        if m.startswith("rand") and 2 * qsd > raw:
             text += (f" 2x qemu-storage-daemon would be {_fmt(2 * qsd)} IOPS, more than the flat file read "
                      "directly without FUSE, so no FUSE reader of this disk can reach it here.")
         lines.append(text)
@@ -1348,7 +1335,6 @@ def frag_limits(P, meta, rows, secs, read_med):
             text += (f" With `--keep` (nothing deleted) it took {secs['chainfs_keep']:.2f} s: "
                      f"{secs['qemu'] / secs['chainfs_keep']:.2f}x `qemu-img commit`, "
                      f"{secs['cat'] / secs['chainfs_keep']:.2f}x `cat`.")
-        text += discard_note(meta)
         text += (" Deferring the free to a process that outlives the command would hide this time, but leaves the "
                  "file system busy (`umount` fails) and the space not yet free when the command returns; chainfs "
                  "does not do that.")
@@ -1713,12 +1699,15 @@ def cmd_report(results, report):
       "with a bare file name. All writes are 4 KiB-aligned, because libvhdi misreads partly set bitmap bytes.")
     P("- Warm rows for chainfs are served by the kernel page cache (it keeps the cache across opens); the "
       "daemon sees almost no requests then, so they measure the kernel's FUSE read path.")
-    if "merge_data" in meta:
+    if "merge_data" in meta or "frag_verify" in meta:
         disc = "discard" in meta.get("disk_opts", "").split(",")
         P("- Merges: `chainfs merge` deletes SOURCE (and the layers between) as Hyper-V does; the kernel frees a "
           "deleted file's blocks at its last close, inside the timed run"
           + (" and, because the work dir's ext4 is mounted with `discard`, discards them synchronously "
-             "(about 0.25 s per 512 MiB here)" if disc else "")
+             "(about 0.25 s per 512 MiB here: the merge's kernel stacks during that close, sampled by hand on "
+             "this machine from `/proc/PID/task/*/stack`, show `ext4_evict_inode` -> `ext4_truncate` -> "
+             "`ext4_free_blocks` -> `blkdev_issue_discard`, one discard per extent of the deleted file, and a "
+             "fragmented layer has hundreds)" if disc else "")
           + "; the `rm` rows time that step alone, on fresh copies of the same files. `qemu-img commit` without "
           "`-d` empties the top image (discarding its clusters) and `-b` implies `-d`, so it leaves the layers "
           "in place. The `--keep` and `-d` rows show both tools without that step. qemu-img commit's copy reads "

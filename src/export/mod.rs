@@ -22,8 +22,8 @@
 //!   kernel's writeback at once (write-behind, `sync_file_range`), so the
 //!   disk writes while the next chunks are read and the final `fsync` has
 //!   little left (a warm-source export of the bench chain: 1.29 s -> 0.96 s).
-//! * **Block devices** (`--force`): the same parallel chunks, written in
-//!   place. A device is opened without `O_CREAT`/`O_TRUNC` and with `O_EXCL`
+//! * **Block devices** (`--force`): the same parallel chunks (with the same
+//!   write-behind), written in place. A device is opened without `O_CREAT`/`O_TRUNC` and with `O_EXCL`
 //!   (which the kernel refuses while the disk is mounted or otherwise
 //!   claimed), must hold the virtual size (bytes past it are left alone),
 //!   and has no holes: zero runs are zeroed with `BLKZEROOUT`, which
