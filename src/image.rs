@@ -13,7 +13,10 @@
 //!
 //! The layer list sits behind an `RwLock<Arc<..>>`: a read takes a snapshot
 //! (one brief read lock) and works on it, so a merge can swap in a new chain
-//! atomically while reads are in flight.
+//! atomically while reads are in flight. Beside the list sits its cache of
+//! resolved runs (`crate::runs`): a read of the flat view looks there first
+//! and walks the layers only on a miss, so it costs the same at any depth;
+//! every write to the leaf drops the runs of what it wrote.
 
 use std::sync::Arc;
 
@@ -23,6 +26,7 @@ use crate::cache::MetaCache;
 use crate::chain::Chain;
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::{Extent, Layer};
+use crate::runs::RunCache;
 
 pub type Layers = Arc<[Arc<dyn Layer>]>;
 
@@ -169,8 +173,50 @@ pub fn will_need(layers: &[Arc<dyn Layer>], from: usize, offset: u64, len: u64) 
     advise(run);
 }
 
+/// Resolve the run at `offset` as seen from the leaf, through `runs`: a
+/// miss walks the layers up to the end of the granule (so the run it keeps
+/// serves the reads after it, and never crosses a granule) and keeps the
+/// result. The run returned is at most `len` bytes long (> 0 when
+/// `len > 0`); `size` is the virtual size.
+fn resolve_cached(
+    layers: &[Arc<dyn Layer>],
+    runs: &RunCache,
+    size: u64,
+    offset: u64,
+    len: u64,
+) -> Result<(Source, u64)> {
+    if offset >= size || len == 0 {
+        return resolve(layers, 0, offset, len);
+    }
+    if let Some((src, n)) = runs.get(offset) {
+        return Ok((src, n.min(len)));
+    }
+    let epoch = runs.epoch();
+    let end = runs.granule_end(offset).min(size);
+    let (src, n) = resolve(layers, 0, offset, end - offset)?;
+    runs.insert(epoch, offset, n, src);
+    Ok((src, n.min(len)))
+}
+
+/// One layer list and the runs resolved in it.
+struct View {
+    layers: Layers,
+    runs: RunCache,
+}
+
+impl View {
+    fn new(layers: Layers, granule_shift: u32) -> Arc<View> {
+        Arc::new(View {
+            layers,
+            runs: RunCache::new(granule_shift),
+        })
+    }
+}
+
 pub struct FlatImage {
-    layers: RwLock<Layers>,
+    view: RwLock<Arc<View>>,
+    /// The run cache's granule (`crate::runs::GRANULE_SHIFT`; tests vary it).
+    granule_shift: u32,
     size: u64,
     /// Serialises read-modify-write of partial sectors.
     rmw: Mutex<()>,
@@ -185,13 +231,26 @@ pub struct FlatImage {
 impl FlatImage {
     pub fn new(chain: &Chain) -> FlatImage {
         FlatImage {
-            layers: RwLock::new(chain.layers.clone().into()),
+            view: RwLock::new(View::new(
+                chain.layers.clone().into(),
+                crate::runs::GRANULE_SHIFT,
+            )),
+            granule_shift: crate::runs::GRANULE_SHIFT,
             size: chain.virtual_size(),
             rmw: Mutex::new(()),
             write_gate: RwLock::new(()),
             dirty: Mutex::new(None),
             cache: chain.cache.clone(),
         }
+    }
+
+    /// The same image with run-cache granules of `1 << shift` bytes (tests
+    /// use granules of a few sectors, so runs meet granule edges).
+    #[cfg(test)]
+    pub fn with_granule_shift(mut self, shift: u32) -> FlatImage {
+        self.granule_shift = shift;
+        self.swap_layers(self.layers());
+        self
     }
 
     /// Start (or stop) recording written ranges (a merge out of the leaf).
@@ -222,14 +281,32 @@ impl FlatImage {
         self.cache.clone()
     }
 
+    fn view(&self) -> Arc<View> {
+        self.view.read().clone()
+    }
+
     /// The current layer list, leaf first.
     pub fn layers(&self) -> Layers {
-        self.layers.read().clone()
+        self.view().layers.clone()
     }
 
     /// Replace the layer list (used by merges); readers see old or new.
+    /// The new list starts with no resolved runs (`crate::runs`).
     pub fn swap_layers(&self, layers: Layers) {
-        *self.layers.write() = layers;
+        *self.view.write() = View::new(layers, self.granule_shift);
+    }
+
+    /// Runs resolved in the current layer list (tests).
+    #[cfg(test)]
+    pub fn cached_runs(&self) -> usize {
+        self.view().runs.len()
+    }
+
+    /// The leaf changed over `[offset, offset + len)`: drop the runs
+    /// resolved there. Called after the change, failed or not (a write that
+    /// failed half-way may have changed the map).
+    fn changed(&self, offset: u64, len: u64) {
+        self.view().runs.invalidate(offset, len);
     }
 
     /// Read at `offset`; returns the bytes read, short only at the end.
@@ -238,13 +315,23 @@ impl FlatImage {
             return Ok(0);
         }
         let n = (buf.len() as u64).min(self.size - offset) as usize;
-        read_layers(&self.layers(), 0, offset, &mut buf[..n])?;
+        let view = self.view();
+        let mut done = 0usize;
+        while done < n {
+            let at = offset + done as u64;
+            let want = (n - done) as u64;
+            let (src, got) = resolve_cached(&view.layers, &view.runs, self.size, at, want)?;
+            let got = got as usize;
+            src.read(&view.layers, at, &mut buf[done..done + got])?;
+            done += got;
+        }
         Ok(n)
     }
 
     /// The run at `offset`: its source and length.
     pub fn resolve(&self, offset: u64, len: u64) -> Result<(Source, u64)> {
-        resolve(&self.layers(), 0, offset, len)
+        let view = self.view();
+        resolve_cached(&view.layers, &view.runs, self.size, offset, len)
     }
 
     /// Write `data` at `offset` into the leaf. Partial sectors are merged
@@ -258,7 +345,14 @@ impl FlatImage {
         Ok(())
     }
 
+    /// Write to the leaf, then drop the runs resolved over what changed.
     fn write_inner(&self, offset: u64, data: &[u8]) -> Result<()> {
+        let r = self.write_leaf(offset, data);
+        self.changed(offset, data.len() as u64);
+        r
+    }
+
+    fn write_leaf(&self, offset: u64, data: &[u8]) -> Result<()> {
         let layers = self.layers();
         let leaf = &layers[0];
         let end = offset
@@ -290,7 +384,10 @@ impl FlatImage {
                 read_layers(&layers, 0, s, &mut buf)?;
                 let at = (offset - s) as usize;
                 buf[at..at + data.len()].copy_from_slice(data);
-                return leaf.write_sectors(s, &buf);
+                // The whole unit moved into the leaf, not only the write.
+                let r = leaf.write_sectors(s, &buf);
+                self.changed(s, e - s);
+                return r;
             }
         }
         let ss = leaf.sector_size() as u64;
@@ -350,7 +447,9 @@ impl FlatImage {
             self.write_inner(offset, &vec![0u8; (first_full - offset) as usize])?;
         }
         if last_full > first_full {
-            leaf.discard(first_full, last_full - first_full)?;
+            let r = leaf.discard(first_full, last_full - first_full);
+            self.changed(first_full, last_full - first_full);
+            r?;
         }
         if end > last_full {
             self.write_inner(last_full, &vec![0u8; (end - last_full) as usize])?;

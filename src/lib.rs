@@ -13,7 +13,8 @@
 //! - [`chain`]: parent discovery, identity checks, depth and cycle bounds.
 //! - [`dependents`]: the children of a layer (parents are not written).
 //! - [`cache`]: the bounded LRU that holds every layer's metadata.
-//! - [`image`]: the resolver; full-length reads, writes to the leaf.
+//! - [`image`]: the resolver; full-length reads, writes to the leaf;
+//!   [`runs`]: the cache of resolved runs that makes depth cost nothing.
 //! - [`merge`]: folding layers into an ancestor while the chain reads the
 //!   same; [`intent`]: the checksummed record that makes an interrupted
 //!   merge a replay.
@@ -55,6 +56,7 @@ pub mod paths;
 pub mod perms;
 pub mod readahead;
 pub mod relink;
+pub mod runs;
 pub mod size;
 pub mod write;
 
