@@ -88,7 +88,12 @@ pub struct MemLayer {
     encoded: AtomicBool,
     state: Mutex<State>,
     pub calls: Calls,
+    /// Run at the start of every `map` (tests that stop a reader's walk
+    /// half-way, to race something against it).
+    pub on_map: Mutex<Option<MapHook>>,
 }
+
+pub type MapHook = Box<dyn Fn() + Send + Sync>;
 
 fn bug(path: &Path, msg: String) -> Error {
     Error::new(
@@ -118,6 +123,7 @@ impl MemLayer {
                 lock: LockMode::Shared,
             }),
             calls: Calls::default(),
+            on_map: Mutex::new(None),
         }
     }
 
@@ -252,6 +258,9 @@ impl Layer for MemLayer {
 
     fn map(&self, offset: u64, len: u64) -> Result<Extent> {
         self.calls.map.fetch_add(1, Ordering::Relaxed);
+        if let Some(hook) = self.on_map.lock().as_ref() {
+            hook();
+        }
         if len == 0 || offset >= self.size {
             return Err(bug(&self.path, format!("map of {len} bytes at {offset}")));
         }
