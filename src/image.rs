@@ -296,12 +296,6 @@ impl FlatImage {
         *self.view.write() = View::new(layers, self.granule_shift);
     }
 
-    /// Runs resolved in the current layer list (tests).
-    #[cfg(test)]
-    pub fn cached_runs(&self) -> usize {
-        self.view().runs.len()
-    }
-
     /// The leaf changed over `[offset, offset + len)`: drop the runs
     /// resolved there. Called after the change, failed or not (a write that
     /// failed half-way may have changed the map).
