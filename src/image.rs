@@ -118,12 +118,25 @@ pub fn read_layers(
     offset: u64,
     buf: &mut [u8],
 ) -> Result<()> {
+    read_runs(layers, offset, buf, |at, want| {
+        resolve(layers, from, at, want)
+    })
+}
+
+/// Fill `buf` at `offset` run by run, each run found by `resolve(at, want)`.
+fn read_runs(
+    layers: &[Arc<dyn Layer>],
+    offset: u64,
+    buf: &mut [u8],
+    mut resolve: impl FnMut(u64, u64) -> Result<(Source, u64)>,
+) -> Result<()> {
     let mut done = 0usize;
     while done < buf.len() {
+        let at = offset + done as u64;
         let want = (buf.len() - done) as u64;
-        let (src, n) = resolve(layers, from, offset + done as u64, want)?;
+        let (src, n) = resolve(at, want)?;
         let n = n.min(want) as usize;
-        src.read(layers, offset + done as u64, &mut buf[done..done + n])?;
+        src.read(layers, at, &mut buf[done..done + n])?;
         done += n;
     }
     Ok(())
@@ -215,8 +228,6 @@ impl View {
 
 pub struct FlatImage {
     view: RwLock<Arc<View>>,
-    /// The run cache's granule (`crate::runs::GRANULE_SHIFT`; tests vary it).
-    granule_shift: u32,
     size: u64,
     /// Serialises read-modify-write of partial sectors.
     rmw: Mutex<()>,
@@ -235,7 +246,6 @@ impl FlatImage {
                 chain.layers.clone().into(),
                 crate::runs::GRANULE_SHIFT,
             )),
-            granule_shift: crate::runs::GRANULE_SHIFT,
             size: chain.virtual_size(),
             rmw: Mutex::new(()),
             write_gate: RwLock::new(()),
@@ -247,9 +257,8 @@ impl FlatImage {
     /// The same image with run-cache granules of `1 << shift` bytes (tests
     /// use granules of a few sectors, so runs meet granule edges).
     #[cfg(test)]
-    pub fn with_granule_shift(mut self, shift: u32) -> FlatImage {
-        self.granule_shift = shift;
-        self.swap_layers(self.layers());
+    pub fn with_granule_shift(self, shift: u32) -> FlatImage {
+        *self.view.write() = View::new(self.layers(), shift);
         self
     }
 
@@ -293,7 +302,8 @@ impl FlatImage {
     /// Replace the layer list (used by merges); readers see old or new.
     /// The new list starts with no resolved runs (`crate::runs`).
     pub fn swap_layers(&self, layers: Layers) {
-        *self.view.write() = View::new(layers, self.granule_shift);
+        let mut view = self.view.write();
+        *view = View::new(layers, view.runs.granule_shift());
     }
 
     /// The leaf changed over `[offset, offset + len)`: drop the runs
@@ -310,15 +320,9 @@ impl FlatImage {
         }
         let n = (buf.len() as u64).min(self.size - offset) as usize;
         let view = self.view();
-        let mut done = 0usize;
-        while done < n {
-            let at = offset + done as u64;
-            let want = (n - done) as u64;
-            let (src, got) = resolve_cached(&view.layers, &view.runs, self.size, at, want)?;
-            let got = got as usize;
-            src.read(&view.layers, at, &mut buf[done..done + got])?;
-            done += got;
-        }
+        read_runs(&view.layers, offset, &mut buf[..n], |at, want| {
+            resolve_cached(&view.layers, &view.runs, self.size, at, want)
+        })?;
         Ok(n)
     }
 

@@ -76,12 +76,6 @@ pub struct RunCache {
     epoch: AtomicU64,
 }
 
-impl Default for RunCache {
-    fn default() -> Self {
-        RunCache::new(GRANULE_SHIFT)
-    }
-}
-
 impl RunCache {
     /// A cache of granules of `1 << shift` bytes (tests use small ones).
     pub fn new(shift: u32) -> RunCache {
@@ -98,6 +92,11 @@ impl RunCache {
             shard_runs: MAX_RUNS / SHARDS,
             epoch: AtomicU64::new(0),
         }
+    }
+
+    /// Granules are `1 << granule_shift()` bytes.
+    pub fn granule_shift(&self) -> u32 {
+        self.shift
     }
 
     fn shard(&self, granule: u64) -> &Mutex<Shard> {
