@@ -1098,6 +1098,24 @@ def results_table(P, head_a, head_b, rows):
     return out
 
 
+def export_miss_note(vals, c, q, need):
+    """Where `chainfs export` (tool c) missed `need` x qemu-img (tool q)
+    in this run: both tools' rounds and how many of chainfs's reached the
+    target time; None when met or not measured."""
+    runs = {t: [x for x in (_num(v) for v in vals.get(f"export.{t}.s", [])) if x] for t in (c, q)}
+    if not all(runs.values()):
+        return None
+    tc, tq = (statistics.median(runs[t]) for t in (c, q))
+    if tq / tc >= need:
+        return None
+    hit = sum(x <= tq / need for x in runs[c])
+    return (f"chainfs took {tc:.2f} s (median; rounds {', '.join(f'{x:.2f}' for x in runs[c])}), qemu-img "
+            f"{tq:.2f} s (rounds {', '.join(f'{x:.2f}' for x in runs[q])}), so {need:.1f}x would be "
+            f"{tq / need:.2f} s; {hit} of chainfs's {len(runs[c])} rounds reached it. The same command's slowest "
+            f"round took {max(runs[c]) / min(runs[c]) - 1:.0%} longer than its fastest (qemu-img: "
+            f"{max(runs[q]) / min(runs[q]) - 1:.0%}); no limit of the disk was measured for this row.")
+
+
 def export_rate(vals, t, size):
     runs = _runs(vals, f"export.{t}.s")
     return size / MiB / statistics.median(runs) if runs and size else None
@@ -1236,12 +1254,18 @@ def frag_section(P, meta, vals, read_med):
     for m, label, unit in metrics:
         col = 0 if unit == "MiB/s" else 1
         P(f"| {label} ({unit}) | " + " | ".join(_cell(vals, read_med(t, m, col), f"read.{t}.{m}") for t, _ in tg) + " |")
+    rss = {t: _num(vals[f"rss.{t}"][-1]) for t, _ in tg if vals.get(f"rss.{t}")}
+    P("| daemon peak RSS (VmHWM, MiB) | " + " | ".join(f"{rss[t] / 1024:.1f}" if t in rss else "–" for t, _ in tg)
+      + " |")
     P("")
     rows = []
     for m, label, unit in metrics:
         col = 0 if unit == "MiB/s" else 1
         c = read_med("f_chainfs", m, col)
-        n_raw = {"dd_cold": 0.9, "rand_cold_1": 0.8, "rand_cold_4": 0.8}.get(m)
+        # Issue 12: sequential 1 MiB reads >= 0.9x the flat file with dd and
+        # with fio, 1 and 4 readers; random 4 KiB >= 0.8x it and >= 2x qsd.
+        n_raw = {"dd_cold": 0.9, "seq_cold_1": 0.9, "seq_cold_4": 0.9, "rand_cold_1": 0.8,
+                 "rand_cold_4": 0.8}.get(m)
         n_qsd = {"rand_cold_1": 2.0, "rand_cold_4": 2.0}.get(m)
         if m.startswith(("dd", "seq_cold", "rand_cold")):
             rows.append(cmp_row(vals, f"{label}: chainfs vs the flat file", c, f"read.f_chainfs.{m}",
@@ -1283,22 +1307,35 @@ def frag_section(P, meta, vals, read_med):
       "`qemu-img compare`). The peer column is the tool named after 'vs'.")
     P("")
     out = results_table(P, "chainfs", "peer", rows)
-    frag_limits(P, meta, rows, secs, read_med)
+    # The read-ahead that keeps the disk busy must not cost memory: the
+    # issue bounds the daemon at its metadata cache + 32 MiB.
+    bound = _num(meta.get("cache_mib"))
+    if rss.get("f_chainfs") is not None and bound is not None:
+        met = "**yes**" if rss["f_chainfs"] / 1024 <= bound + 32 else "**NO**"
+        out.append(f"| chainfs peak RSS on the fragmented chain <= cache ({bound:.0f} MiB) + 32 MiB | "
+                   f"{rss['f_chainfs'] / 1024:.1f} MiB | {met} |")
+    frag_limits(P, meta, vals, rows, secs, read_med)
     all_runs(P, vals, [t for t, _ in tg], metrics)
     return [r.replace("| ", "| (frag) ", 1) for r in out]
 
 
-def frag_limits(P, meta, rows, secs, read_med):
+def frag_limits(P, meta, vals, rows, secs, read_med):
     """For each frag target this run missed, the measured limit that stops
     it, from the same run's numbers."""
     missed = [r[0] for r in rows if r[5] == "**NO**"]
     if not missed:
         return
     lines = []
-    # Where the chain costs little over the same FUSE mount of the flat
-    # file, FUSE is the limit, not the chain.
+    # Set the chain through chainfs beside the same FUSE mount of the flat
+    # file: what the flat file loses through FUSE is FUSE's, not the chain's.
     fuse_limits = (
         ("`dd bs=1M`", "`dd bs=1M` cold, whole file:", "dd_cold", 0, "MiB/s",
+         "FUSE (1 MiB requests, one at a time per reader) against the kernel's own 8 MiB read-ahead on the "
+         "flat file"),
+        ("fio sequential 1 MiB, 1 reader", "seq 1 MiB cold, 1 reader:", "seq_cold_1", 0, "MiB/s",
+         "FUSE (1 MiB requests, one at a time per reader) against the kernel's own 8 MiB read-ahead on the "
+         "flat file"),
+        ("fio sequential 1 MiB, 4 readers", "seq 1 MiB cold, 4 readers:", "seq_cold_4", 0, "MiB/s",
          "FUSE (1 MiB requests, one at a time per reader) against the kernel's own 8 MiB read-ahead on the "
          "flat file"),
         ("Random 4 KiB, 1 reader", "random 4 KiB cold, 1 reader", "rand_cold_1", 1, "IOPS",
@@ -1311,14 +1348,29 @@ def frag_limits(P, meta, rows, secs, read_med):
         raw, qsd = read_med("f_raw", m, col), read_med("f_qsd", m, col)
         if None in (c, fuse, raw) or (m.startswith("rand") and qsd is None) or not any(row in w for w in missed):
             continue
-        text = (f"{label}: the chain costs {'nothing' if c >= 0.95 * fuse else 'little'} "
+        # Only a chain within 10% of FUSE-of-flat is blamed on FUSE alone;
+        # below that the chain's own share is named as such.
+        if c >= 0.95 * fuse:
+            cost, verdict = "nothing", f"the limit is {limit}, not the chain"
+        elif c >= 0.9 * fuse:
+            cost, verdict = (f"{1 - c / fuse:.0%}",
+                             f"the limit is mostly {limit}; the chain's own share is that {1 - c / fuse:.0%}")
+        else:
+            cost, verdict = (f"{1 - c / fuse:.0%}",
+                             f"FUSE ({limit}) explains only part of the gap; the chain itself costs "
+                             f"{1 - c / fuse:.0%} here, which is not a FUSE limit")
+        text = (f"{label}: the chain costs {cost} "
                 f"over FUSE itself (chainfs of the chain {_fmt(c)} {unit}, chainfs of the flat file {_fmt(fuse)} "
                 f"{unit}, {c / fuse:.2f}x), and the same FUSE mount of the flat file reaches {fuse / raw:.2f}x the "
-                f"flat file read without FUSE ({_fmt(raw)} {unit}): the limit is {limit}, not the chain.")
+                f"flat file read without FUSE ({_fmt(raw)} {unit}): {verdict}.")
         if m.startswith("rand") and 2 * qsd > raw:
             text += (f" 2x qemu-storage-daemon would be {_fmt(2 * qsd)} IOPS, more than the flat file read "
                      "directly without FUSE, so no FUSE reader of this disk can reach it here.")
         lines.append(text)
+    if any(w.startswith("`chainfs export top.avhdx") for w in missed):
+        line = export_miss_note(vals, "f_chainfs", "f_qemu", 1.2)
+        if line:
+            lines.append(f"Export: {line}")
     merge_missed = any(w.startswith("`chainfs merge` vs") or w.startswith("`chainfs merge top.avhdx")
                        for w in missed)
     if merge_missed and secs.get("chainfs") and secs.get("qemu") and secs.get("cat"):
@@ -1534,6 +1586,10 @@ def cmd_report(results, report):
         P(f"| {label} | {m:.2f} | {_fmt(med[t])} | {', '.join(f'{x:.2f}' for x in runs)} | "
           f"{_fmt(alloc)} | {_fmt(med[t] / med['qemu']) + 'x' if med.get('qemu') and med[t] else '–'} |")
     P("")
+    line = export_miss_note(vals, "chainfs", "qemu", 1.2)
+    if line:
+        P(f"Issue 12's target, `chainfs export` >= 1.2x `qemu-img convert -O raw`, missed in this run: {line}")
+        P("")
     if "chainfs_vhdx" in med:
         P("qemu-img cannot read differencing VHDX (and libvhdi has no export), so the VHDX chain has no peer here; "
           "its row compares with the same content as VHD and qcow2.")
@@ -1638,6 +1694,8 @@ def cmd_report(results, report):
         r = med["chainfs"] / med["qemu"]
         P(f"| `chainfs export` >= 2x `qemu-img convert` | {r:.2f}x ({_fmt(med['chainfs'])} vs "
           f"{_fmt(med['qemu'])} MiB/s) | {verdict(r >= 2)} |")
+        P(f"| `chainfs export` >= 1.2x `qemu-img convert` (issue 12: export stays ahead) | {r:.2f}x "
+          f"({_fmt(med['chainfs'])} vs {_fmt(med['qemu'])} MiB/s) | {verdict(r >= 1.2)} |")
     else:
         P("| `chainfs export` >= 2x `qemu-img convert` | not measured | – |")
     have = meta.get("chainfs_mount") == "1" and meta.get("read_section") == "1"
