@@ -490,18 +490,33 @@ export_log() {
   c=${c//"$CH"/chainfs}
   logcmd "drop; ${c//"$W"/\$W}; sync \$W/out/export.raw"
 }
+# The work dir's disk as /proc/diskstats names it (empty if it has no line
+# there): what an export moved through it and how busy it kept it tell
+# whether a tool waits for the disk or for itself.
+DISK=$(basename "$(findmnt -n -o SOURCE -T "$BENCH_DIR")")
+awk -v d="$DISK" '$3 == d { f = 1 } END { exit !f }' /proc/diskstats || DISK=""
+[ -z "$DISK" ] || rec meta.disk_dev "$DISK"
+disk_snap() { # sectors read, sectors written, ms busy (io_ticks)
+  [ -z "$DISK" ] || awk -v d="$DISK" '$3 == d { print $6, $10, $13 }' /proc/diskstats
+}
+disk_delta() { # $1 $2 snapshots, $3 seconds: MiB read, MiB written, busy fraction
+  awk -v a="$1" -v b="$2" -v s="$3" 'BEGIN { split(a, x, " "); split(b, y, " ");
+    printf "%.0f %.0f %.3f", (y[1] - x[1]) / 2048, (y[2] - x[2]) / 2048, (y[3] - x[3]) / 1000 / s }'
+}
 export_loop() { # tools...: REPS rounds, every tool in each round, cold
-  local tool rep s
+  local tool rep s d0
   for tool in "$@"; do export_log "$tool"; done
   for rep in $(seq "$REPS"); do
     shuffled "$rep" "$@"
     for tool in "${ORDER[@]}"; do
       rm -f "$OUT"
       drop_caches
+      d0=$(disk_snap)
       t=$EPOCHREALTIME
       if export_cmd "$tool" && sync "$OUT"; then
         s=$(secs_since "$t")
         rec "export.$tool.s" "$s"
+        [ -z "$d0" ] || rec "export.$tool.disk" "$(disk_delta "$d0" "$(disk_snap)" "$s")"
         rec "export.$tool.alloc_mib" "$(alloc_mib "$OUT")"
         printf '   run %d  %-15s %7.2f s  %7.0f MiB/s\n' "$rep" "$tool" "$s" \
           "$(awk -v s="$s" -v z="$VSIZE" 'BEGIN { print z / 1048576 / s }')"

@@ -1098,6 +1098,14 @@ def results_table(P, head_a, head_b, rows):
     return out
 
 
+def export_disk(vals, t):
+    """Medians over tool t's export rounds of (MiB read, MiB written, busy
+    fraction) of the work dir's disk; None when not recorded."""
+    rows = [[_num(x) for x in v.split()] for v in vals.get(f"export.{t}.disk", [])]
+    rows = [r for r in rows if len(r) == 3 and None not in r]
+    return tuple(statistics.median(r[i] for r in rows) for i in range(3)) if rows else None
+
+
 def export_miss_note(vals, c, q, need):
     """Where `chainfs export` (tool c) missed `need` x qemu-img (tool q)
     in this run: both tools' rounds and how many of chainfs's reached the
@@ -1113,7 +1121,28 @@ def export_miss_note(vals, c, q, need):
             f"{tq:.2f} s (rounds {', '.join(f'{x:.2f}' for x in runs[q])}), so {need:.1f}x would be "
             f"{tq / need:.2f} s; {hit} of chainfs's {len(runs[c])} rounds reached it. The same command's slowest "
             f"round took {max(runs[c]) / min(runs[c]) - 1:.0%} longer than its fastest (qemu-img: "
-            f"{max(runs[q]) / min(runs[q]) - 1:.0%}); no limit of the disk was measured for this row.")
+            f"{max(runs[q]) / min(runs[q]) - 1:.0%}).") + disk_limit(vals, c, q, tc, tq, need)
+
+
+def disk_limit(vals, c, q, tc, tq, need):
+    """What the disk counters of the same rounds say about a missed export
+    target: '' when they were not recorded."""
+    dc, dq = export_disk(vals, c), export_disk(vals, q)
+    if not dc or not dq:
+        return " No disk counters were recorded for this row."
+    moved_c, moved_q = dc[0] + dc[1], dq[0] + dq[1]
+    text = (f" The disk (/proc/diskstats, medians of the rounds) was busy {dc[2]:.0%} of chainfs's time while it "
+            f"read {dc[0]:,.0f} MiB and wrote {dc[1]:,.0f} MiB ({moved_c / tc:,.0f} MiB/s together), and {dq[2]:.0%} "
+            f"of qemu-img's while it read {dq[0]:,.0f} and wrote {dq[1]:,.0f} MiB ({moved_q / tq:,.0f} MiB/s).")
+    if dc[2] >= 0.9:
+        text += (f" chainfs left the disk idle {1 - dc[2]:.0%} of its time and got "
+                 f"{'more' if moved_c / tc > moved_q / tq else 'fewer'} bytes per second through it than qemu-img; "
+                 f"moving its {moved_c:,.0f} MiB in {tq / need:.2f} s would take {moved_c / (tq / need):,.0f} MiB/s, "
+                 f"{moved_c / (tq / need) / (moved_c / tc) - 1:.0%} more than the disk gave it in these rounds: what "
+                 "is missing is the disk's rate, not time chainfs spent waiting on itself.")
+    else:
+        text += " The disk had idle time during chainfs's rounds: the miss is not the disk's."
+    return text
 
 
 def export_rate(vals, t, size):
@@ -1366,6 +1395,9 @@ def frag_limits(P, meta, vals, rows, secs, read_med):
         if m.startswith("rand") and 2 * qsd > raw:
             text += (f" 2x qemu-storage-daemon would be {_fmt(2 * qsd)} IOPS, more than the flat file read "
                      "directly without FUSE, so no FUSE reader of this disk can reach it here.")
+        elif m.startswith("rand") and 2 * qsd > fuse:
+            text += (f" 2x qemu-storage-daemon would be {_fmt(2 * qsd)} IOPS, more than chainfs's FUSE mount of "
+                     f"the flat file itself reaches ({_fmt(fuse)} IOPS), where no chain is resolved at all.")
         lines.append(text)
     if any(w.startswith("`chainfs export top.avhdx") for w in missed):
         line = export_miss_note(vals, "f_chainfs", "f_qemu", 1.2)
@@ -1557,7 +1589,9 @@ def cmd_report(results, report):
     P(f"Cold (page cache dropped before each run), median of {meta.get('reps', '?')} runs, MiB/s of virtual size "
       f"({_fmt(size_mib)} MiB); each time includes an fsync of the output. In each round every tool runs once, "
       "in an order shuffled anew per round, so no tool always follows the same neighbour's deleted output "
-      "(the 'runs' column lists the rounds in order).")
+      "(the 'runs' column lists the rounds in order). 'disk' = the work dir's disk "
+      f"({meta.get('disk_dev', 'not found in /proc/diskstats')}) over each run, from /proc/diskstats: MiB it read "
+      "+ MiB it wrote, and the share of the run's time it had I/O in flight (busy); medians of the rounds.")
     P("")
     tools = [("chainfs", "`chainfs export` (VHD chain)"),
              ("chainfs_vhdx", "`chainfs export` (VHDX chain, same content)"),
@@ -1573,8 +1607,9 @@ def cmd_report(results, report):
         P("Not run (BENCH_SECTIONS).")
         P("")
     else:
-        P("| tool | median s | MiB/s | runs (s) | output allocated MiB | vs qemu-img convert |")
-        P("|---|---|---|---|---|---|")
+        P("| tool | median s | MiB/s | runs (s) | output allocated MiB | disk: MiB read + written, busy | "
+          "vs qemu-img convert |")
+        P("|---|---|---|---|---|---|---|")
     med = {}
     for t, label in tools:
         runs = [_num(x) for x in vals.get(f"export.{t}.s", []) if _num(x) is not None]
@@ -1583,8 +1618,10 @@ def cmd_report(results, report):
         m = statistics.median(runs)
         med[t] = size_mib / m if m > 0 else None
         alloc = one(f"export.{t}.alloc_mib")
+        dk = export_disk(vals, t)
+        dcell = f"{dk[0]:,.0f} + {dk[1]:,.0f}, {dk[2]:.0%}" if dk else "–"
         P(f"| {label} | {m:.2f} | {_fmt(med[t])} | {', '.join(f'{x:.2f}' for x in runs)} | "
-          f"{_fmt(alloc)} | {_fmt(med[t] / med['qemu']) + 'x' if med.get('qemu') and med[t] else '–'} |")
+          f"{_fmt(alloc)} | {dcell} | {_fmt(med[t] / med['qemu']) + 'x' if med.get('qemu') and med[t] else '–'} |")
     P("")
     line = export_miss_note(vals, "chainfs", "qemu", 1.2)
     if line:
