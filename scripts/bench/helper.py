@@ -1131,6 +1131,10 @@ def disk_limit(vals, c, q, tc, tq, need):
     if not dc or not dq:
         return " No disk counters were recorded for this row."
     moved_c, moved_q = dc[0] + dc[1], dq[0] + dq[1]
+    # Any export reads the data the chain shows and writes it: twice the
+    # output's allocated size is the least any tool can move.
+    allocs = [x for x in (_num(v) for v in vals.get(f"export.{c}.alloc_mib", [])) if x]
+    least = 2 * statistics.median(allocs) if allocs else 0
     text = (f" The disk (/proc/diskstats, medians of the rounds) was busy {dc[2]:.0%} of chainfs's time while it "
             f"read {dc[0]:,.0f} MiB and wrote {dc[1]:,.0f} MiB ({moved_c / tc:,.0f} MiB/s together), and {dq[2]:.0%} "
             f"of qemu-img's while it read {dq[0]:,.0f} and wrote {dq[1]:,.0f} MiB ({moved_q / tq:,.0f} MiB/s).")
@@ -1147,6 +1151,12 @@ def disk_limit(vals, c, q, tc, tq, need):
                  "missing is the disk's rate, not time chainfs spent waiting on itself.")
     else:
         text += " The disk had idle time during chainfs's rounds: the miss is not the disk's."
+    if least and moved_q > 0:
+        best = moved_q / least
+        text += (f" Bound: an export must read the data the chain shows and write it, at least {least:,.0f} MiB "
+                 f"through the disk (chainfs moved {moved_c / least:.2f}x that, qemu-img {best:.2f}x); at the disk "
+                 f"rate qemu-img got, no export can be more than {best:.2f}x qemu-img, and {need:.1f}x would need "
+                 f"{need / best - 1:.0%} more MiB/s from the disk than qemu-img got from it in the same rounds.")
     return text
 
 
