@@ -1155,8 +1155,9 @@ def disk_limit(vals, c, q, tc, tq, need):
         best = moved_q / least
         text += (f" Bound: an export must read the data the chain shows and write it, at least {least:,.0f} MiB "
                  f"through the disk (chainfs moved {moved_c / least:.2f}x that, qemu-img {best:.2f}x); at the disk "
-                 f"rate qemu-img got, no export can be more than {best:.2f}x qemu-img, and {need:.1f}x would need "
-                 f"{need / best - 1:.0%} more MiB/s from the disk than qemu-img got from it in the same rounds.")
+                 f"rate qemu-img got, no export can be more than {best:.2f}x qemu-img")
+        text += (f", and {need:.1f}x would need {need / best - 1:.0%} more MiB/s from the disk than qemu-img got "
+                 "from it in the same rounds." if best < need else f", so {need:.1f}x is within that bound.")
     return text
 
 
