@@ -42,6 +42,18 @@ pub enum Source {
 }
 
 impl Source {
+    /// The same run seen `by` bytes further in: a `Data` source's file
+    /// offset moves along; other sources are the same anywhere in the run.
+    pub fn advanced(self, by: u64) -> Source {
+        match self {
+            Source::Data { depth, file_offset } => Source::Data {
+                depth,
+                file_offset: file_offset + by,
+            },
+            other => other,
+        }
+    }
+
     /// Fill `buf` with the run's bytes at virtual `offset` (the run's
     /// start, or a point inside it with `file_offset` advanced alike).
     pub fn read(&self, layers: &[Arc<dyn Layer>], offset: u64, buf: &mut [u8]) -> Result<()> {

@@ -129,14 +129,7 @@ impl RunCache {
             .iter()
             .find(|r| r.start <= offset && offset < r.end())?;
         let skip = offset - run.start;
-        let src = match run.src {
-            Source::Data { depth, file_offset } => Source::Data {
-                depth,
-                file_offset: file_offset + skip,
-            },
-            other => other,
-        };
-        Some((src, run.len - skip))
+        Some((run.src.advanced(skip), run.len - skip))
     }
 
     /// Keep the run `[start, start + len)` resolved to `src`, unless a
@@ -153,7 +146,7 @@ impl RunCache {
             return;
         }
         let run = Run { start, len, src };
-        let (added, removed) = match s.granules.get_mut(&g) {
+        let removed = match s.granules.get_mut(&g) {
             Some(runs) => {
                 let before = runs.len();
                 // A run resolved from an earlier offset of the same stretch
@@ -163,14 +156,14 @@ impl RunCache {
                     runs.remove(0);
                 }
                 runs.push(run);
-                (1, before + 1 - runs.len())
+                before + 1 - runs.len()
             }
             None => {
                 s.granules.put(g, vec![run]);
-                (1, 0)
+                0
             }
         };
-        s.runs = s.runs + added - removed;
+        s.runs = s.runs + 1 - removed;
         while s.runs > self.shard_runs {
             match s.granules.pop_lru() {
                 Some((_, v)) => s.runs -= v.len(),

@@ -146,14 +146,7 @@ fn reads_zero(flat: &FlatImage, off: u64, len: u64) -> Result<bool> {
             while done < n {
                 let k = (n - done).min(1 << 20);
                 buf.resize(k as usize, 0);
-                let part = match src {
-                    Source::Data { depth, file_offset } => Source::Data {
-                        depth,
-                        file_offset: file_offset + done,
-                    },
-                    other => other,
-                };
-                part.read(&layers, pos + done, &mut buf)?;
+                src.advanced(done).read(&layers, pos + done, &mut buf)?;
                 if !is_zero(&buf) {
                     return Ok(false);
                 }

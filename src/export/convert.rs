@@ -147,17 +147,8 @@ fn copy_chunk(
             let part = &mut buf[(a - w) as usize..(b - w) as usize];
             match r.src {
                 Source::Zero => part.fill(0),
-                Source::Data { depth, file_offset } => {
-                    let src = Source::Data {
-                        depth,
-                        file_offset: file_offset + (a - r.off),
-                    };
-                    src.read(&layers, a, part)?;
-                    read += b - a;
-                    data = true;
-                }
                 src => {
-                    src.read(&layers, a, part)?;
+                    src.advanced(a - r.off).read(&layers, a, part)?;
                     read += b - a;
                     data = true;
                 }
