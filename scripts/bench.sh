@@ -27,8 +27,11 @@
 #              (1/4 = 512 MiB in 1024 scattered 4 KiB-aligned regions), as VHD
 #              and as qcow2: `chainfs merge leaf mid` vs `qemu-img commit` vs cp
 #              of the same bytes; `chainfs merge leaf base` (through mid) vs
-#              `qemu-img commit -b base`; each also with `--keep` (no delete),
-#              and `rm` of the merged layers alone (what the delete costs by
+#              `qemu-img commit -b base`; each also with `--keep` (no delete)
+#              and `--wait-free` (returns once the deleted layers' space is
+#              free; by default a `chainfs-free` helper frees it after the
+#              command returned, and the run records how long it took), and
+#              `rm` of the merged layers alone (what the delete costs by
 #              itself). Fresh copies of the images and a
 #              dropped page cache before every run, median of 3, every result
 #              checked against the flattened content. Then O_DIRECT sequential
@@ -69,7 +72,8 @@
 #              flat file. Cold `dd bs=1M`, fio sequential (1 and 4 readers) and
 #              random 4 KiB reads of chainfs mount (VHDX) vs the flat file vs
 #              qemu-storage-daemon (qcow2); chainfs export vs qemu-img convert;
-#              both overlays merged into the base: chainfs merge (and --keep)
+#              both overlays merged into the base: chainfs merge (and --keep,
+#              --wait-free)
 #              vs qemu-img commit -d -b vs cat of the merged bytes + sync.
 #  10. depth   (issue 12) the same content (extents of mean 1 MiB over 3/4 of
 #              BENCH_DEPTH_SIZE = 1 GiB, each in one random layer) as chains of
@@ -960,6 +964,7 @@ merge_cmd() { # case tool
   merge_paths "$1" "$2"
   case $1.$2 in
     *.chainfs | *.chainfs_qcow2) "$CH" merge "$SRC" "$DEST" --json >"$MJ" && sync "$DEST" ;;
+    *.chainfs_wait) "$CH" merge "$SRC" "$DEST" --wait-free --json >"$MJ" && sync "$DEST" ;;
     *.chainfs_keep | *.chainfs_qcow2_keep)
       # shellcheck disable=SC2086 # BETWEEN is one path or empty
       "$CH" merge "$SRC" "$DEST" --keep --json >"$MJ" && sync "$DEST" $BETWEEN "$SRC"
@@ -977,6 +982,14 @@ merge_cmd() { # case tool
   esac
 }
 detached() { { "$CH" info "$1" 2>&1 || true; } | grep -qi detached; }
+# Seconds until no `chainfs-free` helper is left: how long after `chainfs
+# merge` returned the file system went on freeing the deleted layers. Also
+# keeps that work out of the next timed run.
+free_wait() {
+  local t=$EPOCHREALTIME
+  while grep -qsx chainfs-free /proc/[0-9]*/comm; do sleep 0.01; done
+  secs_since "$t"
+}
 verify_merge() { # case tool: the merged chain must show the pre-merge content
   local c=$1 tool=$2 h f
   merge_paths "$c" "$tool"
@@ -1015,12 +1028,14 @@ verify_merge() { # case tool: the merged chain must show the pre-merge content
   esac
 }
 merge_run() { # rep case tool bytes: one timed run, checked afterwards
-  local rep=$1 c=$2 tool=$3 b=$4 s copied=""
+  local rep=$1 c=$2 tool=$3 b=$4 s copied="" freed
   merge_prep "$c" "$tool"
   drop_caches
   t=$EPOCHREALTIME
   if merge_cmd "$c" "$tool" >"$LOGD/merge.out" 2>&1; then
     s=$(secs_since "$t")
+    freed=$(free_wait)
+    case $tool in chainfs | chainfs_qcow2 | chainfs_wait) rec "merge.$c.$tool.freed" "$freed" ;; esac
     if verify_merge "$c" "$tool"; then
       rec "merge.$c.$tool.s" "$s"
       if [ "$tool" != "${tool#chainfs}" ]; then
@@ -1095,10 +1110,12 @@ PY
   if has merge; then
     logcmd "chainfs merge \$W/merge/work/leaf.vhd \$W/merge/work/mid.vhd --json; sync \$W/merge/work/mid.vhd"
     logcmd "chainfs merge \$W/merge/work/leaf.vhd \$W/merge/work/mid.vhd --keep --json; sync \$W/merge/work/mid.vhd \$W/merge/work/leaf.vhd"
+    logcmd "chainfs merge \$W/merge/work/leaf.vhd \$W/merge/work/mid.vhd --wait-free --json; sync \$W/merge/work/mid.vhd"
     logcmd "qemu-img commit -q -f qcow2 \$W/merge/work/leaf.qcow2; sync \$W/merge/work/mid.qcow2 \$W/merge/work/leaf.qcow2"
     logcmd "qemu-img commit -q -d -f qcow2 \$W/merge/work/leaf.qcow2; sync \$W/merge/work/mid.qcow2"
     logcmd "chainfs merge \$W/merge/work/leaf.vhd \$W/merge/work/base.vhd --json; sync \$W/merge/work/base.vhd"
     logcmd "chainfs merge \$W/merge/work/leaf.vhd \$W/merge/work/base.vhd --keep --json; sync \$W/merge/work/{base,mid,leaf}.vhd"
+    logcmd "chainfs merge \$W/merge/work/leaf.vhd \$W/merge/work/base.vhd --wait-free --json; sync \$W/merge/work/base.vhd"
   fi
   if has qcow2; then
     logcmd "chainfs merge \$W/merge/work/leaf.qcow2 \$W/merge/work/base.qcow2 --json; sync \$W/merge/work/base.qcow2"
@@ -1109,10 +1126,11 @@ PY
     logcmd "rm \$W/merge/work/leaf.vhd; sync \$W/merge/work   # rm leaf.vhd mid.vhd for the 3-layer case: what deleting the merged layers costs by itself"
     logcmd "drop; cp \$W/merge/cp2.bin \$W/merge/cp.out; sync \$W/merge/cp.out   # cp3.bin for the 3-layer case: files of the merged byte counts"
   fi
+  logcmd "while grep -qsx chainfs-free /proc/[0-9]*/comm; do sleep 0.01; done   # after each run, untimed: until the chainfs-free helper of a chainfs merge is gone (timed separately: how long the file system went on freeing the deleted layers after the command returned)"
   logcmd "chainfs check DEST; chainfs export DEST \$W/verify.raw --force; python3 scripts/bench/helper.py sha256 \$W/verify.raw   # after each chainfs merge"
   logcmd "qemu-img check -q -f qcow2 DEST.qcow2; qemu-img compare -q -f qcow2 -F raw DEST.qcow2 FLAT   # after each qemu-img commit, and after each chainfs merge into a qcow2"
   cts=()
-  has merge && cts+=(m2.chainfs m2.chainfs_keep m2.qemu m2.qemu_d m2.cp m2.rm m3.chainfs m3.chainfs_keep)
+  has merge && cts+=(m2.chainfs m2.chainfs_keep m2.chainfs_wait m2.qemu m2.qemu_d m2.cp m2.rm m3.chainfs m3.chainfs_keep m3.chainfs_wait)
   has qcow2 && cts+=(m3.chainfs_qcow2 m3.chainfs_qcow2_keep)
   cts+=(m3.qemu)
   has merge && cts+=(m3.cp m3.rm)
@@ -1441,11 +1459,12 @@ if has frag; then
   logcmd "cp --sparse=always \$W/frag/pristine/{base.vhdx,mid.avhdx,top.avhdx} (or {base,mid,top}.qcow2) \$W/frag/work/; drop   # before every merge run"
   logcmd "chainfs merge \$W/frag/work/top.avhdx \$W/frag/work/base.vhdx --json; sync \$W/frag/work/base.vhdx"
   logcmd "chainfs merge \$W/frag/work/top.avhdx \$W/frag/work/base.vhdx --keep --json; sync \$W/frag/work/{base.vhdx,mid.avhdx,top.avhdx}"
+  logcmd "chainfs merge \$W/frag/work/top.avhdx \$W/frag/work/base.vhdx --wait-free --json; sync \$W/frag/work/base.vhdx"
   logcmd "qemu-img commit -q -d -f qcow2 -b \$W/frag/work/base.qcow2 \$W/frag/work/top.qcow2; sync \$W/frag/work/base.qcow2"
   logcmd "drop; cat \$W/frag/changed.bin > \$W/frag/cat.out; sync \$W/frag/cat.out   # a file of the merged byte count"
   logcmd "rm \$W/frag/work/top.avhdx \$W/frag/work/mid.avhdx; sync \$W/frag/work   # fresh copies: what deleting the merged layers costs by itself"
   for rep in $(seq "$REPS"); do
-    shuffled "$rep" chainfs chainfs_keep qemu cat rm
+    shuffled "$rep" chainfs chainfs_keep chainfs_wait qemu cat rm
     for tool in "${ORDER[@]}"; do merge_run "$rep" f3 "$tool" "$F3"; done
   done
   rm -rf "$FD"

@@ -85,6 +85,40 @@ enum CreateType {
     Fixed,
 }
 
+/// `chainfs merge`'s own arguments.
+#[derive(Args)]
+struct MergeArgs {
+    /// The layer to merge down (usually the leaf).
+    source: PathBuf,
+    /// The parent or ancestor to merge into (not needed with --status).
+    #[arg(required_unless_present = "status")]
+    destination: Option<PathBuf>,
+    /// Keep SOURCE and the layers between, detached, instead of deleting them.
+    #[arg(long)]
+    keep: bool,
+    /// Return only once the file system has freed the deleted layers' space.
+    ///
+    /// By default the command returns as soon as the merged chain is
+    /// final and durable and the merged layers are unlinked; a small
+    /// background process (`chainfs-free`) then holds them while the
+    /// file system frees their blocks (a few tenths of a second per GiB
+    /// on ext4 mounted with `discard`). Until it exits, `df` does not
+    /// count that space and the file system cannot be unmounted
+    /// (EBUSY): use this option in scripts that unmount it or need the
+    /// space right after.
+    #[arg(long, conflicts_with = "keep")]
+    wait_free: bool,
+    /// Merge even though other differencing disks depend on a changed layer.
+    #[arg(long)]
+    force: bool,
+    /// Show whether a merge out of SOURCE was interrupted, and change nothing.
+    #[arg(long)]
+    status: bool,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Create a base disk (--size) or a differencing child (--parent).
@@ -252,23 +286,8 @@ enum Cmd {
     /// when other disks depend on a layer it changes (--force overrides).
     /// An interrupted merge is finished by running the same command again.
     Merge {
-        /// The layer to merge down (usually the leaf).
-        source: PathBuf,
-        /// The parent or ancestor to merge into (not needed with --status).
-        #[arg(required_unless_present = "status")]
-        destination: Option<PathBuf>,
-        /// Keep SOURCE and the layers between, detached, instead of deleting them.
-        #[arg(long)]
-        keep: bool,
-        /// Merge even though other differencing disks depend on a changed layer.
-        #[arg(long)]
-        force: bool,
-        /// Show whether a merge out of SOURCE was interrupted, and change nothing.
-        #[arg(long)]
-        status: bool,
-        /// Print the result as JSON.
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        args: MergeArgs,
         #[command(flatten)]
         chain: ChainArgs,
     },
@@ -561,15 +580,7 @@ pub fn run() -> Result<i32> {
             )?;
             Ok(0)
         }
-        Cmd::Merge {
-            source,
-            destination,
-            keep,
-            force,
-            status,
-            json,
-            chain,
-        } => merge(source, destination, keep, force, status, json, &chain),
+        Cmd::Merge { args, chain } => merge(args, &chain),
         Cmd::Compact { image, json } => {
             let r = chainfs::compact::compact(&image)?;
             if json {
@@ -695,17 +706,18 @@ pub fn run() -> Result<i32> {
     }
 }
 
-fn merge(
-    source: PathBuf,
-    destination: Option<PathBuf>,
-    keep: bool,
-    force: bool,
-    status: bool,
-    json: bool,
-    chain: &ChainArgs,
-) -> Result<i32> {
+fn merge(args: MergeArgs, chain: &ChainArgs) -> Result<i32> {
     use chainfs::intent;
-    use chainfs::merge::{MergeRequest, Progress};
+    use chainfs::merge::{FreeSpace, MergeRequest, Progress};
+    let MergeArgs {
+        source,
+        destination,
+        keep,
+        wait_free,
+        force,
+        status,
+        json,
+    } = args;
     let record = intent::read(&source)?;
     if status {
         let text = record.as_ref().map(|r| r.to_string());
@@ -763,8 +775,13 @@ fn merge(
         force,
         parent_dirs: chain.parent_dirs.clone(),
     };
-    let plan = chainfs::merge::plan_with(flat.layers(), &req, None, &chain.overrides)
+    let mut plan = chainfs::merge::plan_with(flat.layers(), &req, None, &chain.overrides)
         .map_err(|e| swapped_hint(e, &source, &destination, chain))?;
+    plan.free = if wait_free {
+        FreeSpace::Wait
+    } else {
+        FreeSpace::InHelper
+    };
     let progress = Progress::default();
     let bar = progress_bar(0);
     let result = std::thread::scope(|s| {

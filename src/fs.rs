@@ -631,6 +631,10 @@ impl ChainFs {
                 );
                 let progress = Arc::new(Progress::default());
                 let job = self.jobs.start(command, progress.clone());
+                // The daemon outlives the job: it reports Completed once the
+                // chain is final and frees the merged layers' space after.
+                let mut plan = plan;
+                plan.free = crate::merge::FreeSpace::OnThread;
                 let image = self.image.clone();
                 let j = job.clone();
                 let merging = self.merging.clone();

