@@ -168,6 +168,10 @@ fn helper(keep: &[RawFd], open_max: RawFd, go: RawFd, ready: RawFd) -> ! {
         close_range(from, RawFd::MAX, open_max);
         libc::setsid();
         libc::chdir(c"/".as_ptr());
+        // The forking thread may have had signals blocked; `kill` must work.
+        let mut none: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut none);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
         match libc::fork() {
             0 => {}
             -1 => libc::_exit(1),
