@@ -982,12 +982,24 @@ merge_cmd() { # case tool
   esac
 }
 detached() { { "$CH" info "$1" 2>&1 || true; } | grep -qi detached; }
-# Seconds until no `chainfs-free` helper is left: how long after `chainfs
-# merge` returned the file system went on freeing the deleted layers. Also
-# keeps that work out of the next timed run.
+# A `chainfs-free` helper (of a `chainfs merge`) that has not exited yet. One
+# that has is a zombie until init reaps it (here up to 1.5 s later), its
+# files already closed and freed: not counted.
+free_helper() {
+  local f st
+  for f in $(grep -lsx chainfs-free /proc/[0-9]*/comm); do
+    # /proc/PID/stat: "PID (chainfs-free) STATE ..." (no space in the name)
+    read -r _ _ st _ <"${f%comm}stat" 2>/dev/null || continue
+    [ "$st" = Z ] || return 0
+  done
+  return 1
+}
+# Seconds until no such helper is left: how long after `chainfs merge`
+# returned the file system went on freeing the deleted layers. Also keeps
+# that work out of the next timed run.
 free_wait() {
   local t=$EPOCHREALTIME
-  while grep -qsx chainfs-free /proc/[0-9]*/comm; do sleep 0.01; done
+  while free_helper; do sleep 0.01; done
   secs_since "$t"
 }
 verify_merge() { # case tool: the merged chain must show the pre-merge content
@@ -1126,7 +1138,7 @@ PY
     logcmd "rm \$W/merge/work/leaf.vhd; sync \$W/merge/work   # rm leaf.vhd mid.vhd for the 3-layer case: what deleting the merged layers costs by itself"
     logcmd "drop; cp \$W/merge/cp2.bin \$W/merge/cp.out; sync \$W/merge/cp.out   # cp3.bin for the 3-layer case: files of the merged byte counts"
   fi
-  logcmd "while grep -qsx chainfs-free /proc/[0-9]*/comm; do sleep 0.01; done   # after each run, untimed: until the chainfs-free helper of a chainfs merge is gone (timed separately: how long the file system went on freeing the deleted layers after the command returned)"
+  logcmd "while chainfs-free runs (a /proc/PID/comm of chainfs-free whose /proc/PID/stat state is not Z); do sleep 0.01; done   # after each run, untimed: until the chainfs-free helper of a chainfs merge has exited (timed separately: how long the file system went on freeing the deleted layers after the command returned)"
   logcmd "chainfs check DEST; chainfs export DEST \$W/verify.raw --force; python3 scripts/bench/helper.py sha256 \$W/verify.raw   # after each chainfs merge"
   logcmd "qemu-img check -q -f qcow2 DEST.qcow2; qemu-img compare -q -f qcow2 -F raw DEST.qcow2 FLAT   # after each qemu-img commit, and after each chainfs merge into a qcow2"
   cts=()

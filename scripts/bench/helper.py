@@ -949,7 +949,9 @@ def sections_extra(P, meta, vals, one, read_med):
         # deletes nothing), what the delete alone costs, from the rm rows.
         notes = []
         for c, what in (("m2", "leaf -> mid"), ("m3", "leaf -> base")):
-            for t, how in (("chainfs", "`chainfs merge`"), ("chainfs_wait", "`chainfs merge --wait-free`")):
+            # Only --wait-free frees inside its run; the default leaves it to
+            # the chainfs-free helper (the sentence above).
+            for t, how in (("chainfs_wait", "`chainfs merge --wait-free`"),):
                 ch, q, rm, cp = (mr.get((c, x)) for x in (t, "qemu", "rm", "cp"))
                 if ch and q and rm and cp and (ch[0] > q[0] or ch[0] > cp[0]):
                     rest = max(ch[0] - rm[0], 1e-3)
@@ -1852,7 +1854,8 @@ def cmd_report(results, report):
         disc = "discard" in meta.get("disk_opts", "").split(",")
         P("- Merges: `chainfs merge` deletes SOURCE (and the layers between) as Hyper-V does; the kernel frees a "
           "deleted file's blocks at its last close: by default in the `chainfs-free` helper after the command "
-          "returned (not timed; the 'freed after' sentences give how long it went on), with `--wait-free` inside "
+          "returned (not timed; a sentence under each merge table gives how long it went on), with "
+          "`--wait-free` inside "
           "the timed run"
           + (" and, because the work dir's ext4 is mounted with `discard`, discards them synchronously "
              "(about 0.25 s per 512 MiB here: the merge's kernel stacks during that close, sampled by hand on "
