@@ -951,13 +951,12 @@ def sections_extra(P, meta, vals, one, read_med):
         for c, what in (("m2", "leaf -> mid"), ("m3", "leaf -> base")):
             # Only --wait-free frees inside its run; the default leaves it to
             # the chainfs-free helper (the sentence above).
-            for t, how in (("chainfs_wait", "`chainfs merge --wait-free`"),):
-                ch, q, rm, cp = (mr.get((c, x)) for x in (t, "qemu", "rm", "cp"))
-                if ch and q and rm and cp and (ch[0] > q[0] or ch[0] > cp[0]):
-                    rest = max(ch[0] - rm[0], 1e-3)
-                    notes.append(f"{what}, {how}: {ch[0]:.2f} s, of which deleting the merged files costs about "
-                                 f"{rm[0]:.2f} s (the `rm` row); without it {rest:.2f} s, {q[0] / rest:.2f}x "
-                                 f"`qemu-img commit` and {cp[0] / rest:.2f}x `cp`")
+            ch, q, rm, cp = (mr.get((c, x)) for x in ("chainfs_wait", "qemu", "rm", "cp"))
+            if ch and q and rm and cp and (ch[0] > q[0] or ch[0] > cp[0]):
+                rest = max(ch[0] - rm[0], 1e-3)
+                notes.append(f"{what}, `chainfs merge --wait-free`: {ch[0]:.2f} s, of which deleting the merged "
+                             f"files costs about {rm[0]:.2f} s (the `rm` row); without it {rest:.2f} s, "
+                             f"{q[0] / rest:.2f}x `qemu-img commit` and {cp[0] / rest:.2f}x `cp`")
         if notes:
             P("Where a `chainfs merge` row is slower than `qemu-img commit` or `cp`: " + "; ".join(notes) +
               ". The file system frees the blocks of a deleted layer at its last close; `qemu-img commit` and "
@@ -1463,20 +1462,22 @@ def frag_limits(P, meta, vals, rows, secs, read_med):
         text = (f"Merge: `chainfs merge` took {secs['chainfs']:.2f} s, `qemu-img commit` {secs['qemu']:.2f} s and "
                 f"`cat` + `sync` {secs['cat']:.2f} s (medians).")
         if secs.get("rm"):
-            rest = max(secs["chainfs"] - secs["rm"], 1e-3)
             text += (f" Deleting fresh copies of mid.avhdx and top.avhdx with `rm` + `sync` alone took "
                      f"{secs['rm']:.2f} s: the file system's cost of freeing their blocks, which neither "
                      f"`qemu-img commit` nor `cat` pays (they delete nothing) and `chainfs merge` leaves to its "
-                     f"`chainfs-free` helper after it returned (`--wait-free` pays it inside the run). The merge's "
-                     f"time less that cost: {rest:.2f} s, {secs['qemu'] / rest:.2f}x `qemu-img commit`, "
-                     f"{secs['cat'] / rest:.2f}x `cat`.")
+                     f"`chainfs-free` helper after it returned, so it is not in the time above.")
         if secs.get("chainfs_keep"):
             text += (f" With `--keep` (nothing deleted) it took {secs['chainfs_keep']:.2f} s: "
                      f"{secs['qemu'] / secs['chainfs_keep']:.2f}x `qemu-img commit`, "
                      f"{secs['cat'] / secs['chainfs_keep']:.2f}x `cat`.")
         if secs.get("chainfs_wait"):
             text += (f" With `--wait-free` (the command frees the space before it returns) it took "
-                     f"{secs['chainfs_wait']:.2f} s.")
+                     f"{secs['chainfs_wait']:.2f} s")
+            if secs.get("rm"):
+                rest = max(secs["chainfs_wait"] - secs["rm"], 1e-3)
+                text += (f"; less the `rm` time {rest:.2f} s, {secs['qemu'] / rest:.2f}x `qemu-img commit`, "
+                         f"{secs['cat'] / rest:.2f}x `cat`")
+            text += "."
         lines.append(text)
     if lines:
         P("Limits (targets above that this run missed):")

@@ -35,10 +35,9 @@ use std::sync::Arc;
 use crate::format::Layer;
 
 /// Who waits for the file system to free the deleted layers' blocks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FreeSpace {
     /// The merge, before it returns.
-    #[default]
     Wait,
     /// A thread of this process, after the merge returned.
     OnThread,
