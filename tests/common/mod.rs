@@ -699,10 +699,31 @@ pub fn mount(leaf: &Path, mnt: &Path, opts: &[&str]) -> MountGuard {
     chainfs_ok(&args);
     assert!(
         is_mounted(mnt),
-        "{} is not mounted after chainfs mount returned",
-        mnt.display()
+        "{} is not mounted after chainfs mount returned\n{}",
+        mnt.display(),
+        why_not_mounted(mnt)
     );
     g
+}
+
+/// What a failed [`is_mounted`] saw, for the panic message: whether the
+/// path resolves (a daemon that died leaves a mount whose root fails
+/// with ENOTCONN), the mount table's lines for it, and which chainfs
+/// processes are alive.
+fn why_not_mounted(mnt: &Path) -> String {
+    let name = mnt.to_string_lossy().replace(' ', "\\040");
+    let table = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    let lines: Vec<&str> = table.lines().filter(|l| l.contains(&*name)).collect();
+    let ps = Command::new("ps")
+        .args(["-eo", "pid,ppid,stat,args"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    let daemons: Vec<&str> = ps.lines().filter(|l| l.contains("chainfs")).collect();
+    format!(
+        "canonicalize: {:?}\nmount table: {lines:?}\nchainfs processes: {daemons:#?}",
+        std::fs::canonicalize(mnt)
+    )
 }
 
 /// `chainfs umount`, then the guard is spent. "Busy" (exit 7) is retried
