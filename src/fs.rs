@@ -54,7 +54,7 @@ use crate::image::{FlatImage, Layers};
 use crate::jobs::Jobs;
 use crate::merge::{Caller, MergeRequest, Progress};
 use crate::perms::{Overrides, ViewPerms};
-use crate::readahead::{Fetcher, Stream};
+use crate::readahead::{Fetcher, Stream, Streams};
 
 pub const ROOT: u64 = 1;
 pub const DISK: u64 = 2;
@@ -139,6 +139,8 @@ pub struct ChainFs {
     merging: Arc<Mutex<Vec<PathBuf>>>,
     /// The read-ahead worker (`None`: it could not be started).
     ahead: Option<Fetcher>,
+    /// The handles' streams, which share how far ahead it fetches.
+    streams: Streams,
 }
 
 /// The name of the view of `layer` at `depth`.
@@ -193,6 +195,7 @@ impl ChainFs {
             view_ids: Mutex::new(Vec::new()),
             merging: Arc::new(Mutex::new(Vec::new())),
             ahead: Fetcher::start(),
+            streams: Streams::default(),
         })
     }
 
@@ -410,7 +413,7 @@ impl ChainFs {
                 ino,
                 text,
                 cursor: 0,
-                stream: Stream::default(),
+                stream: Stream::new(&self.streams),
             },
         );
         Ok(Opened {

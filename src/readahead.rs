@@ -22,17 +22,13 @@
 //! out of order). Only once it has covered [`MIN_RUN`] bytes is anything
 //! fetched, so random reads (which rarely land near each other twice, and
 //! never 2 MiB in a row) never cause extra I/O. Then the stream keeps a
-//! window fetched ahead of the reader that grows with the stream, from
-//! [`WINDOW_MIN`] to [`WINDOW`], topped up in steps of at least half a
-//! window, so the resolving is paid once per few MiB. The window is deep
-//! because a fragmented chain's data is ~1 MiB pieces spread over several
-//! files: the disk serves those as small requests and needs many in flight
-//! to reach its sequential rate (the bench's fragmented chain, cold fio 1
-//! reader: 32 MiB ahead kept ~20 requests in flight and read 0.76x the flat
-//! file, 128 MiB ~50 and 0.82x; `chainfs export`, no FUSE, ~120 and 0.9x).
-//! Growing it keeps a short stream from fetching much it never reads. Memory:
-//! three numbers per handle; the data goes to the page cache, not to this
-//! process.
+//! window fetched ahead of the reader, topped up in steps of at least half
+//! a window, so the resolving is paid once per few MiB. The window grows
+//! with the stream (a short one fetches little it never reads) up to its
+//! share of [`WINDOW`]: the streams of one mount share that much ahead
+//! ([`Streams`]; why, at [`Stream::window`]). Memory: a few numbers per
+//! handle and one shared counter; the data goes to the page cache, not to
+//! this process.
 //!
 //! The resolving and advising run on a [`Fetcher`]: one worker thread fed
 //! through a short queue, so no request waits for them (on a deep chain
@@ -40,24 +36,39 @@
 //! (`crate::fs`, per open handle) and the nbdkit plugin (per connection)
 //! both use it.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::SyncSender;
+use std::sync::Arc;
 
 use crate::image::Layers;
 
-/// How far ahead of a sequential reader data is fetched at most: a
-/// stream's window grows with it (four times what it has read), from
-/// [`WINDOW_MIN`] once it is a stream to this once it has read a quarter
-/// of it (see [`Stream::window`]).
+/// How far ahead of its sequential readers a mount (or an nbdkit plugin)
+/// fetches at most, shared by its streams: one stream alone may reach it,
+/// four share it (see [`Stream::window`]). One stream's window grows with
+/// it (four times what it has read) from [`WINDOW_MIN`].
 pub const WINDOW: u64 = 128 << 20;
-/// The window of a stream that has just begun.
+/// The window of a stream that has just begun, and the least any stream
+/// gets however many share [`WINDOW`].
 pub const WINDOW_MIN: u64 = 32 << 20;
 /// How far from the stream's end a read may start and still belong to it.
 pub const SLACK: u64 = 8 << 20;
 /// Bytes a stream covers before it is fetched ahead of.
 pub const MIN_RUN: u64 = 2 << 20;
 
+/// The streams that share one [`WINDOW`]: a count of those being fetched
+/// ahead of now. Clones count together.
+#[derive(Debug, Default, Clone)]
+pub struct Streams(Arc<AtomicUsize>);
+
+impl Streams {
+    /// How many streams are being fetched ahead of.
+    pub fn active(&self) -> usize {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
 /// One handle's read pattern.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default)]
 pub struct Stream {
     /// Where the current stream began.
     start: u64,
@@ -68,9 +79,22 @@ pub struct Stream {
     /// Bytes read in it (not its span: a few reads scattered within
     /// `SLACK` of each other are no stream).
     read: u64,
+    /// The streams this one shares the window with ...
+    shared: Streams,
+    /// ... and whether it counts among them (it is being fetched ahead
+    /// of). Dropping the stream, or its end, takes it out.
+    counted: bool,
 }
 
 impl Stream {
+    /// A stream that shares [`WINDOW`] with every other of `shared`.
+    pub fn new(shared: &Streams) -> Stream {
+        Stream {
+            shared: shared.clone(),
+            ..Stream::default()
+        }
+    }
+
     /// Note a read of `len` bytes at `offset` of a file of `size` bytes;
     /// returns the range `(offset, len)` to fetch ahead now, if any.
     pub fn on_read(&mut self, offset: u64, len: u64, size: u64) -> Option<(u64, u64)> {
@@ -79,18 +103,21 @@ impl Stream {
             && offset <= self.next.saturating_add(SLACK)
             && offset >= self.start;
         if !near || self.next == 0 {
-            *self = Stream {
-                start: offset,
-                next: end,
-                ahead: end,
-                read: end.saturating_sub(offset),
-            };
+            self.uncount();
+            self.start = offset;
+            self.next = end;
+            self.ahead = end;
+            self.read = end.saturating_sub(offset);
             return None;
         }
         self.next = self.next.max(end);
         self.read = self.read.saturating_add(end.saturating_sub(offset));
         if self.read < MIN_RUN {
             return None;
+        }
+        if !self.counted {
+            self.counted = true;
+            self.shared.0.fetch_add(1, Ordering::Relaxed);
         }
         let window = self.window();
         let from = self.ahead.max(self.next);
@@ -103,9 +130,33 @@ impl Stream {
     }
 
     /// How far ahead of this stream to fetch: four times what it has
-    /// read, within [`WINDOW_MIN`, `WINDOW`].
+    /// read, at least [`WINDOW_MIN`], at most its share of [`WINDOW`].
+    ///
+    /// Deep because a fragmented chain's data is ~1 MiB pieces spread
+    /// over several files: the disk gets them as small requests and needs
+    /// many in flight to come near its sequential rate. Shared because
+    /// more in flight than that made it slower (the bench's fragmented
+    /// chain, cold, fio, 6 rounds each: one reader 128 MiB ahead 1,045
+    /// MiB/s against 874 at 32 MiB; four readers 128 MiB ahead each 805
+    /// against 930 at 32 MiB).
     fn window(&self) -> u64 {
-        self.read.saturating_mul(4).clamp(WINDOW_MIN, WINDOW)
+        let share = WINDOW / self.shared.active().max(1) as u64;
+        self.read
+            .saturating_mul(4)
+            .min(share)
+            .clamp(WINDOW_MIN, WINDOW)
+    }
+
+    fn uncount(&mut self) {
+        if std::mem::take(&mut self.counted) {
+            self.shared.0.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        self.uncount();
     }
 }
 
@@ -204,6 +255,38 @@ mod tests {
             ahead[100..].iter().all(|&a| a > WINDOW_MIN && a <= WINDOW),
             "{ahead:?}"
         );
+    }
+
+    #[test]
+    fn streams_share_the_window_and_one_that_ends_gives_its_share_back() {
+        let shared = Streams::default();
+        let long = |k: u64| {
+            let mut s = Stream::new(&shared);
+            feed(&mut s, (0..100).map(|i| k * 64 * MIB + i * MIB), MIB);
+            s
+        };
+        let mut a = long(0);
+        assert_eq!(shared.active(), 1);
+        assert_eq!(a.window(), WINDOW, "alone: the whole window");
+        let mut others: Vec<Stream> = (1..4).map(long).collect();
+        assert_eq!(shared.active(), 4);
+        assert_eq!(a.window(), WINDOW / 4, "four share it");
+        let last = &others[2];
+        assert!(last.ahead - last.next <= WINDOW / 4, "{last:?}");
+        // A jump ends a stream, and so does dropping it (a closed handle).
+        assert_eq!(others[0].on_read(900 * MIB, 4096, SIZE), None);
+        assert_eq!(shared.active(), 3);
+        others.pop();
+        assert_eq!(shared.active(), 2);
+        assert_eq!(a.window(), WINDOW / 2);
+        // Never below the least window, however many share it.
+        let many: Vec<Stream> = (4..12).map(long).collect();
+        assert_eq!(shared.active(), 10);
+        assert_eq!(a.window(), WINDOW_MIN);
+        drop(many);
+        drop(others);
+        assert_eq!(a.on_read(0, 4096, SIZE), None);
+        assert_eq!(shared.active(), 0, "nothing left counted");
     }
 
     #[test]

@@ -38,7 +38,7 @@ use std::ffi::CString;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use chainfs::image::Source;
-use chainfs::readahead::{Fetcher, Stream};
+use chainfs::readahead::{Fetcher, Stream, Streams};
 use chainfs::{Chain, FlatImage};
 use nbdkit::{plugin, ExtentHandle, ExtentType, Flags, FuaFlags, Result, Server, ThreadModel};
 
@@ -51,6 +51,8 @@ static IMAGE: OnceLock<Served> = OnceLock::new();
 /// The read-ahead worker, started at the first read (`None`: it could not
 /// be started).
 static FETCHER: OnceLock<Option<Fetcher>> = OnceLock::new();
+/// The connections' streams, which share how far ahead it fetches.
+static STREAMS: OnceLock<Streams> = OnceLock::new();
 
 struct Served {
     image: Arc<FlatImage>,
@@ -198,7 +200,7 @@ impl Server for Conn {
         Ok(Box::new(Conn {
             image: s.image.clone(),
             writable: s.writable && !readonly,
-            stream: Mutex::new(Stream::default()),
+            stream: Mutex::new(Stream::new(STREAMS.get_or_init(Streams::default))),
         }))
     }
 
