@@ -1333,6 +1333,7 @@ def frag_section(P, meta, vals, read_med):
     P("| daemon peak RSS (VmHWM, MiB) | " + " | ".join(f"{rss[t] / 1024:.1f}" if t in rss else "–" for t, _ in tg)
       + " |")
     P("")
+    disk_table(P, vals, tg)
     rows = []
     for m, label, unit in metrics:
         col = 0 if unit == "MiB/s" else 1
@@ -1353,6 +1354,11 @@ def frag_section(P, meta, vals, read_med):
             rows.append(cmp_row(vals, f"{label}: chainfs (chain) vs chainfs of the flat file", c,
                                 f"read.f_chainfs.{m}", read_med("f_fuse", m, col), f"read.f_fuse.{m}", unit,
                                 None))
+    # The same chain read without FUSE (`chainfs export` to /dev/null, its
+    # own parallel read-ahead): what the chain's layout allows on this disk.
+    rows.append(cmp_row(vals, "the chain read without FUSE (`chainfs export top.avhdx /dev/null`) vs the flat "
+                        "file, `dd bs=1M`, cold", read_med("f_nofuse", "dd_cold", 0), "read.f_nofuse.dd_cold",
+                        read_med("f_raw", "dd_cold", 0), "read.f_raw.dd_cold", "MiB/s", None))
     short = {0: "`chainfs export` vs `qemu-img convert -O raw`",
              1: "`chainfs merge` of both overlays vs `qemu-img commit -b`",
              2: "`chainfs merge` of both overlays vs `cat` of the merged bytes + `sync`"}
@@ -1401,6 +1407,81 @@ def frag_section(P, meta, vals, read_med):
     return [r.replace("| ", "| (frag) ", 1) for r in out]
 
 
+DISK_METRICS = (("dd_cold", "`dd bs=1M` cold"), ("seq_cold_1", "seq 1 MiB cold, 1 reader"),
+                ("seq_cold_4", "seq 1 MiB cold, 4 readers"))
+
+
+def disk_med(vals, t, m):
+    """Medians over the rounds of what the disk served target t's cold run
+    m: (read requests, MiB read, busy fraction, requests in flight on
+    average while busy); None when not recorded."""
+    rows = [[_num(x) for x in v.split()] for v in vals.get(f"disk.{t}.{m}", [])]
+    rows = [r for r in rows if len(r) == 4 and None not in r and r[0] > 0]
+    return tuple(statistics.median(r[i] for r in rows) for i in range(4)) if rows else None
+
+
+def _disk_cell(d):
+    return "–" if d is None else f"{d[0]:,.0f} x {d[1] / d[0]:.2f} MiB, {d[3]:.0f} in flight, busy {d[2]:.0%}"
+
+
+def disk_table(P, vals, tg):
+    """What the work dir's disk served each cold sequential run of the
+    fragmented chain's targets (how many read requests, how large, how many
+    at once), and the chain read without FUSE."""
+    tg = [("f_raw", tg[0][1]), ("f_nofuse", "the chain without FUSE (`chainfs export` to /dev/null)")] + tg[1:]
+    if not any(disk_med(vals, t, m) for t, _ in tg for m, _ in DISK_METRICS):
+        return
+    P("What the disk served those cold runs (/proc/diskstats of the work dir's disk, medians of the rounds: read "
+      "requests x average size, requests in flight on average while it was busy, and how much of the run it was "
+      "busy; the no-FUSE column is one `chainfs export top.avhdx /dev/null` per round, in the `dd` row):")
+    P("")
+    P("| cold run | " + " | ".join(l for _, l in tg) + " |")
+    P("|---|" + "---|" * len(tg))
+    for m, label in DISK_METRICS:
+        P(f"| {label} | " + " | ".join(_disk_cell(disk_med(vals, t, m)) for t, _ in tg) + " |")
+    P("")
+
+
+def seq_limit(vals, label, m, c, fuse, raw, need, read_med):
+    """The limit line of a missed sequential frag row: what FUSE alone
+    costs (chainfs's mount of the flat file), what the chain costs over
+    that, and what the disk and a reader without FUSE say."""
+    text = (f"{label}: chainfs read the chain at {_fmt(c)} MiB/s, {c / raw:.2f}x the flat file read without FUSE "
+            f"({_fmt(raw)} MiB/s). The same FUSE mount of the flat file, where nothing is resolved, reached "
+            f"{_fmt(fuse)} MiB/s, {fuse / raw:.2f}x")
+    if fuse / raw < need:
+        text += f": FUSE (1 MiB requests, each copied through the daemon) alone stays under {need:.1f}x here"
+    cost = 1 - c / fuse
+    text += (f"; the chain cost {cost:.0%} on top of that ({c / fuse:.2f}x)." if cost > 0.05 else
+             f"; the chain cost nothing on top of that ({c / fuse:.2f}x).")
+    return text + seq_disk_evidence(vals, m, need, read_med)
+
+
+def seq_disk_evidence(vals, m, need, read_med):
+    """For a missed sequential frag row: the disk's view of the flat file,
+    the FUSE mount of it and the chain, and what the chain reads at without
+    FUSE; '' when not recorded."""
+    d = {t: disk_med(vals, t, m) for t in ("f_raw", "f_fuse", "f_chainfs")}
+    text = ""
+    if all(d.values()):
+        text += (f" The disk served the flat file read directly as {d['f_raw'][0]:,.0f} requests of "
+                 f"{d['f_raw'][1] / d['f_raw'][0]:.2f} MiB ({d['f_raw'][3]:.0f} in flight), chainfs's mount of it as "
+                 f"{d['f_fuse'][0]:,.0f} of {d['f_fuse'][1] / d['f_fuse'][0]:.2f} MiB ({d['f_fuse'][3]:.0f} in "
+                 f"flight), and the chain as {d['f_chainfs'][0]:,.0f} of {d['f_chainfs'][1] / d['f_chainfs'][0]:.2f} "
+                 f"MiB ({d['f_chainfs'][3]:.0f} in flight): the chain's data lies in 1 MiB pieces across three "
+                 "files.")
+    nofuse, raw_dd = read_med("f_nofuse", "dd_cold", 0), read_med("f_raw", "dd_cold", 0)
+    if nofuse and raw_dd:
+        r = nofuse / raw_dd
+        text += (f" Read without FUSE by `chainfs export` to /dev/null (several threads, every piece of 64 MiB "
+                 f"asked for at once) the chain came at {_fmt(nofuse)} MiB/s, {r:.2f}x `dd` of the flat file "
+                 f"({_fmt(raw_dd)} MiB/s)")
+        text += (f": below {need:.1f}x without FUSE too, with more requests in flight than a mount keeps, so on "
+                 "this disk the layout itself stays under the target." if r < need else
+                 f": without FUSE this layout reaches {need:.1f}x here, so the rest of the gap is the mount's.")
+    return text
+
+
 def frag_limits(P, meta, vals, rows, secs, read_med):
     """For each frag target this run missed, the measured limit that stops
     it, from the same run's numbers."""
@@ -1430,6 +1511,9 @@ def frag_limits(P, meta, vals, rows, secs, read_med):
         raw, qsd = read_med("f_raw", m, col), read_med("f_qsd", m, col)
         if None in (c, fuse, raw) or (m.startswith("rand") and qsd is None) or not any(row in w for w in missed):
             continue
+        if not m.startswith("rand"):
+            lines.append(seq_limit(vals, label, m, c, fuse, raw, 0.9, read_med))
+            continue
         # Only a chain within 10% of FUSE-of-flat is blamed on FUSE alone;
         # below that the chain's own share is named as such.
         if c >= 0.95 * fuse:
@@ -1445,10 +1529,10 @@ def frag_limits(P, meta, vals, rows, secs, read_med):
                 f"over FUSE itself (chainfs of the chain {_fmt(c)} {unit}, chainfs of the flat file {_fmt(fuse)} "
                 f"{unit}, {c / fuse:.2f}x), and the same FUSE mount of the flat file reaches {fuse / raw:.2f}x the "
                 f"flat file read without FUSE ({_fmt(raw)} {unit}): {verdict}.")
-        if m.startswith("rand") and 2 * qsd > raw:
+        if 2 * qsd > raw:
             text += (f" 2x qemu-storage-daemon would be {_fmt(2 * qsd)} IOPS, more than the flat file read "
                      "directly without FUSE, so no FUSE reader of this disk can reach it here.")
-        elif m.startswith("rand") and 2 * qsd > fuse:
+        elif 2 * qsd > fuse:
             text += (f" 2x qemu-storage-daemon would be {_fmt(2 * qsd)} IOPS, more than chainfs's FUSE mount of "
                      f"the flat file itself reaches ({_fmt(fuse)} IOPS), where no chain is resolved at all.")
         lines.append(text)
