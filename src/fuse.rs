@@ -19,12 +19,9 @@ use crate::perms::ViewPerms;
 /// Largest request the kernel may send (it caps this at its max_pages).
 const MAX_IO: u32 = 1 << 20;
 
-/// The file system, and the session's unmounter once the session exists
-/// (see `destroy`).
-pub struct Fuse(pub Arc<ChainFs>, pub UnmountSlot);
-
-/// Where `mount` puts the session's unmounter after creating the session.
-pub type UnmountSlot = Arc<parking_lot::Mutex<Option<fuser::SessionUnmounter>>>;
+/// The file system. The session's end needs nothing from it: unmounting
+/// is `crate::mount`'s (only ever its own mount, `crate::mount::own`).
+pub struct Fuse(pub Arc<ChainFs>);
 
 fn ttl(ino: u64) -> Duration {
     // disk.raw and the root never change shape; the rest is live text.
@@ -110,19 +107,6 @@ impl Filesystem for Fuse {
             .or_else(|m| config.set_max_readahead(m));
         let _ = config.set_max_background(64);
         Ok(())
-    }
-
-    /// The session has ended: the mount was taken away (`umount`,
-    /// `fusermount3 -u`, our signal handler). Take the mount out of fuser's
-    /// hands here, so its drop does not unmount a second time and warn
-    /// "Failed to umount filesystem: Invalid argument" on every clean
-    /// unmount; a second unmount failing is expected, not worth a warning.
-    fn destroy(&mut self) {
-        if let Some(mut u) = self.1.lock().take() {
-            if let Err(e) = u.unmount() {
-                log::debug!("session ended; unmount: {e} (already unmounted)");
-            }
-        }
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {

@@ -23,6 +23,7 @@ use crate::perms::Overrides;
 use crate::size::parse_size;
 
 pub mod generic;
+mod own;
 
 /// What `-o a,b=c,...` asked for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -391,21 +392,22 @@ fn serve_inner(
     unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &sigs, std::ptr::null_mut()) };
 
     let watched = Arc::downgrade(&fs);
-    let slot = crate::fuse::UnmountSlot::default();
-    let mut session = fuser::Session::new(crate::fuse::Fuse(fs, slot.clone()), mnt, &config).ctx(
-        mnt,
-        "cannot mount",
-        None,
-    )?;
+    let session =
+        fuser::Session::new(crate::fuse::Fuse(fs), mnt, &config).ctx(mnt, "cannot mount", None)?;
+    // Who we are at MNT (`own`): our super block's device number, unique
+    // while our connection lives.
+    let ours = own::top_device(mnt);
     let mut perms_watch = crate::fuse::PermsWatch::new(watched, session.notifier());
-    let mut unmounter = session.unmount_callable();
-    *slot.lock() = Some(session.unmount_callable());
     raise_readahead(mnt);
+    // The session runs on fuser's thread; `spawn` moves the mount out of
+    // the session into `bg`, which is never dropped (`ManuallyDrop`): fuser
+    // would unmount by path on dropping it, even after ours is gone (see
+    // `own`). Unmounting is `own::unmount_if_ours`'s alone.
+    let bg = std::mem::ManuallyDrop::new(session.spawn().ctx(mnt, "cannot start FUSE", None)?);
     tell(parent, "ok");
     if parent_was_waiting() {
         detach_stdio(mo.log.as_deref());
     }
-    let worker = std::thread::spawn(move || session.run());
     // Writes reach the leaf at once, but new blocks' tables wait for a
     // flush; like a file system's writeback, flush dirty state every few
     // seconds so a crash loses at most that much (fsync/close flush now).
@@ -423,6 +425,17 @@ fn serve_inner(
             }
         });
     }
+    let unmount = || match &ours {
+        Some(dev) => match own::unmount_if_ours(mnt, dev) {
+            Ok(true) => {}
+            Ok(false) => log::info!("{}: our mount is already gone", mnt.display()),
+            Err(e) => log::warn!("unmount {}: {e}", mnt.display()),
+        },
+        None => log::warn!(
+            "{}: not unmounting: our mount was not found in /proc/self/mountinfo",
+            mnt.display()
+        ),
+    };
     loop {
         let ts = libc::timespec {
             tv_sec: 0,
@@ -433,12 +446,10 @@ fn serve_inner(
         let sig = unsafe { libc::sigtimedwait(&sigs, std::ptr::null_mut(), &ts) };
         if sig > 0 {
             log::info!("signal {sig}: unmounting {}", mnt.display());
-            if let Err(e) = unmounter.unmount() {
-                log::warn!("unmount {}: {e}", mnt.display());
-            }
+            unmount();
         }
         perms_watch.tick();
-        if worker.is_finished() {
+        if bg.guard.is_finished() {
             break;
         }
     }
@@ -450,13 +461,22 @@ fn serve_inner(
             .store(true, std::sync::atomic::Ordering::Relaxed);
         std::thread::sleep(Duration::from_millis(20));
     }
-    match worker.join() {
+    // SAFETY: `bg` is a ManuallyDrop that is neither used nor dropped after
+    // this read, so the join handle read out of it has no other owner.
+    let worker = unsafe { std::ptr::read(&bg.guard) };
+    let result = match worker.join() {
         Ok(r) => r.ctx(mnt, "FUSE session", None),
         Err(_) => Err(Error::new(
             ErrorKind::Io,
             "the FUSE session thread panicked",
         )),
+    };
+    // A session that failed may leave our mount up with nobody serving
+    // it (every access would hang): take it down, if it is still ours.
+    if result.is_err() {
+        unmount();
     }
+    result
 }
 
 fn parent_was_waiting() -> bool {

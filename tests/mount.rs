@@ -327,20 +327,85 @@ fn sigterm_unmounts_cleanly() {
         // SAFETY: kill() takes no pointers. `child` is not waited for yet,
         // so its pid still names it (a zombie keeps it), not a stranger.
         unsafe { libc::kill(child.id() as i32, sig) };
-        let start = Instant::now();
-        let status = loop {
-            if let Some(s) = child.try_wait().unwrap() {
-                break s;
-            }
-            if start.elapsed() > Duration::from_secs(10) {
-                let _ = child.kill();
-                panic!("daemon did not exit on signal {sig}");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
+        let status = exit_within_10s(&mut child, &format!("on signal {sig}"));
         assert!(status.success(), "daemon exit status {status}");
         assert!(!is_mounted(&mnt), "still mounted after signal {sig}");
     }
+}
+
+/// Wait for a foreground daemon to exit (killed, and the test failed,
+/// after 10 s: it did not exit `when`).
+fn exit_within_10s(child: &mut std::process::Child, when: &str) -> std::process::ExitStatus {
+    let start = Instant::now();
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        if start.elapsed() > Duration::from_secs(10) {
+            let _ = child.kill();
+            panic!("the daemon did not exit {when}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The type of the file system mounted on top at `dir`, if any.
+fn fstype_at(dir: &Path) -> Option<String> {
+    let c = std::fs::canonicalize(dir).ok()?;
+    std::fs::read_to_string("/proc/self/mounts")
+        .ok()?
+        .lines()
+        .rev()
+        .filter(|l| {
+            l.split(' ')
+                .nth(1)
+                .is_some_and(|m| Path::new(&m.replace("\\040", " ")) == c)
+        })
+        .find_map(|l| l.split(' ').nth(2).map(str::to_string))
+}
+
+/// The daemon may only ever unmount its own mount. A user lazily unmounts
+/// a busy mount (`umount -l`: the path is free at once, the mount lives on
+/// until its last file closes) and mounts a tmpfs at the same path; when
+/// that file closes, the session ends and the daemon exits. It must leave
+/// the tmpfs alone: with fuser 0.18's own teardown it unmounted it by path,
+/// every time (an external `fusermount3 -u` followed at once by a mount
+/// loses the same race whenever the daemon is slower than the mount, 13 of
+/// 30 tries by hand on a busy machine).
+#[test]
+fn a_file_system_mounted_where_the_mount_was_survives_the_daemon_exit() {
+    if !require_fuse() || !require("root (umount -l, mounts a tmpfs)", is_root()) {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let (leaf, model) = three_layers(Fmt::Vhd, t.path());
+    let mnt = t.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let mut child = Command::new(bin())
+        .args(["mount", "-f", p(&leaf), p(&mnt)])
+        .spawn()
+        .unwrap();
+    let guard = MountGuard::new(&mnt);
+    wait_for("the foreground mount", || is_mounted(&mnt));
+    let busy = std::fs::File::open(mnt.join("disk.raw")).unwrap();
+    let o = Command::new("umount").arg("-l").arg(&mnt).output().unwrap();
+    assert!(o.status.success(), "umount -l: {}", text(&o));
+    drop(guard); // nothing is mounted there now: it finds nothing to do
+    let other = Tmpfs::mount(&mnt, "1M");
+    // The mount, detached, still serves the open file.
+    let mut head = vec![0u8; 4096];
+    busy.read_exact_at(&mut head, 0).unwrap();
+    assert_eq!(head, model[..4096]);
+    drop(busy);
+    let status = exit_within_10s(&mut child, "after its last file closed");
+    assert!(status.success(), "daemon exit status {status}");
+    assert_eq!(
+        fstype_at(&mnt).as_deref(),
+        Some("tmpfs"),
+        "the exiting daemon unmounted the tmpfs mounted at {} after its own mount",
+        mnt.display()
+    );
+    drop(other);
 }
 
 /// Files written into the guest filesystem at each stage: (name, bytes).
