@@ -465,29 +465,26 @@ fn serve_inner(
     // this read, so the join handle read out of it has no other owner.
     let worker = unsafe { std::ptr::read(&bg.guard) };
     let result = match worker.join() {
+        // The kernel ended the connection (unmounted, lazily unmounted and
+        // then released, or aborted): the normal end, however the last
+        // read reported it (fuser takes only ENODEV as the end; a read
+        // after a lazy unmount was seen to fail with ECONNABORTED).
+        Ok(Err(e)) if !own::connection_alive() => {
+            log::info!("{}: the session ended: {e}", mnt.display());
+            Ok(())
+        }
         Ok(r) => r.ctx(mnt, "FUSE session", None),
         Err(_) => Err(Error::new(
             ErrorKind::Io,
             "the FUSE session thread panicked",
         )),
     };
-    match result {
-        // The kernel ended the connection (unmounted, lazily unmounted and
-        // then released, or aborted): the normal end, however the last
-        // read reported it (fuser takes only ENODEV as the end; a read
-        // after a lazy unmount was seen to fail with ECONNABORTED).
-        Err(e) if !own::connection_alive() => {
-            log::info!("{}: the session ended: {e}", mnt.display());
-            Ok(())
-        }
-        // The session failed with our mount still up and nobody serving
-        // it (every access would hang): take it down, if it is ours.
-        Err(e) => {
-            unmount();
-            Err(e)
-        }
-        Ok(()) => Ok(()),
+    // A session that failed may leave our mount up with nobody serving it
+    // (every access would hang): take it down, if it is still ours.
+    if result.is_err() {
+        unmount();
     }
+    result
 }
 
 fn parent_was_waiting() -> bool {
