@@ -186,6 +186,16 @@ fn mounts() -> Vec<(String, PathBuf, String)> {
         .collect()
 }
 
+/// `(major:minor, fstype)` of the mount on top at `c` (a canonical path):
+/// the last of the mounts there in /proc/self/mountinfo.
+fn top_mount(c: &Path) -> Option<(String, String)> {
+    mounts()
+        .into_iter()
+        .rev()
+        .find(|(_, m, _)| m == c)
+        .map(|(dev, _, fstype)| (dev, fstype))
+}
+
 pub fn is_mountpoint(p: &Path) -> bool {
     let c = canonical(p);
     mounts().iter().any(|(_, m, _)| *m == c)
@@ -395,10 +405,12 @@ fn serve_inner(
     let session =
         fuser::Session::new(crate::fuse::Fuse(fs), mnt, &config).ctx(mnt, "cannot mount", None)?;
     // Who we are at MNT (`own`): our super block's device number, unique
-    // while our connection lives.
+    // while our connection lives; also the name of our bdi.
     let ours = own::top_device(mnt);
     let mut perms_watch = crate::fuse::PermsWatch::new(watched, session.notifier());
-    raise_readahead(mnt);
+    if let Some(dev) = &ours {
+        raise_readahead(dev);
+    }
     // The session runs on fuser's thread; `spawn` moves the mount out of
     // the session into `bg`, which is never dropped (`ManuallyDrop`): fuser
     // would unmount by path on dropping it, even after ours is gone (see
@@ -544,13 +556,11 @@ fn detach_stdio(log: Option<&Path>) {
 /// The kernel offers FUSE only 128 KiB of readahead in INIT; the mount's
 /// backing device info takes more (4 MiB here), which keeps several 1 MiB
 /// requests in flight for a sequential reader. Best effort (needs root).
-fn raise_readahead(mnt: &Path) {
-    let c = canonical(mnt);
-    if let Some((dev, _, _)) = mounts().into_iter().rev().find(|(_, m, _)| *m == c) {
-        let p = format!("/sys/class/bdi/{dev}/read_ahead_kb");
-        if let Err(e) = std::fs::write(&p, "4096") {
-            log::debug!("{p}: {e}");
-        }
+/// `dev`: our mount's `major:minor`, which names its bdi.
+fn raise_readahead(dev: &str) {
+    let p = format!("/sys/class/bdi/{dev}/read_ahead_kb");
+    if let Err(e) = std::fs::write(&p, "4096") {
+        log::debug!("{p}: {e}");
     }
 }
 
@@ -558,7 +568,7 @@ fn raise_readahead(mnt: &Path) {
 /// go of the leaf, so the chain can be reopened at once.
 pub fn umount(mnt: &Path) -> Result<()> {
     let c = canonical(mnt);
-    let Some((_, _, fstype)) = mounts().into_iter().rev().find(|(_, m, _)| *m == c) else {
+    let Some((_, fstype)) = top_mount(&c) else {
         return Err(Error::invalid(format!("{}: not mounted", mnt.display())));
     };
     if fstype != "fuse.chainfs" {

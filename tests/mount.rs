@@ -349,21 +349,6 @@ fn exit_within_10s(child: &mut std::process::Child, when: &str) -> std::process:
     }
 }
 
-/// The type of the file system mounted on top at `dir`, if any.
-fn fstype_at(dir: &Path) -> Option<String> {
-    let c = std::fs::canonicalize(dir).ok()?;
-    std::fs::read_to_string("/proc/self/mounts")
-        .ok()?
-        .lines()
-        .rev()
-        .filter(|l| {
-            l.split(' ')
-                .nth(1)
-                .is_some_and(|m| Path::new(&m.replace("\\040", " ")) == c)
-        })
-        .find_map(|l| l.split(' ').nth(2).map(str::to_string))
-}
-
 /// The daemon may only ever unmount its own mount. A user lazily unmounts
 /// a busy mount (`umount -l`: the path is free at once, the mount lives on
 /// until its last file closes) and mounts a tmpfs at the same path; when
@@ -400,7 +385,7 @@ fn a_file_system_mounted_where_the_mount_was_survives_the_daemon_exit() {
     let status = exit_within_10s(&mut child, "after its last file closed");
     assert!(status.success(), "daemon exit status {status}");
     assert_eq!(
-        fstype_at(&mnt).as_deref(),
+        mounted_type(&mnt).as_deref(),
         Some("tmpfs"),
         "the exiting daemon unmounted the tmpfs mounted at {} after its own mount",
         mnt.display()

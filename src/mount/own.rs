@@ -29,11 +29,7 @@ use std::path::Path;
 /// The device number (`major:minor`) of the mount on top at `mnt` (a
 /// canonical path), from /proc/self/mountinfo.
 pub fn top_device(mnt: &Path) -> Option<String> {
-    super::mounts()
-        .into_iter()
-        .rev()
-        .find(|(_, m, _)| m == mnt)
-        .map(|(dev, _, _)| dev)
+    super::top_mount(mnt).map(|(dev, _)| dev)
 }
 
 /// Whether this process's FUSE connection is alive: a descriptor of

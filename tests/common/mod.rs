@@ -822,14 +822,21 @@ pub fn vhdimount(leaf: &Path, mnt: &Path, layers: usize) -> MountGuard {
 
 /// Is `dir` a mount point right now?
 pub fn is_mounted(dir: &Path) -> bool {
-    let Ok(c) = std::fs::canonicalize(dir) else {
-        return false;
-    };
+    mounted_type(dir).is_some()
+}
+
+/// The type of the file system mounted on top at `dir`, if any.
+pub fn mounted_type(dir: &Path) -> Option<String> {
+    let c = std::fs::canonicalize(dir).ok()?;
     let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-    mounts
-        .lines()
-        .filter_map(|l| l.split(' ').nth(1))
-        .any(|m| Path::new(&m.replace("\\040", " ")) == c)
+    mounts.lines().rev().find_map(|l| {
+        let mut f = l.split(' ');
+        let at = f.nth(1)?;
+        if Path::new(&at.replace("\\040", " ")) != c {
+            return None;
+        }
+        f.next().map(str::to_string)
+    })
 }
 
 /// A loop device detached on drop.
