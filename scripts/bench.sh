@@ -502,26 +502,23 @@ export_log() {
 DISK=$(basename "$(findmnt -n -o SOURCE -T "$BENCH_DIR")")
 awk -v d="$DISK" '$3 == d { f = 1 } END { exit !f }' /proc/diskstats || DISK=""
 [ -z "$DISK" ] || rec meta.disk_dev "$DISK"
-disk_snap() { # sectors read, sectors written, ms busy (io_ticks)
-  [ -z "$DISK" ] || awk -v d="$DISK" '$3 == d { print $6, $10, $13 }' /proc/diskstats
+disk_snap() { # read requests completed, sectors read, sectors written, ms busy (io_ticks), ms weighted (time x requests in flight)
+  [ -z "$DISK" ] || awk -v d="$DISK" '$3 == d { print $4, $6, $10, $13, $14 }' /proc/diskstats
 }
 disk_delta() { # $1 $2 snapshots, $3 seconds: MiB read, MiB written, busy fraction
   awk -v a="$1" -v b="$2" -v s="$3" 'BEGIN { split(a, x, " "); split(b, y, " ");
-    printf "%.0f %.0f %.3f", (y[1] - x[1]) / 2048, (y[2] - x[2]) / 2048, (y[3] - x[3]) / 1000 / s }'
-}
-disk_reqs() { # read requests completed, sectors read, ms busy, ms weighted (time x requests in flight)
-  [ -z "$DISK" ] || awk -v d="$DISK" '$3 == d { print $4, $6, $13, $14 }' /proc/diskstats
+    printf "%.0f %.0f %.3f", (y[2] - x[2]) / 2048, (y[3] - x[3]) / 2048, (y[4] - x[4]) / 1000 / s }'
 }
 with_disk() { # key command...: run it; record what the disk served it as "requests MiB busy-fraction in-flight"
   local key=$1 d0 t0 s
   shift
-  d0=$(disk_reqs) t0=$EPOCHREALTIME
+  d0=$(disk_snap) t0=$EPOCHREALTIME
   "$@"
   s=$(secs_since "$t0")
-  [ -z "$d0" ] || rec "$key" "$(awk -v a="$d0" -v b="$(disk_reqs)" -v s="$s" 'BEGIN { split(a, x, " "); split(b, y, " ");
-    n = y[1] - x[1]; busy = y[3] - x[3];
-    f = busy > 0 ? (y[4] - x[4]) / busy : 0;
-    printf "%d %.0f %.3f %.1f", n, (y[2] - x[2]) / 2048, busy / 1000 / s, f }')"
+  [ -z "$d0" ] || rec "$key" "$(awk -v a="$d0" -v b="$(disk_snap)" -v s="$s" 'BEGIN { split(a, x, " "); split(b, y, " ");
+    busy = y[4] - x[4];
+    f = busy > 0 ? (y[5] - x[5]) / busy : 0;
+    printf "%d %.0f %.3f %.1f", y[1] - x[1], (y[2] - x[2]) / 2048, busy / 1000 / s, f }')"
 }
 export_loop() { # tools...: REPS rounds, every tool in each round, cold
   local tool rep s d0
@@ -779,6 +776,12 @@ warm_size() { # $1 target, $2 readers: bytes per reader inside the warm range
   echo "$w"
 }
 
+rec_pass() { # target label seconds: one read of the whole view, recorded as fio results are
+  local out
+  out=$(awk -v s="$3" -v z="$VSIZE" 'BEGIN { printf "%.1f 0 %.2f %d", z / 1048576 / s, s, z / 1048576 }')
+  rec "read.$1.dd_cold" "$out"
+  printf '   %-10s %-12s %9s MiB/s  (%s s)\n' "$1" "$2" "${out%% *}" "$3"
+}
 dd_run() { # target: dd bs=1M of the whole view to /dev/null (recorded as fio results are)
   local t=$1 t0 s out n
   if [ -z "${LOGGED[dd.$VSIZE]:-}" ]; then
@@ -790,9 +793,7 @@ dd_run() { # target: dd bs=1M of the whole view to /dev/null (recorded as fio re
     s=$(secs_since "$t0")
     n=$(printf '%s\n' "$out" | awk '/bytes/ { print $1 }' | tail -1)
     if [ "$n" = "$VSIZE" ]; then
-      out=$(awk -v s="$s" -v z="$VSIZE" 'BEGIN { printf "%.1f 0 %.2f %d", z / 1048576 / s, s, z / 1048576 }')
-      rec "read.$t.dd_cold" "$out"
-      printf '   %-10s %-12s %9s MiB/s  (%s s)\n' "$t" dd_cold "${out%% *}" "$s"
+      rec_pass "$t" dd_cold "$s"
       return 0
     fi
     out="dd read $n bytes, not $VSIZE: $out"
@@ -803,17 +804,14 @@ dd_run() { # target: dd bs=1M of the whole view to /dev/null (recorded as fio re
 }
 
 nofuse_run() { # the fragmented chain read whole without FUSE (recorded as dd is)
-  local t0 s out
+  local t0 out
   if [ -z "${LOGGED[nofuse]:-}" ]; then
     LOGGED[nofuse]=1
     logcmd "chainfs export \$W/frag/work/top.avhdx /dev/null   # $((VSIZE >> 20)) MiB; MiB/s = size / wall time"
   fi
   t0=$EPOCHREALTIME
   if out=$("$CH" export "$FW/top.avhdx" /dev/null 2>&1); then
-    s=$(secs_since "$t0")
-    out=$(awk -v s="$s" -v z="$VSIZE" 'BEGIN { printf "%.1f 0 %.2f %d", z / 1048576 / s, s, z / 1048576 }')
-    rec "read.f_nofuse.dd_cold" "$out"
-    printf '   %-10s %-12s %9s MiB/s  (%s s)\n' f_nofuse export_null "${out%% *}" "$s"
+    rec_pass f_nofuse export_null "$(secs_since "$t0")"
     return 0
   fi
   echo "bench.sh: FAILED: chainfs export of the fragmented chain to /dev/null: $out" >&2

@@ -1420,8 +1420,13 @@ def disk_med(vals, t, m):
     return tuple(statistics.median(r[i] for r in rows) for i in range(4)) if rows else None
 
 
+def _reqs(d):
+    """A disk_med tuple as 'N requests of S MiB, I in flight'."""
+    return f"{d[0]:,.0f} requests of {d[1] / d[0]:.2f} MiB, {d[3]:.0f} in flight"
+
+
 def _disk_cell(d):
-    return "–" if d is None else f"{d[0]:,.0f} x {d[1] / d[0]:.2f} MiB, {d[3]:.0f} in flight, busy {d[2]:.0%}"
+    return "–" if d is None else f"{_reqs(d)}, busy {d[2]:.0%}"
 
 
 def disk_table(P, vals, tg):
@@ -1432,8 +1437,8 @@ def disk_table(P, vals, tg):
     if not any(disk_med(vals, t, m) for t, _ in tg for m, _ in DISK_METRICS):
         return
     P("What the disk served those cold runs (/proc/diskstats of the work dir's disk, medians of the rounds: read "
-      "requests x average size, requests in flight on average while it was busy, and how much of the run it was "
-      "busy; the no-FUSE column is one `chainfs export top.avhdx /dev/null` per round, in the `dd` row):")
+      "requests and their average size, requests in flight on average while it was busy, and how much of the run "
+      "it was busy; the no-FUSE column is one `chainfs export top.avhdx /dev/null` per round, in the `dd` row):")
     P("")
     P("| cold run | " + " | ".join(l for _, l in tg) + " |")
     P("|---|" + "---|" * len(tg))
@@ -1464,12 +1469,9 @@ def seq_disk_evidence(vals, m, need, read_med):
     d = {t: disk_med(vals, t, m) for t in ("f_raw", "f_fuse", "f_chainfs")}
     text = ""
     if all(d.values()):
-        text += (f" The disk served the flat file read directly as {d['f_raw'][0]:,.0f} requests of "
-                 f"{d['f_raw'][1] / d['f_raw'][0]:.2f} MiB ({d['f_raw'][3]:.0f} in flight), chainfs's mount of it as "
-                 f"{d['f_fuse'][0]:,.0f} of {d['f_fuse'][1] / d['f_fuse'][0]:.2f} MiB ({d['f_fuse'][3]:.0f} in "
-                 f"flight), and the chain as {d['f_chainfs'][0]:,.0f} of {d['f_chainfs'][1] / d['f_chainfs'][0]:.2f} "
-                 f"MiB ({d['f_chainfs'][3]:.0f} in flight): the chain's data lies in 1 MiB pieces across three "
-                 "files.")
+        text += (f" The disk served the flat file read directly as {_reqs(d['f_raw'])}; chainfs's mount of it as "
+                 f"{_reqs(d['f_fuse'])}; and the chain as {_reqs(d['f_chainfs'])}: the chain's data lies in 1 MiB "
+                 "pieces across three files.")
     nofuse, raw_dd = read_med("f_nofuse", "dd_cold", 0), read_med("f_raw", "dd_cold", 0)
     if nofuse and raw_dd:
         r = nofuse / raw_dd
