@@ -9,7 +9,9 @@
 //! which range to fetch ahead; the caller then resolves that range through
 //! the chain and asks each layer to start reading the runs it holds
 //! (`crate::image::will_need`): the reads of every layer are queued at
-//! once, and the reader's `pread`s find the page cache filled.
+//! once, and the reader's `pread`s find the page cache filled. A long run
+//! contiguous in one file is the exception: the kernel's own read-ahead
+//! reads it in larger requests than advice does (`image::KERNEL_RUN`).
 //!
 //! ```text
 //!   read(fh, off) ──▶ Stream::on_read ──Some(range)──▶ image::will_need(range)

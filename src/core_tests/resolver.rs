@@ -300,6 +300,31 @@ fn will_need_joins_contiguous_runs_and_splits_long_ones() {
 }
 
 #[test]
+fn will_need_leaves_long_contiguous_runs_to_the_kernel() {
+    const MIB: u64 = 1 << 20;
+    let base = MemLayer::new("/nonexistent/b.mem", 32 * MIB, MIB, SS as u32);
+    // 7 MiB at 16 MiB written first (file slots 0-6), then 10 MiB at 0
+    // (slots 7-16): two runs, apart in the file.
+    base.put(16 * MIB, &vec![4u8; 7 * MIB as usize]);
+    base.put(0, &vec![3u8; 10 * MIB as usize]);
+    let base = Arc::new(base);
+    let layers: Vec<Arc<dyn Layer>> = vec![base.clone()];
+    crate::image::will_need(&layers, 0, 0, 32 * MIB);
+    let h = crate::format::mem::HEADER;
+    // The kernel's read-ahead reads the 10 MiB run better than advice; the
+    // shorter one is advised.
+    assert_eq!(
+        *base.calls.advised.lock(),
+        vec![
+            (h, 2 * MIB),
+            (h + 2 * MIB, 2 * MIB),
+            (h + 4 * MIB, 2 * MIB),
+            (h + 6 * MIB, MIB)
+        ]
+    );
+}
+
+#[test]
 fn mem_layer_runs_stop_at_block_and_state_changes() {
     use crate::format::Extent;
     let l = MemLayer::new("/nonexistent/x.mem", 16 * SS, BS, SS as u32);
