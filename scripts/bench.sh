@@ -72,8 +72,11 @@
 #              flat file. Cold `dd bs=1M`, fio sequential (1 and 4 readers) and
 #              random 4 KiB reads of chainfs mount (VHDX) vs the flat file vs
 #              qemu-storage-daemon (qcow2), with what the disk served each cold
-#              sequential run (requests, size, in flight) and the chain read
-#              without FUSE (chainfs export to /dev/null); chainfs export vs
+#              sequential run (requests, size, in flight), the chain read
+#              without FUSE (chainfs export to /dev/null), FUSE without chainfs
+#              (bindfs, a libfuse passthrough, of the flat file) and the FUSE
+#              round trip (random 4 KiB with the files behind the view in the
+#              page cache); chainfs export vs
 #              qemu-img convert; both overlays merged into the base: chainfs
 #              merge (and --keep, --wait-free) vs qemu-img commit -d -b vs cat
 #              of the merged bytes + sync.
@@ -233,6 +236,7 @@ if has nbd; then
   need nbdinfo libnbd-bin
   need qemu-nbd qemu-utils
 fi
+has frag && need bindfs bindfs # FUSE without chainfs, for the fragmented chain's limits
 python3 -c 'import hashlib, json, statistics' || die "python3 lacks its standard library"
 
 mkdir -p "$BENCH_DIR"
@@ -644,6 +648,13 @@ start_target() {
     chainfs_qcow2) mount_chainfs "$t" "$IMG/top.qcow2" "$MOUNT_OPTS" ;; # the same content as qcow2 (qemu-io made it)
     f_chainfs) mount_chainfs "$t" "$FW/top.avhdx" "$MOUNT_OPTS" ;;
     f_fuse) mount_chainfs "$t" "$FD/raw.img" "$MOUNT_OPTS" ;; # the flat file through chainfs: what FUSE alone costs
+    f_bindfs) # the flat file through a libfuse passthrough: FUSE without chainfs
+      TMP=$MNT/f_bindfs TFILE=$MNT/f_bindfs/raw.img
+      mkdir -p "$TMP"
+      bindfs -f -r "$FD" "$TMP" >>"$LOGD/$t.log" 2>&1 &
+      TPID=$!
+      logcmd "bindfs -f -r \$W/frag \$W/mnt/f_bindfs &   # file: \$W/mnt/f_bindfs/raw.img (bindfs's defaults)"
+      ;;
     depth*) mount_chainfs "$t" "$(python3 "$HELPER" layoutinfo "$DD/layout.json" "leaf${t#depth}")" "$MOUNT_OPTS" ;;
     qm_chainfs) mount_chainfs "$t" "$QLEAF" "$MOUNT_OPTS" ;;
     vhdimount | vhdimount_vhdx)
@@ -835,6 +846,8 @@ group() {
       return 0
       ;;
     f_nofuse:*) return 0 ;;
+    f_fuse:rt | f_bindfs:rt | f_chainfs:rt) ;;
+    *:rt) return 0 ;; # a round trip is measured through FUSE only
   esac
   if ! start_target "$t"; then
     case $g in
@@ -844,6 +857,7 @@ group() {
       seq4) m="seq_cold_4 seq_warm_4" ;;
       rand1) m=rand_cold_1 ;;
       rand4) m=rand_cold_4 ;;
+      rt) m=rand_rt_1 ;;
     esac
     for w in $m; do rec "read.$t.$w" FAILED; done
     echo "bench.sh: FAILED: $t did not mount for $g" >&2
@@ -873,6 +887,13 @@ group() {
       ;;
     rand1) fio_run "$t" rand_cold_1 "${RAND[@]}" --size="$VSIZE" --numjobs=1 --number_ios="$RAND_IOS" --runtime="$RAND_CAP" ;;
     rand4) fio_run "$t" rand_cold_4 "${RAND[@]}" --size="$VSIZE" --numjobs=4 --number_ios=$((RAND_IOS / 4)) --runtime="$RAND_CAP" ;;
+    rt) # the FUSE round trip: the files behind the view in the page cache, the view's own cache cold
+      case $t in
+        f_chainfs) cat "$FW/base.vhdx" "$FW/mid.avhdx" "$FW/top.avhdx" >/dev/null ;;
+        *) cat "$FD/raw.img" >/dev/null ;;
+      esac
+      fio_run "$t" rand_rt_1 "${RAND[@]}" --size="$VSIZE" --numjobs=1 --number_ios="$RAND_IOS" --runtime="$RAND_CAP"
+      ;;
   esac
   stop_target "$t"
 }
@@ -1503,10 +1524,11 @@ if has frag; then
 
   F_TARGETS=(f_raw f_nofuse)
   [ "$HAVE_MOUNT" = 1 ] && F_TARGETS+=(f_chainfs f_fuse)
-  F_TARGETS+=(f_qsd)
+  F_TARGETS+=(f_bindfs f_qsd)
   say "== 9. frag reads: ${F_TARGETS[*]}, $READ_REPS round(s)"
-  rec meta.frag_read_how "$(how_reads) 'dd' = \`dd if=FILE of=/dev/null bs=1M\` of the whole file on a fresh mount after drop_caches, MiB/s = size / wall time."
-  RGROUPS="dd seq1 seq4 rand1 rand4" read_rounds "${F_TARGETS[@]}"
+  rec meta.frag_read_how "$(how_reads) 'dd' = \`dd if=FILE of=/dev/null bs=1M\` of the whole file on a fresh mount after drop_caches, MiB/s = size / wall time. \
+'Round trip' = the random 1-reader run on a fresh mount after drop_caches and a \`cat\` of the files behind the view (the flat file, or the chain's three files), so every 4 KiB read is one trip through FUSE to a daemon that finds its data in the page cache."
+  RGROUPS="dd seq1 seq4 rand1 rand4 rt" read_rounds "${F_TARGETS[@]}"
 
   say "== 9. frag merge: both overlays into the base, cold, $REPS runs each, fresh copies; $((F3 >> 20)) MiB of merged data"
   mv "$FW"/*.vhdx "$FW"/*.avhdx "$FW"/*.qcow2 "$FP"/

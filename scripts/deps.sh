@@ -3,8 +3,9 @@
 # Idempotent: does nothing when every package is already there.
 set -euo pipefail
 # man-db/groff-base render the man pages; nbdkit serves the NBD plugin;
-# libnbd-bin has nbdinfo and nbdcopy; chromium screenshots `map --svg`.
-PKGS=(fuse3 libvhdi-utils qemu-utils e2fsprogs fdisk util-linux fio man-db groff-base nbdkit libnbd-bin chromium)
+# libnbd-bin has nbdinfo and nbdcopy; chromium screenshots `map --svg`;
+# bindfs (a libfuse passthrough) is the bench's FUSE-without-chainfs reference.
+PKGS=(fuse3 libvhdi-utils qemu-utils e2fsprogs fdisk util-linux fio man-db groff-base nbdkit libnbd-bin chromium bindfs)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
