@@ -1476,13 +1476,14 @@ def seq_limit(vals, label, m, c, fuse, raw, need, read_med):
     cost = 1 - c / fuse
     text += (f"; the chain cost {cost:.0%} on top of that ({c / fuse:.2f}x)." if cost > 0.05 else
              f"; the chain cost nothing on top of that ({c / fuse:.2f}x).")
-    return text + seq_disk_evidence(vals, m, need, read_med)
+    return text + seq_disk_evidence(vals, m, need, read_med, best / raw < need)
 
 
-def seq_disk_evidence(vals, m, need, read_med):
+def seq_disk_evidence(vals, m, need, read_med, fuse_short):
     """For a missed sequential frag row: the disk's view of the flat file,
     the FUSE mount of it and the chain, and what the chain reads at without
-    FUSE; '' when not recorded."""
+    FUSE; '' when not recorded. fuse_short: FUSE alone (the flat file
+    through FUSE) stays under `need` too."""
     d = {t: disk_med(vals, t, m) for t in ("f_raw", "f_fuse", "f_chainfs")}
     text = ""
     if all(d.values()):
@@ -1497,9 +1498,15 @@ def seq_disk_evidence(vals, m, need, read_med):
         text += (f" Read without FUSE by `chainfs export` to /dev/null (several threads, every piece of 64 MiB "
                  f"asked for at once) the chain came at {_fmt(nofuse)} MiB/s, {r:.2f}x `dd` of the flat file "
                  f"({_fmt(raw_dd)} MiB/s)")
-        text += (f": below {need:.1f}x without FUSE too, with more requests in flight than a mount keeps, so on "
-                 "this disk the layout itself stays under the target." if r < need else
-                 f": without FUSE this layout reaches {need:.1f}x here, so the rest of the gap is the mount's.")
+        if r < need:
+            text += (f": below {need:.1f}x without FUSE too, with more requests in flight than a mount keeps, so "
+                     "on this disk the layout itself stays under the target.")
+        elif fuse_short:
+            text += (f": without FUSE this layout reaches {need:.1f}x here, but through FUSE not even the flat file "
+                     "does (above), so FUSE is what stops the chain.")
+        else:
+            text += (f": without FUSE this layout reaches {need:.1f}x here, and FUSE allows it for the flat file "
+                     "(above), so the rest of the gap is the mount's.")
     return text
 
 
