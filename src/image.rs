@@ -185,7 +185,7 @@ pub fn will_need(layers: &[Arc<dyn Layer>], from: usize, offset: u64, len: u64) 
     // The pending advice: (depth, file offset, length).
     let mut run: Option<(usize, u64, u64)> = None;
     let advise = |r: Option<(usize, u64, u64)>| {
-        if let Some((depth, mut fo, mut n)) = r.filter(|r| r.2 < KERNEL_RUN) {
+        if let Some((depth, mut fo, mut n)) = r.filter(|&(_, _, n)| n < KERNEL_RUN) {
             while n > 0 {
                 let piece = n.min(ADVICE);
                 layers[depth].will_need(fo, piece);

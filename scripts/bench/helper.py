@@ -1455,19 +1455,22 @@ def disk_table(P, vals, tg):
     P("")
 
 
+# How the limit lines name the bindfs reference.
+BINDFS = "bindfs, a libfuse passthrough of the flat file (FUSE without chainfs),"
+
+
 def seq_limit(vals, label, m, c, fuse, raw, need, read_med):
     """The limit line of a missed sequential frag row: what FUSE alone
-    costs (chainfs's mount of the flat file), what the chain costs over
-    that, and what the disk and a reader without FUSE say."""
+    allows (chainfs's mount of the flat file, and bindfs's), what the chain
+    costs over chainfs's, and what the disk and a reader without FUSE say."""
     text = (f"{label}: chainfs read the chain at {_fmt(c)} MiB/s, {c / raw:.2f}x the flat file read without FUSE "
             f"({_fmt(raw)} MiB/s). The same FUSE mount of the flat file, where nothing is resolved, reached "
             f"{_fmt(fuse)} MiB/s, {fuse / raw:.2f}x")
     bind = read_med("f_bindfs", m, 0)
     if bind:
-        text += (f", and bindfs, a libfuse passthrough of the flat file (FUSE without chainfs), {_fmt(bind)} MiB/s, "
-                 f"{bind / raw:.2f}x")
-    best = max(fuse, bind or 0)
-    if best / raw < need:
+        text += f", and {BINDFS} {_fmt(bind)} MiB/s, {bind / raw:.2f}x"
+    fuse_short = max(fuse, bind or 0) / raw < need
+    if fuse_short:
         text += (f": FUSE (1 MiB requests, each copied through a daemon) alone stays under {need:.1f}x here, "
                  + ("with chainfs's daemon and without it" if bind else "with chainfs's daemon"))
     elif fuse / raw < need:
@@ -1476,7 +1479,7 @@ def seq_limit(vals, label, m, c, fuse, raw, need, read_med):
     cost = 1 - c / fuse
     text += (f"; the chain cost {cost:.0%} on top of that ({c / fuse:.2f}x)." if cost > 0.05 else
              f"; the chain cost nothing on top of that ({c / fuse:.2f}x).")
-    return text + seq_disk_evidence(vals, m, need, read_med, best / raw < need)
+    return text + seq_disk_evidence(vals, m, need, read_med, fuse_short)
 
 
 def seq_disk_evidence(vals, m, need, read_med, fuse_short):
@@ -1576,8 +1579,7 @@ def frag_limits(P, meta, vals, rows, secs, read_med):
                 f"flat file read without FUSE ({_fmt(raw)} {unit}): {verdict}.")
         bind = read_med("f_bindfs", m, col)
         if bind:
-            text += (f" bindfs, a libfuse passthrough of the flat file (FUSE without chainfs), reaches "
-                     f"{_fmt(bind)} IOPS, {bind / raw:.2f}x.")
+            text += f" {BINDFS} reaches {_fmt(bind)} IOPS, {bind / raw:.2f}x."
         if m == "rand_cold_1":
             text += round_trip_bound(read_med, raw, 0.8)
         if 2 * qsd > raw:

@@ -283,18 +283,26 @@ fn will_need_advises_each_layer_of_the_data_runs_it_holds() {
     assert_eq!(layers[0].calls.advised.lock().len(), 1, "leaf not asked");
 }
 
+/// The advice `image::will_need` gives over the whole of `base`, a chain
+/// of that one layer: (file offset, length) in order.
+fn advice_over(base: MemLayer) -> Vec<(u64, u64)> {
+    let size = base.virtual_size();
+    let base = Arc::new(base);
+    let layers: Vec<Arc<dyn Layer>> = vec![base.clone()];
+    crate::image::will_need(&layers, 0, 0, size);
+    let advised = base.calls.advised.lock().clone();
+    advised
+}
+
 #[test]
 fn will_need_joins_contiguous_runs_and_splits_long_ones() {
     const MIB: u64 = 1 << 20;
     let base = MemLayer::new("/nonexistent/b.mem", 6 * MIB, MIB, SS as u32);
     // Stored in virtual order: one contiguous 5 MiB run in the file.
     base.put(0, &vec![3u8; 5 * MIB as usize]);
-    let base = Arc::new(base);
-    let layers: Vec<Arc<dyn Layer>> = vec![base.clone()];
-    crate::image::will_need(&layers, 0, 0, 6 * MIB);
     let h = crate::format::mem::HEADER;
     assert_eq!(
-        *base.calls.advised.lock(),
+        advice_over(base),
         vec![(h, 2 * MIB), (h + 2 * MIB, 2 * MIB), (h + 4 * MIB, MIB)]
     );
 }
@@ -307,14 +315,11 @@ fn will_need_leaves_long_contiguous_runs_to_the_kernel() {
     // (slots 7-16): two runs, apart in the file.
     base.put(16 * MIB, &vec![4u8; 7 * MIB as usize]);
     base.put(0, &vec![3u8; 10 * MIB as usize]);
-    let base = Arc::new(base);
-    let layers: Vec<Arc<dyn Layer>> = vec![base.clone()];
-    crate::image::will_need(&layers, 0, 0, 32 * MIB);
     let h = crate::format::mem::HEADER;
     // The kernel's read-ahead reads the 10 MiB run better than advice; the
     // shorter one is advised.
     assert_eq!(
-        *base.calls.advised.lock(),
+        advice_over(base),
         vec![
             (h, 2 * MIB),
             (h + 2 * MIB, 2 * MIB),
