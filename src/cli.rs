@@ -267,7 +267,9 @@ enum Cmd {
         /// (numeric owner and group of the files; access is still narrowed
         /// for them), umask=OOO (octal; modes become 0444/0555, 0666 for
         /// control and a rw disk.raw, minus OOO, instead of the layers'
-        /// narrowing), cache=SIZE (metadata cache, default 64M), threads=N
+        /// narrowing), cache=SIZE (metadata cache, default 64M),
+        /// readahead=SIZE (memory for reading ahead of sequential readers of
+        /// disk.raw, default 32M; 0: the page cache's read-ahead), threads=N
         /// (request threads, default 4), log=FILE (where a background daemon
         /// writes its log).
         #[arg(short = 'o', value_name = "OPTIONS")]

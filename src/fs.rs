@@ -35,10 +35,14 @@
 //! and job files change, so they are opened `direct_io` with zero TTL.
 //!
 //! Read-ahead: each open handle of `disk.raw` or a layer view keeps its
-//! read pattern (`crate::readahead::Stream`); a sequential reader's next
-//! MiBs are resolved and their layer files asked to start reading
-//! (`crate::image::will_need`) by one `crate::readahead::Fetcher` per
-//! mount, so no request waits for the resolving.
+//! read pattern (`crate::readahead::Stream`). A sequential reader of
+//! `disk.raw` has its next MiBs staged in the mount's memory by worker
+//! threads (`FlatImage::stage_ahead`, `crate::staging`) and its requests
+//! served from there; a layer view's reader (or `disk.raw`'s, when the
+//! staging pool could not be had) has them resolved and its layer files
+//! asked to start reading (`crate::image::will_need`) by one
+//! `crate::readahead::Fetcher` per mount. Either way no request waits for
+//! the resolving.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -54,7 +58,7 @@ use crate::image::{FlatImage, Layers};
 use crate::jobs::Jobs;
 use crate::merge::{Caller, MergeRequest, Progress};
 use crate::perms::{Overrides, ViewPerms};
-use crate::readahead::{Fetcher, Stream, Streams};
+use crate::readahead::{Fetcher, Stream, Streams, Window};
 
 pub const ROOT: u64 = 1;
 pub const DISK: u64 = 2;
@@ -413,7 +417,12 @@ impl ChainFs {
                 ino,
                 text,
                 cursor: 0,
-                stream: Stream::new(&self.streams),
+                stream: match self.image.staging_capacity() {
+                    c if ino == DISK && c > 0 => {
+                        Stream::with_window(&self.streams, Window::staged(c))
+                    }
+                    _ => Stream::new(&self.streams),
+                },
             },
         );
         Ok(Opened {
@@ -439,18 +448,40 @@ impl ChainFs {
         }
     }
 
+    /// Stage ahead of a sequential reader of `disk.raw` (`fh`); where the
+    /// pool has no room, the stream asks again on its next read.
+    fn stage_ahead(&self, fh: u64, offset: u64, n: u64) {
+        let size = self.image.size();
+        let ahead = match self.handles.lock().get_mut(&fh) {
+            Some(h) => h.stream.on_read(offset, n, size),
+            None => None,
+        };
+        if let Some((at, len)) = ahead {
+            let end = self.image.stage_ahead(at, len);
+            if end < at + len {
+                if let Some(h) = self.handles.lock().get_mut(&fh) {
+                    h.stream.fetched_to(end);
+                }
+            }
+        }
+    }
+
     /// Read: full length except at end of file.
     pub fn read(&self, ino: u64, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
         if ino == DISK {
             let n = (size as u64).min(self.image.size().saturating_sub(offset)) as usize;
-            self.read_ahead(
-                fh,
-                &self.image.layers(),
-                0,
-                offset,
-                n as u64,
-                self.image.size(),
-            );
+            if self.image.staging_capacity() > 0 {
+                self.stage_ahead(fh, offset, n as u64);
+            } else {
+                self.read_ahead(
+                    fh,
+                    &self.image.layers(),
+                    0,
+                    offset,
+                    n as u64,
+                    self.image.size(),
+                );
+            }
             let mut buf = vec![0u8; n];
             let got = self.image.read_at(offset, &mut buf)?;
             buf.truncate(got);

@@ -8,8 +8,13 @@
 //! a layer or explicit zeros; the caller's buffer is never trusted.
 //!
 //! [`will_need`] resolves a range ahead of a reader without reading it and
-//! asks each layer to start reading the runs it holds (a mount's sequential
-//! readers, `crate::readahead`); bulk work (export, merge) plans its own.
+//! asks each layer to start reading the runs it holds (the sequential
+//! readers of a layer view or of the nbdkit plugin, `crate::readahead`);
+//! bulk work (export, merge) plans its own. A mount's `disk.raw` stages its
+//! sequential readers' next MiBs in memory instead ([`FlatImage::stage_ahead`],
+//! `crate::staging`): the image loads them with `O_DIRECT` where the layer
+//! files allow (`crate::direct`), serves reads from them, and drops them
+//! whenever a write changes the view under them.
 //!
 //! The layer list sits behind an `RwLock<Arc<..>>`: a read takes a snapshot
 //! (one brief read lock) and works on it, so a merge can swap in a new chain
@@ -18,15 +23,17 @@
 //! and walks the layers only on a miss, so it costs the same at any depth;
 //! every write to the leaf drops the runs of what it wrote.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use parking_lot::{Mutex, RwLock};
 
 use crate::cache::MetaCache;
 use crate::chain::Chain;
+use crate::direct::DirectFile;
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::{Extent, Layer};
 use crate::runs::RunCache;
+use crate::staging::{Loader, Staging};
 
 pub type Layers = Arc<[Arc<dyn Layer>]>;
 
@@ -236,18 +243,68 @@ fn resolve_cached(
     Ok((src, n.min(len)))
 }
 
-/// One layer list and the runs resolved in it.
+/// One layer list, the runs resolved in it, and its layers' files
+/// reopened for direct reads (opened on first use; closed with the list,
+/// so a merge that retires a layer leaves no descriptor keeping its space).
 struct View {
     layers: Layers,
     runs: RunCache,
+    size: u64,
+    direct: Vec<OnceLock<Option<DirectFile>>>,
 }
 
 impl View {
     fn new(layers: Layers, granule_shift: u32) -> Arc<View> {
         Arc::new(View {
+            size: layers.first().map_or(0, |l| l.virtual_size()),
+            direct: layers.iter().map(|_| OnceLock::new()).collect(),
             layers,
             runs: RunCache::new(granule_shift),
         })
+    }
+
+    /// Read a `Data` run of `layers[depth]` at `file_offset`: directly
+    /// where the file allows it, the rest through `Layer::read_data`.
+    fn read_data(&self, depth: usize, file_offset: u64, buf: &mut [u8]) -> Result<()> {
+        let layer = &self.layers[depth];
+        let direct =
+            self.direct[depth].get_or_init(|| layer.data_file().and_then(DirectFile::open));
+        let mut got = 0;
+        if let Some(d) = direct.as_ref().filter(|d| d.fits(file_offset, buf)) {
+            // An error here (EIO, or a file system that takes direct I/O
+            // only in part) is read again the ordinary way below, which
+            // reports it with its context if it is real.
+            match d.read(file_offset, buf) {
+                Ok(n) => got = n,
+                Err(e) => log::debug!(
+                    "{}: direct read at {file_offset}: {e}",
+                    layer.path().display()
+                ),
+            }
+        }
+        if got < buf.len() {
+            layer.read_data(file_offset + got as u64, &mut buf[got..])?;
+        }
+        Ok(())
+    }
+}
+
+impl Loader for View {
+    /// The view's bytes at `offset`, data read directly where it can be.
+    fn load(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let mut done = 0usize;
+        while done < buf.len() {
+            let at = offset + done as u64;
+            let want = (buf.len() - done) as u64;
+            let (src, n) = resolve_cached(&self.layers, &self.runs, self.size, at, want)?;
+            let piece = &mut buf[done..done + n.min(want) as usize];
+            match src {
+                Source::Data { depth, file_offset } => self.read_data(depth, file_offset, piece)?,
+                other => other.read(&self.layers, at, piece)?,
+            }
+            done += piece.len();
+        }
+        Ok(())
     }
 }
 
@@ -262,6 +319,8 @@ pub struct FlatImage {
     /// While a merge copies out of the leaf: the ranges written since.
     dirty: Mutex<Option<Vec<(u64, u64)>>>,
     cache: Arc<MetaCache>,
+    /// Sequential readers' next MiBs, in memory (a mount's `disk.raw`).
+    staging: Option<Staging>,
 }
 
 impl FlatImage {
@@ -276,6 +335,40 @@ impl FlatImage {
             write_gate: RwLock::new(()),
             dirty: Mutex::new(None),
             cache: chain.cache.clone(),
+            staging: None,
+        }
+    }
+
+    /// The same image with a staging pool of `bytes` for sequential
+    /// readers (`crate::staging`); without one if `bytes` holds no chunk
+    /// or the pool cannot be started.
+    pub fn with_staging(mut self, bytes: u64) -> FlatImage {
+        self.staging = Staging::start(bytes);
+        self
+    }
+
+    /// Bytes reads took from the staging pool so far.
+    pub fn staged_served(&self) -> u64 {
+        self.staging.as_ref().map_or(0, Staging::served)
+    }
+
+    /// Bytes the staging pool holds at most (0: no pool).
+    pub fn staging_capacity(&self) -> u64 {
+        self.staging.as_ref().map_or(0, Staging::capacity)
+    }
+
+    /// Stage `[offset, offset + len)` for a sequential reader, as far as
+    /// the pool has room; returns where that stopped (`offset` without a
+    /// pool).
+    pub fn stage_ahead(&self, offset: u64, len: u64) -> u64 {
+        match &self.staging {
+            Some(s) => {
+                let view: Arc<dyn Loader> = self.view();
+                let end = s.want(&view, offset, len, self.size);
+                log::trace!("stage {len} bytes at {offset}: up to {end}");
+                end
+            }
+            None => offset,
         }
     }
 
@@ -336,6 +429,9 @@ impl FlatImage {
     /// failed half-way may have changed the map).
     fn changed(&self, offset: u64, len: u64) {
         self.view().runs.invalidate(offset, len);
+        if let Some(s) = &self.staging {
+            s.invalidate(offset, len);
+        }
     }
 
     /// Read at `offset`; returns the bytes read, short only at the end.
@@ -344,10 +440,18 @@ impl FlatImage {
             return Ok(0);
         }
         let n = (buf.len() as u64).min(self.size - offset) as usize;
+        let staged = self
+            .staging
+            .as_ref()
+            .map_or(0, |s| s.take(offset, &mut buf[..n]));
+        log::trace!("read {n} bytes at {offset}: {staged} staged");
         let view = self.view();
-        read_runs(&view.layers, offset, &mut buf[..n], |at, want| {
-            resolve_cached(&view.layers, &view.runs, self.size, at, want)
-        })?;
+        read_runs(
+            &view.layers,
+            offset + staged as u64,
+            &mut buf[staged..n],
+            |at, want| resolve_cached(&view.layers, &view.runs, self.size, at, want),
+        )?;
         Ok(n)
     }
 

@@ -25,7 +25,9 @@
 //! - [`control`]: the control-file command parser and replies; [`jobs`]:
 //!   merge jobs as the mount shows them.
 //! - [`perms`]: who may see and change a mount (owner, group, modes).
-//! - [`readahead`]: noticing sequential readers of the mount, to fetch ahead.
+//! - [`readahead`]: noticing sequential readers of the mount, to fetch ahead;
+//!   [`staging`]: the mount's read-ahead of `disk.raw` into its own memory,
+//!   with [`direct`] reads of the layer files.
 //! - [`error`]: error kinds, errno and return codes, chosen in one place.
 //! - [`size`]: human sizes; [`fault`]: fault injection for crash tests;
 //!   [`fuzzing`]: the bodies of the fuzz targets.
@@ -38,6 +40,7 @@ pub mod control;
 #[cfg(test)]
 mod core_tests;
 pub mod dependents;
+pub mod direct;
 pub mod error;
 pub mod export;
 pub mod fault;
@@ -58,6 +61,7 @@ pub mod readahead;
 pub mod relink;
 pub mod runs;
 pub mod size;
+pub mod staging;
 pub mod write;
 
 pub use chain::{Chain, ChainOptions};

@@ -32,6 +32,9 @@ pub struct MountOptions {
     pub allow_other: bool,
     pub allow_root: bool,
     pub cache_bytes: Option<u64>,
+    /// Memory for staging sequential readers' next MiBs
+    /// (`crate::staging`); 0: the page cache's read-ahead instead.
+    pub readahead_bytes: u64,
     pub threads: usize,
     pub copy_on_read: bool,
     /// Where a background daemon writes its log (RUST_LOG).
@@ -53,6 +56,7 @@ impl Default for MountOptions {
             allow_other: false,
             allow_root: false,
             cache_bytes: None,
+            readahead_bytes: crate::staging::DEFAULT_BYTES,
             threads: 4,
             copy_on_read: false,
             log: None,
@@ -87,6 +91,15 @@ impl MountOptions {
                 ("copy_on_read", None) => o.copy_on_read = true,
                 ("force", None) => o.force = true,
                 ("cache", Some(v)) => o.cache_bytes = Some(parse_size(v)?),
+                ("readahead", Some(v)) => {
+                    o.readahead_bytes = parse_size(v)?;
+                    if o.readahead_bytes > crate::staging::MAX_BYTES {
+                        return Err(Error::invalid(format!(
+                            "readahead={v}: at most {} MiB",
+                            crate::staging::MAX_BYTES >> 20
+                        )));
+                    }
+                }
                 ("uid", Some(v)) => o.perms.uid = Some(parse_id(k, v)?),
                 ("gid", Some(v)) => o.perms.gid = Some(parse_id(k, v)?),
                 ("umask", Some(v)) => {
@@ -111,7 +124,7 @@ impl MountOptions {
                 }
                 _ => {
                     return Err(Error::invalid(format!(
-                        "unknown mount option `{item}` (known: ro, rw, force, allow_other, allow_root, uid=N, gid=N, umask=OOO, copy_on_read, cache=SIZE, threads=N, log=FILE)"
+                        "unknown mount option `{item}` (known: ro, rw, force, allow_other, allow_root, uid=N, gid=N, umask=OOO, copy_on_read, cache=SIZE, readahead=SIZE, threads=N, log=FILE)"
                     )))
                 }
             }
@@ -340,7 +353,7 @@ fn serve_inner(
     co: &ChainOptions,
     parent: &mut Option<OwnedFd>,
 ) -> Result<()> {
-    let image = Arc::new(FlatImage::new(&chain));
+    let image = Arc::new(FlatImage::new(&chain).with_staging(mo.readahead_bytes));
     let flush_image = image.clone();
     let report_image = image.clone();
     let refresh = Box::new(move || {

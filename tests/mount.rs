@@ -1,6 +1,7 @@
 //! Real FUSE mounts of real chains: what the mount shows, reads of every
-//! alignment, errors, locking, signals, and loop-mounting a partitioned
-//! ext4 disk whose blocks live in several layers.
+//! alignment, sequential reads staged around the page cache, errors,
+//! locking, signals, and loop-mounting a partitioned ext4 disk whose
+//! blocks live in several layers.
 //!
 //! What the mount shows, reads of every alignment and the MBR-partitioned
 //! ext4 run once per format (`per_format!` at the end: `vhd::NAME`,
@@ -514,8 +515,130 @@ fn loop_mount_gpt_partitioned_ext4() {
 // ---------------------------------------------------------------------------
 // The matrix.
 
+/// The share of `path`'s pages in the page cache (`mincore`).
+fn cached_share(path: &Path) -> f64 {
+    let f = std::fs::File::open(path).unwrap();
+    let len = f.metadata().unwrap().len() as usize;
+    let page = 4096;
+    let mut vec = vec![0u8; len.div_ceil(page)];
+    // SAFETY: a read-only shared mapping of a file we opened, unmapped
+    // below; mincore writes one byte per page into `vec`, which holds as
+    // many.
+    unsafe {
+        use std::os::fd::AsRawFd;
+        let m = libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            f.as_raw_fd(),
+            0,
+        );
+        assert_ne!(m, libc::MAP_FAILED, "mmap {}", path.display());
+        assert_eq!(libc::mincore(m, len, vec.as_mut_ptr()), 0);
+        libc::munmap(m, len);
+    }
+    vec.iter().filter(|&&b| b & 1 != 0).count() as f64 / vec.len() as f64
+}
+
+/// Write `path` back and drop its pages from the page cache (our own
+/// file: nothing else is touched).
+fn evict(path: &Path) {
+    let f = std::fs::File::open(path).unwrap();
+    f.sync_all().unwrap();
+    // SAFETY: advice on a descriptor we own; no memory is involved.
+    let r = unsafe {
+        use std::os::fd::AsRawFd;
+        libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED)
+    };
+    assert_eq!(r, 0);
+}
+
+/// Does the file system under `dir` take `O_DIRECT` reads?
+fn takes_direct_io(dir: &Path) -> bool {
+    use std::os::unix::fs::OpenOptionsExt;
+    let probe = dir.join("direct-probe");
+    std::fs::write(&probe, vec![0u8; 4096]).unwrap();
+    let ok = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&probe)
+        .is_ok();
+    std::fs::remove_file(&probe).unwrap();
+    ok
+}
+
+/// A sequential reader of `disk.raw` is staged in the daemon's memory
+/// with direct reads, so the layer files' data does not pass through
+/// the page cache; with `-o readahead=0` it does (the page cache's
+/// read-ahead instead). Either way the bytes are the chain's.
+fn sequential_reads_are_staged_around_the_page_cache(f: Fmt) {
+    if !require_fuse() {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    if !takes_direct_io(t.path()) {
+        assert!(!in_ci(), "no O_DIRECT under {}", t.path().display());
+        eprintln!("skipped: no O_DIRECT under {}", t.path().display());
+        return;
+    }
+    const MIB: usize = 1 << 20;
+    let size = 24 * MIB;
+    let mut rng = Rng(0x5747 + f.index());
+    let mut model = rng.bytes(size);
+    let base = t.path().join(f.base_name("base"));
+    let leaf = t.path().join(f.child_name("leaf"));
+    f.create_base(&base, size as u64, &[]);
+    let chunk = t.path().join("chunk");
+    std::fs::write(&chunk, &model).unwrap();
+    chainfs_ok(&["write", p(&base), "--offset", "0", "--input", p(&chunk)]);
+    f.create_child(&leaf, &base, &[]);
+    // Every third MiB rewritten in the leaf: reads alternate layers.
+    for k in (0..size / MIB).step_by(3) {
+        let data = rng.bytes(MIB);
+        std::fs::write(&chunk, &data).unwrap();
+        let off = (k * MIB).to_string();
+        chainfs_ok(&["write", p(&leaf), "--offset", &off, "--input", p(&chunk)]);
+        model[k * MIB..(k + 1) * MIB].copy_from_slice(&data);
+    }
+    let mnt = t.path().join("mnt");
+    // Of the base's file, the share that holds data the view shows.
+    let shown = (size - size.div_ceil(3 * MIB) * MIB) as f64
+        / std::fs::metadata(&base).unwrap().len() as f64;
+    for (opts, staged) in [(&[][..], true), (&["-o", "readahead=0"][..], false)] {
+        evict(&base);
+        evict(&leaf);
+        let g = mount(&leaf, &mnt, opts);
+        let mut disk = std::fs::File::open(mnt.join("disk.raw")).unwrap();
+        let mut got = vec![0u8; size];
+        for piece in got.chunks_mut(MIB) {
+            disk.read_exact(piece).unwrap();
+        }
+        drop(disk);
+        umount(g);
+        assert_same(&got, &model, &format!("{f:?} {opts:?}: disk.raw"));
+        // Cached: headers and tables, and the data only if it went through
+        // the page cache.
+        let cached = cached_share(&base) / shown;
+        eprintln!(
+            "{f:?} {opts:?}: {:.0}% of the base's shown data cached",
+            cached * 100.0
+        );
+        if staged {
+            assert!(cached < 0.2, "{f:?}: {:.0}% cached", cached * 100.0);
+        } else {
+            assert!(
+                cached > 0.8,
+                "{f:?} {opts:?}: {:.0}% cached",
+                cached * 100.0
+            );
+        }
+    }
+}
+
 per_format! {
     mount_shows_disk_chain_control_and_jobs();
     reads_of_any_size_and_alignment_match_the_model();
+    sequential_reads_are_staged_around_the_page_cache();
     loop_mount_mbr_partitioned_ext4();
 }

@@ -30,13 +30,21 @@ fn mount(dir: &std::path::Path, specs: &[Spec], writable: bool) -> (Vec<Arc<MemL
     let image = Arc::new(FlatImage::new(&chain_of(&layers)));
     let cfg = MountConfig {
         writable,
+        ..read_only()
+    };
+    let fs = ChainFs::new(image, cfg, Box::new(|| Ok("l0 -> l1 -> l2\n".into()))).unwrap();
+    (layers, fs)
+}
+
+/// The configuration of a read-only mount with no overrides.
+fn read_only() -> MountConfig {
+    MountConfig {
+        writable: false,
         copy_on_read: false,
         perms: Overrides::default(),
         parent_dirs: Vec::new(),
         overrides: Vec::new(),
-    };
-    let fs = ChainFs::new(image, cfg, Box::new(|| Ok("l0 -> l1 -> l2\n".into()))).unwrap();
-    (layers, fs)
+    }
 }
 
 /// Write `cmd` to the control file on a fresh handle: the write's result
@@ -151,14 +159,7 @@ fn sequential_readers_are_fetched_ahead_per_handle_random_ones_not() {
         MemLayer::new(dir.path().join("l.mem"), 16 * MIB, MIB, SS as u32).child_of(base.as_ref()),
     );
     let image = Arc::new(FlatImage::new(&chain_of(&[leaf, base.clone()])));
-    let cfg = MountConfig {
-        writable: false,
-        copy_on_read: false,
-        perms: Overrides::default(),
-        parent_dirs: Vec::new(),
-        overrides: Vec::new(),
-    };
-    let fs = ChainFs::new(image, cfg, Box::new(|| Ok(String::new()))).unwrap();
+    let fs = ChainFs::new(image, read_only(), Box::new(|| Ok(String::new()))).unwrap();
     let seq = fs.open(DISK, false).unwrap().fh;
     let random = fs.open(DISK, false).unwrap().fh;
     let advised = || base.calls.advised.lock().clone();
@@ -210,6 +211,52 @@ fn sequential_readers_are_fetched_ahead_per_handle_random_ones_not() {
     assert_eq!(a.first(), Some(&(h + slot(10) * MIB, MIB)), "{a:?}");
     assert_eq!(a.iter().map(|x| x.1).sum::<u64>(), 6 * MIB, "{a:?}");
     for fh in [seq, random, vh] {
+        fs.release(fh);
+    }
+}
+
+#[test]
+fn a_sequential_reader_of_disk_raw_is_staged_random_ones_not() {
+    const MIB: u64 = 1 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let base = MemLayer::new(dir.path().join("b.mem"), 16 * MIB, MIB, SS as u32);
+    let data: Vec<u8> = (0..16 * MIB).map(|i| (i % 251) as u8 + 1).collect();
+    base.put(0, &data);
+    let base = Arc::new(base);
+    let leaf = Arc::new(
+        MemLayer::new(dir.path().join("l.mem"), 16 * MIB, MIB, SS as u32).child_of(base.as_ref()),
+    );
+    let image = Arc::new(FlatImage::new(&chain_of(&[leaf, base.clone()])).with_staging(8 * MIB));
+    let fs = ChainFs::new(image.clone(), read_only(), Box::new(|| Ok(String::new()))).unwrap();
+    let seq = fs.open(DISK, false).unwrap().fh;
+    let random = fs.open(DISK, false).unwrap().fh;
+    // Random 4 KiB reads interleaved with the sequential reader's 1 MiB
+    // ones: the streams are told apart by handle.
+    for i in 0..16u64 {
+        let at = (i * 7919 * 4096) % (16 * MIB - 4096);
+        let r = fs.read(DISK, random, at, 4096).unwrap();
+        assert_eq!(r, data[at as usize..][..4096]);
+        let r = fs.read(DISK, seq, i * MIB, MIB as u32).unwrap();
+        assert_eq!(r, data[(i * MIB) as usize..][..MIB as usize], "MiB {i}");
+    }
+    // The first 2 MiB make the stream; from the third on, reads come out
+    // of the pool (a random read may land in a staged chunk too).
+    assert!(
+        image.staged_served() >= 13 * MIB,
+        "{}",
+        image.staged_served()
+    );
+    // Staged, not advised into the page cache.
+    assert_eq!(base.calls.advised.lock().clone(), vec![]);
+    // Random reads alone stage nothing.
+    let before = image.staged_served();
+    for k in 0..200u64 {
+        let at = (k * 104_729 * 4096) % (16 * MIB - 4096);
+        let r = fs.read(DISK, random, at, 4096).unwrap();
+        assert_eq!(r, data[at as usize..][..4096]);
+    }
+    assert_eq!(image.staged_served(), before);
+    for fh in [seq, random] {
         fs.release(fh);
     }
 }
@@ -386,9 +433,7 @@ fn copy_on_read_moves_parent_data_into_the_leaf_without_changing_reads() {
     let cfg = MountConfig {
         writable: true,
         copy_on_read: true,
-        perms: Overrides::default(),
-        parent_dirs: Vec::new(),
-        overrides: Vec::new(),
+        ..read_only()
     };
     let fs = ChainFs::new(image.clone(), cfg, Box::new(|| Ok(String::new()))).unwrap();
     let fh = fs.open(DISK, false).unwrap().fh;

@@ -467,3 +467,48 @@ fn a_walk_that_began_before_a_write_keeps_no_run() {
         buf[0]
     );
 }
+
+/// A chain whose leaf takes writes, over a base holding every sector,
+/// with a staging pool (`crate::staging`).
+fn staged(dir: &std::path::Path) -> (Vec<Spec>, FlatImage) {
+    let specs = vec![Spec::of("d..zd...", 1), Spec::of("dddddddd", 2)];
+    let layers = build(dir, &specs, BS, |i| i == 0);
+    let image = FlatImage::new(&chain_of(&layers)).with_staging(4 << 20);
+    (specs, image)
+}
+
+#[test]
+fn staged_reads_equal_the_model_and_come_from_the_pool() {
+    let dir = tempfile::tempdir().unwrap();
+    let (specs, image) = staged(dir.path());
+    let size = image.size();
+    assert_eq!(image.stage_ahead(0, size), size);
+    assert_eq!(read_all(&image), model(&specs));
+    assert_eq!(image.staged_served(), size, "not read from the pool");
+    // Read to its end, the chunk left the pool: read again, the same
+    // bytes come the ordinary way.
+    assert_eq!(read_all(&image), model(&specs));
+    assert_eq!(image.staged_served(), size);
+}
+
+#[test]
+fn a_write_drops_what_was_staged_under_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (specs, image) = staged(dir.path());
+    let size = image.size();
+    image.stage_ahead(0, size);
+    // Wait for the load with a read of the last byte, which leaves the
+    // chunk staged (it is not read to its end).
+    let mut one = [0u8; 1];
+    image.read_at(size - 1, &mut one).unwrap();
+    assert_eq!(image.staged_served(), 1);
+    let new = vec![0x5Au8; 3 * SS as usize];
+    image.write_at(SS, &new).unwrap();
+    let mut want = model(&specs);
+    want[SS as usize..4 * SS as usize].copy_from_slice(&new);
+    assert_eq!(
+        read_all(&image),
+        want,
+        "bytes staged before the write served after it"
+    );
+}

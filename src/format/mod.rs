@@ -209,6 +209,15 @@ pub trait Layer: Send + Sync {
     /// into the page cache (best effort, asynchronous).
     fn will_need(&self, _file_offset: u64, _len: u64) {}
 
+    /// The file `read_data` reads, where `read_data(o, buf)` is a plain
+    /// positional read of it at `o` wherever the file holds the bytes: a
+    /// caller may read it another way (the mount's read-ahead reads it with
+    /// `O_DIRECT`, `crate::staging`) and calls `read_data` for whatever that
+    /// does not return. `None`: read through `read_data` only.
+    fn data_file(&self) -> Option<&std::fs::File> {
+        None
+    }
+
     /// Start writing what this layer has written back to disk (best
     /// effort, asynchronous; no durability promised: `flush` is still
     /// needed). A long copy calls it as it goes, so its final flush has

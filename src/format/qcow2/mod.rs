@@ -249,7 +249,7 @@ impl Qcow2Layer {
     }
 
     /// The file data clusters live in, and its path.
-    fn data_file(&self) -> (&File, &Path) {
+    fn data_place(&self) -> (&File, &Path) {
         match &self.data {
             Some((f, p)) => (f, p),
             None => (&self.file, &self.path),
@@ -348,7 +348,7 @@ impl Layer for Qcow2Layer {
     }
 
     fn read_data(&self, file_offset: u64, buf: &mut [u8]) -> Result<()> {
-        let (f, p) = self.data_file();
+        let (f, p) = self.data_place();
         let mut done = 0;
         while done < buf.len() {
             let at = file_offset + done as u64;
@@ -371,11 +371,15 @@ impl Layer for Qcow2Layer {
     }
 
     fn will_need(&self, file_offset: u64, len: u64) {
-        crate::format::fileio::will_need(self.data_file().0, file_offset, len);
+        crate::format::fileio::will_need(self.data_place().0, file_offset, len);
+    }
+
+    fn data_file(&self) -> Option<&File> {
+        Some(self.data_place().0)
     }
 
     fn write_behind(&self) {
-        crate::format::fileio::write_behind(self.data_file().0);
+        crate::format::fileio::write_behind(self.data_place().0);
     }
 
     fn allocated_bytes(&self) -> Result<u64> {

@@ -362,7 +362,7 @@ impl Qcow2Layer {
                 unreachable!("in place means data")
             };
             let h = host_offset + (at - c0);
-            let (f, p) = self.data_file();
+            let (f, p) = self.data_place();
             crate::fault::point()?;
             f.write_all_at(data, h)
                 .ctx(p, "cannot write data", Some(h))?;
@@ -390,7 +390,7 @@ impl Qcow2Layer {
                 buf[(at - c0 - first * sc) as usize..(end - c0 - first * sc) as usize]
                     .copy_from_slice(data);
                 let h = host_offset + first * sc;
-                let (f, p) = self.data_file();
+                let (f, p) = self.data_place();
                 crate::fault::point()?;
                 f.write_all_at(&buf, h)
                     .ctx(p, "cannot write data", Some(h))?;
@@ -431,7 +431,7 @@ impl Qcow2Layer {
             allocated = ((((1u64 << (last - first)) - 1) << first) & 0xffff_ffff) as u32;
         }
         let host = self.new_data_cluster(st, c0)?;
-        let (f, p) = self.data_file();
+        let (f, p) = self.data_place();
         crate::fault::point()?;
         f.write_all_at(&buf, host)
             .ctx(p, "cannot write data", Some(host))?;
@@ -597,7 +597,7 @@ impl Qcow2Layer {
         self.set_l2(l2_offset, l2i, words)?;
         if self.layout.external_data {
             if let Cluster::Data { host_offset, .. } = old {
-                let (f, _) = self.data_file();
+                let (f, _) = self.data_place();
                 let _ =
                     crate::format::fileio::punch_hole(f, host_offset, self.layout.cluster_size());
             }

@@ -229,6 +229,10 @@ impl Layer for RawLayer {
         fileio::will_need(&self.file, file_offset, len);
     }
 
+    fn data_file(&self) -> Option<&File> {
+        Some(&self.file)
+    }
+
     fn write_behind(&self) {
         fileio::write_behind(&self.file);
     }

@@ -449,6 +449,10 @@ impl Layer for VhdxLayer {
         crate::format::fileio::will_need(&self.file, file_offset, len);
     }
 
+    fn data_file(&self) -> Option<&File> {
+        Some(&self.file)
+    }
+
     fn write_behind(&self) {
         crate::format::fileio::write_behind(&self.file);
     }
