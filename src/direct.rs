@@ -10,19 +10,24 @@
 //! backed by huge pages a 1 MiB read is one segment (see `crate::staging`
 //! for the numbers).
 //!
+//! `chainfs export` reads and writes the same way (`crate::export`), for
+//! the same reason.
+//!
 //! [`DirectFile`] reopens a file the process already has open (through
 //! `/proc/self/fd`, so a layer renamed or retired since keeps its bytes)
-//! with `O_DIRECT`, and reads only what the file system's alignment rules
-//! allow (`statx` `STATX_DIOALIGN`); everything else the caller reads the
-//! ordinary way. [`Buffer`] is an anonymous mapping aligned to, and advised
-//! into, huge pages.
+//! with `O_DIRECT`, and reads or writes only what the file system's
+//! alignment rules allow (`statx` `STATX_DIOALIGN`); everything else the
+//! caller reads or writes the ordinary way. It also tells whether the page
+//! cache holds a range already (`cachestat`), which a reader then takes
+//! from memory instead. [`Buffer`] is an anonymous mapping aligned to, and
+//! advised into, huge pages.
 
 use std::ffi::CString;
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::fs::FileExt;
 
-/// A file reopened for direct reads, with its alignment rules.
+/// A file reopened for direct reads or writes, with its alignment rules.
 #[derive(Debug)]
 pub struct DirectFile {
     file: File,
@@ -38,16 +43,22 @@ impl DirectFile {
     /// or the reopen fails. Never an error: the caller reads the ordinary
     /// way then.
     pub fn open(file: &File) -> Option<DirectFile> {
+        DirectFile::reopen(file, libc::O_RDONLY)
+    }
+
+    /// `file` reopened for direct writes (and nothing else), as
+    /// [`open`](Self::open) does for reads. The reopen of a block device
+    /// claims nothing: `file` holds whatever claim (`O_EXCL`) it took.
+    pub fn open_write(file: &File) -> Option<DirectFile> {
+        DirectFile::reopen(file, libc::O_WRONLY)
+    }
+
+    fn reopen(file: &File, access: libc::c_int) -> Option<DirectFile> {
         let (mem_align, offset_align) = dio_align(file)?;
         let path = CString::new(format!("/proc/self/fd/{}", file.as_raw_fd())).ok()?;
         // SAFETY: a NUL-terminated path; the descriptor returned is ours
         // alone and wrapped at once.
-        let fd = unsafe {
-            libc::open(
-                path.as_ptr(),
-                libc::O_RDONLY | libc::O_DIRECT | libc::O_CLOEXEC,
-            )
-        };
+        let fd = unsafe { libc::open(path.as_ptr(), access | libc::O_DIRECT | libc::O_CLOEXEC) };
         if fd < 0 {
             log::debug!(
                 "no direct reads of fd {}: {}",
@@ -88,6 +99,91 @@ impl DirectFile {
             }
         }
         Ok(done)
+    }
+
+    /// Does the page cache hold most of `[offset, offset + len)` already?
+    /// Then a buffered read copies it from memory, where a direct read
+    /// would fetch it from the disk again (and would first write back what
+    /// is dirty there). `cachestat(2)` (Linux 6.5); where the kernel has
+    /// none, `false`: the range is read directly.
+    pub fn mostly_cached(&self, offset: u64, len: u64) -> bool {
+        cached_bytes(&self.file, offset, len).is_some_and(|c| c * 2 >= len)
+    }
+
+    /// Write all of `buf` at `offset` (which must [`fits`](Self::fits)).
+    /// A short write (the disk full part-way) is an error, so the caller
+    /// can write the whole piece again the ordinary way, where the real
+    /// error is reported.
+    pub fn write(&self, offset: u64, buf: &[u8]) -> std::io::Result<()> {
+        let mut done = 0;
+        while done < buf.len() {
+            match self.file.write_at(&buf[done..], offset + done as u64) {
+                Ok(n) if n > 0 && n as u64 % self.offset_align == 0 => done += n,
+                Ok(n) => {
+                    return Err(std::io::Error::other(format!(
+                        "a direct write of {} bytes wrote {n}",
+                        buf.len() - done
+                    )))
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `cachestat(2)`: the same number on every architecture (after 424 the
+/// numbers were unified); the libc crate has no wrapper for it yet.
+const SYS_CACHESTAT: libc::c_long = 451;
+
+#[repr(C)]
+struct CachestatRange {
+    off: u64,
+    len: u64,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct Cachestat {
+    nr_cache: u64,
+    nr_dirty: u64,
+    nr_writeback: u64,
+    nr_evicted: u64,
+    nr_recently_evicted: u64,
+}
+
+/// Bytes of `file`'s `[offset, offset + len)` in the page cache, or `None`
+/// if the kernel cannot say (before 6.5: `ENOSYS`).
+fn cached_bytes(file: &File, offset: u64, len: u64) -> Option<u64> {
+    if len == 0 {
+        return Some(0);
+    }
+    let range = CachestatRange { off: offset, len };
+    let mut st = Cachestat::default();
+    // SAFETY: both pointers are to live values of the layout the kernel
+    // reads and writes (include/uapi/linux/mman.h); flags must be 0.
+    let r = unsafe {
+        libc::syscall(
+            SYS_CACHESTAT,
+            file.as_raw_fd(),
+            &range as *const CachestatRange,
+            &mut st as *mut Cachestat,
+            0u32,
+        )
+    };
+    // Pages are the kernel's unit; the range's ends may cut its first and
+    // last page, so the count can exceed `len` by a little.
+    (r == 0).then(|| (st.nr_cache * page_size()).min(len))
+}
+
+fn page_size() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if p > 0 {
+        p as u64
+    } else {
+        4096
     }
 }
 
@@ -179,6 +275,13 @@ impl Buffer {
         self.len == 0
     }
 
+    /// The whole buffer, for its one owner.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: `start..start + len` is mapped, readable and writable
+        // while `self` lives, and `&mut self` excludes every other access.
+        unsafe { std::slice::from_raw_parts_mut(self.start, self.len) }
+    }
+
     /// The first byte. Valid for [`len`](Self::len) bytes while `self`
     /// lives; who reads or writes through it must keep accesses apart.
     pub fn as_ptr(&self) -> *mut u8 {
@@ -229,5 +332,46 @@ mod tests {
         // Misaligned: refused, the caller reads it the ordinary way.
         assert!(!d.fits(1, &mem[..4096]));
         assert!(!d.fits(0, &mem[1..4097]));
+    }
+
+    #[test]
+    fn direct_writes_land_and_the_page_cache_is_asked_what_it_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .unwrap();
+        f.set_len(4 << 20).unwrap();
+        let Some(d) = DirectFile::open_write(&f) else {
+            let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+            assert!(!ci, "no direct I/O on {}", dir.path().display());
+            eprintln!("skipped: no direct I/O on {}", dir.path().display());
+            return;
+        };
+        let mut buf = Buffer::new(2 << 20).unwrap();
+        let mem = buf.as_mut_slice();
+        for (i, b) in mem.iter_mut().enumerate() {
+            *b = (i % 253) as u8;
+        }
+        assert!(d.fits(1 << 20, &mem[..1 << 20]));
+        d.write(1 << 20, &mem[..1 << 20]).unwrap();
+        // Written around the page cache: nothing of it is cached, and
+        // `cached_bytes` says so (this kernel has cachestat, 6.5+).
+        let Some(before) = cached_bytes(&f, 1 << 20, 1 << 20) else {
+            eprintln!("skipped: no cachestat");
+            return;
+        };
+        assert_eq!(before, 0);
+        assert!(!d.mostly_cached(1 << 20, 1 << 20));
+        let mut back = vec![0u8; 1 << 20];
+        f.read_exact_at(&mut back, 1 << 20).unwrap();
+        assert_eq!(&back[..], &mem[..1 << 20]);
+        // Read the ordinary way, it is cached now.
+        assert_eq!(cached_bytes(&f, 1 << 20, 1 << 20), Some(1 << 20));
+        assert!(d.mostly_cached(1 << 20, 1 << 20));
+        assert!(!d.mostly_cached(2 << 20, 1 << 20));
     }
 }

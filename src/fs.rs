@@ -436,14 +436,19 @@ impl ChainFs {
         self.handles.lock().remove(&fh);
     }
 
-    /// Fetch ahead of a sequential reader of `fh` (`crate::readahead`):
-    /// the chain as seen from `layers[from..]`, `size` bytes long.
+    /// What to read ahead of `fh` after its read of `n` bytes at `offset`
+    /// in a file of `size` bytes (`crate::readahead`), if anything.
+    fn ahead_of(&self, fh: u64, offset: u64, n: u64, size: u64) -> Option<(u64, u64)> {
+        self.handles
+            .lock()
+            .get_mut(&fh)
+            .and_then(|h| h.stream.on_read(offset, n, size))
+    }
+
+    /// Fetch ahead of a sequential reader of `fh` into the page cache: the
+    /// chain as seen from `layers[from..]`, `size` bytes long.
     fn read_ahead(&self, fh: u64, layers: &Layers, from: usize, offset: u64, n: u64, size: u64) {
-        let ahead = match self.handles.lock().get_mut(&fh) {
-            Some(h) => h.stream.on_read(offset, n, size),
-            None => None,
-        };
-        if let (Some((at, len)), Some(f)) = (ahead, &self.ahead) {
+        if let (Some((at, len)), Some(f)) = (self.ahead_of(fh, offset, n, size), &self.ahead) {
             f.fetch(layers.clone(), from, at, len);
         }
     }
@@ -451,12 +456,7 @@ impl ChainFs {
     /// Stage ahead of a sequential reader of `disk.raw` (`fh`); where the
     /// pool has no room, the stream asks again on its next read.
     fn stage_ahead(&self, fh: u64, offset: u64, n: u64) {
-        let size = self.image.size();
-        let ahead = match self.handles.lock().get_mut(&fh) {
-            Some(h) => h.stream.on_read(offset, n, size),
-            None => None,
-        };
-        if let Some((at, len)) = ahead {
+        if let Some((at, len)) = self.ahead_of(fh, offset, n, self.image.size()) {
             let end = self.image.stage_ahead(at, len);
             if end < at + len {
                 if let Some(h) = self.handles.lock().get_mut(&fh) {

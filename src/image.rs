@@ -137,17 +137,21 @@ pub fn read_layers(
     offset: u64,
     buf: &mut [u8],
 ) -> Result<()> {
-    read_runs(layers, offset, buf, |at, want| {
-        resolve(layers, from, at, want)
-    })
+    read_runs(
+        offset,
+        buf,
+        |at, want| resolve(layers, from, at, want),
+        |src, at, piece| src.read(layers, at, piece),
+    )
 }
 
-/// Fill `buf` at `offset` run by run, each run found by `resolve(at, want)`.
+/// Fill `buf` at `offset` run by run: each run found by `resolve(at, want)`,
+/// its bytes read by `read(source, at, piece)`.
 fn read_runs(
-    layers: &[Arc<dyn Layer>],
     offset: u64,
     buf: &mut [u8],
     mut resolve: impl FnMut(u64, u64) -> Result<(Source, u64)>,
+    mut read: impl FnMut(Source, u64, &mut [u8]) -> Result<()>,
 ) -> Result<()> {
     let mut done = 0usize;
     while done < buf.len() {
@@ -155,7 +159,7 @@ fn read_runs(
         let want = (buf.len() - done) as u64;
         let (src, n) = resolve(at, want)?;
         let n = n.min(want) as usize;
-        src.read(layers, at, &mut buf[done..done + n])?;
+        read(src, at, &mut buf[done..done + n])?;
         done += n;
     }
     Ok(())
@@ -267,10 +271,11 @@ impl View {
     /// where the file allows it, the rest through `Layer::read_data`.
     fn read_data(&self, depth: usize, file_offset: u64, buf: &mut [u8]) -> Result<()> {
         let layer = &self.layers[depth];
-        let direct =
-            self.direct[depth].get_or_init(|| layer.data_file().and_then(DirectFile::open));
         let mut got = 0;
-        if let Some(d) = direct.as_ref().filter(|d| d.fits(file_offset, buf)) {
+        if let Some(d) = self
+            .direct_file(depth)
+            .filter(|d| d.fits(file_offset, buf) && !d.mostly_cached(file_offset, buf.len() as u64))
+        {
             // An error here (EIO, or a file system that takes direct I/O
             // only in part) is read again the ordinary way below, which
             // reports it with its context if it is real.
@@ -287,24 +292,71 @@ impl View {
         }
         Ok(())
     }
+
+    /// Can `layers[depth]`'s data be read directly at all?
+    fn reads_directly(&self, depth: usize) -> bool {
+        self.direct_file(depth).is_some()
+    }
+
+    /// `layers[depth]`'s file reopened for direct reads, on first use.
+    fn direct_file(&self, depth: usize) -> Option<&DirectFile> {
+        self.direct[depth]
+            .get_or_init(|| self.layers[depth].data_file().and_then(DirectFile::open))
+            .as_ref()
+    }
+
+    /// Fill `buf` with the run `src`'s bytes at virtual `offset`, `Data`
+    /// runs read directly where they can be.
+    fn read_source(&self, src: Source, offset: u64, buf: &mut [u8]) -> Result<()> {
+        match src {
+            Source::Data { depth, file_offset } => self.read_data(depth, file_offset, buf),
+            other => other.read(&self.layers, offset, buf),
+        }
+    }
+}
+
+/// One layer list of an image, fixed for as long as it is held, for bulk
+/// readers that resolve a range and then read its runs (export and
+/// conversion): `Data` runs are read around the page cache where the
+/// layer's file allows it (`crate::direct`), into the caller's buffer. A
+/// bulk copy reads each byte once, so caching it would only push the
+/// user's own files out of memory; and a direct read into a buffer of huge
+/// pages reaches the disk as a few large requests where advised reads
+/// become many scattered single pages. The direct read sees data another
+/// process wrote through the page cache: the kernel writes dirty pages of
+/// the range back first.
+pub struct Snapshot {
+    view: Arc<View>,
+}
+
+impl Snapshot {
+    /// The layer list, leaf first: the depths in `Source::Data` index it.
+    pub fn layers(&self) -> &Layers {
+        &self.view.layers
+    }
+
+    /// Is `layers()[depth]` read directly? (If not, its reads go through
+    /// the page cache, and advising them ahead pays.)
+    pub fn reads_directly(&self, depth: usize) -> bool {
+        self.view.reads_directly(depth)
+    }
+
+    /// Fill `buf` with the bytes of the run `src` (resolved in
+    /// [`layers`](Self::layers)) at virtual `offset`.
+    pub fn read(&self, src: Source, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.view.read_source(src, offset, buf)
+    }
 }
 
 impl Loader for View {
     /// The view's bytes at `offset`, data read directly where it can be.
     fn load(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        let mut done = 0usize;
-        while done < buf.len() {
-            let at = offset + done as u64;
-            let want = (buf.len() - done) as u64;
-            let (src, n) = resolve_cached(&self.layers, &self.runs, self.size, at, want)?;
-            let piece = &mut buf[done..done + n.min(want) as usize];
-            match src {
-                Source::Data { depth, file_offset } => self.read_data(depth, file_offset, piece)?,
-                other => other.read(&self.layers, at, piece)?,
-            }
-            done += piece.len();
-        }
-        Ok(())
+        read_runs(
+            offset,
+            buf,
+            |at, want| resolve_cached(&self.layers, &self.runs, self.size, at, want),
+            |src, at, piece| self.read_source(src, at, piece),
+        )
     }
 }
 
@@ -417,6 +469,11 @@ impl FlatImage {
         self.view().layers.clone()
     }
 
+    /// The current layer list, held for a bulk read ([`Snapshot`]).
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot { view: self.view() }
+    }
+
     /// Replace the layer list (used by merges); readers see old or new.
     /// The new list starts with no resolved runs (`crate::runs`).
     pub fn swap_layers(&self, layers: Layers) {
@@ -447,10 +504,10 @@ impl FlatImage {
         log::trace!("read {n} bytes at {offset}: {staged} staged");
         let view = self.view();
         read_runs(
-            &view.layers,
             offset + staged as u64,
             &mut buf[staged..n],
             |at, want| resolve_cached(&view.layers, &view.runs, self.size, at, want),
+            |src, at, piece| src.read(&view.layers, at, piece),
         )?;
         Ok(n)
     }

@@ -5,6 +5,9 @@
 //! compared with the sha256 of an export to a regular file, and with a
 //! model of the chain's bytes.
 //!
+//! A file export reads the layers and writes the new file around the page
+//! cache when they are cold, and reads what the page cache holds from it.
+//!
 //! Device nodes are made with mknod in the test's temporary folder (for a
 //! block device: the numbers of a loop device the test attaches over its
 //! own file), so a wrong export can only ever replace a node of ours.
@@ -20,8 +23,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use common::{
-    bin, chainfs, chainfs_ok, chainfs_write_mirrored, code, have, require, require_loop, sha256,
-    sha256_file, text, LoopGuard, Rng,
+    assert_same, bin, cached_share, chainfs, chainfs_ok, chainfs_write_mirrored, code, evict,
+    file_len, have, require, require_direct_io, require_loop, sha256, sha256_file, text, Fmt,
+    LoopGuard, Rng, FORMATS,
 };
 use tempfile::TempDir;
 
@@ -347,4 +351,130 @@ fn dash_is_refused_when_standard_output_is_a_terminal() {
         "{out}"
     );
     assert!(!d.path().join("-").exists());
+}
+
+// ---------------------------------------------------------------------------
+// The page cache.
+
+/// A base of `f` full of data and a leaf rewriting every third MiB of it,
+/// 24 MiB, in `d`: returns (base, leaf, the flat bytes).
+fn cache_chain(d: &Path, f: Fmt) -> (PathBuf, PathBuf, Vec<u8>) {
+    let size = 24 * MIB as usize;
+    let base = d.join(f.base_name("base"));
+    let leaf = d.join(f.child_name("leaf"));
+    let scratch = d.join("scratch");
+    let mut model = vec![0u8; size];
+    let mut rng = Rng(0xCAC4E + f.index());
+    f.create_base(&base, size as u64, &[]);
+    chainfs_write_mirrored(&base, 0, &rng.bytes(size), &scratch, &mut model);
+    f.create_child(&leaf, &base, &[]);
+    for k in (0..24).step_by(3) {
+        let data = rng.bytes(MIB as usize);
+        chainfs_write_mirrored(&leaf, k * MIB, &data, &scratch, &mut model);
+    }
+    fs::remove_file(&scratch).unwrap();
+    (base, leaf, model)
+}
+
+/// Run `chainfs ARGS`, which must succeed; returns the bytes it read from
+/// storage (its own `ru_inblock`, direct reads included), not what it
+/// copied from the page cache.
+// wait4 reaps the child (std has no way to get its rusage).
+#[allow(clippy::zombie_processes)]
+fn storage_reads(args: &[&str]) -> u64 {
+    let child = Command::new(bin())
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut status = 0;
+    // SAFETY: an all-zero rusage is a valid value for wait4 to fill.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: waits for our own child (std's handle is dropped unwaited:
+    // it does not wait on drop); both pointers are to live values.
+    let r = unsafe { libc::wait4(child.id() as libc::pid_t, &mut status, 0, &mut ru) };
+    assert_eq!(r, child.id() as libc::pid_t, "wait4");
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "chainfs {args:?}: status {status:#x}"
+    );
+    ru.ru_inblock as u64 * 512
+}
+
+/// Run `case(format, base, leaf, model, out)` over a `cache_chain` of
+/// every format, on a disk file system (a tmpfs keeps every page) that
+/// takes direct I/O; `out` is where to export to. The files are removed
+/// after each case.
+fn on_cache_chains(case: impl Fn(Fmt, &Path, &Path, &[u8], &Path)) {
+    let d = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    if !require_direct_io(d.path()) {
+        return;
+    }
+    for &f in FORMATS {
+        let (base, leaf, model) = cache_chain(d.path(), f);
+        let out = d.path().join(format!("{}.raw", f.name()));
+        case(f, &base, &leaf, &model, &out);
+        for file in [&base, &leaf, &out] {
+            fs::remove_file(file).unwrap();
+        }
+    }
+}
+
+/// A cold chain's data is read around the page cache and the new file
+/// written around it (direct I/O into huge pages: few large disk requests,
+/// and the user's cached files are not pushed out by a bulk copy): after
+/// the export neither the base's data nor the output is cached, and the
+/// bytes are the chain's.
+#[test]
+fn a_cold_export_goes_around_the_page_cache() {
+    on_cache_chains(|f, base, leaf, model, out| {
+        evict(base);
+        evict(leaf);
+        chainfs_ok(&["export", s(leaf), s(out)]);
+        let base_cached = cached_share(base, 0, file_len(base));
+        let out_cached = cached_share(out, 0, file_len(out));
+        eprintln!(
+            "{f:?}: cached after the export: base {:.0}%, output {:.0}%",
+            base_cached * 100.0,
+            out_cached * 100.0
+        );
+        // The base holds 16 of its 24 MiB shown; its headers and tables
+        // are read through the page cache, which is far less.
+        assert!(base_cached < 0.2, "{f:?}: base {:.0}%", base_cached * 100.0);
+        assert!(out_cached < 0.2, "{f:?}: output {:.0}%", out_cached * 100.0);
+        assert_same(&fs::read(out).unwrap(), model, &format!("{f:?} export"));
+    });
+}
+
+/// A chain the page cache holds is exported from memory, not read from
+/// the disk again: the export's own storage reads stay far under the data
+/// (and once the files are evicted, the same export does read it all, so
+/// the measure sees direct reads).
+#[test]
+fn a_cached_chain_is_exported_from_the_page_cache() {
+    on_cache_chains(|f, base, leaf, model, out| {
+        let data = model.len() as u64;
+        // Cached: read whole (and written back, so nothing is dirty).
+        for file in [base, leaf] {
+            evict(file);
+            fs::read(file).unwrap();
+            assert!(
+                cached_share(file, 0, file_len(file)) > 0.9,
+                "{f:?} not cached"
+            );
+        }
+        let warm = storage_reads(&["export", s(leaf), s(out), "--force"]);
+        assert_same(&fs::read(out).unwrap(), model, &format!("{f:?} warm"));
+        evict(base);
+        evict(leaf);
+        let cold = storage_reads(&["export", s(leaf), s(out), "--force"]);
+        assert_same(&fs::read(out).unwrap(), model, &format!("{f:?} cold"));
+        eprintln!("{f:?}: read from storage: warm {warm} bytes, cold {cold} of {data}");
+        assert!(warm < data / 10, "{f:?}: a warm export read {warm} bytes");
+        assert!(
+            cold > data / 2,
+            "{f:?}: a cold export read only {cold} bytes"
+        );
+    });
 }

@@ -515,59 +515,6 @@ fn loop_mount_gpt_partitioned_ext4() {
 // ---------------------------------------------------------------------------
 // The matrix.
 
-/// The share of `path`'s pages in the page cache (`mincore`).
-fn cached_share(path: &Path) -> f64 {
-    let f = std::fs::File::open(path).unwrap();
-    let len = f.metadata().unwrap().len() as usize;
-    let page = 4096;
-    let mut vec = vec![0u8; len.div_ceil(page)];
-    // SAFETY: a read-only shared mapping of a file we opened, unmapped
-    // below; mincore writes one byte per page into `vec`, which holds as
-    // many.
-    unsafe {
-        use std::os::fd::AsRawFd;
-        let m = libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ,
-            libc::MAP_SHARED,
-            f.as_raw_fd(),
-            0,
-        );
-        assert_ne!(m, libc::MAP_FAILED, "mmap {}", path.display());
-        assert_eq!(libc::mincore(m, len, vec.as_mut_ptr()), 0);
-        libc::munmap(m, len);
-    }
-    vec.iter().filter(|&&b| b & 1 != 0).count() as f64 / vec.len() as f64
-}
-
-/// Write `path` back and drop its pages from the page cache (our own
-/// file: nothing else is touched).
-fn evict(path: &Path) {
-    let f = std::fs::File::open(path).unwrap();
-    f.sync_all().unwrap();
-    // SAFETY: advice on a descriptor we own; no memory is involved.
-    let r = unsafe {
-        use std::os::fd::AsRawFd;
-        libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED)
-    };
-    assert_eq!(r, 0);
-}
-
-/// Does the file system under `dir` take `O_DIRECT` reads?
-fn takes_direct_io(dir: &Path) -> bool {
-    use std::os::unix::fs::OpenOptionsExt;
-    let probe = dir.join("direct-probe");
-    std::fs::write(&probe, vec![0u8; 4096]).unwrap();
-    let ok = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(&probe)
-        .is_ok();
-    std::fs::remove_file(&probe).unwrap();
-    ok
-}
-
 /// A sequential reader of `disk.raw` is staged in the daemon's memory
 /// with direct reads, so the layer files' data does not pass through
 /// the page cache; with `-o readahead=0` it does (the page cache's
@@ -577,9 +524,7 @@ fn sequential_reads_are_staged_around_the_page_cache(f: Fmt) {
         return;
     }
     let t = tempfile::tempdir().unwrap();
-    if !takes_direct_io(t.path()) {
-        assert!(!in_ci(), "no O_DIRECT under {}", t.path().display());
-        eprintln!("skipped: no O_DIRECT under {}", t.path().display());
+    if !require_direct_io(t.path()) {
         return;
     }
     const MIB: usize = 1 << 20;
@@ -619,7 +564,7 @@ fn sequential_reads_are_staged_around_the_page_cache(f: Fmt) {
         assert_same(&got, &model, &format!("{f:?} {opts:?}: disk.raw"));
         // Cached: headers and tables, and the data only if it went through
         // the page cache.
-        let cached = cached_share(&base) / shown;
+        let cached = cached_share(&base, 0, file_len(&base)) / shown;
         eprintln!(
             "{f:?} {opts:?}: {:.0}% of the base's shown data cached",
             cached * 100.0

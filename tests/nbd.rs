@@ -413,41 +413,6 @@ fn a_broken_chain_stops_nbdkit_with_chainfs_message() {
     );
 }
 
-/// The fraction of `[off, off + len)` of `file` in the page cache.
-fn resident(file: &Path, off: u64, len: u64) -> f64 {
-    use std::os::fd::AsRawFd;
-    let f = std::fs::File::open(file).unwrap();
-    let page = 4096u64;
-    // SAFETY: a read-only shared mapping of an open regular file, unmapped
-    // below; mincore writes one byte per page into `vec`.
-    unsafe {
-        let m = libc::mmap(
-            std::ptr::null_mut(),
-            len as usize,
-            libc::PROT_READ,
-            libc::MAP_SHARED,
-            f.as_raw_fd(),
-            off as libc::off_t,
-        );
-        assert_ne!(m, libc::MAP_FAILED, "mmap {}", file.display());
-        let mut vec = vec![0u8; (len / page) as usize];
-        let r = libc::mincore(m, len as usize, vec.as_mut_ptr());
-        libc::munmap(m, len as usize);
-        assert_eq!(r, 0, "mincore {}", file.display());
-        vec.iter().filter(|&&b| b & 1 == 1).count() as f64 / vec.len() as f64
-    }
-}
-
-/// Drop `file`'s clean pages from the page cache (this file only).
-fn drop_cache(file: &Path) {
-    use std::os::fd::AsRawFd;
-    let f = std::fs::File::open(file).unwrap();
-    f.sync_all().unwrap();
-    // SAFETY: advice on an open descriptor; no memory is touched.
-    let r = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
-    assert_eq!(r, 0, "posix_fadvise {}", file.display());
-}
-
 #[test]
 fn a_sequential_reader_is_read_ahead_in_the_layer_files() {
     if !tools_ok() {
@@ -472,8 +437,8 @@ fn a_sequential_reader_is_read_ahead_in_the_layer_files() {
     // base.vhd holds its blocks in write order: virtual 26-30 MiB lies
     // within file offsets 26-31 MiB (one 512-byte bitmap per 2 MiB block).
     let far = (26 * M, 4 * M);
-    drop_cache(&base);
-    let before = resident(&base, far.0, far.1);
+    evict(&base);
+    let before = cached_share(&base, far.0, far.1);
     if before > 0.1 {
         let why = format!("this file system keeps {before:.2} of the range cached after DONTNEED");
         assert!(!in_ci(), "{why}");
@@ -494,10 +459,10 @@ fn a_sequential_reader_is_read_ahead_in_the_layer_files() {
     args.push(&uri);
     run_ok("qemu-io", &args);
     let t0 = Instant::now();
-    let mut got = resident(&base, far.0, far.1);
+    let mut got = cached_share(&base, far.0, far.1);
     while got < 0.9 && t0.elapsed() < Duration::from_secs(10) {
         std::thread::sleep(Duration::from_millis(50));
-        got = resident(&base, far.0, far.1);
+        got = cached_share(&base, far.0, far.1);
     }
     assert!(
         got >= 0.9,

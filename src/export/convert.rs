@@ -130,10 +130,10 @@ fn copy_chunk(
     len: u64,
     buf: &mut [u8],
 ) -> Result<(u64, u64)> {
-    let layers = image.layers();
+    let snap = image.snapshot();
     let window = buf.len() as u64;
     // The whole chunk at once: the plan tells the kernel what to read ahead.
-    let runs = plan(&layers, start, len, window)?;
+    let runs = plan(&snap, start, len, window)?;
     let (mut read, mut written) = (0, 0);
     let mut first = 0; // the first run that may reach into this window
     let end = start + len;
@@ -148,7 +148,7 @@ fn copy_chunk(
             match r.src {
                 Source::Zero => part.fill(0),
                 src => {
-                    src.advanced(a - r.off).read(&layers, a, part)?;
+                    snap.read(src.advanced(a - r.off), a, part)?;
                     read += b - a;
                     data = true;
                 }

@@ -22,6 +22,16 @@
 //!   kernel's writeback at once (write-behind, `sync_file_range`), so the
 //!   disk writes while the next chunks are read and the final `fsync` has
 //!   little left (a warm-source export of the bench chain: 1.29 s -> 0.96 s).
+//! * **Around the page cache**: the workers' buffers are huge pages; data
+//!   runs are read with `O_DIRECT` unless the page cache holds them
+//!   already (`crate::image::Snapshot`), and aligned writes to a file or
+//!   a block device go out with `O_DIRECT` too (`Output::write`). The
+//!   disk then sees few large requests instead of many scattered pages,
+//!   and a bulk copy does not push the user's cached files out of memory.
+//!   Measured on the bench's fragmented 1 GiB chain, cold, with the final
+//!   `sync`: 1.24 s -> 0.96 s (`qemu-img convert` 2.17 s in the same
+//!   rounds); read alone (to /dev/null) 0.93 -> 0.57 s; with the layers
+//!   cached, unchanged (0.7-0.8 s).
 //! * **Block devices** (`--force`): the same parallel chunks (with the same
 //!   write-behind), written in place. A device is opened without `O_CREAT`/`O_TRUNC` and with `O_EXCL`
 //!   (which the kernel refuses while the disk is mounted or otherwise
@@ -48,11 +58,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use parking_lot::{Condvar, Mutex};
 
+use crate::direct::{Buffer, DirectFile};
 use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::format::registry::{self, Driver};
 use crate::format::space::is_zero;
-use crate::format::Layer;
-use crate::image::{FlatImage, Source};
+use crate::image::{FlatImage, Snapshot, Source};
 use target::Target;
 
 const CHUNK: u64 = 64 << 20;
@@ -407,8 +417,13 @@ fn parallel(
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<ExportStats> {
     let size = image.size();
+    let out = Output {
+        file: f,
+        direct: DirectFile::open_write(f),
+        path: out,
+    };
     let (read, written, zeroed) = in_chunks(size, threads, progress, |start, len, buf| {
-        copy_chunk(image, f, out, zeros, start, len, buf)
+        copy_chunk(image, &out, zeros, start, len, buf)
     })?;
     Ok(ExportStats {
         virtual_size: size,
@@ -442,14 +457,15 @@ pub(crate) fn in_chunks(
         let workers: Vec<_> = (0..threads.max(1))
             .map(|_| {
                 s.spawn(|| -> Result<()> {
-                    let mut buf = vec![0u8; RUN as usize];
+                    let mut mem = WorkBuf::new(RUN as usize);
+                    let buf = mem.as_mut_slice();
                     loop {
                         let c = next.fetch_add(1, Ordering::Relaxed);
                         if c >= chunks || failed.load(Ordering::Relaxed) {
                             return Ok(());
                         }
                         let len = CHUNK.min(size - c * CHUNK);
-                        match work(c * CHUNK, len, &mut buf) {
+                        match work(c * CHUNK, len, buf) {
                             Ok((r, w, z)) => {
                                 read.fetch_add(r, Ordering::Relaxed);
                                 written.fetch_add(w, Ordering::Relaxed);
@@ -472,6 +488,32 @@ pub(crate) fn in_chunks(
     Ok((read.into_inner(), written.into_inner(), zeroed.into_inner()))
 }
 
+/// A worker's buffer: huge pages, so that direct reads into it reach the
+/// disk as few, large requests (`crate::image::Snapshot`); plain memory if
+/// that mapping fails (reads then go through the page cache).
+enum WorkBuf {
+    /// The mapping (whole huge pages) and the length asked for.
+    Huge(Buffer, usize),
+    Plain(Vec<u8>),
+}
+
+impl WorkBuf {
+    fn new(len: usize) -> WorkBuf {
+        match Buffer::new(len) {
+            Some(b) => WorkBuf::Huge(b, len),
+            None => WorkBuf::Plain(vec![0; len]),
+        }
+    }
+
+    /// Exactly the length asked for.
+    fn as_mut_slice(&mut self) -> &mut [u8] {
+        match self {
+            WorkBuf::Huge(b, len) => &mut b.as_mut_slice()[..*len],
+            WorkBuf::Plain(v) => v,
+        }
+    }
+}
+
 /// One run of a chunk: where its bytes come from.
 struct Run {
     off: u64,
@@ -482,8 +524,10 @@ struct Run {
 /// Resolve `[start, start + len)` into runs, no data read: adjacent zero
 /// runs merged, adjacent data runs merged while contiguous in the same
 /// layer and at most `max` bytes. Then tell the kernel about every data
-/// run, so it reads ahead while the earlier runs are copied.
-fn plan(layers: &[std::sync::Arc<dyn Layer>], start: u64, len: u64, max: u64) -> Result<Vec<Run>> {
+/// run that `snap` reads through the page cache, so it reads ahead while
+/// the earlier runs are copied (direct reads need no advice).
+fn plan(snap: &Snapshot, start: u64, len: u64, max: u64) -> Result<Vec<Run>> {
+    let layers = snap.layers();
     let end = start + len;
     for l in layers.iter() {
         l.prefetch(start, len);
@@ -524,32 +568,64 @@ fn plan(layers: &[std::sync::Arc<dyn Layer>], start: u64, len: u64, max: u64) ->
         off += n;
     }
     for r in &runs {
-        if let Source::Data { depth, file_offset } = r.src {
-            layers[depth].will_need(file_offset, r.len);
+        match r.src {
+            Source::Data { depth, file_offset } if !snap.reads_directly(depth) => {
+                layers[depth].will_need(file_offset, r.len)
+            }
+            _ => {}
         }
     }
     Ok(runs)
 }
 
+/// A seekable target, and the same file reopened for direct writes where
+/// it takes them.
+struct Output<'a> {
+    file: &'a File,
+    direct: Option<DirectFile>,
+    path: &'a Path,
+}
+
+impl Output<'_> {
+    /// Write `data` at `off`: directly where it is aligned, so the bytes go
+    /// from the worker's buffer of huge pages to the disk as large requests
+    /// (on this machine's virtio disk 1 GiB took 0.9 s, against 1.9-2.6 s
+    /// buffered and fsynced; `dd bs=8M`); through the page cache
+    /// otherwise. The final `fsync` makes either durable (a direct write
+    /// may still sit in the disk's cache, and its file's allocation in the
+    /// journal). A failed direct write is written again the ordinary way,
+    /// which reports the error if it is real.
+    fn write(&self, off: u64, data: &[u8]) -> Result<()> {
+        if let Some(d) = self.direct.as_ref().filter(|d| d.fits(off, data)) {
+            match d.write(off, data) {
+                Ok(()) => return Ok(()),
+                Err(e) => log::debug!("{}: direct write at {off}: {e}", self.path.display()),
+            }
+        }
+        self.file
+            .write_all_at(data, off)
+            .ctx(self.path, "cannot write", Some(off))
+    }
+}
+
 /// Copy one chunk to a seekable target; returns (read, written, zeroed).
 fn copy_chunk(
     image: &FlatImage,
-    f: &File,
-    out: &Path,
+    out: &Output,
     zeros: Zeros,
     start: u64,
     len: u64,
     buf: &mut [u8],
 ) -> Result<(u64, u64, u64)> {
-    let layers = image.layers();
-    let runs = plan(&layers, start, len, buf.len() as u64)?;
+    let snap = image.snapshot();
+    let runs = plan(&snap, start, len, buf.len() as u64)?;
     let (mut read, mut written, mut zeroed) = (0, 0, 0);
     // Zero runs (stored or read as all zeros) are gathered and zeroed in
     // one call where the target needs it.
     let mut pending: Option<(u64, u64)> = None;
     let mut flush = |p: &mut Option<(u64, u64)>| -> Result<()> {
         if let (Some((o, n)), Zeros::Device { sector }) = (p.take(), zeros) {
-            zero_range(f, out, o, n, sector)?;
+            zero_range(out.file, out.path, o, n, sector)?;
             zeroed += n;
         }
         Ok(())
@@ -559,7 +635,7 @@ fn copy_chunk(
             Source::Zero => None,
             src => {
                 let part = &mut buf[..r.len as usize];
-                src.read(&layers, r.off, part)?;
+                snap.read(src, r.off, part)?;
                 read += r.len;
                 (!is_zero(part)).then_some(part)
             }
@@ -568,14 +644,11 @@ fn copy_chunk(
             // A new file (or /dev/null) reads zeros where nothing is
             // written: its zero pieces stay holes.
             Some(part) if matches!(zeros, Zeros::Skip) => {
-                written += write_nonzero(r.off, part, |o, d| {
-                    f.write_all_at(d, o).ctx(out, "cannot write", Some(o))
-                })?;
+                written += write_nonzero(r.off, part, |o, d| out.write(o, d))?;
             }
             Some(part) => {
                 flush(&mut pending)?;
-                f.write_all_at(part, r.off)
-                    .ctx(out, "cannot write", Some(r.off))?;
+                out.write(r.off, part)?;
                 written += r.len;
             }
             None => match &mut pending {
@@ -592,7 +665,7 @@ fn copy_chunk(
         // Write-behind: the chunk's pages start going to disk now, while
         // the next chunks are read, instead of all at the final fsync
         // (this machine's dirty limits hold a whole export in memory).
-        crate::format::fileio::write_behind_range(f, start, len);
+        crate::format::fileio::write_behind_range(out.file, start, len);
     }
     Ok((read, written, zeroed))
 }
@@ -691,7 +764,8 @@ fn stream(
         let workers: Vec<_> = (0..threads.max(1))
             .map(|_| {
                 s.spawn(|| -> Result<()> {
-                    let mut buf = vec![0u8; STREAM_CHUNK as usize];
+                    let mut mem = WorkBuf::new(STREAM_CHUNK as usize);
+                    let buf = mem.as_mut_slice();
                     loop {
                         let c = next.fetch_add(1, Ordering::Relaxed);
                         if c >= chunks || failed.load(Ordering::Relaxed) {
@@ -740,11 +814,11 @@ fn stream(
 /// Fill `buf` with the flat image at `off`; returns the bytes read from
 /// layers.
 fn fill(image: &FlatImage, off: u64, buf: &mut [u8]) -> Result<u64> {
-    let layers = image.layers();
+    let snap = image.snapshot();
     let mut read = 0;
-    for r in plan(&layers, off, buf.len() as u64, buf.len() as u64)? {
+    for r in plan(&snap, off, buf.len() as u64, buf.len() as u64)? {
         let part = &mut buf[(r.off - off) as usize..(r.off - off + r.len) as usize];
-        r.src.read(&layers, r.off, part)?;
+        snap.read(r.src, r.off, part)?;
         if r.src != Source::Zero {
             read += r.len;
         }

@@ -1493,3 +1493,65 @@ impl Drop for Tmpfs {
         }
     }
 }
+
+// ---------------------------------------------------------------------------
+// The page cache: what a test's own files hold in it.
+
+pub fn file_len(path: &Path) -> u64 {
+    std::fs::metadata(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .len()
+}
+
+/// The share of `[off, off + len)` of `path` in the page cache (`mincore`;
+/// `off` a multiple of the page size).
+pub fn cached_share(path: &Path, off: u64, len: u64) -> f64 {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(path).unwrap();
+    let page = 4096u64;
+    let mut vec = vec![0u8; len.div_ceil(page) as usize];
+    // SAFETY: a read-only shared mapping of a file we opened, unmapped
+    // below; mincore writes one byte per page into `vec`, which holds as
+    // many.
+    unsafe {
+        let m = libc::mmap(
+            std::ptr::null_mut(),
+            len as usize,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            f.as_raw_fd(),
+            off as libc::off_t,
+        );
+        assert_ne!(m, libc::MAP_FAILED, "mmap {}", path.display());
+        let r = libc::mincore(m, len as usize, vec.as_mut_ptr());
+        libc::munmap(m, len as usize);
+        assert_eq!(r, 0, "mincore {}", path.display());
+    }
+    vec.iter().filter(|&&b| b & 1 != 0).count() as f64 / vec.len() as f64
+}
+
+/// Write `path` back and drop its pages from the page cache (the test's
+/// own file: nothing else is touched).
+pub fn evict(path: &Path) {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(path).unwrap();
+    f.sync_all().unwrap();
+    // SAFETY: advice on a descriptor we own; no memory is involved.
+    let r = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    assert_eq!(r, 0, "posix_fadvise {}", path.display());
+}
+
+/// Does the file system under `dir` take `O_DIRECT`? Under CI it must
+/// (the work dir is ext4); elsewhere the test prints why it skips.
+pub fn require_direct_io(dir: &Path) -> bool {
+    use std::os::unix::fs::OpenOptionsExt;
+    let probe = dir.join("direct-probe");
+    std::fs::write(&probe, vec![0u8; 4096]).unwrap();
+    let ok = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&probe)
+        .is_ok();
+    std::fs::remove_file(&probe).unwrap();
+    require(&format!("O_DIRECT under {}", dir.display()), ok)
+}
