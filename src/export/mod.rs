@@ -595,6 +595,15 @@ impl Output<'_> {
     /// may still sit in the disk's cache, and its file's allocation in the
     /// journal). A failed direct write is written again the ordinary way,
     /// which reports the error if it is real.
+    ///
+    /// Direct and buffered writes never race over one page: a page lies in
+    /// one 64 MiB chunk, and one worker writes a chunk, in order. In that
+    /// order the kernel keeps the file right: a direct write first writes
+    /// back the dirty pages it overlaps and drops them after, and a
+    /// buffered write of part of a page reads the page from the disk,
+    /// where an earlier direct write already is. (Only odd ends fall back:
+    /// a disk size or run that is not a multiple of the file system's
+    /// direct-I/O unit.)
     fn write(&self, off: u64, data: &[u8]) -> Result<()> {
         if let Some(d) = self.direct.as_ref().filter(|d| d.fits(off, data)) {
             match d.write(off, data) {
