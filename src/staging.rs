@@ -533,6 +533,13 @@ mod tests {
         assert_eq!(s.take(0, &mut buf), buf.len());
         assert_eq!(s.want(&loader, got, CHUNK, SIZE), got + CHUNK);
         assert_eq!(s.take(got, &mut buf), buf.len());
+        // Each chunk loaded once. (Wait for every load first: a worker may
+        // have taken chunk 5 off the queue and not yet started it when
+        // another has loaded chunk 16.)
+        let mut probe = [0u8; 1];
+        for c in 1..SLOTS as u64 {
+            assert_eq!(s.take(c * CHUNK, &mut probe), 1);
+        }
         assert_eq!(view.loads.load(Ordering::Relaxed), SLOTS + 1);
     }
 
